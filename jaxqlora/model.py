@@ -1,0 +1,321 @@
+"""The decoder: Llama / Qwen2 / Qwen3 in one Flax NNX module tree.
+
+Read top to bottom: RoPE helpers, `Linear`, `RMSNorm`, `Attention` (with its KV cache
+update), `MLP`, `DecoderLayer`, `Decoder`, `CausalLM`. Module attribute names follow
+Hugging Face transformers, so the dotted path of every parameter *is* its checkpoint key
+(``model.layers.3.self_attn.q_proj.weight``): loaders, quantization, LoRA and adapter
+export find layers by these names.
+
+Dtype policy: parameters and activations in ``dtype`` (bf16 by default); RMSNorm,
+RoPE tables, softmax and logits in float32.
+
+Source: transformers ``models/llama/modeling_llama.py``, ``qwen2``, ``qwen3``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxqlora.config import ModelConfig
+
+# ---------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies, float32 ``[head_dim // 2]``, as transformers computes them.
+
+    Applies Llama-3 scaling (``cfg.rope_scaling``) or llama.cpp's per-frequency factors
+    (``cfg.rope_freq_factors``) when present.
+    """
+    dim = cfg.head_dim
+    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    s = cfg.rope_scaling
+    if s is not None:
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    if cfg.rope_freq_factors is not None:
+        inv = (inv / np.asarray(cfg.rope_freq_factors, np.float32)).astype(np.float32)
+    return inv
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables, float32 ``[batch, seq, head_dim]``, for int ``positions [batch, seq]``."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [batch, seq, heads, head_dim]`` by RoPE (HF ``rotate_half`` layout), in float32."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------ layers
+
+
+class Linear(nnx.Module):
+    """``y = x @ weight.T + bias`` with ``weight [out_features, in_features]`` as in torch.
+
+    The interface every projection shares (bf16 here; NF4 and LoRA-wrapped linears
+    elsewhere): ``in_features``, ``out_features`` and ``__call__(x [..., in]) -> [..., out]``
+    in x's dtype, accumulated in float32.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
+                 dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        w = jax.random.normal(rngs.params(), (out_features, in_features), jnp.float32) * 0.02
+        self.weight = nnx.Param(w.astype(dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        y = jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding table ``weight [vocab, hidden]`` (HF ``embed_tokens``)."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype: Any, rngs: nnx.Rngs):
+        w = jax.random.normal(rngs.params(), (num_embeddings, features), jnp.float32) * 0.02
+        self.weight = nnx.Param(w.astype(dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last axis, computed in float32.
+
+    As transformers' ``LlamaRMSNorm``: the normalised value is cast back to x's dtype
+    before the multiplication by ``weight``.
+    """
+
+    def __init__(self, dim: int, eps: float, *, dtype: Any):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+# --------------------------------------------------------------------- KV cache
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated key/value cache for incremental decoding.
+
+    Attributes:
+      k, v: one array per layer, ``[batch, max_len, num_key_value_heads, head_dim]``.
+      valid: bool ``[batch, max_len]``: slot holds a real (non-padding) token.
+      index: int32 scalar, the next slot to write. All rows write the same slots; padding
+        (left or right) is excluded by ``valid``, and per-row RoPE positions come from the
+        count of valid slots, so rows of different lengths share one cache.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> "KVCache":
+        """An empty cache of ``max_len`` slots (zeros; nothing is valid yet)."""
+        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+
+# ------------------------------------------------------------------- the blocks
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE (and Qwen3's q/k RMSNorm).
+
+    Full-sequence and cached attention both go through ``jax.nn.dot_product_attention``
+    (cuDNN or XLA; softmax in float32) with an explicit boolean mask.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = Linear(h, q, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h, kv, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h, kv, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(q, h, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """x ``[B, T, hidden]``; cos/sin ``[B, T, head_dim]``; mask bool ``[B, 1, T, S]``.
+
+        With ``kv = (k_cache, v_cache)`` the new keys/values are written at slot ``index``
+        and attention runs over all S cache slots; returns ``(out, (k_cache, v_cache))``.
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            kc = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+            vc = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+            kv = (kc, vc)
+            k, v = kc.astype(q.dtype), vc.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, f, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(h, f, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, h, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Decoder(nnx.Module):
+    """Embedding, the decoder layers and the final norm (HF ``LlamaModel``)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+
+class CausalLM(nnx.Module):
+    """A Llama / Qwen2 / Qwen3 causal language model (HF ``*ForCausalLM``).
+
+    Build one with `jaxqlora.load_pretrained`, or ``CausalLM(cfg, dtype=..., rngs=nnx.Rngs(0))``
+    for random weights.
+
+    Attributes:
+      config: the `ModelConfig`.
+      model: the `Decoder` (``embed_tokens``, ``layers``, ``norm``).
+      lm_head: `Linear` ``[vocab, hidden]``, or None when embeddings are tied.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.model = Decoder(cfg, dtype=dtype, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None, cache: KVCache | None = None):
+        """Final-norm hidden states ``[B, T, hidden]`` in the model dtype (and the new cache).
+
+        Args:
+          input_ids: int32 ``[B, T]``.
+          attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding (left or right).
+            Default: all ones.
+          positions: int32 ``[B, T]`` RoPE positions. Default: the count of real tokens
+            before each one (so padding does not shift positions), continuing the cache.
+          cache: a `KVCache`; the T tokens are written at ``cache.index``.
+
+        Returns:
+          ``hidden`` if ``cache`` is None, else ``(hidden, new_cache)``.
+        """
+        b, t = input_ids.shape
+        mask_bt = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            prior = 0 if cache is None else jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)[:, None]
+            positions = prior + jnp.maximum(jnp.cumsum(mask_bt, axis=-1, dtype=jnp.int32) - 1, 0)
+        cos, sin = rope_tables(self.config, positions)
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None, None] & mask_bt[:, None, None, :]
+            index = None
+        else:
+            index = cache.index
+            valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt, (0, index))
+            slots = jnp.arange(cache.max_len)
+            causal = slots[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
+            mask = causal[None, None] & valid[:, None, None, :]
+        x = self.model.embed_tokens(input_ids).astype(self.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.model.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = layer(x, cos, sin, mask, kv, index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = self.model.norm(x)
+        if cache is None:
+            return x
+        return x, KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + t)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits ``[..., vocab]`` from hidden states ``[..., hidden]``."""
+        if self.lm_head is None:
+            w = self.model.embed_tokens.weight[...]
+            return jax.lax.dot_general(hidden.astype(w.dtype), w, (((hidden.ndim - 1,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+        return jax.lax.dot_general(hidden.astype(self.lm_head.weight.dtype), self.lm_head.weight[...],
+                                   (((hidden.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, cache: KVCache | None = None):
+        """float32 logits ``[B, T, vocab]`` (and the new cache when ``cache`` is given).
+
+        Arguments as in `hidden_states`.
+        """
+        out = self.hidden_states(input_ids, attention_mask, positions, cache)
+        if cache is None:
+            return self.logits(out)
+        return self.logits(out[0]), out[1]
