@@ -66,6 +66,8 @@ class GGUFCheckpoint:
     Raises:
       CheckpointError: the file is missing, truncated or not GGUF, or a field is missing.
       UnsupportedArchitectureError: ``general.architecture`` is not llama, qwen2 or qwen3.
+      UnsupportedTensorTypeError: a tensor type outside `SUPPORTED_TYPES` (checked for all
+        tensors before any is read).
     """
 
     def __init__(self, path: str | Path):
@@ -83,6 +85,7 @@ class GGUFCheckpoint:
             raise UnsupportedArchitectureError(self.path, f"architecture {self.arch!r} is not one of {ARCHITECTURES}",
                                                "general.architecture")
         self.tensors = {t.name: t for t in self.reader.tensors}
+        self.check_types()
         self.config = self._config()
 
     def field(self, key: str, default: Any = ...) -> Any:
@@ -155,10 +158,8 @@ class GGUFCheckpoint:
         """Yield ``(hf_name, float32 array)`` for every model tensor, one at a time.
 
         Raises:
-          UnsupportedTensorTypeError: checked for all tensors before the first is read.
           CheckpointError: a tensor name that maps to no model parameter.
         """
-        self.check_types()
         for name in self.tensors:
             if name == "rope_freqs.weight":
                 continue

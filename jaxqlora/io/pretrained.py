@@ -39,10 +39,10 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
         ``UnsupportedTensorTypeError``): a missing, truncated or inconsistent checkpoint;
         the message names the file and the tensor or field.
     """
-    from jaxqlora.tokenizer import Tokenizer
-
     path = embedded_model_path() if path is None else Path(path)
     if path.is_file() and path.suffix == ".gguf":
+        from jaxqlora.tokenizer import Tokenizer
+
         ckpt = GGUFCheckpoint(path)
         tokenizer = Tokenizer.from_gguf(ckpt.reader)
         model = build_model(ckpt.config, ckpt.iter_hf_tensors(), dtype=dtype, source=str(path))
@@ -50,7 +50,11 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
     if path.is_dir():
         cfg = ModelConfig.from_hf(path)
         files = safetensors_files(path)
-        tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            from jaxqlora.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_pretrained(path)
         model = build_model(cfg, iter_safetensors(files), dtype=dtype, source=str(path))
         return model, tokenizer
     if not path.exists():
