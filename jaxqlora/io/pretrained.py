@@ -41,9 +41,9 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
     """
     path = embedded_model_path() if path is None else Path(path)
     if path.is_file() and path.suffix == ".gguf":
+        ckpt = GGUFCheckpoint(path)
         from jaxqlora.tokenizer import Tokenizer
 
-        ckpt = GGUFCheckpoint(path)
         tokenizer = Tokenizer.from_gguf(ckpt.reader)
         model = build_model(ckpt.config, ckpt.iter_hf_tensors(), dtype=dtype, source=str(path))
         return model, tokenizer
