@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -19,6 +20,9 @@ from flax import nnx
 
 from jaxqlora.errors import ContextLengthError
 from jaxqlora.model import CausalLM, KVCache
+
+# The cache is donated so the GPU updates it in place; the CPU backend cannot and warns.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
 @dataclasses.dataclass(frozen=True)

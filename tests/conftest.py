@@ -1,0 +1,31 @@
+"""Shared fixtures: the embedded SmolLM2-135M-Instruct, loaded once per test session, by
+transformers (the independent reference) and by us."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def embedded_path():
+    from jaxqlora.io.embedded import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_embedded(embedded_path):
+    """transformers' float32 model and tokenizer from the embedded GGUF (about 20 s)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(embedded_path.parent), gguf_file=embedded_path.name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(embedded_path.parent), gguf_file=embedded_path.name)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def ours_f32(embedded_path):
+    import jax.numpy as jnp
+
+    from jaxqlora.io import load_pretrained
+
+    return load_pretrained(embedded_path, dtype=jnp.float32)
