@@ -70,9 +70,16 @@ def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.
 # ---------------------------------------------------------------- jitted pieces
 
 
+def _inference_model(graphdef, state) -> CausalLM:
+    """The model inside a jitted function, with dropout (LoRA) switched off."""
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "sampling"), donate_argnames=())
 def _prefill(graphdef, state, input_ids, attention_mask, key, *, max_len, sampling):
-    model = nnx.merge(graphdef, state)
+    model = _inference_model(graphdef, state)
     cache = KVCache.init(model.config, input_ids.shape[0], max_len, model.dtype)
     hidden, cache = model.hidden_states(input_ids, attention_mask, cache=cache)
     logits = model.logits(hidden[:, -1])
@@ -86,13 +93,13 @@ def _step(model, token, cache, key, sampling):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
 def _decode_step(graphdef, state, token, cache, key, *, sampling):
-    return _step(nnx.merge(graphdef, state), token, cache, key, sampling)
+    return _step(_inference_model(graphdef, state), token, cache, key, sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"),
                    donate_argnames=("cache",))
 def _decode_loop(graphdef, state, first, cache, key, *, max_new_tokens, sampling, eos_ids, pad_id):
-    model = nnx.merge(graphdef, state)
+    model = _inference_model(graphdef, state)
     b = first.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)

@@ -1,0 +1,130 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) on any of the seven projections.
+
+`LoRALinear` wraps a base linear (bf16 `jaxqlora.model.Linear` or NF4
+`jaxqlora.quantize.NF4Linear`) as PEFT does: the base is kept as ``base_layer`` and
+the adapter adds ``lora_B(lora_A(dropout(x))) * scaling``. The factors keep PEFT's
+layout, ``lora_A [r, in_features]`` and ``lora_B [out_features, r]`` (Flax's `nnx.LoRA`
+keeps them transposed), in float32 as `nnx.LoRAParam`, so that adapter files are a
+rename away from the parameters and a silent transpose cannot happen.
+
+Source: PEFT ``tuners/lora/layer.py`` (``Linear.update_layer``, ``reset_lora_parameters``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+
+
+class LoRALinear(nnx.Module):
+    """``y = base_layer(x) + (dropout(x) @ lora_A.T @ lora_B.T) * scaling``.
+
+    Args:
+      base_layer: any linear with ``in_features``, ``out_features`` and ``__call__``.
+      r: rank (> 0).
+      alpha: ``lora_alpha``; scaling is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+      dropout: dropout rate on the adapter's input (PEFT ``lora_dropout``).
+      use_rslora: rank-stabilised scaling (Kalajdzievski 2023, arXiv:2312.03732).
+      rngs: ``params`` for lora_A's init, ``dropout`` for the dropout mask.
+
+    ``lora_A`` is initialised as PEFT does (Kaiming-uniform with a=sqrt(5): uniform in
+    ``±1/sqrt(in_features)``); ``lora_B`` is zero, so a fresh adapter changes nothing.
+    """
+
+    def __init__(self, base_layer: nnx.Module, *, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, rngs: nnx.Rngs):
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be > 0, got {r}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.lora_A = nnx.LoRAParam(jax.random.uniform(rngs.params(), (r, self.in_features), jnp.float32, -bound, bound))
+        self.lora_B = nnx.LoRAParam(jnp.zeros((self.out_features, r), jnp.float32))
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.base_layer(x)
+        h = x if self.dropout is None else self.dropout(x)
+        dims = (((h.ndim - 1,), (1,)), ((), ()))
+        h = jax.lax.dot_general(h.astype(jnp.float32), self.lora_A[...], dims)
+        h = jax.lax.dot_general(h, self.lora_B[...], dims)
+        return (y.astype(jnp.float32) + self.scaling * h).astype(x.dtype)
+
+    def delta_weight(self) -> jax.Array:
+        """The adapter's weight update ``scaling * lora_B @ lora_A``, float32 ``[out, in]``."""
+        return self.scaling * (self.lora_B[...] @ self.lora_A[...])
+
+
+def _owner(layer: nnx.Module, name: str) -> nnx.Module:
+    return layer.self_attn if name in ATTENTION_TARGETS else layer.mlp
+
+
+def apply_lora(model: nnx.Module, *, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+               targets: Iterable[str] = ALL_TARGETS, use_rslora: bool = False, seed: int = 0) -> nnx.Module:
+    """Wrap the ``targets`` projections of every decoder layer in `LoRALinear`, in place.
+
+    Args:
+      model: a `jaxqlora.model.CausalLM` (bf16 or NF4 base).
+      r, alpha, dropout, use_rslora: see `LoRALinear`. PEFT defaults are r=8, alpha=8;
+        the QLoRA paper uses r=64, alpha=16, dropout 0.1.
+      targets: names among ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``
+        (default all seven, as in the QLoRA paper).
+      seed: seed of lora_A's init and of the dropout masks.
+
+    Returns:
+      ``model`` (modified in place), for chaining.
+
+    Raises:
+      ValueError: an unknown target name, or a projection that already has LoRA.
+    """
+    targets = tuple(targets)
+    unknown = sorted(set(targets) - set(ALL_TARGETS))
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {unknown}; choose among {ALL_TARGETS}")
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    for i, layer in enumerate(model.model.layers):
+        for name in targets:
+            owner = _owner(layer, name)
+            base = getattr(owner, name)
+            if isinstance(base, LoRALinear):
+                raise ValueError(f"model.layers.{i}.{name} already has a LoRA adapter")
+            setattr(owner, name, LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, rngs=rngs))
+    return model
+
+
+def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
+    """``{"model.layers.0.self_attn.q_proj": LoRALinear, ...}`` for every adapted projection."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, LoRALinear):
+            out[".".join(str(p) for p in path)] = node
+    return out
+
+
+def lora_config(model: nnx.Module) -> dict:
+    """r, alpha, dropout, rsLoRA and target names of the adapters in ``model``.
+
+    Raises:
+      ValueError: the model has no LoRA layers, or they differ in r / alpha.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers")
+    first = next(iter(layers.values()))
+    for name, l in layers.items():
+        if (l.r, l.alpha, l.use_rslora) != (first.r, first.alpha, first.use_rslora):
+            raise ValueError(f"{name} has r={l.r}, alpha={l.alpha}; mixed LoRA settings are not supported")
+    targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    rate = first.dropout.rate if first.dropout is not None else 0.0
+    return dict(r=first.r, lora_alpha=first.alpha, lora_dropout=rate, use_rslora=first.use_rslora,
+                target_modules=targets)
