@@ -1,0 +1,157 @@
+"""PEFT LoRA adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys (peft 0.21, ``get_peft_model_state_dict``):
+``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` ``[r, in]`` and
+``...lora_B.weight`` ``[out, r]``; a sequence-classification head is saved as
+``base_model.model.score.weight`` ``[num_labels, hidden]`` (``modules_to_save``).
+Our parameter paths are the same names without the ``base_model.model.`` prefix and the
+``.weight`` suffix, and the same layout, so no transpose happens anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from jaxqlora.errors import CheckpointError, MissingTensorError, TensorShapeError, UnexpectedTensorError
+from jaxqlora.io.atomic import atomic_save_safetensors, atomic_write_json
+from jaxqlora.lora import apply_lora, lora_config, lora_layers
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_state_dict(model, head: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """PEFT-named float32 arrays of every LoRA factor (and of ``head``, e.g. ``{"score": W}``)."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = np.asarray(jax.device_get(layer.lora_A[...]), np.float32)
+        out[f"{PREFIX}{name}.lora_B.weight"] = np.asarray(jax.device_get(layer.lora_B[...]), np.float32)
+    for name, w in (head or {}).items():
+        out[f"{PREFIX}{name}.weight"] = np.asarray(jax.device_get(w), np.float32)
+    return out
+
+
+def save_adapter(model, path: str | Path, *, base_model_name_or_path: str | None = None,
+                 task_type: str = "CAUSAL_LM", head: Mapping[str, Any] | None = None) -> Path:
+    """Write a PEFT LoRA adapter folder that ``peft.PeftModel.from_pretrained`` loads.
+
+    Args:
+      model: a `CausalLM` with LoRA layers (`jaxqlora.lora.apply_lora`).
+      path: output folder (created). Each file is written atomically.
+      base_model_name_or_path: recorded in the config for PEFT.
+      task_type: ``"CAUSAL_LM"`` or ``"SEQ_CLS"``.
+      head: extra trainable modules saved in full (``{"score": W [num_labels, hidden]}``);
+        their names go to ``modules_to_save``.
+
+    Returns:
+      The folder.
+
+    Raises:
+      ValueError: the model has no LoRA layers, or task_type is unknown.
+    """
+    if task_type not in ("CAUSAL_LM", "SEQ_CLS"):
+        raise ValueError(f"task_type must be CAUSAL_LM or SEQ_CLS, got {task_type!r}")
+    cfg = lora_config(model)
+    path = Path(path)
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
+        "lora_dropout": cfg["lora_dropout"], "target_modules": cfg["target_modules"], "bias": "none",
+        "use_rslora": cfg["use_rslora"], "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": sorted(head) if head else None,
+        "base_model_name_or_path": base_model_name_or_path, "use_dora": False, "lora_bias": False,
+    }
+    atomic_save_safetensors(path / WEIGHTS_NAME, adapter_state_dict(model, head), metadata={"format": "pt"})
+    atomic_write_json(path / CONFIG_NAME, config)
+    return path
+
+
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(adapter_config, {key: float32 array})`` of a PEFT adapter folder.
+
+    Raises:
+      CheckpointError: a file is missing or unreadable, or the adapter is not LoRA.
+    """
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_file.is_file():
+        raise CheckpointError(cfg_file, "adapter_config.json not found")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(cfg_file, f"unreadable JSON ({e})") from e
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(cfg_file, f"peft_type {config.get('peft_type')!r} is not LORA", "peft_type")
+    if config.get("use_dora"):
+        raise CheckpointError(cfg_file, "DoRA adapters are not supported", "use_dora")
+    if not weights.is_file():
+        raise CheckpointError(weights, "adapter_model.safetensors not found")
+    tensors = {}
+    try:
+        with safe_open(str(weights), framework="flax") as fh:
+            for k in fh.keys():
+                tensors[k] = np.asarray(fh.get_tensor(k).astype(jnp.float32))
+    except Exception as e:
+        raise CheckpointError(weights, f"not a readable safetensors file ({e})") from e
+    return config, tensors
+
+
+def _target_names(config: dict, source) -> tuple[str, ...]:
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            from jaxqlora.lora import ALL_TARGETS
+            return ALL_TARGETS
+        raise CheckpointError(source, f"regex target_modules {targets!r} are not supported", "target_modules")
+    return tuple(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))  # dedupe, keep order
+
+
+def load_adapter(model, path: str | Path, *, return_extra: bool = False):
+    """Attach the PEFT LoRA adapter in ``path`` to ``model`` (in place) and return it.
+
+    Args:
+      model: a `CausalLM` without LoRA layers (bf16, float32 or NF4 base).
+      path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      return_extra: also return ``{name: array}`` of saved non-LoRA modules (e.g. the
+        ``score`` head of a SEQ_CLS adapter), keyed without prefix and ``.weight``.
+
+    Returns:
+      ``model``, or ``(model, extra)`` with ``return_extra``.
+
+    Raises:
+      CheckpointError: missing files; ``MissingTensorError`` / ``UnexpectedTensorError`` /
+        ``TensorShapeError`` when the adapter does not fit the model (names the key).
+    """
+    path = Path(path)
+    config, tensors = read_adapter(path)
+    weights = path / WEIGHTS_NAME
+    apply_lora(model, r=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
+               dropout=float(config.get("lora_dropout", 0.0)), targets=_target_names(config, path / CONFIG_NAME),
+               use_rslora=bool(config.get("use_rslora", False)))
+    layers = lora_layers(model)
+    used = set()
+    for name, layer in layers.items():
+        for part in ("lora_A", "lora_B"):
+            key = f"{PREFIX}{name}.{part}.weight"
+            if key not in tensors:
+                raise MissingTensorError(weights, "adapter tensor missing (prefix or target mismatch?)", key)
+            var = getattr(layer, part)
+            if tensors[key].shape != var[...].shape:
+                raise TensorShapeError(weights, f"shape {tensors[key].shape}, the model needs {var[...].shape}", key)
+            var[...] = jnp.asarray(tensors[key])
+            used.add(key)
+    extra = {}
+    for key in sorted(set(tensors) - used):
+        module = key[len(PREFIX):].removesuffix(".weight") if key.startswith(PREFIX) else None
+        if module is not None and module in (config.get("modules_to_save") or []):
+            extra[module] = tensors[key]
+        else:
+            raise UnexpectedTensorError(weights, "adapter tensor has no place in the model", key)
+    return (model, extra) if return_extra else model
