@@ -1,0 +1,85 @@
+"""Data: the embedded Rotten Tomatoes set, the fixed split, tokenised bucketed batches."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.model_selection import train_test_split
+
+from jaxqlora.data import (DataError, Encoded, batches, bucket_for, load_classification, load_prompt_response,
+                           sentiment_as_prompts, split)
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return load_classification()
+
+
+def test_embedded_counts_and_majority_baseline(rt):
+    """Published facts: 7,403 fresh, 5,405 rotten; majority class 57.8% of the test split."""
+    assert rt.label_names == ("fresh", "rotten")
+    assert (np.sum(rt.labels == 0), np.sum(rt.labels == 1)) == (7403, 5405)
+    test = split(rt)["test"]
+    assert len(test) == 2562
+    assert round(100 * np.mean(test.labels == 0), 1) == 57.8
+
+
+def test_test_split_is_sklearn_recipe(rt):
+    parts = split(rt)
+    _, ref_test = train_test_split(np.array(rt.texts, dtype=object), test_size=0.2, random_state=0, stratify=rt.labels)
+    assert parts["test"].texts == list(ref_test)
+    assert len(parts["train"]) + len(parts["validation"]) + len(parts["test"]) == len(rt)
+    all_rows = sorted(zip(rt.texts, rt.labels.tolist()))
+    parted = sorted(r for p in parts.values() for r in zip(p.texts, p.labels.tolist()))
+    assert parted == all_rows  # a partition of the rows, labels carried along
+
+
+def test_batches_shapes_buckets_and_filler():
+    enc = Encoded([[5] * n for n in (3, 40, 7, 70, 2)], np.array([0, 1, 0, 1, 1], np.int32))
+    out = list(batches(enc, 2, (16, 64, 128), pad_id=0))
+    assert [b["input_ids"].shape for b in out] == [(2, 64), (2, 128), (2, 16)]
+    np.testing.assert_array_equal(out[0]["attention_mask"].sum(1), [3, 40])
+    np.testing.assert_array_equal(out[2]["weight"], [1.0, 0.0])  # filler row of the last batch
+    np.testing.assert_array_equal(out[1]["labels"], [0, 1])
+    assert (out[0]["input_ids"][0, 3:] == 0).all()
+    with pytest.raises(ValueError, match="largest bucket"):
+        bucket_for(200, (16, 64, 128))
+
+
+def test_causal_lm_loss_mask_covers_response_only(tmp_path):
+    class Tok:
+        eos_token_id = 99
+
+        def encode(self, text, add_special_tokens=True):
+            return [len(w) for w in text.split()]
+
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": "a bb ccc", "response": "dddd ee"}) for _ in range(2)))
+    from jaxqlora.data import encode
+
+    enc = encode(Tok(), load_prompt_response(f), max_seq_len=32)
+    assert enc.ids[0] == [1, 2, 3, 4, 2, 99]
+    b = next(batches(enc, 2, (8,), pad_id=0))
+    # logits at positions 2, 3, 4 predict 4, 2, 99 (the response and EOS)
+    np.testing.assert_array_equal(b["loss_mask"][0], [0, 0, 1, 1, 1, 0, 0, 0])
+
+
+def test_sentiment_prompts(rt):
+    ds = sentiment_as_prompts(rt.subset([0, 1]))
+    assert ds.texts[0].startswith("Review: ") and ds.texts[0].endswith("\nSentiment:")
+    assert {r for r in ds.responses} <= {" positive", " negative"}
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_classification(tmp_path / "none.csv")
+    f = tmp_path / "d.csv"
+    f.write_text("sentence,label\nhello,1\nbye,0\n")
+    with pytest.raises(DataError, match="'text' not found"):
+        load_classification(f)
+    ds = load_classification(f, text_column="sentence")
+    assert ds.label_names == ("0", "1") and list(ds.labels) == [1, 0]
+    g = tmp_path / "bad.jsonl"
+    g.write_text('{"text": "a", "label": 1}\n{oops\n')
+    with pytest.raises(DataError, match="line 2"):
+        load_classification(g)
