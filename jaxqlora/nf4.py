@@ -423,7 +423,29 @@ def _torch_cpu_mean_f32(x: jax.Array, lanes: int = _TORCH_SUM_LANES) -> jax.Arra
         final = _seq_sum(jnp.concatenate([x[nvec * lanes :], vacc]))
     else:
         final = _row_sum(x.reshape(n, 1))[0]
-    return final / jnp.float32(n)
+    # XLA rewrites `x / constant` as `x * (1/constant)`, which is not exact;
+    # make the divisor opaque (final >= +0, so its sign bit is a runtime 0).
+    return final / _opaque_f32(n, final)
+
+
+def _sign_bit(x: jax.Array) -> jax.Array:
+    """uint32 sign bit of float32 ``x``: 0 for x >= +0, unknown to the compiler."""
+    return jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(x, jnp.uint32), jnp.uint32(31))
+
+
+def _opaque_f32(value: float, nonneg: jax.Array) -> jax.Array:
+    """float32 ``value`` that XLA/LLVM cannot treat as a constant (``nonneg`` must be >= +0)."""
+    bits = jax.lax.bitcast_convert_type(jnp.float32(value), jnp.uint32) | _sign_bit(nonneg)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _round_f32(x: jax.Array, nonneg: jax.Array) -> jax.Array:
+    """``x`` unchanged, but materialized: stops XLA fusing ``x`` (a product) into an FMA.
+
+    ``nonneg`` must be >= +0 (its sign bit, OR-ed into ``x``, is 0).
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32) | _sign_bit(nonneg)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -577,11 +599,10 @@ def absmax_float32(q: NF4Weight) -> jax.Array:
     blk = jnp.arange(nb, dtype=jnp.int32) // NESTED_BLOCKSIZE
     scale = q.nested_absmax[blk]
     prod = q.nested_code[q.absmax.astype(jnp.int32)] * scale
-    # OR-ing in the sign bit of `scale` (always 0: it is a max of |x|) forces
-    # the product to be rounded to float32 before the add (no FMA contraction).
-    sign = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(scale, jnp.uint32), jnp.uint32(31))
-    prod = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(prod, jnp.uint32) | sign, jnp.float32)
-    return prod + q.offset
+    # Round the product to float32 before the add, as bnb does (two kernels);
+    # XLA on CPU would otherwise contract `a * b + c` into one FMA. The sign
+    # bit of `scale` (a max of |x|, so >= +0) is the opaque zero used.
+    return _round_f32(prod, scale) + q.offset
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
