@@ -1,0 +1,119 @@
+"""Model-level NF4 quantization (QLoRA, Dettmers et al. 2023, arXiv:2305.14314).
+
+`quantize_model` replaces every linear projection of the decoder (``q_proj`` ...
+``down_proj``) by an `NF4Linear`; embeddings, norms and the LM head stay in their dtype.
+`NF4Linear` keeps the bitsandbytes-format `jaxqlora.nf4.NF4Weight` in a frozen variable
+(`NF4Param`, never trained) and multiplies through `pallas_kernels.nf4_matmul`: a Pallas
+kernel on GPU that dequantizes tiles on the fly (its ``custom_vjp`` backward gives the
+input gradient through the transposed kernel), the XLA reference path elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxqlora.lora import ALL_TARGETS, ATTENTION_TARGETS, LoRALinear
+from jaxqlora.model import Linear
+from jaxqlora.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+
+
+class NF4Param(nnx.Variable):
+    """A frozen NF4-quantized weight (`NF4Weight` pytree); excluded from training."""
+
+
+def nf4_linear(x: jax.Array, q: NF4Weight) -> jax.Array:
+    """``x @ W.T`` for an NF4 weight ``W [out, in]``; ``x [..., in]`` -> ``[..., out]`` in x.dtype.
+
+    Weights whose ``in_features`` is a multiple of the blocksize (every real model) go
+    through `pallas_kernels.nf4_matmul` (blocks never straddle rows); other shapes, where
+    bitsandbytes' flat blocks cross row boundaries, dequantize with XLA and multiply.
+    """
+    from pallas_kernels import nf4_matmul
+
+    n, k = q.shape
+    if k % q.blocksize == 0:
+        return nf4_matmul(x, q.packed.reshape(n, k // 2), q.absmax.reshape(n, k // q.blocksize),
+                          q.nested_absmax, q.nested_code, q.offset, code=q.code, blocksize=q.blocksize,
+                          nested_blocksize=q.nested_blocksize or 256)
+    w = jax.lax.stop_gradient(dequantize_nf4(q, x.dtype))
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+class NF4Linear(nnx.Module):
+    """A linear layer with an NF4 weight: same interface as `jaxqlora.model.Linear`.
+
+    Args:
+      weight: the quantized ``[out_features, in_features]`` weight.
+      bias: optional ``[out_features]`` bias (kept in its dtype, frozen).
+    """
+
+    def __init__(self, weight: NF4Weight, bias: jax.Array | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.weight = NF4Param(weight)
+        self.bias = nnx.Param(bias) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: Linear, *, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
+        """Quantize a `Linear`'s weight (bitsandbytes-exact, see `jaxqlora.nf4.quantize_nf4`)."""
+        q = quantize_nf4(linear.weight[...], blocksize=blocksize, double_quant=double_quant)
+        return cls(q, None if linear.bias is None else linear.bias[...])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nf4_linear(x, self.weight.get_value())
+        if self.bias is not None:
+            y = (y.astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        return y
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The dequantized weight ``[out, in]`` (original dtype by default)."""
+        return dequantize_nf4(self.weight.get_value(), dtype)
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def quantize_model(model: nnx.Module, *, blocksize: int = 64, double_quant: bool = True,
+                   targets: Iterable[str] = ALL_TARGETS) -> dict[str, float]:
+    """Replace the ``targets`` projections of every decoder layer by `NF4Linear`, in place.
+
+    Works before or after `jaxqlora.lora.apply_lora` (a LoRA layer's ``base_layer`` is
+    quantized). Embeddings, norms and ``lm_head`` are untouched.
+
+    Args:
+      model: a `jaxqlora.model.CausalLM`.
+      blocksize: NF4 block size (bitsandbytes default 64).
+      double_quant: quantize the absmax too (bitsandbytes ``compress_statistics``; ~4.127
+        instead of 4.5 bits per parameter).
+      targets: projection names (default all seven).
+
+    Returns:
+      A report: ``linear_mb_before``, ``linear_mb_after``, ``model_mb_before``,
+      ``model_mb_after`` (MB = 1e6 bytes) and ``bits_per_param`` of the quantized layers.
+    """
+    before_model = _nbytes(nnx.state(model))
+    lin_before = lin_after = params = 0
+    for layer in model.model.layers:
+        for name in targets:
+            owner = layer.self_attn if name in ATTENTION_TARGETS else layer.mlp
+            mod = getattr(owner, name)
+            holder, attr = (mod, "base_layer") if isinstance(mod, LoRALinear) else (owner, name)
+            base = getattr(holder, attr)
+            if isinstance(base, NF4Linear):
+                continue
+            if not isinstance(base, Linear):
+                raise TypeError(f"cannot quantize {type(base).__name__} at {name}")
+            q = NF4Linear.from_linear(base, blocksize=blocksize, double_quant=double_quant)
+            lin_before += _nbytes(nnx.state(base))
+            lin_after += _nbytes(nnx.state(q))
+            params += base.in_features * base.out_features
+            setattr(holder, attr, q)
+    after_model = _nbytes(nnx.state(model))
+    return {"linear_mb_before": lin_before / 1e6, "linear_mb_after": lin_after / 1e6,
+            "model_mb_before": before_model / 1e6, "model_mb_after": after_model / 1e6,
+            "bits_per_param": 8 * lin_after / max(params, 1)}
