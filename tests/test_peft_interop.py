@@ -113,3 +113,21 @@ def test_adapter_errors_name_the_key(base_folder, tmp_path):
     fresh, _ = load_pretrained(base_folder, dtype=jnp.float32)
     with pytest.raises(MissingTensorError, match="lora_B"):
         load_adapter(fresh, tmp_path)
+
+
+def test_merged_export_loads_in_transformers(base_folder, tmp_path):
+    """save_pretrained(merge) -> transformers gives our adapted model's logits."""
+    from jaxqlora.io.export import merge_lora, save_pretrained
+
+    ours, _ = load_pretrained(base_folder, dtype=jnp.float32)
+    apply_lora(ours, r=4, alpha=8.0, seed=3)
+    rng = np.random.default_rng(6)
+    for layer in lora_layers(ours).values():
+        layer.lora_B[...] = jnp.asarray(rng.normal(0, 0.2, layer.lora_B[...].shape), jnp.float32)
+    ids = _ids(7)
+    adapted = np.asarray(ours(jnp.asarray(ids)))
+    merged = merge_lora(ours, dtype=jnp.float32)
+    assert not lora_layers(merged)
+    save_pretrained(merged, tmp_path, dtype=jnp.float32)
+    ref = _torch_logits(_hf_base(tmp_path), ids)
+    assert np.abs(adapted - ref).max() < 1e-4
