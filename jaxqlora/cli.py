@@ -1,11 +1,15 @@
 """The ``jaxqlora`` command.
 
-    jaxqlora generate --prompt "What is the capital of France?" [--model PATH]
+    jaxqlora finetune [--model PATH] [--data FILE --text-column C --label-column L | --task causal-lm ...]
+                      [--rank R --alpha A --targets ...] [--max-steps N --epochs E --batch-size B
+                      --grad-accum G --lr LR --max-seq-len T] [--output DIR] [--resume]
+    jaxqlora eval     --adapter DIR [--model PATH] [--data FILE ...]
+    jaxqlora merge    --adapter DIR --output DIR [--model PATH]
+    jaxqlora generate --prompt "What is the capital of France?" [--model PATH] [--adapter DIR]
                       [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
-                      [--seed S] [--system TEXT] [--no-chat] [--dtype bfloat16|float32]
 
 ``--model`` takes an HF folder or a ``.gguf`` file; without it the embedded
-SmolLM2-135M-Instruct is used. Tokens stream to stdout; timing goes to stderr.
+SmolLM2-135M-Instruct is used, and without ``--data`` the embedded Rotten Tomatoes set.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ def _cmd_generate(args) -> int:
     if tokenizer is None:
         print(f"error: {args.model} has no tokenizer.json", file=sys.stderr)
         return 2
+    if args.adapter:
+        from jaxqlora.io.peft import load_adapter
+
+        load_adapter(model, args.adapter)
     load_s = time.perf_counter() - t0
     if args.no_chat:
         prompt = args.prompt
@@ -59,13 +67,113 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="CSV/JSONL file (default: embedded Rotten Tomatoes)")
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"])
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--response-column", default="response")
+    p.add_argument("--max-seq-len", type=int, default=64, help="longer texts are truncated")
+
+
+def _finetune_config(args):
+    from jaxqlora.finetune import FinetuneConfig
+
+    keys = {f.name for f in __import__("dataclasses").fields(FinetuneConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+    if "targets" in kw:
+        kw["targets"] = tuple(kw["targets"])
+    return FinetuneConfig(**kw)
+
+
+def _print_results(results) -> None:
+    for split in ("validation", "test"):
+        print(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[split].items()))
+    print("baseline: " + ", ".join(f"{k} {v:.4f}" for k, v in results["baseline"].items()))
+
+
+def _cmd_finetune(args) -> int:
+    from jaxqlora.finetune import finetune
+
+    cfg = _finetune_config(args)
+    results = finetune(cfg, log=lambda m: print(m, file=sys.stderr))
+    _print_results(results)
+    print(f"{results['steps']} steps in {results['train_seconds']:.0f} s "
+          f"({results['train_seconds'] / max(results['steps'], 1):.2f} s/step incl. compilation); "
+          f"total {results['seconds']:.0f} s; adapter in {cfg.output}/adapter")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from jaxqlora.finetune import evaluate_adapter
+
+    cfg = _finetune_config(args)
+    for split, metrics in evaluate_adapter(cfg, args.adapter).items():
+        print(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    import jax.numpy as jnp
+
+    from jaxqlora.io import load_pretrained
+    from jaxqlora.io.export import merge_lora, save_pretrained
+    from jaxqlora.io.peft import load_adapter
+
+    model, tokenizer = load_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+    load_adapter(model, args.adapter)
+    save_pretrained(merge_lora(model, dtype=getattr(jnp, args.dtype)), args.output, tokenizer=tokenizer,
+                    dtype=getattr(jnp, args.dtype))
+    print(f"merged model written to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``jaxqlora`` command (subcommands: generate)."""
+    """The argument parser of the ``jaxqlora`` command (finetune, eval, merge, generate)."""
+    from jaxqlora.lora import ALL_TARGETS
+
     parser = argparse.ArgumentParser(prog="jaxqlora", description="QLoRA fine-tuning and 4-bit inference in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    f = sub.add_parser("finetune", help="QLoRA fine-tuning (defaults: embedded model and data)")
+    _add_model_args(f)
+    _add_data_args(f)
+    f.add_argument("--pooling", default="mean", choices=["mean", "last"])
+    f.add_argument("--no-quantize", dest="quantize", action="store_false", help="keep bf16 base weights (plain LoRA)")
+    f.add_argument("--rank", type=int, default=16)
+    f.add_argument("--alpha", type=float, default=32.0)
+    f.add_argument("--dropout", type=float, default=0.05)
+    f.add_argument("--targets", nargs="+", default=list(ALL_TARGETS), choices=list(ALL_TARGETS))
+    f.add_argument("--rslora", dest="use_rslora", action="store_true")
+    f.add_argument("--epochs", type=float, default=None)
+    f.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--grad-accum", type=int, default=1)
+    f.add_argument("--lr", type=float, default=2e-4)
+    f.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    f.add_argument("--output", default="runs/finetune")
+    f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    f.add_argument("--checkpoint-every", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_cmd_finetune)
+
+    e = sub.add_parser("eval", help="evaluate a saved adapter on the validation and test splits")
+    _add_model_args(e)
+    _add_data_args(e)
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--no-quantize", dest="quantize", action="store_false")
+    e.set_defaults(func=_cmd_eval)
+
+    m = sub.add_parser("merge", help="fold an adapter into the base and write an HF folder")
+    _add_model_args(m)
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--output", required=True)
+    m.set_defaults(func=_cmd_merge)
+
     g = sub.add_parser("generate", help="generate text (chat template applied by default)")
     _add_model_args(g)
+    g.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to apply")
     g.add_argument("--prompt", required=True)
     g.add_argument("--system", default=None, help="optional system message")
     g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")

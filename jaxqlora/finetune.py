@@ -119,13 +119,17 @@ def _train_batches(enc, cfg, pad_id, epoch, start) -> Iterator[dict[str, np.ndar
         yield _stack(micro)
 
 
-def evaluate(trainer: Trainer, enc: D.Encoded, cfg: FinetuneConfig, pad_id: int, task: str,
+def evaluate(predict, enc: D.Encoded, cfg: FinetuneConfig, pad_id: int, task: str,
              label_token_ids: tuple[int, ...] | None = None) -> dict[str, float]:
-    """Accuracy (classification), or loss / perplexity and label-word accuracy (causal LM)."""
+    """Accuracy (classification), or loss / perplexity and label-word accuracy (causal LM).
+
+    ``predict(input_ids, attention_mask)`` returns class logits or LM logits (e.g.
+    `Trainer.predict` or `jaxqlora.train.make_predict`).
+    """
     correct = total = 0.0
     loss_sum = count = 0.0
     for b in D.batches(enc, cfg.eval_batch_size, _buckets(cfg), pad_id=pad_id):
-        out = trainer.predict(jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]))
+        out = predict(jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]))
         w = b["weight"]
         if task == "classification":
             pred = np.asarray(jnp.argmax(out, -1))
@@ -258,7 +262,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
                "steps": step, "seconds": None, "baseline": baseline,
                "nonfinite_skipped": nonfinite_steps(trainer.opt_state)}
     for split_name in ("validation", "test"):
-        results[split_name] = evaluate(trainer, enc[split_name], cfg, pad_id, _eval_task(cfg), label_ids)
+        results[split_name] = evaluate(trainer.predict, enc[split_name], cfg, pad_id, _eval_task(cfg), label_ids)
     results["seconds"] = time.perf_counter() - t_start
     results["train_seconds"] = train_s
 
@@ -292,4 +296,30 @@ def _baseline(parts, enc, cfg, trainer, pad_id, label_words, tokenizer) -> dict[
         majority = int(np.argmax(counts))
         return {"majority_class_test_accuracy": float(np.mean(parts["test"].labels == majority))}
     return {f"untrained_validation_{k}": v for k, v in evaluate(
-        trainer, enc["validation"], cfg, pad_id, "causal-lm", _label_token_ids(tokenizer, label_words)).items()}
+        trainer.predict, enc["validation"], cfg, pad_id, "causal-lm", _label_token_ids(tokenizer, label_words)).items()}
+
+
+def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path) -> dict[str, dict[str, float]]:
+    """Evaluate a saved adapter (``jaxqlora eval``) on the validation and test splits of
+    ``cfg``'s data (same fixed split as training)."""
+    from jaxqlora.io.peft import load_adapter
+    from jaxqlora.train import make_predict
+
+    lm, tokenizer, parts, enc, label_words = _prepare(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cfg.quantize:
+        from jaxqlora.quantize import quantize_model
+
+        quantize_model(lm)
+    lm, extra = load_adapter(lm, adapter, return_extra=True)
+    model = lm
+    if cfg.task == "classification":
+        if "score" not in extra:
+            raise ValueError(f"{adapter}: a classification adapter needs the 'score' head (modules_to_save)")
+        head_file = Path(adapter) / "jaxqlora_head.json"
+        pooling = json.loads(head_file.read_text())["pooling"] if head_file.is_file() else "last"
+        model = SequenceClassifier(lm, extra["score"].shape[0], pooling=pooling)
+        model.score[...] = jnp.asarray(extra["score"])
+    predict = make_predict(model)
+    label_ids = _label_token_ids(tokenizer, label_words)
+    return {s: evaluate(predict, enc[s], cfg, pad_id, _eval_task(cfg), label_ids) for s in ("validation", "test")}

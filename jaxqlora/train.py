@@ -195,3 +195,16 @@ def _eval_forward(graphdef, trainable, rng_state, frozen, input_ids, attention_m
     model = nnx.merge(graphdef, trainable, rng_state, frozen)
     model.eval()
     return model(input_ids, attention_mask)
+
+
+def make_predict(model: nnx.Module) -> Callable:
+    """A jitted ``predict(input_ids, attention_mask)`` of ``model`` with dropout off."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, input_ids, attention_mask):
+        m = nnx.merge(graphdef, state, copy=True)
+        m.eval()
+        return m(input_ids, attention_mask)
+
+    return lambda input_ids, attention_mask: run(state, input_ids, attention_mask)
