@@ -74,6 +74,7 @@ __all__ = [
     "nf4_from_state_dict",
     "nf4_to_state_dict",
     "quantize_nf4",
+    "validate_nf4",
 ]
 
 #: The 16 NF4 code values, index 0..15 (QLoRA paper App. E; bnb
@@ -172,7 +173,9 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
       NF4ArgumentError: if the bit counts give no valid map.
     """
     if total_bits < 2 or not 0 < max_exponent_bits < total_bits:
-        raise NF4ArgumentError("max_exponent_bits", f"need 0 < max_exponent_bits < total_bits, got {max_exponent_bits}, {total_bits}")
+        raise NF4ArgumentError(
+            "max_exponent_bits", f"need 0 < max_exponent_bits < total_bits, got {max_exponent_bits}, {total_bits}"
+        )
     data: list[np.float32] = []
     non_sign_bits = total_bits - 1
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
@@ -188,7 +191,8 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
 
     i = 0
     for i in range(max_exponent_bits):
-        n_items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        frac_bits = i + non_sign_bits - max_exponent_bits + (0 if signed else 1)
+        n_items = 2**frac_bits + 1
         add(-(max_exponent_bits - 1) + i, n_items)
     if additional_items > 0:
         add(-(max_exponent_bits - 1) + i, additional_items + 1)
@@ -302,11 +306,18 @@ def _check_static(shape: Any, blocksize: Any, dtype: Any) -> tuple[tuple[int, in
         raise NF4ArgumentError("shape", f"expected two integers, got {shape!r}") from None
     if shp[0] <= 0 or shp[1] <= 0:
         raise NF4ArgumentError("shape", f"both dimensions must be positive, got {shp}")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or int(blocksize) not in NF4_BLOCKSIZES:
-        raise NF4ArgumentError("blocksize", f"must be one of {NF4_BLOCKSIZES} (bitsandbytes quantize_4bit), got {blocksize!r}")
+    bs = _check_blocksize(blocksize)
     if dtype not in _DTYPES:
         raise NF4ArgumentError("dtype", f"must be one of {tuple(_DTYPES)}, got {dtype!r}")
-    return shp, int(blocksize), str(dtype)
+    return shp, bs, str(dtype)
+
+
+def _check_blocksize(blocksize: Any) -> int:
+    if isinstance(blocksize, (bool, np.bool_)) or not isinstance(blocksize, (int, np.integer)):
+        raise NF4ArgumentError("blocksize", f"must be an int, one of {NF4_BLOCKSIZES}, got {blocksize!r}")
+    if int(blocksize) not in NF4_BLOCKSIZES:
+        raise NF4ArgumentError("blocksize", f"must be one of {NF4_BLOCKSIZES} (bnb quantize_4bit), got {blocksize!r}")
+    return int(blocksize)
 
 
 def _check_array(name: str, a: Any, dtype: Any, shape: tuple[int, ...]) -> None:
@@ -473,6 +484,8 @@ def _quantize_nested(absmax: jax.Array, lanes: int) -> tuple[jax.Array, jax.Arra
     inv = jnp.float32(1.0) / jnp.where(am2 == 0, jnp.float32(1.0), am2)
     v = jnp.clip(xp * inv[:, None], -1.0, 1.0)
     t = (v + jnp.float32(1.0)) * jnp.float32(0.5)
+    # XLA may fuse this into an FMA; bnb rounds twice. Checked: over +-40 ulps
+    # around every one of the 65535 table boundaries both give the same index.
     t = t * jnp.float32(65535) + jnp.float32(0.5)
     lut_idx = jnp.clip(t.astype(jnp.int32), 0, 65535)
     codes = jnp.asarray(_nested_lut())[lut_idx]
@@ -541,9 +554,7 @@ def quantize_nf4(w: Any, blocksize: int = 64, double_quant: bool = True) -> NF4W
       float type, ``w`` holding NaN/inf (checked only when ``w`` is concrete,
       not under ``jax.jit``).
     """
-    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or int(blocksize) not in NF4_BLOCKSIZES:
-        raise NF4ArgumentError("blocksize", f"must be one of {NF4_BLOCKSIZES} (bitsandbytes quantize_4bit), got {blocksize!r}")
-    blocksize = int(blocksize)
+    blocksize = _check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise NF4ArgumentError("double_quant", f"must be a bool, got {double_quant!r}")
     if not hasattr(w, "shape") or not hasattr(w, "dtype"):
@@ -591,7 +602,11 @@ def absmax_float32(q: NF4Weight) -> jax.Array:
     after the product and after the sum like bnb
     (``functional.dequantize_blockwise(absmax, state2) + offset`` in
     ``dequantize_4bit``); a plain ``a * b + c`` would be fused into one FMA by
-    XLA on CPU and differ in the last bit.
+    XLA on CPU and differ in the last bit. ``nested_absmax`` must be >= +0 (bnb
+    writes a max of absolute values; `nf4_from_state_dict` checks it).
+
+    Returns:
+      float32 jax.Array [nblocks].
     """
     if not q.double_quant:
         return q.absmax
@@ -726,7 +741,8 @@ def _get(tensors: Mapping[str, Any], key: str, source: str) -> np.ndarray:
         raise CheckpointError(source, f"cannot read tensor as an array: {e}", name=key) from e
 
 
-def _expect(a: np.ndarray, key: str, source: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+def _read(tensors: Mapping[str, Any], key: str, source: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    a = _get(tensors, key, source)
     if a.dtype != np.dtype(dtype):
         raise TensorShapeError(source, f"dtype must be {np.dtype(dtype).name}, got {a.dtype.name}", name=key)
     if tuple(a.shape) != tuple(shape):
@@ -767,7 +783,8 @@ def nf4_from_state_dict(prefix: str, tensors: Mapping[str, Any], *, source: str 
     if qs_key not in tensors:
         other = [k for k in tensors if k.startswith(w + ".quant_state.")]
         if other:
-            raise CheckpointError(source, f"quant_state {other[0]!r} is not NF4 (only bitsandbytes__nf4 is supported)", name=other[0])
+            msg = f"quant_state {other[0]!r} is not NF4 (only bitsandbytes__nf4 is supported)"
+            raise CheckpointError(source, msg, name=other[0])
         raise MissingTensorError(source, "tensor missing from the 4-bit state dict", name=qs_key)
     blob = _get(tensors, qs_key, source)
     try:
@@ -791,32 +808,38 @@ def nf4_from_state_dict(prefix: str, tensors: Mapping[str, Any], *, source: str 
     raw = _get(tensors, w, source)
     packed = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     if packed.shape[0] != (n + 1) // 2:
-        raise TensorShapeError(source, f"packed weight must hold {(n + 1) // 2} bytes for shape {shape}, got {packed.shape[0]} ({raw.dtype.name} {tuple(raw.shape)})", name=w)
-    code = _expect(_get(tensors, w + ".quant_map", source), w + ".quant_map", source, np.float32, (16,))
+        msg = f"packed weight must hold {(n + 1) // 2} bytes for shape {shape}, got {packed.shape[0]}"
+        raise TensorShapeError(source, f"{msg} ({raw.dtype.name} {tuple(raw.shape)})", name=w)
+    code = _read(tensors, w + ".quant_map", source, np.float32, (16,))
     if not np.array_equal(code, NF4_CODE):
         raise CheckpointError(source, "quant_map is not the NF4 code", name=w + ".quant_map")
 
     has_nested_tensors = (w + ".nested_absmax") in tensors or (w + ".nested_quant_map") in tensors
     has_nested_meta = "nested_offset" in meta or "nested_blocksize" in meta
     if has_nested_tensors != has_nested_meta:
-        raise CheckpointError(source, "nested (double-quant) tensors and quant_state nested fields must come together", name=w + ".nested_absmax" if has_nested_meta else qs_key)
+        msg = "nested (double-quant) tensors and quant_state nested fields must come together"
+        raise CheckpointError(source, msg, name=w + ".nested_absmax" if has_nested_meta else qs_key)
     if has_nested_meta:
         for field in ("nested_offset", "nested_blocksize"):
             if field not in meta:
                 raise CheckpointError(source, f"quant_state lacks {field!r}", name=qs_key)
         if meta["nested_blocksize"] != NESTED_BLOCKSIZE:
-            raise CheckpointError(source, f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {meta['nested_blocksize']!r}", name=qs_key)
+            msg = f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {meta['nested_blocksize']!r}"
+            raise CheckpointError(source, msg, name=qs_key)
         if meta.get("nested_dtype", "float32") != "float32":
             raise CheckpointError(source, f"nested_dtype must be 'float32', got {meta['nested_dtype']!r}", name=qs_key)
         try:
             offset = np.float32(float(meta["nested_offset"]))
         except (TypeError, ValueError):
-            raise CheckpointError(source, f"nested_offset is not a number: {meta['nested_offset']!r}", name=qs_key) from None
+            msg = f"nested_offset is not a number: {meta['nested_offset']!r}"
+            raise CheckpointError(source, msg, name=qs_key) from None
         if not math.isfinite(float(offset)):
             raise CheckpointError(source, f"nested_offset is not finite: {meta['nested_offset']!r}", name=qs_key)
-        absmax = _expect(_get(tensors, w + ".absmax", source), w + ".absmax", source, np.uint8, (nb,))
-        nested_absmax = _expect(_get(tensors, w + ".nested_absmax", source), w + ".nested_absmax", source, np.float32, (-(-nb // NESTED_BLOCKSIZE),))
-        nested_code = _expect(_get(tensors, w + ".nested_quant_map", source), w + ".nested_quant_map", source, np.float32, (256,))
+        absmax = _read(tensors, w + ".absmax", source, np.uint8, (nb,))
+        nested_absmax = _read(tensors, w + ".nested_absmax", source, np.float32, (-(-nb // NESTED_BLOCKSIZE),))
+        nested_code = _read(tensors, w + ".nested_quant_map", source, np.float32, (256,))
+        if not np.all(np.isfinite(nested_absmax)) or np.any(np.signbit(nested_absmax)):
+            raise CheckpointError(source, "nested_absmax must be finite and >= +0", name=w + ".nested_absmax")
         return NF4Weight(
             packed=jnp.asarray(packed),
             absmax=jnp.asarray(absmax),
@@ -829,7 +852,9 @@ def nf4_from_state_dict(prefix: str, tensors: Mapping[str, Any], *, source: str 
             nested_blocksize=NESTED_BLOCKSIZE,
             dtype=dtype_name,
         )
-    absmax = _expect(_get(tensors, w + ".absmax", source), w + ".absmax", source, np.float32, (nb,))
+    absmax = _read(tensors, w + ".absmax", source, np.float32, (nb,))
+    if not np.all(np.isfinite(absmax)):
+        raise CheckpointError(source, "absmax must be finite", name=w + ".absmax")
     return NF4Weight(
         packed=jnp.asarray(packed),
         absmax=jnp.asarray(absmax),

@@ -33,10 +33,11 @@ def test_logits_match_transformers(hf_embedded, ours_f32):
     hf, _ = hf_embedded
     model, _ = ours_f32
     ids = np.random.default_rng(0).integers(0, 49152, (2, 24))
+    import copy
+
     with torch.no_grad():
         ref32 = hf(torch.tensor(ids)).logits.numpy()
-        ref64 = hf.double()(torch.tensor(ids)).logits.numpy()
-        hf.float()
+        ref64 = copy.deepcopy(hf).double()(torch.tensor(ids)).logits.numpy()
     got = np.asarray(model(jnp.asarray(ids, jnp.int32)))
     ours_err, hf_err = np.abs(got - ref64).max(), np.abs(ref32 - ref64).max()
     print(f"max|ours32-hf32|={np.abs(got - ref32).max():.3g} max|ours32-hf64|={ours_err:.3g} max|hf32-hf64|={hf_err:.3g}")
