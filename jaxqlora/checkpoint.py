@@ -56,12 +56,14 @@ class TrainCheckpointer:
                                              options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
 
     def save(self, trainer, step: int, epoch: int, batch: int) -> None:
-        """Save the trainer's state at ``step`` (blocks until written)."""
+        """Save the trainer's state at ``step`` (blocks until written; no-op if already saved)."""
         ocp = self._ocp
+        if self.manager.latest_step() == step:
+            return
         state = _to_saveable((trainer.trainable, trainer.opt_state, trainer.rng_state))
         meta = {"step": int(step), "epoch": int(epoch), "batch": int(batch)}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
+                                                         meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
     def restore_latest(self, trainer) -> tuple[int, int, int] | None:
