@@ -82,6 +82,8 @@ def _finetune_config(args):
 
     keys = {f.name for f in __import__("dataclasses").fields(FinetuneConfig)}
     kw = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+    if kw.get("epochs") is not None and getattr(args, "max_steps", None) is None:
+        kw["max_steps"] = 0  # --epochs alone means whole epochs
     if "targets" in kw:
         kw["targets"] = tuple(kw["targets"])
     return FinetuneConfig(**kw)
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--targets", nargs="+", default=list(ALL_TARGETS), choices=list(ALL_TARGETS))
     f.add_argument("--rslora", dest="use_rslora", action="store_true")
     f.add_argument("--epochs", type=float, default=None)
-    f.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
+    f.add_argument("--max-steps", type=int, default=None, help="overrides --epochs (default 250 without --epochs)")
     f.add_argument("--batch-size", type=int, default=16)
     f.add_argument("--grad-accum", type=int, default=1)
     f.add_argument("--lr", type=float, default=2e-4)

@@ -210,9 +210,36 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}")
 
 
+def batch_order(lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0,
+                group_by_length: bool = False, megabatch: int = 50) -> np.ndarray:
+    """Row order for batching.
+
+    ``shuffle`` draws a random permutation (seeded); ``group_by_length`` then sorts each
+    megabatch of ``megabatch * batch_size`` rows by length and shuffles the batches, so
+    rows of similar length share a batch and fall into short buckets (transformers'
+    ``group_by_length`` / ``LengthGroupedSampler``). Without shuffle it sorts all rows by
+    length (for evaluation, where order does not matter).
+    """
+    n = len(lengths)
+    lengths = np.asarray(lengths)
+    if not shuffle:
+        return np.argsort(lengths, kind="stable") if group_by_length else np.arange(n)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    if not group_by_length:
+        return order
+    size = megabatch * batch_size
+    mega = [m[np.argsort(-lengths[m], kind="stable")] for m in np.split(order, range(size, n, size))]
+    chunks = [c for m in mega for c in np.split(m, range(batch_size, len(m), batch_size))]
+    full = [c for c in chunks if len(c) == batch_size]
+    partial = [c for c in chunks if len(c) < batch_size]
+    perm = rng.permutation(len(full))
+    return np.concatenate([full[i] for i in perm] + partial) if chunks else order
+
+
 def batches(enc: Encoded, batch_size: int, buckets: Sequence[int], *, pad_id: int, shuffle: bool = False,
-            seed: int = 0, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-size, right-padded batches.
+            seed: int = 0, start: int = 0, group_by_length: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size, right-padded batches (row order from `batch_order`).
 
     Yields dicts of NumPy arrays: ``input_ids`` int32 ``[B, L]``, ``attention_mask`` int32
     ``[B, L]``, ``weight`` float32 ``[B]`` (0 for filler rows of the last batch), ``labels``
@@ -221,7 +248,8 @@ def batches(enc: Encoded, batch_size: int, buckets: Sequence[int], *, pad_id: in
     row. ``start`` skips that many batches (resuming).
     """
     n = len(enc.ids)
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    order = batch_order([len(r) for r in enc.ids], batch_size, shuffle=shuffle, seed=seed,
+                        group_by_length=group_by_length)
     for b0 in range(start * batch_size, n, batch_size):
         rows = order[b0:b0 + batch_size]
         real = len(rows)

@@ -32,7 +32,7 @@ def nf4_linear(x: jax.Array, q: NF4Weight) -> jax.Array:
     through `pallas_kernels.nf4_matmul` (blocks never straddle rows); other shapes, where
     bitsandbytes' flat blocks cross row boundaries, dequantize with XLA and multiply.
     """
-    from pallas_kernels import nf4_matmul
+    from pallas_kernels.nf4_matmul import nf4_matmul
 
     n, k = q.shape
     if k % q.blocksize == 0:

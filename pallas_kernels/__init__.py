@@ -7,6 +7,5 @@ This package must not import ``jaxqlora``: it only depends on jax and numpy.
   NF4 kernel (see `pallas_kernels.nf4_matmul`).
 """
 
-from pallas_kernels.nf4_matmul import nf4_matmul
-
-__all__ = ["nf4_matmul"]
+Import functions from their modules (``from pallas_kernels.nf4_matmul import nf4_matmul``):
+the package re-exports nothing, so a module and its function never shadow each other.

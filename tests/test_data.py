@@ -83,3 +83,19 @@ def test_data_errors(tmp_path):
     g.write_text('{"text": "a", "label": 1}\n{oops\n')
     with pytest.raises(DataError, match="line 2"):
         load_classification(g)
+
+
+def test_group_by_length_is_a_seeded_permutation_of_similar_lengths():
+    from jaxqlora.data import batch_order
+
+    lengths = np.random.default_rng(0).integers(1, 200, 1000)
+    a = batch_order(lengths, 16, shuffle=True, seed=3, group_by_length=True)
+    b = batch_order(lengths, 16, shuffle=True, seed=3, group_by_length=True)
+    np.testing.assert_array_equal(np.sort(a), np.arange(1000))  # every row once
+    np.testing.assert_array_equal(a, b)  # resumable: same seed, same order
+    spread = np.mean([np.ptp(lengths[a[i:i + 16]]) for i in range(0, 992, 16)])
+    plain = batch_order(lengths, 16, shuffle=True, seed=3)
+    spread_plain = np.mean([np.ptp(lengths[plain[i:i + 16]]) for i in range(0, 992, 16)])
+    assert spread < 0.25 * spread_plain
+    np.testing.assert_array_equal(lengths[batch_order(lengths, 16, shuffle=False, group_by_length=True)],
+                                  np.sort(lengths, kind="stable"))

@@ -23,7 +23,7 @@ from pallas_kernels.nf4_matmul import (
     nf4_matmul_t_pallas,
 )
 
-# The module itself (``pallas_kernels.nf4_matmul`` as an attribute is the function).
+# The module itself, for its private helpers.
 nf4_module = importlib.import_module("pallas_kernels.nf4_matmul")
 
 # jax >= 0.11 warns that the Pallas Triton backend is deprecated (GPU runs only).
