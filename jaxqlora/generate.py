@@ -174,7 +174,8 @@ def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_
 
 
 def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, return_ids: bool = False):
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, return_ids: bool = False,
+             ignore_eos: bool = False):
     """Generate a continuation for one prompt or a batch of prompts.
 
     Args:
@@ -187,6 +188,7 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
       temperature, top_k, top_p: see `SamplingConfig` (temperature 0 = greedy).
       seed: PRNG seed for sampling.
       return_ids: return the new token ids (lists, EOS included) instead of text.
+      ignore_eos: always make ``max_new_tokens`` tokens (for benchmarks).
 
     Returns:
       The generated text (special tokens and the stop token removed); a list for a batch.
@@ -200,7 +202,7 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
     key, sub = jax.random.split(key)
     first, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), sub,
                             max_len=max_len, sampling=sampling)
-    eos_ids = tuple(sorted(tokenizer.eos_token_ids))
+    eos_ids = () if ignore_eos else tuple(sorted(tokenizer.eos_token_ids))
     out, n = _decode_loop(graphdef, state, first, cache, key, max_new_tokens=max_new_tokens,
                           sampling=sampling, eos_ids=eos_ids, pad_id=int(pad_id))
     out = np.asarray(out)[:, : int(n)]
@@ -233,7 +235,10 @@ def stream(model: CausalLM, tokenizer, prompt, max_new_tokens: int = 128, temper
     eos = tokenizer.eos_token_ids
     toks: list[int] = []
     shown = ""
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
+        if i + 1 < max_new_tokens:  # queue the next step before reading this token (overlaps host and device)
+            key, sub = jax.random.split(key)
+            nxt, cache = _decode_step(graphdef, state, token, cache, sub, sampling=sampling)
         t = int(token[0])
         if t in eos:
             break
@@ -242,5 +247,5 @@ def stream(model: CausalLM, tokenizer, prompt, max_new_tokens: int = 128, temper
         if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
             yield text[len(shown):]
             shown = text
-        key, sub = jax.random.split(key)
-        token, cache = _decode_step(graphdef, state, token, cache, sub, sampling=sampling)
+        if i + 1 < max_new_tokens:
+            token = nxt

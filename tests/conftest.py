@@ -1,7 +1,12 @@
 """Shared fixtures: the embedded SmolLM2-135M-Instruct, loaded once per test session, by
 transformers (the independent reference) and by us."""
 
+import jax
 import pytest
+
+# Parity tests compare float32 numerics with PyTorch on CPU; on a GPU, XLA's default
+# precision would run float32 matmuls in TF32.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,166 @@
+"""Training against PEFT + transformers on a tiny random Llama (float32, CPU): the
+classification head, the loss and gradient of an accumulated batch, compile counts,
+skipping non-finite steps, and resuming from a checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+
+from jaxqlora.io import load_pretrained
+from jaxqlora.io.peft import save_adapter
+from jaxqlora.lora import apply_lora, lora_layers
+from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, classification_loss, make_optimizer,
+                            nonfinite_steps)
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+VOCAB = 90
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                   rms_norm_eps=1e-5, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn(p.shape))
+    folder = tmp_path_factory.mktemp("base")
+    model.save_pretrained(folder)
+    return folder
+
+
+def _randomize_lora(model, seed):
+    rng = np.random.default_rng(seed)
+    for layer in lora_layers(model).values():
+        layer.lora_B[...] = jnp.asarray(rng.normal(0, 0.2, layer.lora_B[...].shape), jnp.float32)
+
+
+def _right_padded(lengths, length, seed):
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), length), np.int32)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(1, VOCAB, n)
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def test_classifier_last_pooling_matches_peft_seq_cls(base_folder, tmp_path):
+    """Our SEQ_CLS adapter (LoRA + score head) loaded by PEFT on LlamaForSequenceClassification
+    gives our class logits."""
+    lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
+    apply_lora(lm, r=4, alpha=8.0, targets=("q_proj", "v_proj"), seed=1)
+    _randomize_lora(lm, 2)
+    clf = SequenceClassifier(lm, 3, pooling="last", seed=3)
+    save_adapter(lm, tmp_path, task_type="SEQ_CLS", head={"score": clf.score[...]})
+    ids, mask = _right_padded([9, 4, 7], 9, seed=4)
+    got = np.asarray(clf(jnp.asarray(ids), jnp.asarray(mask)))
+
+    base = transformers.LlamaForSequenceClassification.from_pretrained(base_folder, num_labels=3, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    with torch.no_grad():
+        ref = pm(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def _peft_causal_reference(base_folder, adapter_dir, ids, mask, loss_mask):
+    """HF loss over the whole batch (labels -100 outside the response) and the LoRA grad norm."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True).train()
+    labels = np.full(ids.shape, -100, np.int64)
+    # our loss_mask[b, t] = 1: logits at t predict token t+1 -> HF label at t+1
+    labels[:, 1:] = np.where(loss_mask[:, :-1] > 0, ids[:, 1:], -100)
+    out = pm(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+             labels=torch.tensor(labels))
+    out.loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for n, p in pm.named_parameters() if p.grad is not None))
+    return float(out.loss), float(norm)
+
+
+def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, tmp_path):
+    """Two micro-batches with different response-token counts: our accumulated loss and
+    gradient norm equal transformers' loss over the whole batch (normalised by the total
+    token count, transformers issue 34191)."""
+    lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
+    apply_lora(lm, r=4, alpha=8.0, seed=5)
+    _randomize_lora(lm, 6)
+    save_adapter(lm, tmp_path)
+    ids, mask = _right_padded([12, 5, 10, 3], 12, seed=7)
+    loss_mask = np.zeros(ids.shape, np.float32)
+    for i, (start, n) in enumerate([(2, 12), (1, 5), (8, 10), (0, 3)]):
+        loss_mask[i, start:n - 1] = 1  # response tokens of very different counts
+    ref_loss, ref_norm = _peft_causal_reference(base_folder, tmp_path, ids, mask, loss_mask)
+
+    opt, _ = make_optimizer(1e-3, total_steps=10)
+    trainer = Trainer(lm, causal_lm_loss, opt)
+    batch = {"input_ids": ids.reshape(2, 2, -1), "attention_mask": mask.reshape(2, 2, -1),
+             "loss_mask": loss_mask.reshape(2, 2, -1), "weight": np.ones((2, 2), np.float32)}
+    m = trainer.step({k: jnp.asarray(v) for k, v in batch.items()})
+    assert abs(float(m["loss"]) - ref_loss) < 1e-5
+    assert abs(float(m["grad_norm"]) - ref_norm) / ref_norm < 1e-4
+    assert float(m["count"]) == loss_mask[:, :-1].sum()
+
+
+def test_compiles_once_per_bucket_and_skips_nonfinite(base_folder):
+    lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
+    apply_lora(lm, r=2, alpha=4.0, targets=("q_proj", "v_proj"))
+    opt, _ = make_optimizer(1e-3, total_steps=10)
+    trainer = Trainer(SequenceClassifier(lm, 2), classification_loss, opt)
+
+    def batch(length, seed, weight=1.0):
+        ids, mask = _right_padded([length] * 4, length, seed)
+        return {"input_ids": jnp.asarray(ids[None]), "attention_mask": jnp.asarray(mask[None]),
+                "labels": jnp.asarray(np.array([[0, 1, 1, 0]], np.int32)),
+                "weight": jnp.full((1, 4), weight, jnp.float32)}
+
+    for i in range(6):
+        trainer.step(batch((16, 32)[i % 2], seed=i))
+    assert trainer._step._cache_size() == 2  # one executable per bucket, never again
+
+    before = jax.tree_util.tree_map(np.asarray, trainer.trainable)
+    trainer.step(batch(16, seed=9, weight=float("nan")))  # NaN loss -> NaN gradients
+    after = jax.tree_util.tree_map(np.asarray, trainer.trainable)
+    assert nonfinite_steps(trainer.opt_state) == 1
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+    assert trainer._step._cache_size() == 2
+
+
+def test_resume_continues_the_same_loss_curve(base_folder, tmp_path):
+    """A run stopped after a checkpoint and resumed gives the uninterrupted run's losses."""
+    from jaxqlora.finetune import FinetuneConfig, finetune
+    from jaxqlora.tokenizer import Tokenizer
+
+    # a tiny model whose vocabulary fits a tiny word-level tokenizer
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(VOCAB - 3)]
+    backend = Backend(models.WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}},
+                                       unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    Tokenizer(backend, bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(base_folder)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "\n".join(
+        f"{' '.join(rng.choice(words, rng.integers(3, 20)))},{'ab'[i % 2]}" for i in range(200)) + "\n")
+
+    def run(out, steps, resume=False):
+        cfg = FinetuneConfig(model=str(base_folder), data=str(data), quantize=False, rank=2, alpha=4.0, dropout=0.1,
+                             max_steps=steps, batch_size=8, max_seq_len=32, buckets=(16, 32), output=str(out), schedule="constant",
+                             resume=resume, checkpoint_every=3, log_every=1, eval_batch_size=32, dtype="float32")
+        finetune(cfg, log=lambda *_: None)
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full = run(tmp_path / "full", 6)
+    run(tmp_path / "cut", 3)
+    resumed = run(tmp_path / "cut", 6, resume=True)
+    assert len(full) == 6 and len(resumed) == 6
+    np.testing.assert_allclose(resumed[3:], full[3:], rtol=1e-5)
