@@ -61,20 +61,56 @@ def merge_lora(model: CausalLM, dtype: Any = jnp.bfloat16) -> CausalLM:
     return build_model(model.config, merged_tensors(model), dtype=dtype, source="<merge_lora>")
 
 
-def save_pretrained(model: CausalLM, folder: str | Path, *, tokenizer=None, dtype: Any = jnp.bfloat16) -> Path:
+def save_pretrained(model: CausalLM, folder: str | Path, *, tokenizer=None, dtype: Any = jnp.bfloat16,
+                    keep_nf4: bool = False) -> Path:
     """Write an HF folder (``config.json``, ``model.safetensors``, ``tokenizer.json``) that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
-    LoRA is folded in and NF4 weights are dequantized; tensors are stored in ``dtype``.
-    Files are written atomically. Tied embeddings are saved once (``tie_word_embeddings``).
+    By default LoRA is folded in and NF4 weights are dequantized; tensors are stored in
+    ``dtype``. With ``keep_nf4`` the `NF4Linear` projections are written in bitsandbytes'
+    4-bit format (``weight``, ``weight.absmax``, ``weight.quant_map``, nested state and
+    ``weight.quant_state.bitsandbytes__nf4``) with a ``quantization_config``, as
+    transformers saves a model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``.
+    Files are written atomically. Tied embeddings are saved once.
+
+    Raises:
+      ValueError: ``keep_nf4`` on a model with LoRA layers (merge needs a dense base) or
+        with mixed NF4 settings.
     """
+    from jaxqlora.nf4 import nf4_to_state_dict
+    from jaxqlora.quantize import NF4Linear
+
     folder = Path(folder)
     tensors = {}
+    nf4 = {}
+    if keep_nf4:
+        from jaxqlora.lora import lora_layers
+
+        if lora_layers(model):
+            raise ValueError("keep_nf4 cannot fold LoRA into 4-bit weights; save the adapter, or merge "
+                             "into a dense model (keep_nf4=False)")
+        for path, node in nnx.iter_graph(model):
+            if isinstance(node, NF4Linear):
+                nf4[".".join(str(p) for p in path)] = node.weight.get_value()
     for name, a in merged_tensors(model):
-        tensors[name] = np.asarray(jax.device_get(a.astype(dtype)))
+        prefix = name.rsplit(".", 1)[0]
+        if prefix in nf4 and name.endswith(".weight"):
+            tensors.update(nf4_to_state_dict(prefix, nf4[prefix]))
+        else:
+            tensors[name] = np.asarray(jax.device_get(a.astype(dtype)))
     atomic_save_safetensors(folder / "model.safetensors", tensors, metadata={"format": "pt"})
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = cfg["dtype"] = jnp.dtype(dtype).name
+    if nf4:
+        settings = {(q.blocksize, q.double_quant) for q in nf4.values()}
+        if len(settings) > 1:
+            raise ValueError(f"mixed NF4 settings {settings} cannot be described by one quantization_config")
+        cfg["quantization_config"] = {
+            "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": settings.pop()[1],
+            "bnb_4bit_compute_dtype": jnp.dtype(dtype).name, "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False}
     atomic_write_json(folder / "config.json", cfg)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

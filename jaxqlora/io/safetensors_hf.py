@@ -41,8 +41,8 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     raise CheckpointError(folder, "no model.safetensors or model.safetensors.index.json in the folder")
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, object]]:
-    """Yield ``(name, array)`` for every tensor of ``files``, one at a time (JAX arrays).
+def iter_safetensors(files: list[Path], skip: set[str] = frozenset()) -> Iterator[tuple[str, object]]:
+    """Yield ``(name, array)`` for every tensor of ``files`` not in ``skip``, one at a time (JAX arrays).
 
     Raises:
       CheckpointError: a file is truncated or not safetensors.
@@ -54,7 +54,35 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, object]]:
             raise CheckpointError(f, f"not a readable safetensors file ({e})") from e
         with handle:
             for name in handle.keys():
+                if name in skip:
+                    continue
                 try:
                     yield name, handle.get_tensor(name)
                 except Exception as e:
                     raise CheckpointError(f, f"cannot read tensor ({e})", name) from e
+
+
+NF4_SUFFIXES = (".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map",
+                ".weight.quant_state.bitsandbytes__nf4")
+
+
+def read_nf4_layers(files: list[Path]) -> tuple[dict, set[str]]:
+    """The bitsandbytes 4-bit (NF4) layers of a transformers checkpoint.
+
+    Returns ``({prefix: NF4Weight}, {keys consumed})``; empty for an unquantized checkpoint.
+
+    Raises:
+      CheckpointError: fp4 or malformed quantization state (from `jaxqlora.nf4.nf4_from_state_dict`).
+    """
+    from jaxqlora.nf4 import nf4_from_state_dict
+
+    layers, used = {}, set()
+    for f in files:
+        with safe_open(str(f), framework="numpy") as handle:
+            keys = list(handle.keys())
+            prefixes = [k[: -len(".weight.absmax")] for k in keys if k.endswith(".weight.absmax")]
+            for prefix in prefixes:
+                mine = [k for k in keys if k == f"{prefix}.weight" or any(k == prefix + s for s in NF4_SUFFIXES)]
+                layers[prefix] = nf4_from_state_dict(prefix, {k: handle.get_tensor(k) for k in mine}, source=str(f))
+                used.update(mine)
+    return layers, used

@@ -32,7 +32,7 @@ def param_names(model: nnx.Module) -> dict[str, nnx.Variable]:
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], *, dtype: Any = jnp.bfloat16,
-                source: str = "<checkpoint>") -> CausalLM:
+                source: str = "<checkpoint>", nf4_layers: dict | None = None) -> CausalLM:
     """Build a `CausalLM` of ``cfg`` whose parameters come from ``tensors``.
 
     Args:
@@ -41,6 +41,9 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], *, dtype: 
         in torch ``[out, in]`` layout. Consumed lazily, one at a time.
       dtype: parameter dtype (bf16 default; float32 for reference checks).
       source: the file or folder, named in errors.
+      nf4_layers: ``{"model.layers.0.self_attn.q_proj": NF4Weight, ...}``: projections that
+        arrive already quantized (a bitsandbytes 4-bit checkpoint) become `NF4Linear`s and
+        take no tensor from ``tensors`` except their bias.
 
     Raises:
       TensorShapeError: a tensor's shape disagrees with the config.
@@ -48,6 +51,8 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], *, dtype: 
       MissingTensorError: some parameters were not in ``tensors``.
     """
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    if nf4_layers:
+        _place_nf4(abstract, nf4_layers, source)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     slots = {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(params)}
     filled: set[str] = set()
@@ -69,6 +74,28 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], *, dtype: 
         raise MissingTensorError(source, f"{len(missing)} parameter(s) missing from the checkpoint: "
                                  f"{', '.join(missing[:5])}{more}", missing[0])
     return nnx.merge(graphdef, params, rest)
+
+
+def _place_nf4(model: CausalLM, nf4_layers: dict, source: str) -> None:
+    from jaxqlora.quantize import NF4Linear
+
+    for prefix, q in nf4_layers.items():
+        *owner_path, attr = prefix.split(".")
+        owner = model
+        try:
+            for p in owner_path:
+                owner = owner[int(p)] if p.isdigit() else getattr(owner, p)
+            old = getattr(owner, attr)
+        except (AttributeError, IndexError, TypeError):
+            raise UnexpectedTensorError(source, "4-bit weight has no place in the model", f"{prefix}.weight") from None
+        want = (old.out_features, old.in_features)
+        if tuple(q.shape) != want:
+            raise TensorShapeError(source, f"4-bit weight of shape {tuple(q.shape)}, the config implies {want}",
+                                   f"{prefix}.weight")
+        new = NF4Linear(q)
+        if old.bias is not None:  # the bias still comes from the tensors
+            new.bias = old.bias
+        setattr(owner, attr, new)
 
 
 def to_numpy(x) -> np.ndarray:
