@@ -187,7 +187,7 @@ def _train_step(graphdef, loss_fn, optimizer, trainable, rng_state, opt_state, f
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return trainable, rng_state, opt_state, {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+    return trainable, rng_state, opt_state, {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                                              "count": count}
 
 

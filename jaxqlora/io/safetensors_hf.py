@@ -78,7 +78,11 @@ def read_nf4_layers(files: list[Path]) -> tuple[dict, set[str]]:
 
     layers, used = {}, set()
     for f in files:
-        with safe_open(str(f), framework="numpy") as handle:
+        try:
+            handle = safe_open(str(f), framework="numpy")
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f, f"not a readable safetensors file ({e})") from e
+        with handle:
             keys = list(handle.keys())
             prefixes = [k[: -len(".weight.absmax")] for k in keys if k.endswith(".weight.absmax")]
             for prefix in prefixes:
