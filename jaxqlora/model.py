@@ -6,8 +6,10 @@ Hugging Face transformers, so the dotted path of every parameter *is* its checkp
 (``model.layers.3.self_attn.q_proj.weight``): loaders, quantization, LoRA and adapter
 export find layers by these names.
 
-Dtype policy: parameters and activations in ``dtype`` (bf16 by default); RMSNorm,
-RoPE tables, softmax and logits in float32.
+Dtype policy: parameters and matmul activations in ``dtype`` (bf16 by default); the
+residual stream, RMSNorm, RoPE tables, softmax and logits in float32. (The residual stream
+of small Llamas reaches |h| ~ 2e4, where a bf16 ulp is 128: a bf16 residual rounds whole
+attention/MLP updates away and changes greedy answers.)
 
 Source: transformers ``models/llama/modeling_llama.py``, ``qwen2``, ``qwen3``.
 """
@@ -108,8 +110,9 @@ class Embedding(nnx.Module):
 class RMSNorm(nnx.Module):
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last axis, computed in float32.
 
-    As transformers' ``LlamaRMSNorm``: the normalised value is cast back to x's dtype
-    before the multiplication by ``weight``.
+    As transformers' ``LlamaRMSNorm``, the normalised value is cast to the parameter dtype
+    before the multiplication by ``weight`` (the output is in the parameter dtype; for a
+    float32 residual stream this feeds the bf16 matmuls).
     """
 
     def __init__(self, dim: int, eps: float, *, dtype: Any):
@@ -119,7 +122,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * y.astype(x.dtype)
+        w = self.weight[...]
+        return w * y.astype(w.dtype)
 
 
 # --------------------------------------------------------------------- KV cache
@@ -224,9 +228,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """x: the float32 residual stream ``[B, T, hidden]``; returns it updated (and the kv)."""
         a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        x = x + a.astype(x.dtype)
+        return x + self.mlp(self.post_attention_layernorm(x)).astype(x.dtype), kv
 
 
 class Decoder(nnx.Module):
@@ -258,7 +263,7 @@ class CausalLM(nnx.Module):
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       positions: jax.Array | None = None, cache: KVCache | None = None):
-        """Final-norm hidden states ``[B, T, hidden]`` in the model dtype (and the new cache).
+        """Final-norm hidden states ``[B, T, hidden]`` in the parameter dtype (and the new cache).
 
         Args:
           input_ids: int32 ``[B, T]``.
@@ -287,7 +292,7 @@ class CausalLM(nnx.Module):
             slots = jnp.arange(cache.max_len)
             causal = slots[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
             mask = causal[None, None] & valid[:, None, None, :]
-        x = self.model.embed_tokens(input_ids).astype(self.dtype)
+        x = self.model.embed_tokens(input_ids).astype(jnp.float32)  # float32 residual stream
         new_k, new_v = [], []
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])

@@ -90,3 +90,11 @@ def test_prompt_longer_than_context(ours_f32):
     model, tokenizer = ours_f32
     with pytest.raises(ContextLengthError, match="8192"):
         generate(model, tokenizer, [5] * 8190, max_new_tokens=10)
+
+
+def test_bf16_default_answers_paris(embedded_path):
+    """The default dtype (bf16 parameters, float32 residual stream), jitted generation."""
+    from jaxqlora.io import load_pretrained
+
+    model, tokenizer = load_pretrained(embedded_path)
+    assert "Paris" in generate(model, tokenizer, QUESTION, max_new_tokens=16)
