@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     f.add_argument("--checkpoint-every", type=int, default=0)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
     f.set_defaults(func=_cmd_finetune)
 
     e = sub.add_parser("eval", help="evaluate a saved adapter on the validation and test splits")

@@ -56,6 +56,7 @@ class FinetuneConfig:
       log_every: steps between metric records.
       seed: data order, LoRA init, dropout.
       dtype: ``"bfloat16"`` or ``"float32"`` for the base weights and activations.
+      remat: recompute each decoder layer in the backward pass (less activation memory).
     """
 
     model: str | None = None
@@ -91,6 +92,7 @@ class FinetuneConfig:
     log_every: int = 10
     seed: int = 0
     dtype: str = "bfloat16"
+    remat: bool = False
 
 
 def _buckets(cfg: FinetuneConfig) -> tuple[int, ...]:
@@ -203,6 +205,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
         log(f"NF4: {report}")
     apply_lora(lm, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                use_rslora=cfg.use_rslora, seed=cfg.seed)
+    lm.remat = cfg.remat
     if cfg.task == "classification":
         model = SequenceClassifier(lm, len(parts["train"].label_names), pooling=cfg.pooling, seed=cfg.seed)
         loss_fn = classification_loss

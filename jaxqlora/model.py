@@ -243,6 +243,10 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
 
+def _run_layer(layer, x, cos, sin, mask, kv, index):
+    return layer(x, cos, sin, mask, kv, index)
+
+
 class CausalLM(nnx.Module):
     """A Llama / Qwen2 / Qwen3 causal language model (HF ``*ForCausalLM``).
 
@@ -253,6 +257,8 @@ class CausalLM(nnx.Module):
       config: the `ModelConfig`.
       model: the `Decoder` (``embed_tokens``, ``layers``, ``norm``).
       lm_head: `Linear` ``[vocab, hidden]``, or None when embeddings are tied.
+      remat: when True, each decoder layer is wrapped in ``nnx.remat`` (``jax.checkpoint``):
+        only layer inputs are kept for the backward pass (less memory, one more forward).
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
@@ -260,6 +266,7 @@ class CausalLM(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.model = Decoder(cfg, dtype=dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
+        self.remat = False  # set True to recompute each layer's activations in the backward pass
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       positions: jax.Array | None = None, cache: KVCache | None = None):
@@ -294,9 +301,10 @@ class CausalLM(nnx.Module):
             mask = causal[None, None] & valid[:, None, None, :]
         x = self.model.embed_tokens(input_ids).astype(jnp.float32)  # float32 residual stream
         new_k, new_v = [], []
+        run = nnx.remat(_run_layer) if self.remat else _run_layer
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, cos, sin, mask, kv, index)
+            x, kv = run(layer, x, cos, sin, mask, kv, index)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

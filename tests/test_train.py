@@ -110,6 +110,22 @@ def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, t
     assert float(m["count"]) == loss_mask[:, :-1].sum()
 
 
+def test_remat_gives_the_same_gradients(base_folder):
+    """Per-layer rematerialisation changes memory, not the math: same loss and grad norm."""
+    out = []
+    for remat in (False, True):
+        lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
+        apply_lora(lm, r=2, alpha=4.0, seed=1)
+        _randomize_lora(lm, 2)
+        lm.remat = remat
+        trainer = Trainer(SequenceClassifier(lm, 2), classification_loss, make_optimizer(1e-3, total_steps=5)[0])
+        ids, mask = _right_padded([7, 3, 5, 2], 7, seed=3)
+        m = trainer.step({"input_ids": jnp.asarray(ids[None]), "attention_mask": jnp.asarray(mask[None]),
+                          "labels": jnp.asarray([[0, 1, 1, 0]], jnp.int32), "weight": jnp.ones((1, 4))})
+        out.append((float(m["loss"]), float(m["grad_norm"])))
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
+
+
 def test_compiles_once_per_bucket_and_skips_nonfinite(base_folder):
     lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
     apply_lora(lm, r=2, alpha=4.0, targets=("q_proj", "v_proj"))
