@@ -78,29 +78,9 @@ __all__ = [
 ]
 
 #: The 16 NF4 code values, index 0..15 (QLoRA paper App. E; bnb
-#: ``functional.get_4bit_type("nf4")``), float32 [16], sorted ascending.
-NF4_CODE = np.array(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ],
-    dtype=np.float32,
-)
-NF4_CODE.setflags(write=False)
+#: ``functional.get_4bit_type("nf4")``), float32 [16], sorted ascending. One copy, kept
+#: beside the kernel that decodes it (``pallas_kernels`` cannot import jaxqlora).
+from pallas_kernels.nf4_matmul import NF4_CODE  # noqa: E402
 
 #: Block sizes bitsandbytes accepts for 4-bit quantization (``quantize_4bit``).
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -19,26 +19,17 @@ from jaxqlora.io.gguf import GGUFCheckpoint
 from jaxqlora.io.weights import build_model
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import random_model  # noqa: E402
 
 VOCAB = 64
 
 
 def _hf_model(kind="llama", seed=0):
-    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                  num_key_value_heads=2, rope_theta=10000.0, seed=seed)
     if kind == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                       rms_norm_eps=1e-5, rope_theta=10000.0)
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                       rms_norm_eps=1e-5, rope_theta=10000.0)
-        model = transformers.Qwen2ForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.1 * torch.randn(p.shape))
-    return model.float().eval()
+        return random_model(**common)
+    return random_model("Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True, **common)
 
 
 def _hf_logits(model, ids):

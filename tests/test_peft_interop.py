@@ -16,6 +16,7 @@ from jaxqlora.io.peft import load_adapter, save_adapter
 from jaxqlora.lora import apply_lora, lora_layers
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import random_model  # noqa: E402
 peft = pytest.importorskip("peft")
 
 VOCAB = 80
@@ -23,14 +24,8 @@ VOCAB = 80
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                   rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.1 * torch.randn(p.shape))
+    model = random_model(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                         num_key_value_heads=2)
     folder = tmp_path_factory.mktemp("base")
     model.save_pretrained(folder)
     return folder

@@ -20,6 +20,7 @@ from jaxqlora.quantize import NF4Linear, quantize_model
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
+from tiny_models import random_model  # noqa: E402
 
 VOCAB = 90
 BNB = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -28,14 +29,8 @@ BNB = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_qua
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                   rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.1 * torch.randn(p.shape))
+    model = random_model(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2)
     dense = tmp_path_factory.mktemp("dense")
     model.save_pretrained(dense)
     q = transformers.AutoModelForCausalLM.from_pretrained(

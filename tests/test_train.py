@@ -18,6 +18,7 @@ from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, classif
                             nonfinite_steps)
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import random_model  # noqa: E402
 peft = pytest.importorskip("peft")
 
 VOCAB = 90
@@ -25,14 +26,8 @@ VOCAB = 90
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                   rms_norm_eps=1e-5, pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.1 * torch.randn(p.shape))
+    model = random_model(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0)
     folder = tmp_path_factory.mktemp("base")
     model.save_pretrained(folder)
     return folder

@@ -41,6 +41,13 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     raise CheckpointError(folder, "no model.safetensors or model.safetensors.index.json in the folder")
 
 
+def _open(f: Path, framework: str):
+    try:
+        return safe_open(str(f), framework=framework)
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f, f"not a readable safetensors file ({e})") from e
+
+
 def iter_safetensors(files: list[Path], skip: set[str] = frozenset()) -> Iterator[tuple[str, object]]:
     """Yield ``(name, array)`` for every tensor of ``files`` not in ``skip``, one at a time (JAX arrays).
 
@@ -48,11 +55,7 @@ def iter_safetensors(files: list[Path], skip: set[str] = frozenset()) -> Iterato
       CheckpointError: a file is truncated or not safetensors.
     """
     for f in files:
-        try:
-            handle = safe_open(str(f), framework="flax")
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise CheckpointError(f, f"not a readable safetensors file ({e})") from e
-        with handle:
+        with _open(f, "flax") as handle:
             for name in handle.keys():
                 if name in skip:
                     continue
@@ -78,11 +81,7 @@ def read_nf4_layers(files: list[Path]) -> tuple[dict, set[str]]:
 
     layers, used = {}, set()
     for f in files:
-        try:
-            handle = safe_open(str(f), framework="numpy")
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise CheckpointError(f, f"not a readable safetensors file ({e})") from e
-        with handle:
+        with _open(f, "numpy") as handle:
             keys = list(handle.keys())
             prefixes = [k[: -len(".weight.absmax")] for k in keys if k.endswith(".weight.absmax")]
             for prefix in prefixes:
