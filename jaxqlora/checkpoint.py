@@ -82,5 +82,6 @@ class TrainCheckpointer:
         return meta["step"], meta["epoch"], meta["batch"]
 
     def close(self) -> None:
+        """Wait for pending writes and release the checkpoint manager."""
         self.manager.wait_until_finished()
         self.manager.close()
