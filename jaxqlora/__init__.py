@@ -1,7 +1,8 @@
 """jaxqlora: QLoRA fine-tuning and 4-bit inference of Llama/Qwen decoders in JAX.
 
-The data path: checkpoint (`jaxqlora.io`) -> `jaxqlora.model.CausalLM` -> text
-(`jaxqlora.generate`).
+The data path: checkpoint (`jaxqlora.io`) -> `jaxqlora.model.CausalLM` -> NF4
+(`jaxqlora.quantize`) -> LoRA (`jaxqlora.lora`) -> train step (`jaxqlora.train`) ->
+adapter files (`jaxqlora.io.peft`); and model -> text (`jaxqlora.generate`).
 """
 
 from jaxqlora.config import ModelConfig
@@ -10,13 +11,19 @@ from jaxqlora.errors import (CheckpointError, ContextLengthError, EmbeddedModelM
                              UnsupportedArchitectureError, UnsupportedTensorTypeError)
 from jaxqlora.generate import SamplingConfig, generate, stream
 from jaxqlora.io import load_config, load_pretrained
+from jaxqlora.io.export import merge_lora, save_pretrained
+from jaxqlora.io.peft import load_adapter, save_adapter
+from jaxqlora.lora import apply_lora
 from jaxqlora.model import CausalLM, KVCache
+from jaxqlora.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from jaxqlora.quantize import quantize_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CausalLM", "CheckpointError", "ContextLengthError", "EmbeddedModelMissingError", "JaxQLoRAError", "KVCache",
-    "MissingTensorError", "ModelConfig", "SamplingConfig", "TensorShapeError", "UnexpectedTensorError",
-    "UnsupportedArchitectureError", "UnsupportedTensorTypeError", "generate", "load_config", "load_pretrained",
-    "stream",
+    "MissingTensorError", "ModelConfig", "NF4Weight", "SamplingConfig", "TensorShapeError", "UnexpectedTensorError",
+    "UnsupportedArchitectureError", "UnsupportedTensorTypeError", "apply_lora", "dequantize_nf4", "generate",
+    "load_adapter", "load_config", "load_pretrained", "merge_lora", "quantize_model", "quantize_nf4",
+    "save_adapter", "save_pretrained", "stream",
 ]

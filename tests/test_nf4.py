@@ -27,11 +27,10 @@ from jaxqlora.nf4 import (  # noqa: E402
     NF4Weight,
     absmax_float32,
     create_dynamic_map,
-    dequantize_nf4,
     nf4_from_state_dict,
     nf4_to_state_dict,
-    quantize_nf4,
 )
+from jaxqlora import dequantize_nf4, quantize_nf4  # noqa: E402  (exported at the top level)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

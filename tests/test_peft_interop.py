@@ -11,9 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxqlora.errors import MissingTensorError, TensorShapeError
-from jaxqlora.io import load_pretrained
-from jaxqlora.io.peft import load_adapter, save_adapter
-from jaxqlora.lora import apply_lora, lora_layers
+from jaxqlora import apply_lora, load_adapter, load_pretrained, save_adapter  # the top-level API
+from jaxqlora.lora import lora_layers
 
 transformers = pytest.importorskip("transformers")
 from tiny_models import random_model  # noqa: E402
@@ -112,7 +111,7 @@ def test_adapter_errors_name_the_key(base_folder, tmp_path):
 
 def test_merged_export_loads_in_transformers(base_folder, tmp_path):
     """save_pretrained(merge) -> transformers gives our adapted model's logits."""
-    from jaxqlora.io.export import merge_lora, save_pretrained
+    from jaxqlora import merge_lora, save_pretrained
 
     ours, _ = load_pretrained(base_folder, dtype=jnp.float32)
     apply_lora(ours, r=4, alpha=8.0, seed=3)

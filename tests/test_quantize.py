@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jaxqlora.io import load_pretrained
 from jaxqlora.io.export import save_pretrained
 from jaxqlora.lora import apply_lora, lora_layers
-from jaxqlora.quantize import NF4Linear, quantize_model
+from jaxqlora import quantize_model
+from jaxqlora.quantize import NF4Linear
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
