@@ -447,8 +447,10 @@ def _round_f32(x: jax.Array, nonneg: jax.Array) -> jax.Array:
 def _nf4_codes(x: jax.Array) -> jax.Array:
     """torch.bucketize(x, _NF4_BOUNDS, right=False) for x in [-1, 1]: int32 codes 0..15."""
     bounds = jnp.asarray(_NF4_BOUNDS)
-    idx = jnp.zeros(x.shape, jnp.int32)
-    for step in (8, 4, 2, 1):  # binary search: count of bounds strictly below x
+    # binary search: count of bounds strictly below x. The first step compares with one
+    # scalar (a gather at constant indices would be constant-folded at the weight's size).
+    idx = jnp.where(bounds[7] < x, 8, 0).astype(jnp.int32)
+    for step in (4, 2, 1):
         idx = jnp.where(bounds[idx + (step - 1)] < x, idx + step, idx)
     return idx
 
