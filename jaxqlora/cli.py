@@ -15,6 +15,7 @@ SmolLM2-135M-Instruct is used, and without ``--data`` the embedded Rotten Tomato
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -80,7 +81,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _finetune_config(args):
     from jaxqlora.finetune import FinetuneConfig
 
-    keys = {f.name for f in __import__("dataclasses").fields(FinetuneConfig)}
+    keys = {f.name for f in dataclasses.fields(FinetuneConfig)}
     kw = {k: v for k, v in vars(args).items() if k in keys and v is not None}
     if kw.get("epochs") is not None and getattr(args, "max_steps", None) is None:
         kw["max_steps"] = 0  # --epochs alone means whole epochs

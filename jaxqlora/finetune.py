@@ -96,8 +96,7 @@ class FinetuneConfig:
 
 
 def _buckets(cfg: FinetuneConfig) -> tuple[int, ...]:
-    b = tuple(x for x in sorted(cfg.buckets) if x < cfg.max_seq_len) + (cfg.max_seq_len,)
-    return b
+    return tuple(x for x in sorted(cfg.buckets) if x < cfg.max_seq_len) + (cfg.max_seq_len,)
 
 
 def _stack(micro: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -266,7 +265,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     train_s = time.perf_counter() - t_start
 
     results = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
-               "steps": step, "seconds": None, "baseline": baseline,
+               "steps": step, "baseline": baseline,
                "nonfinite_skipped": nonfinite_steps(trainer.opt_state)}
     for split_name in ("validation", "test"):
         results[split_name] = evaluate(trainer.predict, enc[split_name], cfg, pad_id, _eval_task(cfg), label_ids)

@@ -315,12 +315,10 @@ class CausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits ``[..., vocab]`` from hidden states ``[..., hidden]``."""
-        if self.lm_head is None:
-            w = self.model.embed_tokens.weight[...]
-            return jax.lax.dot_general(hidden.astype(w.dtype), w, (((hidden.ndim - 1,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
-        return jax.lax.dot_general(hidden.astype(self.lm_head.weight.dtype), self.lm_head.weight[...],
-                                   (((hidden.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head  # tied or not
+        w = head.weight[...]
+        return jax.lax.dot_general(hidden.astype(w.dtype), w, (((hidden.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | None = None):
