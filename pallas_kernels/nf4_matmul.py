@@ -17,50 +17,44 @@ Finetuning of Quantized LLMs", Sec. 3 and App. E):
   the flat block index ``i`` (``nested_blocksize`` is 256 in bnb).
 
 The file reads top to bottom like ``jax/experimental/pallas/ops/gpu/rms_norm.py``:
-the forward Pallas kernel and the wrapper that picks its tiles, the transposed
-(backward, ``dx = dy @ W``) kernel and its wrapper, the ``jax.custom_vjp``
-binding with the public `nf4_matmul`, and the plain-jnp references at the bottom
-(`nf4_dequantize_reference`, `nf4_matmul_reference`; the XLA path and the oracle).
+shared in-kernel helpers, the GEMV kernels (forward and transposed) and their
+wrappers, the dequantize kernel, the two-path dispatch by M, the
+``jax.custom_vjp`` binding with the public `nf4_matmul`, and the plain-jnp
+references at the bottom (`nf4_dequantize_reference`, `nf4_matmul_reference`;
+the XLA path and the oracle).
 
-Kernel structure (Pallas, Triton backend; also runs with ``interpret=True``):
+Two paths, chosen by M (the rows of ``x``; Pallas Triton backend, also runs
+with ``interpret=True``):
 
-* Forward grid ``(cdiv(M, block_m), cdiv(N, block_n))``; each program owns one
-  ``[block_m, block_n]`` tile of ``y`` and loops over ``K`` in steps of
-  ``block_k``, a power of two that DIVIDES ``blocksize`` (so ``K % block_k == 0``
-  and a K step lies inside one quantization block: every row ``n`` of the W tile
-  has one scale). Per step it loads ``x[block_m, block_k]`` and the packed bytes
-  ``[block_n, block_k // 2]``, splits the nibbles and interleaves them (high,
-  low) into ``[block_n, block_k]`` codes, looks the codes up in the codebook (a
-  gather from the 16-entry ``code`` ref), runs one MMA with float32
-  accumulation, and scales the partial product's columns by the block scales
-  ``s[block_n]`` (``acc += (x @ codes.T) * s``). Ragged M and N edges are masked
-  (loads with ``mask``/``other=0``, masked stores); there is no ragged K edge
-  because ``K % blocksize == 0`` is required on this path.
-* Backward (``dx = dy @ W``, a ``[M, K]`` output) grid
-  ``(cdiv(M, block_m), K // block_k)``; each program loops over ``N`` in steps
-  of ``block_n`` (masked at the edge), scales the ``dy`` columns by ``s`` in
-  float32, and accumulates ``dy_scaled @ codes`` in float32.
-* Double quantization is dequantized INSIDE both kernels: per K step the uint8
-  absmax codes of the ``block_n`` rows are loaded, looked up in the 256-entry
-  ``nested_code`` table by a gather (ref indexing with an integer array, which
-  Pallas' Triton lowering turns into a pointer gather), and combined with the
-  gathered ``nested_absmax[i // nested_blocksize]`` and ``offset``. Neither the
-  dequantized ``W`` nor the float absmax is ever written to HBM.
+* M <= `GEMV_MAX_M` (decode): `nf4_gemv_pallas`, a split-K GEMV. Grid
+  ``(cdiv(N, block_n), splits)``: the programs together stream the packed weight
+  once. Each loads ``[block_n, block_k // 2]`` packed bytes per step, looks up
+  both codes of a byte with ONE gather from a 256-entry table of bf16 pairs
+  (`_pair_luts`; two exact float32 tables for float32 ``x``), multiplies the
+  high nibbles (even K) by ``x[:, 0::2]`` and the low ones by ``x[:, 1::2]`` (no
+  interleave), and applies the block scales to per-block partial sums. Float32
+  partials ``[splits, M, N]`` are summed by one small XLA reduction. M = 1 runs
+  on the CUDA cores; 1 < M <= 16 uses two MMAs per step with M padded to 16.
+  The transposed GEMV `nf4_gemv_t_pallas` (``dx = dy @ W``) splits N instead.
+* M > `GEMV_MAX_M` (prefill, training): `nf4_dequantize_pallas` writes W once in
+  ``x.dtype`` (a bandwidth-bound kernel over the flat block view, every load and
+  store contiguous), then one dense matmul on the matrix units (cuBLAS through
+  XLA). The same for ``dy @ W``. A fused tile-dequantizing Triton GEMM was
+  measured 10x slower than this on an H200 (``benchmarks/nf4_tune.py``): the
+  per-element dequantization of every W tile by every M tile costs more CUDA-core
+  time than the transient bf16 W costs bandwidth.
+* Double quantization is dequantized INSIDE the kernels: the uint8 absmax codes
+  are looked up in the 256-entry ``nested_code`` table by a gather and combined
+  with the gathered ``nested_absmax[i // nested_blocksize]`` and ``offset``.
 * The weight is frozen: the custom VJP returns zero cotangents for ``packed``,
   ``absmax``, ``nested_absmax``, ``nested_code``, ``offset`` and ``code``
   (``float0`` for the integer ones).
 
-Numerics: ``x`` in bfloat16/float16 multiplies codes rounded to ``x.dtype``
-(about 2**-9 relative for bfloat16, the same size as bnb's dequantize-to-bf16),
-float32 ``x`` uses IEEE float32 MMAs (no TF32); accumulation is always float32
-and the result is cast to ``x.dtype``.
-
-Status: correctness first. Checked in interpret mode (jax 0.10) and compiled on
-an H200 with jax 0.11.2 (whose Pallas Triton backend emits a DeprecationWarning
-pointing to Mosaic GPU). Not tuned: the per-element codebook gather and the
-re-dequantization of each W tile by every M tile keep it at about 50 TFLOP/s:
-roughly on par with the XLA path (dequantize + cuBLAS) for M <= 16 and 4-10x
-slower for M >= 512 on an H200; see ``benchmarks/nf4_matmul.py``.
+Numerics: 16-bit ``x`` multiplies codes rounded to bfloat16 (about 2**-9
+relative, the size of bnb's dequantize-to-bf16); float32 ``x`` uses exact
+float32 codes and IEEE float32 products (no TF32); accumulation is float32 and
+the result has ``x.dtype``. Speed: ``benchmarks/kernels.py`` and
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -189,60 +183,6 @@ def _load_scales(absmax_ref, nested_refs, n0, kb, mask_n, *, block_n: int,
     return jnp.where(mask_n, scale, 0.0)
 
 
-# ---------------------------------------------------------------------------
-# Forward kernel: y[M, N] = x[M, K] @ W[N, K].T
-# ---------------------------------------------------------------------------
-
-
-def nf4_matmul_kernel(x_ref, packed_ref, absmax_ref, code_ref, *refs,
-                      blocksize: int, nested_blocksize: int, double_quant: bool,
-                      block_m: int, block_n: int, block_k: int):
-    """One ``[block_m, block_n]`` tile of ``y``; loops over K in ``block_k`` steps."""
-    if double_quant:
-        *nested_refs, o_ref = refs
-    else:
-        nested_refs, (o_ref,) = None, refs
-    m, k = x_ref.shape
-    n = packed_ref.shape[0]
-    m0 = pl.program_id(0) * block_m
-    n0 = pl.program_id(1) * block_n
-    mask_m = m0 + jnp.arange(block_m, dtype=jnp.int32) < m
-    mask_n = n0 + jnp.arange(block_n, dtype=jnp.int32) < n
-    x_mask = jnp.broadcast_to(mask_m[:, None], (block_m, block_k))
-    steps_per_block = blocksize // block_k
-
-    def body(kt, acc):
-        x = plgpu.load(
-            x_ref.at[pl.ds(m0, block_m), pl.ds(kt * block_k, block_k)],
-            mask=x_mask,
-            other=_zero(x_ref.dtype),
-        )
-        codes = _load_codes(packed_ref, code_ref, n0, kt * (block_k // 2), mask_n,
-                            block_n=block_n, block_k=block_k)
-        scale = _load_scales(absmax_ref, nested_refs, n0,
-                             lax.div(kt, jnp.int32(steps_per_block)), mask_n,
-                             block_n=block_n, nested_blocksize=nested_blocksize)
-        return acc + _dot(x, codes.astype(x.dtype), 1) * scale[None, :]
-
-    acc = lax.fori_loop(0, k // block_k, body,
-                        jnp.zeros((block_m, block_n), jnp.float32))
-    plgpu.store(
-        o_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)],
-        acc.astype(o_ref.dtype),
-        mask=mask_m[:, None] & mask_n[None, :],
-    )
-
-
-def _block_k(blocksize: int, cap: int = 128) -> int:
-    """The largest power of two dividing ``blocksize``, at most ``cap``."""
-    return min(blocksize & -blocksize, cap)
-
-
-def _block_m(m: int) -> int:
-    # Triton's dot needs every tile dim >= 16; rows past M are masked.
-    return min(max(pl.next_power_of_2(m), 16), 64)
-
-
 def _compiler_params(num_warps: int, num_stages: int):
     cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
     return cls(num_warps=num_warps, num_stages=num_stages)
@@ -254,118 +194,426 @@ def _nested_args(nested_absmax, nested_code, offset):
     return (nested_absmax, nested_code, offset)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("blocksize", "nested_blocksize", "interpret", "block_m",
-                     "block_n", "block_k", "num_warps", "num_stages"),
-)
-def nf4_matmul_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=None,
-                      offset=None, *, blocksize: int, nested_blocksize: int = 256,
-                      interpret: bool = False, block_m: int | None = None,
-                      block_n: int | None = None, block_k: int | None = None,
-                      num_warps: int = 4, num_stages: int = 2):
-    """Forward Pallas call on validated 2-D operands: ``x[M, K] @ W.T -> [M, N]``.
+# ---------------------------------------------------------------------------
+# GEMV kernels (M <= 16, decode): split-K forward and split-N transposed
+# ---------------------------------------------------------------------------
 
-    ``packed`` uint8 [N, K//2], ``absmax`` float32 or uint8 [N, K//blocksize],
-    ``code`` float32 [16], nested operands float32 [ceil(nblocks/nested_blocksize)],
-    [256] and [] (or all None). Tiles default from the shape: ``block_m`` =
-    next power of two of M clamped to [16, 64], ``block_n`` = 64, ``block_k`` = the
-    largest power of two dividing ``blocksize`` capped at 128 (it must divide
-    ``blocksize``). Use `nf4_matmul`; this skips its checks.
+
+def _load_scales_2d(absmax_ref, nested_refs, n0, kb0, mask_n, *, block_n: int,
+                    nkb: int, nested_blocksize: int):
+    """Float32 scales ``absmax[n0:n0+block_n, kb0:kb0+nkb]`` -> ``[block_n, nkb]``.
+
+    The 2-D form of `_load_scales` for a K tile that spans ``nkb`` quantization
+    blocks; rows past ``N`` (``mask_n`` false) give 0.
     """
-    m, k = x.shape
-    n = packed.shape[0]
-    block_m = block_m or _block_m(m)
-    block_n = block_n or 64
-    block_k = block_k or _block_k(blocksize)
-    assert blocksize % block_k == 0 and block_k % 32 == 0, (blocksize, block_k)
-    nested = _nested_args(nested_absmax, nested_code, offset)
-    kernel = functools.partial(
-        nf4_matmul_kernel, blocksize=blocksize, nested_blocksize=nested_blocksize,
-        double_quant=bool(nested), block_m=block_m, block_n=block_n, block_k=block_k)
-    return pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(m, block_m), pl.cdiv(n, block_n)),
-        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-        compiler_params=_compiler_params(num_warps, num_stages),
-        interpret=interpret,
-        name="nf4_matmul",
-    )(x, packed, absmax, code, *nested)
+    mask = jnp.broadcast_to(mask_n[:, None], (block_n, nkb))
+    q = plgpu.load(absmax_ref.at[pl.ds(n0, block_n), pl.ds(kb0, nkb)], mask=mask,
+                   other=_zero(absmax_ref.dtype))
+    if nested_refs is None:
+        return q.astype(jnp.float32)
+    nested_absmax_ref, nested_code_ref, offset_ref = nested_refs
+    n_kblocks = absmax_ref.shape[1]
+    rows = n0 + jnp.arange(block_n, dtype=jnp.int32)
+    block_index = rows[:, None] * n_kblocks + kb0 + jnp.arange(nkb, dtype=jnp.int32)[None, :]
+    nested = plgpu.load(
+        nested_absmax_ref.at[lax.div(block_index, jnp.int32(nested_blocksize))],
+        mask=mask, other=_zero(jnp.float32))
+    values = plgpu.load(nested_code_ref.at[q.astype(jnp.int32)])
+    return jnp.where(mask, values * nested + offset_ref[...], 0.0)
 
 
-# ---------------------------------------------------------------------------
-# Transposed (backward) kernel: dx[M, K] = dy[M, N] @ W[N, K]
-# ---------------------------------------------------------------------------
+def _dequant_tile(packed_ref, absmax_ref, code_ref, nested_refs, n0, k0, mask_n, *,
+                  blocksize: int, nested_blocksize: int, block_n: int, block_k: int):
+    """Float32 ``W[n0:n0+block_n, k0:k0+block_k]`` (rows with ``mask_n`` false are 0).
+
+    ``block_k`` either divides ``blocksize`` (one scale per row) or is a multiple
+    of it (``block_k // blocksize`` scales per row, broadcast over their blocks).
+    """
+    codes = _load_codes(packed_ref, code_ref, n0, k0 // 2, mask_n,
+                        block_n=block_n, block_k=block_k)
+    if block_k <= blocksize:
+        scale = _load_scales(absmax_ref, nested_refs, n0, k0 // blocksize, mask_n,
+                             block_n=block_n, nested_blocksize=nested_blocksize)
+        return codes * scale[:, None]
+    nkb = block_k // blocksize
+    scale = _load_scales_2d(absmax_ref, nested_refs, n0, k0 // blocksize, mask_n,
+                            block_n=block_n, nkb=nkb, nested_blocksize=nested_blocksize)
+    w = codes.reshape(block_n, nkb, blocksize) * scale[:, :, None]
+    return w.reshape(block_n, block_k)
 
 
-def nf4_matmul_t_kernel(dy_ref, packed_ref, absmax_ref, code_ref, *refs,
-                        blocksize: int, nested_blocksize: int, double_quant: bool,
-                        block_m: int, block_n: int, block_k: int):
-    """One ``[block_m, block_k]`` tile of ``dx``; loops over N in ``block_n`` steps."""
+def _pair_luts(code, dtype) -> tuple[jax.Array, ...]:
+    """Byte -> (code[high nibble], code[low nibble]) lookup tables for the GEMV.
+
+    For 16-bit activations one int32 table ``[256]`` holds both values as bf16
+    bit patterns (high value in the upper half-word): one gather per byte. For
+    float32 activations two exact float32 tables ``[256]`` (high, low).
+    """
+    byte = jnp.arange(256, dtype=jnp.int32)
+    hi, lo = code[byte >> 4], code[byte & 15]
+    if jnp.dtype(dtype) == jnp.float32:
+        return hi, lo
+    bits = lambda v: lax.bitcast_convert_type(v.astype(jnp.bfloat16), jnp.uint16).astype(jnp.int32)
+    return ((bits(hi) << 16) | bits(lo),)
+
+
+def _load_pairs(packed_ref, lut_refs, n0, byte0, mask_n, *, block_n: int, half: int):
+    """(high, low) float32 code values of ``packed[n0:n0+block_n, byte0:byte0+half]``.
+
+    ``high`` holds the even K columns, ``low`` the odd ones (bnb's nibble order);
+    rows with ``mask_n`` false read byte 0.
+    """
+    p = plgpu.load(packed_ref.at[pl.ds(n0, block_n), pl.ds(byte0, half)],
+                   mask=jnp.broadcast_to(mask_n[:, None], (block_n, half)),
+                   other=_zero(packed_ref.dtype)).astype(jnp.int32)
+    if len(lut_refs) == 2:
+        return plgpu.load(lut_refs[0].at[p]), plgpu.load(lut_refs[1].at[p])
+    v = plgpu.load(lut_refs[0].at[p])
+    hi = lax.bitcast_convert_type(v & jnp.int32(-65536), jnp.float32)
+    lo = lax.bitcast_convert_type(v << 16, jnp.float32)
+    return hi, lo
+
+
+def nf4_gemv_kernel(xe_ref, xo_ref, packed_ref, absmax_ref, *refs, n_luts: int,
+                    blocksize: int, nested_blocksize: int, double_quant: bool,
+                    block_m: int, block_n: int, block_k: int, steps: int):
+    """Partial ``y`` of one ``block_n`` slice of N over one K split.
+
+    Program ``(i, s)`` covers rows ``[i*block_n, (i+1)*block_n)`` and the K tiles
+    ``[s*steps, (s+1)*steps)`` (tiles past K are masked out) and writes
+    ``o[s, :M, rows]``. The packed bytes are never interleaved: the high nibbles
+    (even K) multiply ``xe = x[:, 0::2]`` and the low nibbles ``xo = x[:, 1::2]``.
+    The block scales multiply per-block partial sums, not elements.
+    ``block_m == 1`` works on the CUDA cores (multiply, row sums); otherwise two
+    MMAs per K tile with the rows past M masked.
+    """
+    lut_refs, refs = refs[:n_luts], refs[n_luts:]
+    if double_quant:
+        *nested_refs, o_ref = refs
+    else:
+        nested_refs, (o_ref,) = None, refs
+    m, k_half = xe_ref.shape
+    k = 2 * k_half
+    n = packed_ref.shape[0]
+    half = block_k // 2
+    nkb = max(1, block_k // blocksize)
+    n0 = pl.program_id(0) * block_n
+    split = pl.program_id(1)
+    mask_n = n0 + jnp.arange(block_n, dtype=jnp.int32) < n
+    mask_m = jnp.arange(block_m, dtype=jnp.int32) < m
+
+    def body(t, acc):
+        k0 = (split * steps + t) * block_k
+        in_k = k0 < k
+        rows_ok = mask_n & in_k
+        hi, lo = _load_pairs(packed_ref, lut_refs, n0, k0 // 2, rows_ok,
+                             block_n=block_n, half=half)
+        if nkb == 1:
+            scale = _load_scales(absmax_ref, nested_refs, n0, k0 // blocksize, rows_ok,
+                                 block_n=block_n, nested_blocksize=nested_blocksize)
+        else:
+            scale = _load_scales_2d(absmax_ref, nested_refs, n0, k0 // blocksize, rows_ok,
+                                    block_n=block_n, nkb=nkb,
+                                    nested_blocksize=nested_blocksize)
+        xmask = jnp.broadcast_to(mask_m[:, None] & in_k, (block_m, half))
+        xe = plgpu.load(xe_ref.at[pl.ds(0, block_m), pl.ds(k0 // 2, half)], mask=xmask,
+                        other=_zero(xe_ref.dtype))
+        xo = plgpu.load(xo_ref.at[pl.ds(0, block_m), pl.ds(k0 // 2, half)], mask=xmask,
+                        other=_zero(xo_ref.dtype))
+        if block_m == 1:
+            prod = hi * xe.astype(jnp.float32) + lo * xo.astype(jnp.float32)
+            if nkb == 1:
+                return acc + (jnp.sum(prod, axis=1) * scale)[None, :]
+            part = jnp.sum(prod.reshape(block_n, nkb, blocksize // 2), axis=2)
+            return acc + jnp.sum(part * scale, axis=1)[None, :]
+        dt = xe_ref.dtype
+        if nkb == 1:
+            return acc + (_dot(xe, hi.astype(dt), 1) + _dot(xo, lo.astype(dt), 1)) * scale[None, :]
+        s3 = scale[:, :, None]
+        hi = (hi.reshape(block_n, nkb, blocksize // 2) * s3).reshape(block_n, half)
+        lo = (lo.reshape(block_n, nkb, blocksize // 2) * s3).reshape(block_n, half)
+        return acc + _dot(xe, hi.astype(dt), 1) + _dot(xo, lo.astype(dt), 1)
+
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
+    plgpu.store(o_ref.at[split, pl.ds(0, block_m), pl.ds(n0, block_n)],
+                acc.astype(o_ref.dtype), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def nf4_gemv_t_kernel(dy_ref, packed_ref, absmax_ref, code_ref, *refs, blocksize: int,
+                      nested_blocksize: int, double_quant: bool, block_m: int,
+                      block_n: int, block_k: int, steps: int):
+    """Partial ``dx = dy @ W`` of one ``block_k`` slice of K over one N split.
+
+    Program ``(j, s)`` covers columns ``[j*block_k, (j+1)*block_k)`` and the N
+    tiles ``[s*steps, (s+1)*steps)`` (masked past N) and writes ``o[s, :M, cols]``.
+    """
     if double_quant:
         *nested_refs, o_ref = refs
     else:
         nested_refs, (o_ref,) = None, refs
     m, n = dy_ref.shape
-    m0 = pl.program_id(0) * block_m
-    kt = pl.program_id(1)
-    kb = lax.div(kt, jnp.int32(blocksize // block_k))  # one quant block per K tile
-    mask_m = m0 + jnp.arange(block_m, dtype=jnp.int32) < m
+    k0 = pl.program_id(0) * block_k
+    split = pl.program_id(1)
+    mask_m = jnp.arange(block_m, dtype=jnp.int32) < m
 
-    def body(nt, acc):
-        n0 = nt * block_n
+    def body(t, acc):
+        n0 = (split * steps + t) * block_n
         mask_n = n0 + jnp.arange(block_n, dtype=jnp.int32) < n
-        dy = plgpu.load(
-            dy_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)],
-            mask=mask_m[:, None] & mask_n[None, :],
-            other=_zero(dy_ref.dtype),
-        )
-        scale = _load_scales(absmax_ref, nested_refs, n0, kb, mask_n,
-                             block_n=block_n, nested_blocksize=nested_blocksize)
-        dy = (dy.astype(jnp.float32) * scale[None, :]).astype(dy_ref.dtype)
-        codes = _load_codes(packed_ref, code_ref, n0, kt * (block_k // 2), mask_n,
-                            block_n=block_n, block_k=block_k)
-        return acc + _dot(dy, codes.astype(dy_ref.dtype), 0)
+        w = _dequant_tile(packed_ref, absmax_ref, code_ref, nested_refs, n0, k0, mask_n,
+                          blocksize=blocksize, nested_blocksize=nested_blocksize,
+                          block_n=block_n, block_k=block_k)
+        if block_m == 1:
+            d = plgpu.load(dy_ref.at[pl.ds(0, 1), pl.ds(n0, block_n)],
+                           mask=mask_n[None, :], other=_zero(dy_ref.dtype))
+            return acc + jnp.sum(w * d.astype(jnp.float32).reshape(block_n, 1),
+                                 axis=0)[None, :]
+        d = plgpu.load(dy_ref.at[pl.ds(0, block_m), pl.ds(n0, block_n)],
+                       mask=mask_m[:, None] & mask_n[None, :], other=_zero(dy_ref.dtype))
+        return acc + _dot(d, w.astype(dy_ref.dtype), 0)
 
-    acc = lax.fori_loop(0, pl.cdiv(n, block_n), body,
-                        jnp.zeros((block_m, block_k), jnp.float32))
-    plgpu.store(
-        o_ref.at[pl.ds(m0, block_m), pl.ds(kt * block_k, block_k)],
-        acc.astype(o_ref.dtype),
-        mask=jnp.broadcast_to(mask_m[:, None], (block_m, block_k)),
-    )
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_k), jnp.float32))
+    plgpu.store(o_ref.at[split, pl.ds(0, block_m), pl.ds(k0, block_k)],
+                acc.astype(o_ref.dtype),
+                mask=jnp.broadcast_to(mask_m[:, None], (block_m, block_k)))
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("blocksize", "nested_blocksize", "interpret", "block_m",
-                     "block_n", "block_k", "num_warps", "num_stages"),
-)
-def nf4_matmul_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_code=None,
-                        offset=None, *, blocksize: int, nested_blocksize: int = 256,
-                        interpret: bool = False, block_m: int | None = None,
-                        block_n: int | None = None, block_k: int | None = None,
-                        num_warps: int = 4, num_stages: int = 2):
-    """Transposed Pallas call: ``dy[M, N] @ W -> [M, K]`` (operands as in
-    `nf4_matmul_pallas`; ``block_n`` is the reduction step here)."""
-    m, n = dy.shape
-    k = packed.shape[1] * 2
-    block_m = block_m or _block_m(m)
-    block_n = block_n or 64
-    block_k = block_k or _block_k(blocksize)
-    assert blocksize % block_k == 0 and block_k % 32 == 0, (blocksize, block_k)
-    nested = _nested_args(nested_absmax, nested_code, offset)
+def _pow2_divisor(k: int, cap: int) -> int:
+    """The largest power of two dividing ``k``, at most ``cap``."""
+    return min(k & -k, cap)
+
+
+_GEMV_STATIC = ("blocksize", "nested_blocksize", "interpret", "block_n", "block_k",
+                "splits", "num_warps", "num_stages", "mma")
+
+
+def _gemv_call(kernel_fn, name, a, packed, absmax, code, nested, *, rows: int,
+               cols: int, out_len: int, grid0: int, splits: int, steps: int, blocksize,
+               nested_blocksize, block_m, block_n, block_k, num_warps, num_stages,
+               interpret):
     kernel = functools.partial(
-        nf4_matmul_t_kernel, blocksize=blocksize, nested_blocksize=nested_blocksize,
-        double_quant=bool(nested), block_m=block_m, block_n=block_n, block_k=block_k)
-    return pl.pallas_call(
+        kernel_fn, blocksize=blocksize, nested_blocksize=nested_blocksize,
+        double_quant=bool(nested), block_m=block_m, block_n=block_n, block_k=block_k,
+        steps=steps)
+    out_dtype = a.dtype if splits == 1 else jnp.float32
+    out = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(m, block_m), k // block_k),
-        out_shape=jax.ShapeDtypeStruct((m, k), dy.dtype),
+        grid=(grid0, splits),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, out_len), out_dtype),
         compiler_params=_compiler_params(num_warps, num_stages),
         interpret=interpret,
-        name="nf4_matmul_t",
-    )(dy, packed, absmax, code, *nested)
+        name=name,
+    )(a, packed, absmax, code, *nested)
+    if splits == 1:
+        return out[0]
+    return out.sum(axis=0).astype(a.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=_GEMV_STATIC)
+def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=None,
+                    offset=None, *, blocksize: int, nested_blocksize: int = 256,
+                    interpret: bool = False, block_n: int | None = None,
+                    block_k: int | None = None, splits: int | None = None,
+                    num_warps: int = 4, num_stages: int = 3, mma: bool | None = None):
+    """Split-K GEMV: ``x[M, K] @ W.T -> [M, N]`` for small M (decode, M <= 16).
+
+    Grid ``(cdiv(N, block_n), splits)``: each program streams the packed bytes of
+    ``block_n`` rows over ``cdiv(K/block_k, splits)`` K tiles, looks each byte's
+    two code values up at once (`_pair_luts`), applies the (possibly
+    double-quantized) block scales to per-block partial sums, and writes a float32
+    partial result; the ``splits`` partials are summed by one small XLA reduction
+    (none when ``splits == 1``). ``mma`` (default: ``M > 1``) uses the matrix
+    units with M padded to 16 rows; otherwise the CUDA cores. Operands as in
+    `nf4_matmul_pallas`.
+    """
+    m, k = x.shape
+    n = packed.shape[0]
+    block_n = block_n or 32
+    block_k = block_k or _pow2_divisor(k, 256)
+    tiles = k // block_k
+    splits = min(splits or max(1, min(tiles, 512 // pl.cdiv(n, block_n))), tiles)
+    steps = pl.cdiv(tiles, splits)
+    splits = pl.cdiv(tiles, steps)
+    mma = m > 1 if mma is None else mma
+    block_m = max(pl.next_power_of_2(m), 16) if mma else 1
+    if not mma and m > 1:
+        return jnp.concatenate([nf4_gemv_pallas(
+            x[i:i + 1], packed, absmax, code, nested_absmax, nested_code, offset,
+            blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret,
+            block_n=block_n, block_k=block_k, splits=splits, num_warps=num_warps,
+            num_stages=num_stages, mma=False) for i in range(m)])
+    luts = _pair_luts(code, x.dtype)
+    nested = _nested_args(nested_absmax, nested_code, offset)
+    kernel = functools.partial(
+        nf4_gemv_kernel, n_luts=len(luts), blocksize=blocksize,
+        nested_blocksize=nested_blocksize, double_quant=bool(nested), block_m=block_m,
+        block_n=block_n, block_k=block_k, steps=steps)
+    out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, block_n), splits),
+        out_shape=jax.ShapeDtypeStruct((splits, m, n),
+                                       x.dtype if splits == 1 else jnp.float32),
+        compiler_params=_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="nf4_gemv",
+    )(x[:, 0::2], x[:, 1::2], packed, absmax, *luts, *nested)
+    return out[0] if splits == 1 else out.sum(axis=0).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=_GEMV_STATIC)
+def nf4_gemv_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_code=None,
+                      offset=None, *, blocksize: int, nested_blocksize: int = 256,
+                      interpret: bool = False, block_n: int | None = None,
+                      block_k: int | None = None, splits: int | None = None,
+                      num_warps: int = 4, num_stages: int = 3, mma: bool | None = None):
+    """Split-N transposed GEMV: ``dy[M, N] @ W -> [M, K]`` for small M.
+
+    Grid ``(K / block_k, splits)``: each program dequantizes ``[block_n, block_k]``
+    W tiles down its N range and accumulates ``dy @ W_tile`` in float32; the
+    ``splits`` partials are summed by XLA. Operands as in `nf4_matmul_pallas`.
+    """
+    m, n = dy.shape
+    k = packed.shape[1] * 2
+    block_n = block_n or 32
+    block_k = block_k or _pow2_divisor(k, 256)
+    tiles = pl.cdiv(n, block_n)
+    splits = min(splits or max(1, min(tiles, 512 // (k // block_k))), tiles)
+    steps = pl.cdiv(tiles, splits)
+    splits = pl.cdiv(tiles, steps)
+    mma = m > 1 if mma is None else mma
+    block_m = max(pl.next_power_of_2(m), 16) if mma else 1
+    if not mma and m > 1:
+        return jnp.concatenate([nf4_gemv_t_pallas(
+            dy[i:i + 1], packed, absmax, code, nested_absmax, nested_code, offset,
+            blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret,
+            block_n=block_n, block_k=block_k, splits=splits, num_warps=num_warps,
+            num_stages=num_stages, mma=False) for i in range(m)])
+    return _gemv_call(nf4_gemv_t_kernel, "nf4_gemv_t", dy, packed, absmax, code,
+                      _nested_args(nested_absmax, nested_code, offset), rows=m, cols=n,
+                      out_len=k, grid0=k // block_k, splits=splits, steps=steps,
+                      blocksize=blocksize, nested_blocksize=nested_blocksize,
+                      block_m=block_m, block_n=block_n, block_k=block_k,
+                      num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+# ---------------------------------------------------------------------------
+# Dequantize kernel (large M: dequantize once, then the matrix units)
+# ---------------------------------------------------------------------------
+
+
+def nf4_dequantize_kernel(packed_ref, absmax_ref, code_ref, *refs, blocksize: int,
+                          nested_blocksize: int, double_quant: bool, block_rows: int):
+    """``block_rows`` quantization blocks of W: ``o[r, :] = code[nibbles] * scale[r]``.
+
+    Works on the flat block view (``packed [nblocks, blocksize/2]``, ``absmax
+    [nblocks]``, ``o [nblocks, blocksize]``), so every load and store is one
+    contiguous run of memory.
+    """
+    if double_quant:
+        nested_absmax_ref, nested_code_ref, offset_ref, o_ref = refs
+    else:
+        (o_ref,) = refs
+    nblocks = packed_ref.shape[0]
+    r0 = pl.program_id(0) * block_rows
+    rows = r0 + jnp.arange(block_rows, dtype=jnp.int32)
+    mask = rows < nblocks
+    codes = _load_codes(packed_ref, code_ref, r0, 0, mask, block_n=block_rows,
+                        block_k=blocksize)
+    q = plgpu.load(absmax_ref.at[pl.ds(r0, block_rows)], mask=mask,
+                   other=_zero(absmax_ref.dtype))
+    if double_quant:
+        nested = plgpu.load(nested_absmax_ref.at[lax.div(rows, jnp.int32(nested_blocksize))],
+                            mask=mask, other=_zero(jnp.float32))
+        scale = plgpu.load(nested_code_ref.at[q.astype(jnp.int32)]) * nested + offset_ref[...]
+    else:
+        scale = q.astype(jnp.float32)
+    plgpu.store(o_ref.at[pl.ds(r0, block_rows), :],
+                (codes * scale[:, None]).astype(o_ref.dtype),
+                mask=jnp.broadcast_to(mask[:, None], (block_rows, blocksize)))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "blocksize",
+                                             "nested_blocksize", "interpret",
+                                             "block_rows", "num_warps", "num_stages"))
+def nf4_dequantize_pallas(packed, absmax, code, nested_absmax=None, nested_code=None,
+                          offset=None, *, shape: tuple[int, int], dtype=jnp.bfloat16,
+                          blocksize: int, nested_blocksize: int = 256,
+                          interpret: bool = False, block_rows: int | None = None,
+                          num_warps: int = 4, num_stages: int = 1):
+    """Dequantize ``W`` to ``dtype [N, K]`` with one bandwidth-bound Pallas kernel.
+
+    Needs ``blocksize`` a power of two and ``N*K % blocksize == 0``. Reads the
+    packed codes and the (possibly double-quantized) absmax once and writes W
+    once: the large-M matmul path then runs W on the matrix units.
+    """
+    n, k = shape
+    nblocks = n * k // blocksize
+    block_rows = block_rows or max(1, 8192 // blocksize)
+    nested = _nested_args(nested_absmax, nested_code, offset)
+    kernel = functools.partial(
+        nf4_dequantize_kernel, blocksize=blocksize, nested_blocksize=nested_blocksize,
+        double_quant=bool(nested), block_rows=block_rows)
+    w = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(nblocks, block_rows),),
+        out_shape=jax.ShapeDtypeStruct((nblocks, blocksize), dtype),
+        compiler_params=_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="nf4_dequantize",
+    )(packed.reshape(nblocks, blocksize // 2), absmax.reshape(nblocks), code, *nested)
+    return w.reshape(n, k)
+
+
+# ---------------------------------------------------------------------------
+# The two paths by M
+# ---------------------------------------------------------------------------
+
+#: Largest M (rows of x or dy) that takes the GEMV kernels; above it W is
+#: dequantized once by `nf4_dequantize_pallas` and multiplied on the matrix units.
+GEMV_MAX_M = 16
+
+
+def _dense_dot(a, w, contract_w: int):
+    """``a @ w.T`` (contract_w=1) or ``a @ w`` (0) with float32 accumulation, ``a.dtype`` out."""
+    return lax.dot_general(a, w, (((1,), (contract_w,)), ((), ())),
+                           precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def nf4_matmul_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=None,
+                      offset=None, *, blocksize: int, nested_blocksize: int = 256,
+                      interpret: bool = False):
+    """Forward on validated 2-D operands: ``x[M, K] @ W.T -> [M, N]``, ``x.dtype``.
+
+    ``packed`` uint8 [N, K//2], ``absmax`` float32 or uint8 [N, K//blocksize],
+    ``code`` float32 [16], nested operands float32
+    [ceil(nblocks/nested_blocksize)], [256] and [] (or all None); ``blocksize`` a
+    power of two >= 32 dividing K. M <= `GEMV_MAX_M`: the split-K GEMV kernel
+    (`nf4_gemv_pallas`); larger M: `nf4_dequantize_pallas` to ``x.dtype`` and one
+    dense matmul. Use `nf4_matmul`; this skips its checks.
+    """
+    kw = dict(blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret)
+    if x.shape[0] <= GEMV_MAX_M:
+        return nf4_gemv_pallas(x, packed, absmax, code, nested_absmax, nested_code,
+                               offset, **kw)
+    w = nf4_dequantize_pallas(packed, absmax, code, nested_absmax, nested_code, offset,
+                              shape=(packed.shape[0], x.shape[1]), dtype=x.dtype, **kw)
+    return _dense_dot(x, w, 1)
+
+
+def nf4_matmul_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_code=None,
+                        offset=None, *, blocksize: int, nested_blocksize: int = 256,
+                        interpret: bool = False):
+    """Transposed (backward) product ``dy[M, N] @ W -> [M, K]`` (operands as in
+    `nf4_matmul_pallas`): `nf4_gemv_t_pallas` for M <= `GEMV_MAX_M`, else
+    dequantize + one dense matmul."""
+    kw = dict(blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret)
+    if dy.shape[0] <= GEMV_MAX_M:
+        return nf4_gemv_t_pallas(dy, packed, absmax, code, nested_absmax, nested_code,
+                                 offset, **kw)
+    w = nf4_dequantize_pallas(packed, absmax, code, nested_absmax, nested_code, offset,
+                              shape=(packed.shape[0], 2 * packed.shape[1]),
+                              dtype=dy.dtype, **kw)
+    return _dense_dot(dy, w, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -508,8 +756,7 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
         ``packed``, ``absmax``, ``nested_*``, ``code``; missing or unexpected
         nested operands; a bad ``blocksize``/``impl``; 'pallas' without a GPU
         backend and without ``interpret``; on the 'pallas' path
-        ``K % blocksize != 0`` or ``blocksize`` not a multiple of 32 (the kernel's
-        K tile is a power of two dividing ``blocksize``).
+        ``K % blocksize != 0`` or ``blocksize`` not a power of two >= 32.
     """
     mode = _resolve_impl(impl, interpret)
     x = jnp.asarray(x)
@@ -547,9 +794,9 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
             raise ValueError(
                 f"blocksize: the pallas path needs K % blocksize == 0, got K = {k} "
                 f"(x.shape[-1]) and blocksize = {blocksize}; use impl='xla'")
-        if blocksize % 32:
+        if blocksize < 32 or blocksize & (blocksize - 1):
             raise ValueError(
-                f"blocksize must be a multiple of 32 on the pallas path, got {blocksize}")
+                f"blocksize must be a power of two >= 32 on the pallas path, got {blocksize}")
     nblocks = -(-n * k // blocksize)
 
     absmax = jnp.asarray(absmax)

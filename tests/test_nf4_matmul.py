@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from pallas_kernels.nf4_matmul import (
+    nf4_dequantize_pallas,
     nf4_dequantize_reference,
+    nf4_gemv_pallas,
+    nf4_gemv_t_pallas,
     nf4_matmul,
     nf4_matmul_pallas,
     nf4_matmul_reference,
-    nf4_matmul_t_pallas,
 )
 
 # The module itself, for its private helpers.
@@ -184,24 +186,49 @@ def test_grad_x_matches_oracle(case, impl):
                    TOL[dtype], impl)
 
 
+# (N, K, blocksize, M, block_n, block_k, splits, mma, x dtype): ragged N, K tiles
+# spanning 1 or 2 quantization blocks or inside one, splits that leave the last
+# split partly past K (or N), M = 1 on the CUDA cores and M = 3 either way.
+GEMV_TILES = [
+    (50, 256, 64, 1, 16, 128, 2, None, jnp.float32),
+    (50, 320, 64, 3, 16, 64, 2, True, jnp.float32),
+    (50, 256, 64, 3, 16, 32, None, False, jnp.float32),
+    (33, 512, 128, 17, 16, 256, 2, None, jnp.float32),
+    (40, 512, 256, 1, 16, 128, 4, None, jnp.bfloat16),
+    (40, 192, 64, 16, 32, 64, 2, None, jnp.bfloat16),
+]
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_small_tiles_many_programs(double_quant):
-    """Forced 16x16x32 tiles: a 3x4 (forward) / 3x4 (backward) grid, ragged M and N,
-    two K tiles per absmax block, N loop of 4 steps in the transposed kernel."""
-    n, k, bs, m = 50, 128, 64, 33
+@pytest.mark.parametrize("tiles", GEMV_TILES, ids=lambda t: f"N{t[0]}-K{t[1]}-M{t[3]}")
+def test_gemv_tiles_and_splits(tiles, double_quant):
+    """Forced small tiles: many programs, ragged N, split-K / split-N partial sums."""
+    n, k, bs, m, bn, bk, splits, mma, dtype = tiles
     w = make_weight(4, n, k, bs, double_quant, nested_blocksize=8)
-    x, x64 = make_x(5, (m, k), jnp.float32)
     args = (w["packed"], w["absmax"], jnp.asarray(nf4_module.NF4_CODE))
     if double_quant:
         args += (w["nested_absmax"], w["nested_code"], jnp.float32(w["offset"]))
-    tiles = dict(block_m=16, block_n=16, block_k=32, interpret=INTERPRET,
-                 blocksize=bs, nested_blocksize=8)
+    kw = dict(blocksize=bs, nested_blocksize=8, interpret=INTERPRET, block_n=bn,
+              block_k=bk, splits=splits, mma=mma)
     w64 = oracle_weight(w, n, k)
-    y = nf4_matmul_pallas(x, *args, **tiles)
-    assert_matches(y, x64, w64.T, 1e-5, "forward")
-    dy, dy64 = make_x(6, (m, n), jnp.float32)
-    dx = nf4_matmul_t_pallas(dy, *args, **tiles)
-    assert_matches(dx, dy64, w64, 1e-5, "transposed")
+    x, x64 = make_x(5, (m, k), dtype)
+    assert_matches(nf4_gemv_pallas(x, *args, **kw), x64, w64.T, TOL[dtype], "gemv")
+    dy, dy64 = make_x(6, (m, n), dtype)
+    assert_matches(nf4_gemv_t_pallas(dy, *args, **kw), dy64, w64, TOL[dtype], "gemv_t")
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_kernel_ragged_rows(double_quant):
+    """The dequantize kernel with a row tile that leaves the last program half empty."""
+    n, k, bs = 50, 192, 64  # 150 blocks, 16-block tiles: 10 programs, the last ragged
+    w = make_weight(8, n, k, bs, double_quant, nested_blocksize=8)
+    args = (w["packed"], w["absmax"], jnp.asarray(nf4_module.NF4_CODE))
+    if double_quant:
+        args += (w["nested_absmax"], w["nested_code"], jnp.float32(w["offset"]))
+    got = nf4_dequantize_pallas(*args, shape=(n, k), dtype=jnp.float32, blocksize=bs,
+                                nested_blocksize=8, interpret=INTERPRET, block_rows=16)
+    np.testing.assert_allclose(np.asarray(got, np.float64), oracle_weight(w, n, k),
+                               rtol=1e-6, atol=0)
 
 
 def test_pallas_under_jit_and_in_batch_of_ones():
@@ -350,7 +377,7 @@ def test_errors():
     y = call(jnp.ones((2, 96)), w96["packed"].reshape(n, 48), w96["absmax"], impl="xla")
     assert y.shape == (2, n)
     with pytest.raises(ValueError, match="blocksize"):
-        call(x, p, a, na, nc, off, blocksize=48)  # not a multiple of 32 (pallas)
+        call(x, p, a, na, nc, off, blocksize=48)  # not a power of two (pallas)
     with pytest.raises(ValueError, match="blocksize"):
         call(x, p, a, na, nc, off, blocksize=63)
     with pytest.raises(ValueError, match="packed"):
