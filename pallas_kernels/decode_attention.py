@@ -146,8 +146,12 @@ def decode_attention_kernel(q_ref, k_ref, v_ref, lengths_ref, starts_ref, *refs,
 
 
 def default_block_k(seq_len: int, head_dim: int) -> int:
-    """Keys per tile: 128 (64 for ``head_dim > 128``), at most ``max(16, next_pow2(S))``."""
-    return min(128 if head_dim <= 128 else 64, max(16, pl.next_power_of_2(seq_len)))
+    """Keys per tile: 128 for ``head_dim <= 64``, else 64, at most ``max(16, next_pow2(S))``.
+
+    A bf16 K+V tile pair is then 32 KiB for ``D = 128``: with 2 pipeline stages, 64 KiB of
+    shared memory per program, so a few programs share an SM and keep HBM busy.
+    """
+    return min(128 if head_dim <= 64 else 64, max(16, pl.next_power_of_2(seq_len)))
 
 
 def default_num_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) -> int:
