@@ -26,6 +26,10 @@ import numpy as np
 from flax import nnx
 
 from jaxqlora.config import ModelConfig
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.rms_norm import add_rms_norm, rms_norm
+from pallas_kernels.swiglu import swiglu
 
 # ---------------------------------------------------------------------------- RoPE
 
@@ -112,7 +116,8 @@ class RMSNorm(nnx.Module):
 
     As transformers' ``LlamaRMSNorm``, the normalised value is cast to the parameter dtype
     before the multiplication by ``weight`` (the output is in the parameter dtype; for a
-    float32 residual stream this feeds the bf16 matmuls).
+    float32 residual stream this feeds the bf16 matmuls). Runs `pallas_kernels.rms_norm`
+    (a Pallas kernel on GPU, the same math in jnp elsewhere).
     """
 
     def __init__(self, dim: int, eps: float, *, dtype: Any):
@@ -120,10 +125,14 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        w = self.weight[...]
-        return w * y.astype(w.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+    def add_and_norm(self, x: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``residual + x`` (in the residual's dtype) and its norm, fused on GPU.
+
+        Returns ``(norm(new_residual), new_residual)`` (`pallas_kernels.rms_norm.add_rms_norm`).
+        """
+        return add_rms_norm(x, residual, self.weight[...], self.eps)
 
 
 # --------------------------------------------------------------------- KV cache
@@ -165,8 +174,10 @@ class KVCache:
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE (and Qwen3's q/k RMSNorm).
 
-    Full-sequence and cached attention both go through ``jax.nn.dot_product_attention``
-    (cuDNN or XLA; softmax in float32) with an explicit boolean mask.
+    Full-sequence and cached attention go through ``jax.nn.dot_product_attention`` (cuDNN
+    or XLA; softmax in float32) with an explicit boolean mask, except one-token decoding
+    over a cache when the Pallas kernels are on (GPU): that runs the split-KV
+    `pallas_kernels.decode_attention` on the cache in place.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
@@ -200,13 +211,19 @@ class Attention(nnx.Module):
             kc = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
             vc = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (kc, vc)
+            if t == 1 and resolve_impl() == "pallas":
+                keys = mask[:, 0, 0, :]  # [B, S]: valid and causal
+                out = decode_attention(q[:, 0], kc, vc, jnp.broadcast_to(index + 1, (b,)),
+                                       jnp.argmax(keys, axis=-1), mask=keys,
+                                       scale=1.0 / math.sqrt(self.head_dim))
+                return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
             k, v = kc.astype(q.dtype), vc.astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim))
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+    """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` (`pallas_kernels.swiglu`)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
         h, f = cfg.hidden_size, cfg.intermediate_size
@@ -215,7 +232,7 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, h, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nnx.Module):
@@ -230,8 +247,8 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
         """x: the float32 residual stream ``[B, T, hidden]``; returns it updated (and the kv)."""
         a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
-        x = x + a.astype(x.dtype)
-        return x + self.mlp(self.post_attention_layernorm(x)).astype(x.dtype), kv
+        h, x = self.post_attention_layernorm.add_and_norm(a, x)  # x += a; h = norm(x)
+        return x + self.mlp(h).astype(x.dtype), kv
 
 
 class Decoder(nnx.Module):

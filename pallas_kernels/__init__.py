@@ -5,6 +5,16 @@ This package must not import ``jaxqlora``: it only depends on jax and numpy.
 * `nf4_matmul`: ``y = x @ W.T`` with ``W`` an NF4 (bitsandbytes 4-bit NormalFloat)
   weight, dequantized on the fly, with a custom VJP whose ``dx`` is a transposed
   NF4 kernel (see `pallas_kernels.nf4_matmul`).
+* `rms_norm`, `add_rms_norm`: RMSNorm and the residual add fused with it, forward and a
+  fused backward (``dx`` and float32 ``dweight`` partials) (`pallas_kernels.rms_norm`).
+* `swiglu`: ``silu(gate) * up`` with a fused backward that recomputes the sigmoid
+  (`pallas_kernels.swiglu`).
+* `decode_attention`: split-KV flash decoding of one query token over a KV cache, GQA,
+  per-sequence valid ranges (`pallas_kernels.decode_attention`).
+
+Every op takes ``impl`` ('auto', 'pallas', 'xla') and ``interpret``; `pallas_kernels.dispatch`
+resolves them (Pallas on GPU, the plain-jnp reference elsewhere, ``$JAXQLORA_KERNELS``
+overrides 'auto').
 
 Import functions from their modules (``from pallas_kernels.nf4_matmul import nf4_matmul``):
 the package re-exports nothing, so a module and its function never shadow each other.

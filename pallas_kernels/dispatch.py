@@ -1,0 +1,80 @@
+"""Choosing between a Pallas kernel and its plain-jnp reference, shared by the kernel modules.
+
+Every op in `pallas_kernels` takes ``impl`` ('auto'/None, 'pallas' or 'xla') and
+``interpret``; `resolve_impl` turns them into 'pallas' or 'xla' the same way for all of
+them (the rule `pallas_kernels.nf4_matmul` introduced):
+
+* 'pallas' / 'xla' force one path;
+* 'auto' (or None) honours ``$JAXQLORA_KERNELS`` ('pallas' or 'xla') when it is set,
+  otherwise picks 'pallas' when ``jax.default_backend() == 'gpu'`` or ``interpret=True``,
+  and 'xla' (the reference) elsewhere.
+
+`triton_compiler_params` hides the rename of the Triton compiler-params class between
+jax 0.10 (``TritonCompilerParams``, with ``CompilerParams`` as an alias in later
+releases) and jax 0.11 (``CompilerParams``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+try:  # The Triton-specific Pallas API (``plgpu`` in jax's own GPU ops).
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - very old / unusual jax builds.
+    plgpu = None
+
+__all__ = ["KERNELS_ENV", "resolve_impl", "require_pallas_backend", "triton_compiler_params",
+           "plgpu", "zero"]
+
+#: Environment variable that overrides ``impl=None``/``'auto'``: 'pallas' or 'xla'.
+KERNELS_ENV = "JAXQLORA_KERNELS"
+
+
+def resolve_impl(impl: str | None = "auto", interpret: bool = False) -> str:
+    """'pallas' or 'xla' from ``impl``, ``$JAXQLORA_KERNELS`` and the default backend.
+
+    Args:
+      impl: None or 'auto' (choose), 'pallas' or 'xla' (forced).
+      interpret: the caller runs Pallas in interpret mode (then 'auto' means 'pallas').
+
+    Raises:
+      ValueError: ``impl`` or ``$JAXQLORA_KERNELS`` is not one of the names above.
+    """
+    if impl in ("pallas", "xla"):
+        return impl
+    if impl not in (None, "auto"):
+        raise ValueError(f"impl must be None, 'auto', 'pallas' or 'xla', got {impl!r}")
+    env = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if env:
+        if env not in ("pallas", "xla"):
+            raise ValueError(f"${KERNELS_ENV} must be 'pallas' or 'xla', got {env!r}")
+        return env
+    if interpret or jax.default_backend() == "gpu":
+        return "pallas"
+    return "xla"
+
+
+def require_pallas_backend(op: str, interpret: bool) -> None:
+    """Raise ValueError unless a compiled Pallas-Triton call of ``op`` can run here.
+
+    The Triton backend needs ``jax.default_backend() == 'gpu'``; ``interpret=True`` runs
+    anywhere.
+    """
+    if not interpret and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"impl: the pallas path of {op} needs a GPU backend (or interpret=True); the "
+            f"default backend is {jax.default_backend()!r}, use impl='xla'")
+
+
+def triton_compiler_params(num_warps: int, num_stages: int):
+    """``plgpu.CompilerParams`` (jax >= 0.11) or ``plgpu.TritonCompilerParams`` (0.10)."""
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def zero(dtype) -> jax.Array:
+    """A 0-d zero of ``dtype``, for ``other=`` of masked loads (Triton wants matching types)."""
+    return jnp.zeros((), dtype)
