@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import jax
@@ -70,10 +69,14 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # The Triton-specific Pallas API (``plgpu`` in jax's own GPU ops).
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover - very old / unusual jax builds.
-    plgpu = None
+from pallas_kernels.dispatch import (
+    KERNELS_ENV,
+    plgpu,
+    require_pallas_backend,
+    resolve_impl,
+    triton_compiler_params as _compiler_params,
+    zero as _zero,
+)
 
 __all__ = [
     "NF4_CODE",
@@ -107,8 +110,6 @@ NF4_CODE = np.array(
 )
 NF4_CODE.setflags(write=False)
 
-#: Environment variable that overrides ``impl=None``/``'auto'``: 'pallas' or 'xla'.
-KERNELS_ENV = "JAXQLORA_KERNELS"
 
 _X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -116,11 +117,6 @@ _X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.floa
 # ---------------------------------------------------------------------------
 # Shared in-kernel helpers
 # ---------------------------------------------------------------------------
-
-
-def _zero(dtype) -> jax.Array:
-    """A 0-d zero of ``dtype``, for ``other=`` of masked loads (types must match)."""
-    return jnp.zeros((), dtype)
 
 
 def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
@@ -181,11 +177,6 @@ def _load_scales(absmax_ref, nested_refs, n0, kb, mask_n, *, block_n: int,
     values = plgpu.load(nested_code_ref.at[q.astype(jnp.int32)])
     scale = values * nested + offset_ref[...]
     return jnp.where(mask_n, scale, 0.0)
-
-
-def _compiler_params(num_warps: int, num_stages: int):
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return cls(num_warps=num_warps, num_stages=num_stages)
 
 
 def _nested_args(nested_absmax, nested_code, offset):
@@ -694,22 +685,6 @@ def _nf4_matmul_bwd(cfg, residuals, dy):
 _nf4_matmul_vjp.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)
 
 
-def _resolve_impl(impl: str | None, interpret: bool) -> str:
-    """'pallas' or 'xla' from ``impl``, ``$JAXQLORA_KERNELS`` and the backend."""
-    if impl in ("pallas", "xla"):
-        return impl
-    if impl not in (None, "auto"):
-        raise ValueError(f"impl must be None, 'auto', 'pallas' or 'xla', got {impl!r}")
-    env = os.environ.get(KERNELS_ENV, "").strip().lower()
-    if env:
-        if env not in ("pallas", "xla"):
-            raise ValueError(f"${KERNELS_ENV} must be 'pallas' or 'xla', got {env!r}")
-        return env
-    if interpret or jax.default_backend() == "gpu":
-        return "pallas"
-    return "xla"
-
-
 def _as_f32(name: str, a, shape_hint: str) -> jax.Array:
     a = jnp.asarray(a)
     if not jnp.issubdtype(a.dtype, jnp.floating):
@@ -758,7 +733,7 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
         backend and without ``interpret``; on the 'pallas' path
         ``K % blocksize != 0`` or ``blocksize`` not a power of two >= 32.
     """
-    mode = _resolve_impl(impl, interpret)
+    mode = resolve_impl(impl, interpret)
     x = jnp.asarray(x)
     if jnp.dtype(x.dtype) not in _X_DTYPES:
         raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
@@ -786,10 +761,7 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
             + f", got shape {packed.shape}")
 
     if mode == "pallas":
-        if not interpret and jax.default_backend() != "gpu":
-            raise ValueError(
-                f"impl: the pallas path needs a GPU backend (or interpret=True); the "
-                f"default backend is {jax.default_backend()!r}, use impl='xla'")
+        require_pallas_backend("nf4_matmul", interpret)
         if k % blocksize:
             raise ValueError(
                 f"blocksize: the pallas path needs K % blocksize == 0, got K = {k} "

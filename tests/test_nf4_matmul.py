@@ -330,7 +330,7 @@ def test_reference_dequantize_matches_2d_layout():
 
 
 def test_impl_resolution(monkeypatch):
-    resolve = nf4_module._resolve_impl
+    resolve = nf4_module.resolve_impl
     monkeypatch.delenv(nf4_module.KERNELS_ENV, raising=False)
     assert resolve(None, False) == ("pallas" if ON_GPU else "xla")
     assert resolve("auto", True) == "pallas"
