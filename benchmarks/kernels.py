@@ -1,0 +1,311 @@
+"""Benchmark suite of the Pallas kernels in `pallas_kernels` on one GPU.
+
+Prints one table: kernel, shape, implementation, median time, achieved GB/s and
+TFLOP/s, percent of the two ceilings measured in the same run (a 512 MB bf16
+device-to-device copy; an 8192^3 bf16 matmul), and the ratio to the XLA
+reference and to bitsandbytes (``bitsandbytes.matmul_4bit`` on a weight of the
+same shape, CUDA events) when bitsandbytes is importable with CUDA.
+
+Shapes (issue 4): NF4 (blocksize 64, double quantization) W [N, K] = 4096x11008,
+11008x4096 and 4096x4096 with M = 1, 16, 512, 4096 (forward) and M = 1, 16,
+4096 (transposed, ``dy @ W``); RMSNorm 16384x4096 (forward, backward, fused
+residual add); SwiGLU 16384x11008 (forward, backward); GQA decode with 32 query /
+8 KV heads, head_dim 128, context 4k and 32k, batch 1 and 8.
+
+Timing: every kernel runs on ``R`` distinct input sets inside ONE jitted call
+(``R`` back-to-back kernels; distinct weights so that nothing is served from the
+50 MB L2 and XLA can neither hoist nor batch the reference), calls are queued,
+then one ``block_until_ready``; the median over rounds divided by ``R``. Before
+timing, each Pallas kernel is compared with its XLA reference on the same random
+inputs (relative error in norm, printed as ``err``).
+
+Usage (GPU, repository root)::
+
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 python benchmarks/kernels.py [--only nf4,norm,swiglu,decode]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.decode_attention import decode_attention  # noqa: E402
+from pallas_kernels.nf4_matmul import (  # noqa: E402
+    NF4_CODE,
+    nf4_dequantize_reference,
+    nf4_matmul,
+    nf4_matmul_t_pallas,
+)
+from pallas_kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from pallas_kernels.swiglu import swiglu  # noqa: E402
+
+BLOCKSIZE, NESTED = 64, 256
+ROWS: list[dict] = []
+
+
+def bench_sets(fn, sets, *, calls: int, rounds: int) -> tuple[float, object]:
+    """Median seconds per kernel of ``fn`` over the distinct argument tuples ``sets``."""
+    f = jax.jit(lambda s: [fn(*a) for a in s])
+    out = jax.block_until_ready(f(sets))
+    for _ in range(2):
+        jax.block_until_ready(f(sets))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            r = f(sets)
+        jax.block_until_ready(r)
+        times.append((time.perf_counter() - t0) / calls / len(sets))
+    return statistics.median(times), out[0]
+
+
+def rel_err(a, b) -> float:
+    a, b = (jnp.asarray(t, jnp.float32) for t in (a, b))
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def record(kernel, shape, impl, t, *, nbytes=0, flops=0, err=None, xla=None, bnb=None):
+    ROWS.append(dict(kernel=kernel, shape=shape, impl=impl, t=t, nbytes=nbytes, flops=flops,
+                     err=err, xla=xla, bnb=bnb))
+
+
+def random_nf4(key, n, k):
+    kp, ka, kn, kc = jax.random.split(key, 4)
+    nblocks = n * k // BLOCKSIZE
+    packed = jax.random.randint(kp, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+    absmax = jax.random.randint(ka, (n, k // BLOCKSIZE), 0, 256, jnp.int32).astype(jnp.uint8)
+    nested = jax.random.uniform(kn, (-(-nblocks // NESTED),), jnp.float32, 0.01, 0.05)
+    ncode = jnp.sort(jax.random.uniform(kc, (256,), jnp.float32, -1.0, 1.0))
+    return packed, absmax, nested, ncode, jnp.float32(0.08)
+
+
+def nbytes(*arrays) -> int:
+    return sum(a.size * a.dtype.itemsize for a in arrays)
+
+
+# --------------------------------------------------------------------------- bnb
+
+
+def bnb_time(n, k, m, *, rounds, reps):
+    """Seconds per ``bitsandbytes.matmul_4bit`` (x bf16 [m, k], NF4 W [n, k], double quant)."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+        if not torch.cuda.is_available():
+            return None
+    except Exception:  # noqa: BLE001 - optional baseline
+        return None
+    torch.manual_seed(0)
+    ws = []
+    for _ in range(reps):
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+        q, st = bnb.functional.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4",
+                                             compress_statistics=True)
+        ws.append((q, st))
+    xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in range(reps)]
+    for _ in range(3):
+        for x, (q, st) in zip(xs, ws):
+            bnb.matmul_4bit(x, q.t(), quant_state=st)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for x, (q, st) in zip(xs, ws):
+            bnb.matmul_4bit(x, q.t(), quant_state=st)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / reps)
+    del ws, xs
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- suites
+
+
+def suite_nf4(key, calls, rounds, use_bnb):
+    code = jnp.asarray(NF4_CODE)
+    for n, k in ((4096, 11008), (11008, 4096), (4096, 4096)):
+        for m in (1, 16, 512, 4096):
+            reps = 8 if m <= 16 else 2
+            sets, wsets = [], []
+            for r in range(reps):
+                kk = jax.random.fold_in(key, 1000 * n + 10 * m + r)
+                w = random_nf4(kk, n, k)
+                x = jax.random.normal(jax.random.fold_in(kk, 1), (m, k), jnp.bfloat16)
+                sets.append((x, *w))
+                wsets.append(w)
+            shape = f"W{n}x{k} M={m}"
+            fp = lambda x, *w: nf4_matmul(x, *w, blocksize=BLOCKSIZE, impl="pallas")
+            fx = lambda x, *w: nf4_matmul(x, *w, blocksize=BLOCKSIZE, impl="xla")
+            t_p, y_p = bench_sets(fp, sets, calls=calls, rounds=rounds)
+            t_x, y_x = bench_sets(fx, sets, calls=calls, rounds=rounds)
+            dense_sets = [(s[0], nf4_dequantize_reference(*s[1:], shape=(n, k),
+                                                          blocksize=BLOCKSIZE)
+                           .astype(jnp.bfloat16)) for s in sets]
+            t_d, y_d = bench_sets(lambda x, W: x @ W.T, dense_sets, calls=calls, rounds=rounds)
+            del dense_sets
+            t_b = bnb_time(n, k, m, rounds=rounds, reps=reps) if use_bnb else None
+            b = nbytes(*sets[0][1:]) + 2 * m * (k + n)
+            f = 2 * m * n * k
+            record("nf4 fwd", shape, "pallas", t_p, nbytes=b, flops=f, err=rel_err(y_p, y_d),
+                   xla=t_x, bnb=t_b)
+            record("nf4 fwd", shape, "xla dequant+dot", t_x, nbytes=b, flops=f, xla=t_x, bnb=t_b)
+            record("nf4 fwd", shape, "bf16 dense (no NF4)", t_d, nbytes=2 * n * k + 2 * m * (n + k),
+                   flops=f, xla=t_x, bnb=t_b)
+            if t_b is not None:
+                record("nf4 fwd", shape, "bitsandbytes", t_b, nbytes=b, flops=f, xla=t_x, bnb=t_b)
+            if m in (1, 16, 4096):
+                tsets = [(jax.random.normal(jax.random.fold_in(key, 7 + r), (m, n), jnp.bfloat16),
+                          *wsets[r]) for r in range(reps)]
+                ftp = lambda dy, p, a, na, nc, off: nf4_matmul_t_pallas(
+                    dy, p, a, code, na, nc, off, blocksize=BLOCKSIZE)
+                ftx = lambda dy, *w: dy @ nf4_dequantize_reference(
+                    *w, shape=(n, k), blocksize=BLOCKSIZE).astype(jnp.bfloat16)
+                t_tp, d_p = bench_sets(ftp, tsets, calls=calls, rounds=rounds)
+                t_tx, d_x = bench_sets(ftx, tsets, calls=calls, rounds=rounds)
+                record("nf4 dx=dy@W", shape, "pallas", t_tp, nbytes=b, flops=f,
+                       err=rel_err(d_p, d_x), xla=t_tx)
+                record("nf4 dx=dy@W", shape, "xla dequant+dot", t_tx, nbytes=b, flops=f, xla=t_tx)
+            print(f"# done {shape}", flush=True)
+
+
+def suite_norm(key, calls, rounds):
+    m, h = 16384, 4096
+    reps = 4
+    sets = [(jax.random.normal(jax.random.fold_in(key, r), (m, h), jnp.bfloat16),
+             (1.0 + 0.1 * jax.random.normal(jax.random.fold_in(key, 50 + r), (h,))).astype(jnp.bfloat16),
+             jax.random.normal(jax.random.fold_in(key, 100 + r), (m, h), jnp.bfloat16))
+            for r in range(reps)]
+    shape = f"{m}x{h} bf16"
+    for impl in ("pallas", "xla"):
+        fwd = lambda x, w, dy: rms_norm(x, w, 1e-5, impl=impl)
+        grad = lambda x, w, dy: jax.vjp(lambda a, b: rms_norm(a, b, 1e-5, impl=impl), x, w)[1](dy)
+        t_f, y = bench_sets(fwd, sets, calls=calls, rounds=rounds)
+        t_g, g = bench_sets(grad, sets, calls=calls, rounds=rounds)
+        if impl == "pallas":
+            yp, gp, tfp, tgp = y, g, t_f, t_g
+            continue
+        record("rmsnorm fwd", shape, "pallas", tfp, nbytes=2 * 2 * m * h, err=rel_err(yp, y), xla=t_f)
+        record("rmsnorm fwd", shape, "xla", t_f, nbytes=2 * 2 * m * h, xla=t_f)
+        record("rmsnorm fwd+bwd", shape, "pallas", tgp, nbytes=5 * 2 * m * h,
+               err=rel_err(gp[0], g[0]), xla=t_g)
+        record("rmsnorm fwd+bwd", shape, "xla", t_g, nbytes=5 * 2 * m * h, xla=t_g)
+    rsets = [(x, w, dy.astype(jnp.float32)) for x, w, dy in sets]
+    for impl in ("pallas", "xla"):
+        f = lambda x, w, res: add_rms_norm(x, res, w, 1e-5, impl=impl)
+        t, y = bench_sets(f, rsets, calls=calls, rounds=rounds)
+        if impl == "pallas":
+            yp, tp = y, t
+            continue
+        record("add+rmsnorm fwd", shape + " res f32", "pallas", tp, nbytes=12 * m * h,
+               err=rel_err(yp[0], y[0]), xla=t)
+        record("add+rmsnorm fwd", shape + " res f32", "xla", t, nbytes=12 * m * h, xla=t)
+
+
+def suite_swiglu(key, calls, rounds):
+    r_, c = 16384, 11008
+    reps = 2
+    sets = [tuple(jax.random.normal(jax.random.fold_in(key, 10 * r + i), (r_, c), jnp.bfloat16)
+                  for i in range(3)) for r in range(reps)]
+    shape = f"{r_}x{c} bf16"
+    res = {}
+    for impl in ("pallas", "xla"):
+        fwd = lambda g, u, d: swiglu(g, u, impl=impl)
+        grad = lambda g, u, d: jax.vjp(lambda a, b: swiglu(a, b, impl=impl), g, u)[1](d)
+        res[impl] = (*bench_sets(fwd, sets, calls=calls, rounds=rounds),
+                     *bench_sets(grad, sets, calls=calls, rounds=rounds))
+    tfp, yp, tgp, gp = res["pallas"]
+    tfx, yx, tgx, gx = res["xla"]
+    n = r_ * c
+    record("swiglu fwd", shape, "pallas", tfp, nbytes=6 * n, err=rel_err(yp, yx), xla=tfx)
+    record("swiglu fwd", shape, "xla", tfx, nbytes=6 * n, xla=tfx)
+    record("swiglu bwd", shape, "pallas", tgp, nbytes=10 * n, err=rel_err(gp[0], gx[0]), xla=tgx)
+    record("swiglu bwd", shape, "xla", tgx, nbytes=10 * n, xla=tgx)
+
+
+def suite_decode(key, calls, rounds):
+    hq, hkv, d = 32, 8, 128
+    for s in (4096, 32768):
+        for b in (1, 8):
+            kv_bytes = 2 * b * s * hkv * d * 2
+            reps = int(min(8, max(2, 512e6 // kv_bytes)))
+            sets = []
+            for r in range(reps):
+                kk = jax.random.fold_in(key, 100 * s + 10 * b + r)
+                q = jax.random.normal(kk, (b, hq, d), jnp.bfloat16)
+                k = jax.random.normal(jax.random.fold_in(kk, 1), (b, s, hkv, d), jnp.bfloat16)
+                v = jax.random.normal(jax.random.fold_in(kk, 2), (b, s, hkv, d), jnp.bfloat16)
+                lengths = jnp.full((b,), s, jnp.int32) - jnp.arange(b, dtype=jnp.int32) * 7
+                sets.append((q, k, v, lengths))
+            shape = f"B{b} ctx{s} {hq}q/{hkv}kv d{d}"
+            tp, op = bench_sets(lambda q, k, v, ln: decode_attention(q, k, v, ln, impl="pallas"),
+                                sets, calls=calls, rounds=rounds)
+            tx, ox = bench_sets(lambda q, k, v, ln: decode_attention(q, k, v, ln, impl="xla"),
+                                sets, calls=calls, rounds=rounds)
+            record("gqa decode", shape, "pallas", tp, nbytes=kv_bytes, err=rel_err(op, ox), xla=tx)
+            record("gqa decode", shape, "xla", tx, nbytes=kv_bytes, xla=tx)
+            del sets
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="nf4,norm,swiglu,decode")
+    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-bnb", action="store_true")
+    a = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    print(f"# pallas_kernels benchmark {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# device: {dev.device_kind}, jax {jax.__version__}, backend {jax.default_backend()}")
+    key = jax.random.PRNGKey(0)
+    big = jax.random.normal(key, (256 * 1024 * 1024,), jnp.bfloat16)
+    t_copy, _ = bench_sets(lambda a: a * 2, [(big,), (big * 3,)], calls=a.calls, rounds=a.rounds)
+    copy_bw = 2 * big.nbytes / t_copy
+    del big
+    mm = [(jax.random.normal(jax.random.fold_in(key, i), (8192, 8192), jnp.bfloat16),) * 2
+          for i in range(2)]
+    t_mm, _ = bench_sets(lambda x, y: x @ y, mm, calls=a.calls, rounds=a.rounds)
+    mm_rate = 2 * 8192**3 / t_mm
+    del mm
+    print(f"# ceilings: copy {copy_bw / 1e9:.0f} GB/s (512 MB bf16, read+write, {t_copy * 1e6:.0f} us); "
+          f"bf16 matmul 8192^3 {mm_rate / 1e12:.0f} TFLOP/s ({t_mm * 1e6:.0f} us)", flush=True)
+    only = set(a.only.split(","))
+    if "nf4" in only:
+        suite_nf4(key, a.calls, a.rounds, not a.no_bnb)
+    if "norm" in only:
+        suite_norm(key, a.calls, a.rounds)
+    if "swiglu" in only:
+        suite_swiglu(key, a.calls, a.rounds)
+    if "decode" in only:
+        suite_decode(key, a.calls, a.rounds)
+    print("\n| kernel | shape | impl | time us | GB/s | TFLOP/s | % copy | % matmul | "
+          "x faster than XLA | x faster than bnb | err vs XLA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in ROWS:
+        gbs = r["nbytes"] / r["t"] / 1e9 if r["nbytes"] else None
+        tfs = r["flops"] / r["t"] / 1e12 if r["flops"] else None
+        cells = [r["kernel"], r["shape"], r["impl"], f"{r['t'] * 1e6:.1f}",
+                 f"{gbs:.0f}" if gbs else "", f"{tfs:.1f}" if tfs else "",
+                 f"{100 * gbs * 1e9 / copy_bw:.0f}" if gbs else "",
+                 f"{100 * tfs * 1e12 / mm_rate:.0f}" if tfs else "",
+                 f"{r['xla'] / r['t']:.2f}" if r["xla"] else "",
+                 f"{r['bnb'] / r['t']:.2f}" if r["bnb"] else "",
+                 f"{r['err']:.1e}" if r["err"] is not None else ""]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
