@@ -275,7 +275,8 @@ def nf4_gemv_kernel(xe_ref, xo_ref, packed_ref, absmax_ref, *refs, n_luts: int,
     ``o[s, :M, rows]``. The packed bytes are never interleaved: the high nibbles
     (even K) multiply ``xe = x[:, 0::2]`` and the low nibbles ``xo = x[:, 1::2]``.
     The block scales multiply per-block partial sums, not elements.
-    ``block_m == 1`` works on the CUDA cores (multiply, row sums); otherwise two
+    ``block_m == 1`` works on the CUDA cores (an elementwise float32 accumulator,
+    one row sum at the end); otherwise two
     MMAs per K tile with the rows past M masked.
     """
     lut_refs, refs = refs[:n_luts], refs[n_luts:]
@@ -311,12 +312,12 @@ def nf4_gemv_kernel(xe_ref, xo_ref, packed_ref, absmax_ref, *refs, n_luts: int,
                         other=_zero(xe_ref.dtype))
         xo = plgpu.load(xo_ref.at[pl.ds(0, block_m), pl.ds(k0 // 2, half)], mask=xmask,
                         other=_zero(xo_ref.dtype))
-        if block_m == 1:
+        if block_m == 1:  # elementwise accumulator, one row sum at the end
             prod = hi * xe.astype(jnp.float32) + lo * xo.astype(jnp.float32)
             if nkb == 1:
-                return acc + (jnp.sum(prod, axis=1) * scale)[None, :]
-            part = jnp.sum(prod.reshape(block_n, nkb, blocksize // 2), axis=2)
-            return acc + jnp.sum(part * scale, axis=1)[None, :]
+                return acc + prod * scale[:, None]
+            s = jnp.broadcast_to(scale[:, :, None], (block_n, nkb, blocksize // 2))
+            return acc + prod * s.reshape(block_n, half)
         dt = xe_ref.dtype
         if nkb == 1:
             return acc + (_dot(xe, hi.astype(dt), 1) + _dot(xo, lo.astype(dt), 1)) * scale[None, :]
@@ -325,7 +326,11 @@ def nf4_gemv_kernel(xe_ref, xo_ref, packed_ref, absmax_ref, *refs, n_luts: int,
         lo = (lo.reshape(block_n, nkb, blocksize // 2) * s3).reshape(block_n, half)
         return acc + _dot(xe, hi.astype(dt), 1) + _dot(xo, lo.astype(dt), 1)
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
+    if block_m == 1:
+        acc = lax.fori_loop(0, steps, body, jnp.zeros((block_n, half), jnp.float32))
+        acc = jnp.sum(acc, axis=1)[None, :]
+    else:
+        acc = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
     plgpu.store(o_ref.at[split, pl.ds(0, block_m), pl.ds(n0, block_n)],
                 acc.astype(o_ref.dtype), mask=mask_m[:, None] & mask_n[None, :])
 
