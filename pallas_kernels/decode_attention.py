@@ -43,7 +43,7 @@ Kernel structure (Pallas, Triton backend; also runs with ``interpret=True``):
   FlashAttention; float32 operands use IEEE float32 MMAs.
 
 Speed target (H200, bf16, B=1, Hkv=8, D=128, 32k keys): about 40 us, i.e. the 128 MiB
-of K/V at HBM bandwidth; the default split count gives ``B*Hkv*num_splits`` of about 264
+of K/V at HBM bandwidth; the default split count gives ``B*Hkv*num_splits`` of about 528
 programs (two per SM of a 132-SM H100/H200).
 """
 
@@ -72,8 +72,9 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 
 #: Score of a masked key (finite, so that exp(m_prev - m_new) never sees inf - inf).
 _NEG = -1e30
-#: Programs the default split count aims for: two per SM of a 132-SM H100/H200.
-_TARGET_PROGRAMS = 264
+#: Programs the default split count aims for: four per SM of a 132-SM H100/H200 (the
+#: best of 33..264 splits at 32k context, B = 1, 8 KV heads in benchmarks/nf4_tune.py).
+_TARGET_PROGRAMS = 528
 
 
 def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
@@ -155,7 +156,7 @@ def default_block_k(seq_len: int, head_dim: int) -> int:
 
 
 def default_num_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) -> int:
-    """Splits so that ``batch * kv_heads * splits`` is about 264 programs (two per SM of
+    """Splits so that ``batch * kv_heads * splits`` is about 528 programs (four per SM of
     a 132-SM H100/H200), at most one tile per split of a full cache, at least 1."""
     want = pl.cdiv(_TARGET_PROGRAMS, batch * kv_heads)
     return max(1, min(pl.cdiv(seq_len, block_k), want))
@@ -242,7 +243,7 @@ def decode_attention(q, k, v, lengths, starts=None, *, mask=None, scale: float |
       block_k: keys per tile on the Pallas path (a power of two >= 16), default
         `default_block_k`.
       num_splits: KV chunks per sequence and KV head on the Pallas path, default
-        `default_num_splits` (about 264 programs in all).
+        `default_num_splits` (about 528 programs in all).
       impl: None/'auto' -> the Pallas kernel when ``jax.default_backend() == 'gpu'`` (or
         ``interpret=True``), else `decode_attention_reference`; ``$JAXQLORA_KERNELS``
         ('pallas'/'xla') overrides auto; 'pallas'/'xla' force one path.

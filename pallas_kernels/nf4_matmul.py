@@ -409,7 +409,7 @@ def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=Non
                     offset=None, *, blocksize: int, nested_blocksize: int = 256,
                     interpret: bool = False, block_n: int | None = None,
                     block_k: int | None = None, splits: int | None = None,
-                    num_warps: int = 4, num_stages: int = 3, mma: bool | None = None):
+                    num_warps: int = 4, num_stages: int = 2, mma: bool | None = None):
     """Split-K GEMV: ``x[M, K] @ W.T -> [M, N]`` for small M (decode, M <= 16).
 
     Grid ``(cdiv(N, block_n), splits)``: each program streams the packed bytes of
@@ -423,10 +423,13 @@ def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=Non
     """
     m, k = x.shape
     n = packed.shape[0]
-    block_n = block_n or 32
-    block_k = block_k or _pow2_divisor(k, 256)
+    # Defaults from benchmarks/nf4_tune.py on an H200 (W 4096x11008): M = 1 best with
+    # 64-row tiles of 128 K and 16 splits; M = 2..16 with 32 x 256 tiles and 4 splits.
+    block_n = block_n or (64 if m == 1 else 32)
+    block_k = block_k or _pow2_divisor(k, 128 if m == 1 else 256)
     tiles = k // block_k
-    splits = min(splits or max(1, min(tiles, 512 // pl.cdiv(n, block_n))), tiles)
+    want = 16 if m == 1 else 4
+    splits = min(splits or max(1, min(want, 1024 // pl.cdiv(n, block_n))), tiles)
     steps = pl.cdiv(tiles, splits)
     splits = pl.cdiv(tiles, steps)
     mma = m > 1 if mma is None else mma

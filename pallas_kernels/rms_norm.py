@@ -70,15 +70,18 @@ __all__ = ["rms_norm", "add_rms_norm", "rms_norm_reference", "add_rms_norm_refer
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 #: Elements of one program's tile (float32 in registers); wider rows get one row each.
-_TILE = 4096
+#: From benchmarks/nf4_tune.py on an H200 (16384 x 4096 bf16): 8192 is fastest for the
+#: forward, 4096 for the backward (which holds more live tensors per element).
+_TILE = 8192
+_BWD_TILE = 4096
 #: About how many backward programs to launch (a few per SM of an H100/H200).
 _BWD_PROGRAMS = 512
 
 
-def _tiles(m: int, h: int) -> tuple[int, int, int]:
+def _tiles(m: int, h: int, tile: int | None = None) -> tuple[int, int, int]:
     """``(block_m, block_h, num_warps)`` for ``M`` rows of ``H`` elements."""
     block_h = pl.next_power_of_2(h)
-    block_m = max(1, min(pl.next_power_of_2(m), _TILE // block_h))
+    block_m = max(1, min(pl.next_power_of_2(m), (tile or _TILE) // block_h))
     num_warps = min(max(block_m * block_h // 512, 1), 8)
     return block_m, block_h, num_warps
 
@@ -215,7 +218,7 @@ def rms_norm_backward_pallas(x, weight, rstd, dout, dh=None, *, dx_dtypes: tuple
     sum of the per-program partials.
     """
     m, h = x.shape
-    block_m, block_h, num_warps = _tiles(m, h)
+    block_m, block_h, num_warps = _tiles(m, h, _BWD_TILE)
     n_tiles = pl.cdiv(m, block_m)
     steps = pl.cdiv(n_tiles, _BWD_PROGRAMS)
     programs = pl.cdiv(n_tiles, steps)
