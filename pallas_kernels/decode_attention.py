@@ -44,7 +44,7 @@ Kernel structure (Pallas, Triton backend; also runs with ``interpret=True``):
 
 Speed target (H200, bf16, B=1, Hkv=8, D=128, 32k keys): about 40 us, i.e. the 128 MiB
 of K/V at HBM bandwidth; the default split count gives ``B*Hkv*num_splits`` of about 528
-programs (two per SM of a 132-SM H100/H200).
+programs (four per SM of a 132-SM H100/H200).
 """
 
 from __future__ import annotations
