@@ -147,7 +147,7 @@ def evaluate(eval_batch, enc: D.Encoded, cfg: FinetuneConfig, pad_id: int, task:
     """
     sums: dict[str, float] = {}
     for b in D.batches(enc, cfg.eval_batch_size, _buckets(cfg), pad_id=pad_id, group_by_length=True):
-        for k, v in eval_batch({k: jnp.asarray(v) for k, v in b.items()}).items():
+        for k, v in eval_batch(jax.device_put(b)).items():
             sums[k] = sums.get(k, 0.0) + float(v)
     accuracy = sums.get("correct", 0.0) / max(sums.get("total", 0.0), 1)
     if task == "classification":
@@ -240,7 +240,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     log(f"precompiled {len(trainer.executables)} steps in {compile_s:.1f} s")
     if cfg.precompile_only:
-        return {"precompiled": {str(k): s for k, s in trainer.executables.seconds.items()},
+        return {"precompiled": {str(k): t._asdict() for k, t in trainer.executables.seconds.items()},
                 "compile_seconds": compile_s, "seconds": time.perf_counter() - t_start}
 
     from jaxqlora.io import load_pretrained
@@ -277,7 +277,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     pending = None
     while step < total:
         for batch in _train_batches(enc["train"], cfg, pad_id, epoch, pos):
-            m = trainer.step({k: jnp.asarray(v) for k, v in batch.items()})
+            m = trainer.step(jax.device_put(batch))  # a transfer; jnp.asarray would compile per shape
             step, pos = step + 1, pos + 1
             tokens += int(batch["attention_mask"].sum())
             bar.update(1)

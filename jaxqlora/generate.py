@@ -323,7 +323,7 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
                                 eos_ids, pad_id)
 
     first, cache, key = _call(executables, _prefill_key(b, prompt_len, max_new_tokens, sampling, graphdef), jobs,
-                              _prefill, (state, jnp.asarray(ids), jnp.asarray(mask), seed),
+                              _prefill, (state, *jax.device_put((ids, mask)), seed),
                               dict(max_len=max_len, sampling=sampling), graphdef)
     out, n = _call(executables, _decode_key(b, max_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef), jobs,
                    _decode_loop, (state, first, cache, key),
@@ -361,7 +361,7 @@ def stream(model: CausalLM, tokenizer, prompt, max_new_tokens: int = 128, temper
                                 (), _pad_id(tokenizer), loop=False, step=True)
 
     token, cache, key = _call(executables, _prefill_key(1, prompt_len, max_new_tokens, sampling, graphdef), jobs,
-                              _prefill, (state, jnp.asarray(ids), jnp.asarray(mask), seed),
+                              _prefill, (state, *jax.device_put((ids, mask)), seed),
                               dict(max_len=max_len, sampling=sampling), graphdef)
     step_key = _step_key(1, max_len, sampling, graphdef)
     eos = tokenizer.eos_token_ids
