@@ -250,9 +250,9 @@ def _run_layer(layer, x, cos, sin, mask, kv, index):
     return layer(x, cos, sin, mask, kv, index)
 
 
-MATMUL_NAMES = ("q_proj", "k_proj", "v_proj", "attention", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""``checkpoint_name``s of a decoder layer's matmul outputs (the seven projections and the
-attention output), for `remat_policy`."""
+MATMUL_NAMES = ("q_proj", "k_proj", "v_proj", "attention", "o_proj", "gate_proj", "up_proj", "down_proj", "lora_a")
+"""``checkpoint_name``s of a decoder layer's matmul outputs (the seven projections, the
+attention output, and LoRA's rank-r intermediate ``x @ lora_A.T``), for `remat_policy`."""
 
 
 def remat_policy(remat) -> Any:
@@ -263,8 +263,9 @@ def remat_policy(remat) -> Any:
         ``True`` / ``"full"``: keep only each layer's input and recompute the layer in the
         backward pass (``nothing_saveable``; least memory, one more forward).
         ``"dots"``: keep the outputs of every matmul (`MATMUL_NAMES`) and recompute only
-        the elementwise work between them (norms, RoPE, SiLU, residual adds): no matmul
-        runs twice. A tuple of names from `MATMUL_NAMES`: keep only those matmul outputs
+        the elementwise work between them (norms, RoPE, SiLU, residual adds) and the
+        attention scores (which a flash-attention backward recomputes anyway); no
+        projection runs twice. A tuple of names from `MATMUL_NAMES`: keep only those
         (e.g. the attention side, recomputing the MLP).
 
     Raises:

@@ -10,6 +10,7 @@ import torch
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxqlora.io import load_pretrained
 from jaxqlora.io.peft import save_adapter
@@ -81,11 +82,13 @@ def _peft_causal_reference(base_folder, adapter_dir, ids, mask, loss_mask):
     return float(out.loss), float(norm)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, tmp_path, remat):
+@pytest.mark.parametrize("remat,precompiled", [(False, False), (True, False), ("dots", True),
+                                               (("q_proj", "k_proj", "v_proj", "attention"), False)])
+def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, tmp_path, remat, precompiled):
     """Two micro-batches with different response-token counts: our accumulated loss and
     gradient norm equal transformers' loss over the whole batch (normalised by the total
-    token count, transformers issue 34191), with and without per-layer rematerialisation."""
+    token count, transformers issue 34191), without and with per-layer rematerialisation
+    (full, matmul outputs kept, attention side kept), jitted or precompiled."""
     lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
     apply_lora(lm, r=4, alpha=8.0, seed=5)
     _randomize_lora(lm, 6)
@@ -99,12 +102,50 @@ def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, t
 
     opt, _ = make_optimizer(1e-3, total_steps=10)
     trainer = Trainer(lm, causal_lm_loss, opt)
+    if precompiled:
+        trainer.precompile(2, (12,), grad_accum=2, log=lambda *_: None)
     batch = {"input_ids": ids.reshape(2, 2, -1), "attention_mask": mask.reshape(2, 2, -1),
              "loss_mask": loss_mask.reshape(2, 2, -1), "weight": np.ones((2, 2), np.float32)}
     m = trainer.step({k: jnp.asarray(v) for k, v in batch.items()})
     assert abs(float(m["loss"]) - ref_loss) < 1e-5
     assert abs(float(m["grad_norm"]) - ref_norm) / ref_norm < 1e-4
     assert float(m["count"]) == loss_mask[:, :-1].sum()
+
+
+def _count_dots(jaxpr) -> int:
+    """dot_general equations in a jaxpr and every jaxpr nested in its parameters."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general"
+        for v in eqn.params.values():
+            for j in v if isinstance(v, (tuple, list)) else (v,):
+                j = getattr(j, "jaxpr", j)  # ClosedJaxpr -> Jaxpr
+                if hasattr(j, "eqns"):
+                    n += _count_dots(j)
+    return n
+
+
+def test_dots_remat_recomputes_no_matmul(base_folder):
+    """With ``remat="dots"`` the gradient's program recomputes no projection: at most one
+    more matmul per layer than without remat (the attention scores QK^T; flash attention's
+    backward recomputes them too), and fewer than full remat (the whole forward again)."""
+    lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
+    apply_lora(lm, r=4, alpha=8.0)
+    ids = jnp.asarray(_right_padded([9, 6], 9, seed=1)[0])
+
+    def dots(remat):
+        lm.remat = remat
+        graphdef, lora, rest = nnx.split(lm, nnx.LoRAParam, ...)
+
+        def loss(lora):
+            return jnp.sum(nnx.merge(graphdef, lora, rest, copy=True)(ids) ** 2)
+
+        return _count_dots(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr)
+
+    none, saved, full = dots(False), dots("dots"), dots("full")
+    assert none <= saved <= none + lm.config.num_hidden_layers < full, (none, saved, full)
+    with pytest.raises(ValueError, match="remat must be"):
+        dots("everything")
 
 
 def test_compiles_once_per_bucket_and_skips_nonfinite(base_folder):
