@@ -189,3 +189,38 @@ def test_warm_cache_compiles_at_least_5x_faster(tmp_path):
     warm = run()
     assert warm["compile"] * 5 <= cold["compile"], (cold, warm)
     assert warm["seconds"] * 2 <= cold["seconds"], (cold, warm)
+
+
+def test_cli_precompile_only_compiles_without_loading_weights(base, tmp_path, monkeypatch, capsys):
+    """``jaxqlora finetune --precompile-only`` compiles every train/eval bucket into the
+    cache folder and exits before any weight is read."""
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+
+    import jaxqlora.io
+    from jaxqlora.cli import main
+    from jaxqlora.compile import enable_compile_cache
+    from jaxqlora.tokenizer import Tokenizer
+
+    _, folder = base
+    words = [f"w{i}" for i in range(VOCAB - 3)]
+    backend = Backend(models.WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}},
+                                       unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    Tokenizer(backend, bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "\n".join(f"{' '.join(rng.choice(words, 6))},{'ab'[i % 2]}" for i in range(40)))
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(jaxqlora.io, "load_pretrained", no_weights)
+    cache = enable_compile_cache(tmp_path / "xla")
+    try:
+        code = main(["finetune", "--model", str(folder), "--data", str(data), "--max-seq-len", "16",
+                     "--batch-size", "4", "--dtype", "float32", "--output", str(tmp_path / "run"), "--precompile-only"])
+    finally:
+        enable_compile_cache()  # back to the session's folder
+    assert code == 0
+    assert "precompiled 2 executables" in capsys.readouterr().out  # train (1, 4, 16) and eval (64, 16)
+    assert len(list(cache.iterdir())) >= 2
