@@ -29,9 +29,9 @@ __version__ = "0.1.0"
 enable_compile_cache()  # before anything is compiled (importing compiles nothing)
 
 __all__ = [
-    "BucketError", "CausalLM", "CheckpointError", "ContextLengthError", "EmbeddedModelMissingError", "JaxQLoRAError", "KVCache",
-    "MissingTensorError", "ModelConfig", "NF4Weight", "SamplingConfig", "TensorShapeError", "UnexpectedTensorError",
-    "UnsupportedArchitectureError", "UnsupportedTensorTypeError", "apply_lora", "dequantize_nf4", "enable_compile_cache", "generate",
-    "load_adapter", "load_config", "load_pretrained", "merge_lora", "quantize_model", "quantize_nf4",
+    "BucketError", "CausalLM", "CheckpointError", "ContextLengthError", "EmbeddedModelMissingError", "JaxQLoRAError",
+    "KVCache", "MissingTensorError", "ModelConfig", "NF4Weight", "SamplingConfig", "TensorShapeError",
+    "UnexpectedTensorError", "UnsupportedArchitectureError", "UnsupportedTensorTypeError", "apply_lora",
+    "dequantize_nf4", "enable_compile_cache", "generate", "load_adapter", "load_config", "load_pretrained", "merge_lora", "quantize_model", "quantize_nf4",
     "save_adapter", "save_pretrained", "stream",
 ]

@@ -329,7 +329,8 @@ def disable_compile_cache() -> None:
     _ours = None
 
 
-__all__ = ["BucketError", "BucketKey", "CompileCounter", "DEFAULT_BUCKETS", "Executables", "Job", "PROMPT_BUCKETS", "Timing",
+__all__ = ["BucketError", "BucketKey", "CompileCounter", "DEFAULT_BUCKETS", "Executables", "Job", "PROMPT_BUCKETS",
+           "Timing",
            "abstract", "bucket_for", "buckets_up_to", "default_cache_dir", "disable_compile_cache",
            "enable_compile_cache", "is_abstract", "precompile"]
 

@@ -284,7 +284,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
             if step % cfg.log_every == 0 or step == total:
                 loss = float(m["loss"])
                 dt = time.perf_counter() - t_log
-                rec = {"step": step, "loss": loss, "lr": float(lr_at(np.int32(step - 1))), "grad_norm": float(m["grad_norm"]),
+                rec = {"step": step, "loss": loss, "lr": float(lr_at(np.int32(step - 1))),
+                       "grad_norm": float(m["grad_norm"]),
                        "tokens_per_s": tokens / dt, "nonfinite_skipped": nonfinite_steps(trainer.opt_state),
                        "epoch": epoch}
                 metrics_file.write(json.dumps(rec) + "\n")

@@ -179,7 +179,8 @@ def _prompt_bucket(executables: Executables | None, longest: int, prefill_key: B
     precompiled prefill lengths of this batch size and these settings."""
     if not executables:
         return bucket_for(longest, PROMPT_BUCKETS, allow_new=True)
-    have = executables.lengths("prefill", lambda k: k.shape[0] == prefill_key.shape[0] and k.static == prefill_key.static)
+    have = executables.lengths("prefill",
+                               lambda k: k.shape[0] == prefill_key.shape[0] and k.static == prefill_key.static)
     if not have and not executables.allow_new_buckets:
         raise BucketError(f"no prefill was precompiled for a batch of {prefill_key.shape[0]} with these settings "
                           f"(max_new_tokens, sampling, ignore_eos, model); precompiled: "

@@ -277,7 +277,8 @@ class Trainer:
                     self._step, (trainable, rng_state, opt_state, frozen, batch))
             if eval_batch_size and self._metrics is not None:
                 batch = batch_spec(eval_batch_size, length, causal_lm=causal_lm)
-                jobs[BucketKey("eval", (eval_batch_size, length))] = Job(self._metrics, (trainable, rng_state, frozen, batch))
+                jobs[BucketKey("eval", (eval_batch_size, length))] = Job(
+                    self._metrics, (trainable, rng_state, frozen, batch))
         return precompile(jobs, into=self.executables, log=log, desc="precompile train/eval")
 
     def attach(self, model: nnx.Module) -> "Trainer":
