@@ -50,6 +50,27 @@ MODELS = {
 # ------------------------------------------------------------------ JAX side
 
 
+def abstract_nf4_model(cfg: ModelConfig, *, dtype=None, lora: bool = False, remat=False):
+    """The NF4 `CausalLM` of ``cfg`` as shapes only (``nnx.eval_shape``; no memory), with
+    LoRA r=16 alpha=32 on the seven projections when ``lora``."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxqlora.lora import apply_lora
+    from jaxqlora.model import CausalLM
+    from jaxqlora.quantize import quantize_model
+
+    def build():
+        lm = CausalLM(cfg, dtype=jnp.bfloat16 if dtype is None else dtype, rngs=nnx.Rngs(0))
+        quantize_model(lm)
+        if lora:
+            apply_lora(lm, r=16, alpha=32.0, dropout=0.05)
+        lm.remat = remat
+        return lm
+
+    return nnx.eval_shape(build)
+
+
 def random_nf4_model(cfg: ModelConfig, *, seed: int = 0, dtype=None):
     """A `CausalLM` of ``cfg`` with random NF4 projections (blocksize 64, double quant),
     random bf16 embeddings / LM head (std 0.02) and unit norms, made on the device leaf by
@@ -59,18 +80,9 @@ def random_nf4_model(cfg: ModelConfig, *, seed: int = 0, dtype=None):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxqlora.model import CausalLM
     from jaxqlora.nf4 import NF4_CODE, create_dynamic_map
-    from jaxqlora.quantize import quantize_model
 
-    dtype = jnp.bfloat16 if dtype is None else dtype
-
-    def build():
-        lm = CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0))
-        quantize_model(lm)
-        return lm
-
-    graphdef, state = nnx.split(nnx.eval_shape(build))
+    graphdef, state = nnx.split(abstract_nf4_model(cfg, dtype=dtype))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     nested_code = jnp.asarray(create_dynamic_map(signed=True))
     fill = jax.jit(_fill, static_argnums=(0, 1, 2))
@@ -167,7 +179,7 @@ def peer_available() -> str | None:
     return None
 
 
-def peer_model(cfg: ModelConfig):
+def peer_model(cfg: ModelConfig, device: str = "cuda"):
     """transformers ``LlamaForCausalLM`` of ``cfg`` on CUDA, bf16, with every projection a
     bitsandbytes ``Linear4bit`` (NF4, double quantization, bf16 compute), quantized on the
     GPU one projection at a time from transformers' random init. Resets torch's peak
@@ -178,7 +190,7 @@ def peer_model(cfg: ModelConfig):
 
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures",)})
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = transformers.LlamaForCausalLM(hf_cfg)
     torch.set_default_dtype(torch.float32)
     for layer in model.model.layers:
@@ -188,12 +200,13 @@ def peer_model(cfg: ModelConfig):
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
                                       compress_statistics=True, quant_type="nf4", device="meta")
                 q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4", module=q).to("cuda")
+                                             quant_type="nf4", module=q).to(device)
                 setattr(owner, name, q)
                 del lin
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     return model
 
 

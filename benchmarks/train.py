@@ -73,7 +73,7 @@ def worker_ours(args) -> dict:
     t0 = time.perf_counter()
     lm = common.random_nf4_model(cfg, seed=args.seed)
     apply_lora(lm, r=16, alpha=32.0, dropout=args.dropout, seed=args.seed)
-    lm.remat = False if args.remat == "none" else args.remat
+    lm.remat = False if args.remat == "none" else tuple(args.remat.split("+")) if "+" in args.remat else args.remat
     build_s = time.perf_counter() - t0
     optimizer, _ = make_optimizer(2e-4, total_steps=1000)
     trainer = Trainer(lm, causal_lm_loss, optimizer)
@@ -131,7 +131,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, no peer")
     ap.add_argument("--only", default="", help="run rows whose name contains this")
-    ap.add_argument("--policies", default="dots,full", help="remat policies for the checkpointing rows")
+    ap.add_argument("--policies", default="dots,full",
+                    help="remat policies of the checkpointing rows: full, dots, or names joined by + "
+                         "(e.g. q_proj+k_proj+v_proj+attention+o_proj+lora_a)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--calls", type=int, default=3)
