@@ -259,7 +259,8 @@ def batches(enc: Encoded, batch_size: int, buckets: Sequence[int], *, pad_id: in
         yield out
 
 
-def batch_spec(batch_size: int, length: int, *, causal_lm: bool, accum: int | None = None) -> dict:
+def batch_spec(batch_size: int, length: int, *, causal_lm: bool, accum: int | None = None,
+               sharding=None) -> dict:
     """The shapes and dtypes of a `batches` batch, as ``jax.ShapeDtypeStruct``s (for
     ahead-of-time compilation).
 
@@ -267,6 +268,8 @@ def batch_spec(batch_size: int, length: int, *, causal_lm: bool, accum: int | No
       batch_size, length: rows and bucket length.
       causal_lm: the batch carries ``loss_mask`` (causal LM) instead of ``labels``.
       accum: prepend a micro-batch axis of this size (a training step's ``[accum, B, ...]``).
+      sharding: a ``jax.sharding.Sharding`` for every array (e.g. a ``NamedSharding`` with
+        ``PartitionSpec(None, "data")`` for ``[accum, B, ...]``), or None.
     """
     import jax
 
@@ -277,7 +280,7 @@ def batch_spec(batch_size: int, length: int, *, causal_lm: bool, accum: int | No
         spec["loss_mask"] = (lead + (length,), np.float32)
     else:
         spec["labels"] = (lead, np.int32)
-    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in spec.items()}
 
 
 def num_batches(n: int, batch_size: int) -> int:

@@ -245,7 +245,8 @@ class Trainer:
         return self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
 
     def precompile(self, batch_size: int, seq_lens, *, grad_accum: int = 1, eval_batch_size: int | None = None,
-                   causal_lm: bool | None = None, log: Callable[[str], None] | None = None) -> Executables:
+                   causal_lm: bool | None = None, batch_sharding=None,
+                   log: Callable[[str], None] | None = None) -> Executables:
         """Compile the train step for ``[grad_accum, batch_size, L]`` batches and the
         evaluation step for ``[eval_batch_size, L]`` batches, for every L in ``seq_lens``,
         ahead of time (`jaxqlora.compile.precompile`; progress bar, per-bucket times).
@@ -255,6 +256,10 @@ class Trainer:
           seq_lens: sequence-length buckets (tokens).
           eval_batch_size: evaluation batch size; None skips evaluation steps.
           causal_lm: batches carry ``loss_mask`` (True) or ``labels``; default from ``loss_fn``.
+          batch_sharding: a ``NamedSharding`` of ``[B, ...]`` arrays (e.g. ``PartitionSpec("data")``)
+            that evaluation batches arrive with; train batches ``[accum, B, ...]`` get it behind
+            an unsharded accumulation axis. None for a single device. The state's shardings are
+            read from the state itself.
           log: receives the compile-time lines (default ``executables.log``).
 
         Returns:
@@ -272,11 +277,12 @@ class Trainer:
         jobs = {}
         for length in sorted(set(seq_lens)):
             if self._step is not None:
-                batch = batch_spec(batch_size, length, causal_lm=causal_lm, accum=grad_accum)
+                batch = batch_spec(batch_size, length, causal_lm=causal_lm, accum=grad_accum,
+                                   sharding=_behind_accum(batch_sharding))
                 jobs[BucketKey("train", (grad_accum, batch_size, length))] = Job(
                     self._step, (trainable, rng_state, opt_state, frozen, batch))
             if eval_batch_size and self._metrics is not None:
-                batch = batch_spec(eval_batch_size, length, causal_lm=causal_lm)
+                batch = batch_spec(eval_batch_size, length, causal_lm=causal_lm, sharding=batch_sharding)
                 jobs[BucketKey("eval", (eval_batch_size, length))] = Job(
                     self._metrics, (trainable, rng_state, frozen, batch))
         return precompile(jobs, into=self.executables, log=log, desc="precompile train/eval")
@@ -347,6 +353,13 @@ def _eval_metrics(graphdef, metrics_fn, trainable, rng_state, frozen, batch):
     model = nnx.merge(graphdef, trainable, rng_state, frozen, copy=True)
     model.eval()
     return metrics_fn(model, batch)
+
+
+def _behind_accum(sharding):
+    """``sharding`` of ``[B, ...]`` arrays moved behind a leading (unsharded) accumulation axis."""
+    if sharding is None:
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
 
 
 def _signature(tree):
