@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -286,7 +287,8 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
         the user (``JAX_COMPILATION_CACHE_DIR``), else `default_cache_dir`.
 
     Returns:
-      The cache folder in use, or None when off.
+      The cache folder in use, or None when off (also when the folder cannot be created:
+      a warning says why).
 
     Every compilation is cached, however short (``jax_persistent_cache_min_compile_time_secs``
     0, ``jax_persistent_cache_min_entry_size_bytes`` -1), so small CPU programs benefit too.
@@ -309,7 +311,11 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
         else:
             path = default_cache_dir()
     path = Path(path).expanduser().absolute()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a read-only home: run without the cache rather than fail at import
+        warnings.warn(f"jaxqlora: cannot create the compile cache folder {path} ({e}); the cache stays off")
+        return None
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     if current != str(path):
