@@ -45,6 +45,12 @@ def _prompts(cfg, batch, length, seed=0):
     return np.random.default_rng(seed).integers(1, cfg.vocab_size, (batch, length)).astype(np.int32)
 
 
+def _rate(batch, new, total, ttft) -> float:
+    """Decode tokens/s from the time of ``new`` tokens and of the first; NaN when timing
+    noise makes the difference non-positive (tiny CPU smoke runs)."""
+    return batch * (new - 1) / (total - ttft) if total > ttft else float("nan")
+
+
 def _decode_bytes(lm, cfg, batch, context) -> int:
     """Bytes one decode step reads: every parameter except the embedding table (one row per
     sequence; tied tables are read whole as the LM head), plus K and V of ``context`` slots."""
@@ -90,7 +96,7 @@ def worker_ours(args) -> dict:
                                               return_ids=True, executables=ex), calls=1, rounds=args.rounds, warmup=1)
         context = length + args.new // 2
         bound = batch * bw / _decode_bytes(lm, cfg, batch, context)
-        out["rows"][f"{batch}x{length}"] = {"ttft_s": ttft, "tok_s": batch * (args.new - 1) / (total - ttft),
+        out["rows"][f"{batch}x{length}"] = {"ttft_s": ttft, "tok_s": _rate(batch, args.new, total, ttft),
                                             "bound_tok_s": bound}
         print(f"# {args.model} {batch}x{length}: {out['rows'][f'{batch}x{length}']}", file=sys.stderr, flush=True)
     return out
@@ -117,7 +123,7 @@ def worker_peer(args) -> dict:
 
         ttft = common.torch_time(run(1), calls=1, rounds=args.rounds, warmup=1)
         total = common.torch_time(run(args.new), calls=1, rounds=args.rounds, warmup=1)
-        out["rows"][f"{batch}x{length}"] = {"ttft_s": ttft, "tok_s": batch * (args.new - 1) / (total - ttft)}
+        out["rows"][f"{batch}x{length}"] = {"ttft_s": ttft, "tok_s": _rate(batch, args.new, total, ttft)}
         print(f"# peer {args.model} {batch}x{length}: {out['rows'][f'{batch}x{length}']}", file=sys.stderr, flush=True)
     return out
 
@@ -144,7 +150,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     models, shapes, new = (SMOKE["models"], SMOKE["shapes"], SMOKE["new"]) if args.smoke else (MODELS, SHAPES, NEW)
     if args.smoke:
-        args.rounds = 1
+        args.rounds = 2
     models = [m for m in models if args.only in m[0]]
     peer_reason = "--smoke" if args.smoke else "--no-peer" if args.no_peer else common.peer_available()
     env = {"JAX_PLATFORMS": "cpu"} if args.smoke else {}
