@@ -2,9 +2,15 @@
 
 The data path: checkpoint (`jaxqlora.io`) -> `jaxqlora.model.CausalLM` -> NF4
 (`jaxqlora.quantize`) -> LoRA (`jaxqlora.lora`) -> train step (`jaxqlora.train`) ->
-adapter files (`jaxqlora.io.peft`); and model -> text (`jaxqlora.generate`).
+adapter files (`jaxqlora.io.peft`); and model -> text (`jaxqlora.generate`). Shape
+buckets, ahead-of-time compilation and the on-disk compile cache: `jaxqlora.compile`.
+
+Importing jaxqlora turns on JAX's persistent compilation cache in a per-user folder
+(`jaxqlora.compile.enable_compile_cache`; ``JAXQLORA_COMPILE_CACHE=0`` turns it off, a
+path moves it).
 """
 
+from jaxqlora.compile import BucketError, enable_compile_cache
 from jaxqlora.config import ModelConfig
 from jaxqlora.errors import (CheckpointError, ContextLengthError, EmbeddedModelMissingError, JaxQLoRAError,
                              MissingTensorError, TensorShapeError, UnexpectedTensorError,
@@ -20,10 +26,12 @@ from jaxqlora.quantize import quantize_model
 
 __version__ = "0.1.0"
 
+enable_compile_cache()  # before anything is compiled (importing compiles nothing)
+
 __all__ = [
-    "CausalLM", "CheckpointError", "ContextLengthError", "EmbeddedModelMissingError", "JaxQLoRAError", "KVCache",
-    "MissingTensorError", "ModelConfig", "NF4Weight", "SamplingConfig", "TensorShapeError", "UnexpectedTensorError",
-    "UnsupportedArchitectureError", "UnsupportedTensorTypeError", "apply_lora", "dequantize_nf4", "generate",
-    "load_adapter", "load_config", "load_pretrained", "merge_lora", "quantize_model", "quantize_nf4",
+    "BucketError", "CausalLM", "CheckpointError", "ContextLengthError", "EmbeddedModelMissingError", "JaxQLoRAError",
+    "KVCache", "MissingTensorError", "ModelConfig", "NF4Weight", "SamplingConfig", "TensorShapeError",
+    "UnexpectedTensorError", "UnsupportedArchitectureError", "UnsupportedTensorTypeError", "apply_lora",
+    "dequantize_nf4", "enable_compile_cache", "generate", "load_adapter", "load_config", "load_pretrained", "merge_lora", "quantize_model", "quantize_nf4",
     "save_adapter", "save_pretrained", "stream",
 ]

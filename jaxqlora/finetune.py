@@ -8,6 +8,12 @@ Output folder: ``adapter/`` (PEFT format, with the ``score`` head for classifica
 ``metrics.jsonl`` (one record per logged step: step, loss, lr, grad_norm, tokens_per_s,
 nonfinite_skipped), ``results.json`` and ``checkpoints/`` (orbax, full training state:
 LoRA and head parameters, optimizer state, dropout RNG, step and data position).
+
+Order of work: tokenizer and data, then every train and evaluation step is compiled for
+its shape buckets over the abstract model (`Trainer.precompile`, cached on disk by
+`jaxqlora.compile`), and only then are the weights loaded; the run itself compiles nothing
+more. ``precompile_only`` stops after compiling (``jaxqlora finetune --precompile-only``
+warms the cache).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxqlora import data as D
+from jaxqlora.compile import BucketKey, Job, buckets_up_to, precompile
 from jaxqlora.io.atomic import atomic_write_json
 from jaxqlora.lora import ALL_TARGETS, apply_lora
 from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, classification_loss, make_optimizer,
@@ -56,7 +64,10 @@ class FinetuneConfig:
       log_every: steps between metric records.
       seed: data order, LoRA init, dropout.
       dtype: ``"bfloat16"`` or ``"float32"`` for the base weights and activations.
-      remat: recompute each decoder layer in the backward pass (less activation memory).
+      remat: rematerialisation of each decoder layer: False, True / ``"full"``, ``"dots"``
+        (keep matmul outputs, recompute elementwise work); see `jaxqlora.model.remat_policy`.
+      precompile_only: compile every step for its buckets (warming the persistent cache)
+        and return without loading weights or training.
     """
 
     model: str | None = None
@@ -92,11 +103,12 @@ class FinetuneConfig:
     log_every: int = 10
     seed: int = 0
     dtype: str = "bfloat16"
-    remat: bool = False
+    remat: bool | str = False
+    precompile_only: bool = False
 
 
 def _buckets(cfg: FinetuneConfig) -> tuple[int, ...]:
-    return tuple(x for x in sorted(cfg.buckets) if x < cfg.max_seq_len) + (cfg.max_seq_len,)
+    return buckets_up_to(cfg.max_seq_len, cfg.buckets)
 
 
 def _stack(micro: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -124,48 +136,34 @@ def _train_batches(enc, cfg, pad_id, epoch, start) -> Iterator[dict[str, np.ndar
         yield _stack(micro)
 
 
-def evaluate(predict, enc: D.Encoded, cfg: FinetuneConfig, pad_id: int, task: str,
+def evaluate(eval_batch, enc: D.Encoded, cfg: FinetuneConfig, pad_id: int, task: str,
              label_token_ids: tuple[int, ...] | None = None) -> dict[str, float]:
     """Accuracy (classification), or loss / perplexity and label-word accuracy (causal LM).
 
-    ``predict(input_ids, attention_mask)`` returns class logits or LM logits (e.g.
-    `Trainer.predict` or `jaxqlora.train.make_predict`).
+    ``eval_batch(batch)`` returns the metric sums of one batch (`Trainer.evaluate_batch`:
+    ``correct`` / ``total``, and ``loss_sum`` / ``count`` for causal LM). Label-word
+    accuracy (greedy first response token = the label word's) is reported when
+    ``label_token_ids`` is given.
     """
-    correct = total = 0.0
-    loss_sum = count = 0.0
+    sums: dict[str, float] = {}
     for b in D.batches(enc, cfg.eval_batch_size, _buckets(cfg), pad_id=pad_id, group_by_length=True):
-        out = predict(jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]))
-        w = b["weight"]
-        if task == "classification":
-            pred = np.asarray(jnp.argmax(out, -1))
-            correct += float(np.sum((pred == b["labels"]) * w))
-            total += float(w.sum())
-        else:
-            logits = out[:, :-1]
-            ce = np.asarray(-jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(b["input_ids"][:, 1:, None]),
-                                                 -1)[..., 0])
-            m = b["loss_mask"][:, :-1] * w[:, None]
-            loss_sum += float((ce * m).sum())
-            count += float(m.sum())
-            if label_token_ids is not None:  # greedy first response token vs the label word's
-                first = np.argmax(b["loss_mask"], axis=1)
-                greedy = np.asarray(jnp.argmax(logits[jnp.arange(len(first)), first], -1))
-                target = b["input_ids"][np.arange(len(first)), first + 1]
-                correct += float(np.sum((greedy == target) * w))
-                total += float(w.sum())
+        for k, v in eval_batch(jax.device_put(b)).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    accuracy = sums.get("correct", 0.0) / max(sums.get("total", 0.0), 1)
     if task == "classification":
-        return {"accuracy": correct / max(total, 1)}
-    loss = loss_sum / max(count, 1)
+        return {"accuracy": accuracy}
+    loss = sums["loss_sum"] / max(sums["count"], 1)
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
     if label_token_ids is not None:
-        out["label_accuracy"] = correct / max(total, 1)
+        out["label_accuracy"] = accuracy
     return out
 
 
 def _prepare(cfg: FinetuneConfig):
-    from jaxqlora.io import load_pretrained
+    """Tokenizer, data splits, encoded splits and label words (no weights loaded)."""
+    from jaxqlora.io import load_tokenizer
 
-    model, tokenizer = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))
+    tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
         raise ValueError(f"{cfg.model}: the model folder has no tokenizer.json")
     label_words = None
@@ -181,7 +179,33 @@ def _prepare(cfg: FinetuneConfig):
         raise ValueError(f"task must be 'classification' or 'causal-lm', got {cfg.task!r}")
     parts = D.split(ds, seed=cfg.seed)
     enc = {k: D.encode(tokenizer, v, cfg.max_seq_len) for k, v in parts.items()}
-    return model, tokenizer, parts, enc, label_words
+    return tokenizer, parts, enc, label_words
+
+
+def _build(lm, cfg: FinetuneConfig, num_labels: int):
+    """NF4 (if ``cfg.quantize``), LoRA, remat and the classification head on a loaded (or
+    abstract) `CausalLM`; returns ``(model, loss_fn, nf4_report)``."""
+    report = None
+    if cfg.quantize:
+        from jaxqlora.quantize import quantize_model
+
+        report = quantize_model(lm)
+    apply_lora(lm, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+               use_rslora=cfg.use_rslora, seed=cfg.seed)
+    lm.remat = cfg.remat
+    if cfg.task == "classification":
+        return SequenceClassifier(lm, num_labels, pooling=cfg.pooling, seed=cfg.seed), classification_loss, report
+    return lm, causal_lm_loss, report
+
+
+def _abstract_model(cfg: FinetuneConfig, num_labels: int):
+    """The model `_build` makes, as shapes only (``nnx.eval_shape``: no weights)."""
+    from jaxqlora.io import load_config
+    from jaxqlora.model import CausalLM
+
+    model_cfg = load_config(cfg.model)
+    dtype = getattr(jnp, cfg.dtype)
+    return nnx.eval_shape(lambda: _build(CausalLM(model_cfg, dtype=dtype, rngs=nnx.Rngs(0)), cfg, num_labels)[0])
 
 
 def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
@@ -194,28 +218,43 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    lm, tokenizer, parts, enc, label_words = _prepare(cfg)
+    tokenizer, parts, enc, label_words = _prepare(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log(f"data: train {len(parts['train'])}, validation {len(parts['validation'])}, test {len(parts['test'])}")
-    if cfg.quantize:
-        from jaxqlora.quantize import quantize_model
-
-        report = quantize_model(lm)
-        log(f"NF4: {report}")
-    apply_lora(lm, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
-               use_rslora=cfg.use_rslora, seed=cfg.seed)
-    lm.remat = cfg.remat
-    if cfg.task == "classification":
-        model = SequenceClassifier(lm, len(parts["train"].label_names), pooling=cfg.pooling, seed=cfg.seed)
-        loss_fn = classification_loss
-    else:
-        model, loss_fn = lm, causal_lm_loss
+    num_labels = len(parts["train"].label_names)
     per_epoch = max(1, D.num_batches(len(parts["train"]), cfg.batch_size) // cfg.grad_accum)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(round(cfg.epochs * per_epoch)))
     optimizer, schedule = make_optimizer(cfg.lr, total_steps=total, warmup_ratio=cfg.warmup_ratio,
                                          schedule=cfg.schedule, weight_decay=cfg.weight_decay,
                                          max_grad_norm=cfg.max_grad_norm)
-    trainer = Trainer(model, loss_fn, optimizer)
+
+    # Compile every step for its buckets before the weights take any device memory.
+    abstract_model = _abstract_model(cfg, num_labels)
+    loss_fn = classification_loss if cfg.task == "classification" else causal_lm_loss
+    trainer = Trainer(abstract_model, loss_fn, optimizer)
+    t0 = time.perf_counter()
+    _precompile(trainer, cfg, log)
+    lr_key = BucketKey("schedule", ())
+    lr_at = precompile({lr_key: Job(jax.jit(schedule), (jax.ShapeDtypeStruct((), jnp.int32),))},
+                       log=lambda *_: None, progress=False)[lr_key]
+    compile_s = time.perf_counter() - t0
+    log(f"precompiled {len(trainer.executables)} steps in {compile_s:.1f} s")
+    if cfg.precompile_only:
+        return {"precompiled": {str(k): t._asdict() for k, t in trainer.executables.seconds.items()},
+                "compile_seconds": compile_s, "seconds": time.perf_counter() - t_start}
+
+    from jaxqlora.io import load_pretrained
+
+    lm, _ = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))
+    model, _, report = _build(lm, cfg, num_labels)
+    if report is not None:
+        log(f"NF4: {report}")
+    try:
+        trainer.attach(model)
+    except ValueError:  # e.g. a bitsandbytes checkpoint with its own NF4 settings: compile for what was loaded
+        log("the loaded model differs from its abstract twin; compiling again")
+        trainer = Trainer(model, loss_fn, optimizer)
+        _precompile(trainer, cfg, log)
     log(f"trainable parameters: {trainer.num_trainable:,}; {total} steps of {cfg.grad_accum} x {cfg.batch_size}")
 
     from jaxqlora.checkpoint import TrainCheckpointer
@@ -238,14 +277,15 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     pending = None
     while step < total:
         for batch in _train_batches(enc["train"], cfg, pad_id, epoch, pos):
-            m = trainer.step({k: jnp.asarray(v) for k, v in batch.items()})
+            m = trainer.step(jax.device_put(batch))  # a transfer; jnp.asarray would compile per shape
             step, pos = step + 1, pos + 1
             tokens += int(batch["attention_mask"].sum())
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 loss = float(m["loss"])
                 dt = time.perf_counter() - t_log
-                rec = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
+                rec = {"step": step, "loss": loss, "lr": float(lr_at(np.int32(step - 1))),
+                       "grad_norm": float(m["grad_norm"]),
                        "tokens_per_s": tokens / dt, "nonfinite_skipped": nonfinite_steps(trainer.opt_state),
                        "epoch": epoch}
                 metrics_file.write(json.dumps(rec) + "\n")
@@ -268,7 +308,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
                "steps": step, "baseline": baseline,
                "nonfinite_skipped": nonfinite_steps(trainer.opt_state)}
     for split_name in ("validation", "test"):
-        results[split_name] = evaluate(trainer.predict, enc[split_name], cfg, pad_id, _eval_task(cfg), label_ids)
+        results[split_name] = evaluate(trainer.evaluate_batch, enc[split_name], cfg, pad_id, _eval_task(cfg), label_ids)
     results["seconds"] = time.perf_counter() - t_start
     results["train_seconds"] = train_s
 
@@ -283,6 +323,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
                           {"pooling": cfg.pooling, "label_names": list(parts["train"].label_names)})
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def _precompile(trainer: Trainer, cfg: FinetuneConfig, log) -> None:
+    trainer.precompile(cfg.batch_size, _buckets(cfg), grad_accum=cfg.grad_accum, eval_batch_size=cfg.eval_batch_size,
+                       causal_lm=cfg.task != "classification", log=log)
 
 
 def _eval_task(cfg):
@@ -302,23 +347,25 @@ def _baseline(parts, enc, cfg, trainer, pad_id, label_words, tokenizer) -> dict[
         majority = int(np.argmax(counts))
         return {"majority_class_test_accuracy": float(np.mean(parts["test"].labels == majority))}
     return {f"untrained_validation_{k}": v for k, v in evaluate(
-        trainer.predict, enc["validation"], cfg, pad_id, "causal-lm", _label_token_ids(tokenizer, label_words)).items()}
+        trainer.evaluate_batch, enc["validation"], cfg, pad_id, "causal-lm",
+        _label_token_ids(tokenizer, label_words)).items()}
 
 
 def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path) -> dict[str, dict[str, float]]:
     """Evaluate a saved adapter (``jaxqlora eval``) on the validation and test splits of
     ``cfg``'s data (same fixed split as training)."""
+    from jaxqlora.io import load_pretrained
     from jaxqlora.io.peft import load_adapter
-    from jaxqlora.train import make_predict
 
-    lm, tokenizer, parts, enc, label_words = _prepare(cfg)
+    tokenizer, parts, enc, label_words = _prepare(cfg)
+    lm, _ = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.quantize:
         from jaxqlora.quantize import quantize_model
 
         quantize_model(lm)
     lm, extra = load_adapter(lm, adapter, return_extra=True)
-    model = lm
+    model, loss_fn = lm, causal_lm_loss
     if cfg.task == "classification":
         if "score" not in extra:
             raise ValueError(f"{adapter}: a classification adapter needs the 'score' head (modules_to_save)")
@@ -326,6 +373,10 @@ def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path) -> dict[str, dict
         pooling = json.loads(head_file.read_text())["pooling"] if head_file.is_file() else "last"
         model = SequenceClassifier(lm, extra["score"].shape[0], pooling=pooling)
         model.score[...] = jnp.asarray(extra["score"])
-    predict = make_predict(model)
+        loss_fn = classification_loss
+    evaluator = Trainer(model, loss_fn, None)  # evaluation only
+    evaluator.precompile(cfg.batch_size, _buckets(cfg), eval_batch_size=cfg.eval_batch_size,
+                         causal_lm=cfg.task != "classification")
     label_ids = _label_token_ids(tokenizer, label_words)
-    return {s: evaluate(predict, enc[s], cfg, pad_id, _eval_task(cfg), label_ids) for s in ("validation", "test")}
+    return {s: evaluate(evaluator.evaluate_batch, enc[s], cfg, pad_id, _eval_task(cfg), label_ids)
+            for s in ("validation", "test")}

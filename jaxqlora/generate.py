@@ -3,7 +3,13 @@
 `generate` runs the whole decode loop as one ``lax.while_loop`` (stopping when every row
 has produced an end-of-sequence token); `stream` yields tokens from the same jitted
 decode step, one call per token, for interactive output. Prompts of different lengths
-are left-padded into one batch; the cache masks the padding.
+are left-padded into one batch, and the batch to a prompt-length bucket
+(`jaxqlora.compile.PROMPT_BUCKETS`); the cache masks the padding.
+
+`precompile_generate` compiles prefill, decode loop (and the per-token step of `stream`)
+for each prompt bucket ahead of time, from the model's shapes alone; given those
+executables, `generate` and `stream` compile nothing, and a prompt needing a bucket that
+was not compiled raises `jaxqlora.compile.BucketError`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxqlora.compile import (PROMPT_BUCKETS, BucketError, BucketKey, Executables, Job, abstract, bucket_for,
+                              precompile)
 from jaxqlora.errors import ContextLengthError
 from jaxqlora.model import CausalLM, KVCache
 
@@ -77,13 +85,15 @@ def _inference_model(graphdef, state) -> CausalLM:
     return model
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "sampling"), donate_argnames=())
-def _prefill(graphdef, state, input_ids, attention_mask, key, *, max_len, sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "sampling"))
+def _prefill(graphdef, state, input_ids, attention_mask, seed, *, max_len, sampling):
+    """First token, filled cache and the PRNG key for decoding (``seed``: int32 scalar)."""
     model = _inference_model(graphdef, state)
+    key, sub = jax.random.split(jax.random.key(seed))
     cache = KVCache.init(model.config, input_ids.shape[0], max_len, model.dtype)
     hidden, cache = model.hidden_states(input_ids, attention_mask, cache=cache)
     logits = model.logits(hidden[:, -1])
-    return sample_token(logits, key, sampling), cache
+    return sample_token(logits, sub, sampling), cache, key
 
 
 def _step(model, token, cache, key, sampling):
@@ -93,7 +103,9 @@ def _step(model, token, cache, key, sampling):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
 def _decode_step(graphdef, state, token, cache, key, *, sampling):
-    return _step(_inference_model(graphdef, state), token, cache, key, sampling)
+    key, sub = jax.random.split(key)
+    nxt, cache = _step(_inference_model(graphdef, state), token, cache, sub, sampling)
+    return nxt, cache, key
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"),
@@ -145,8 +157,7 @@ def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
     return out
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    n = max(len(r) for r in rows)
+def _left_pad(rows: list[list[int]], pad_id: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     ids = np.full((len(rows), n), pad_id, np.int32)
     mask = np.zeros((len(rows), n), np.int32)
     for i, r in enumerate(rows):
@@ -155,7 +166,29 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarra
     return ids, mask
 
 
-def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+def _pad_id(tokenizer) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def _eos_ids(tokenizer, ignore_eos: bool) -> tuple[int, ...]:
+    return () if ignore_eos else tuple(sorted(int(t) for t in tokenizer.eos_token_ids))
+
+
+def _prompt_bucket(executables: Executables | None, longest: int, prefill_key: BucketKey) -> int:
+    """The prompt bucket: any of `PROMPT_BUCKETS` on the plain-jit path, else one of the
+    precompiled prefill lengths of this batch size and these settings."""
+    if not executables:
+        return bucket_for(longest, PROMPT_BUCKETS, allow_new=True)
+    have = executables.lengths("prefill",
+                               lambda k: k.shape[0] == prefill_key.shape[0] and k.static == prefill_key.static)
+    if not have and not executables.allow_new_buckets:
+        raise BucketError(f"no prefill was precompiled for a batch of {prefill_key.shape[0]} with these settings "
+                          f"(max_new_tokens, sampling, ignore_eos, model); precompiled: "
+                          f"{sorted(str(k) for k in executables if k.kind == 'prefill') or 'none'}")
+    return bucket_for(longest, have or PROMPT_BUCKETS, allow_new=executables.allow_new_buckets)
+
+
+def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, executables):
     rows = _encode_prompts(tokenizer, prompts)
     longest = max(len(r) for r in rows)
     ctx = model.config.max_position_embeddings
@@ -165,17 +198,97 @@ def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_
         raise ContextLengthError(
             f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
             f"context of {ctx} tokens (max_position_embeddings)")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = _left_pad(rows, pad_id)
     sampling = SamplingConfig(float(temperature), int(top_k or 0), float(top_p))
     graphdef, state = nnx.split(model)
-    key = jax.random.key(seed)
-    return rows, ids, mask, sampling, graphdef, state, key, pad_id, longest + max_new_tokens
+    prompt_len = _prompt_bucket(executables, longest, _prefill_key(len(rows), 0, max_new_tokens, sampling, graphdef))
+    ids, mask = _left_pad(rows, _pad_id(tokenizer), prompt_len)
+    return rows, ids, mask, sampling, graphdef, state, np.asarray(seed, np.int32), prompt_len
+
+
+# ------------------------------------------------------------ executables
+
+
+def _prefill_key(batch, prompt_len, max_new_tokens, sampling, graphdef) -> BucketKey:
+    return BucketKey("prefill", (batch, prompt_len), (max_new_tokens, sampling, graphdef))
+
+
+def _decode_key(batch, max_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef) -> BucketKey:
+    return BucketKey("decode", (batch, max_len), (max_new_tokens, sampling, eos_ids, pad_id, graphdef))
+
+
+def _step_key(batch, max_len, sampling, graphdef) -> BucketKey:
+    return BucketKey("decode_step", (batch, max_len), (sampling, graphdef))
+
+
+def _cache_spec(model_cfg, batch, max_len, dtype) -> KVCache:
+    return jax.eval_shape(lambda: KVCache.init(model_cfg, batch, max_len, dtype))
+
+
+def _generation_jobs(graphdef, state, model_cfg, dtype, batch, prompt_len, max_new_tokens, sampling, eos_ids, pad_id,
+                     *, loop: bool = True, step: bool = False) -> dict[BucketKey, Job]:
+    """Jobs compiling prefill, the decode loop and/or the per-token step for one prompt bucket."""
+    state = abstract(state)
+    max_len = prompt_len + max_new_tokens
+    tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    token = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    cache = _cache_spec(model_cfg, batch, max_len, dtype)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    seed = jax.ShapeDtypeStruct((), jnp.int32)
+    jobs = {_prefill_key(batch, prompt_len, max_new_tokens, sampling, graphdef): Job(
+        _prefill, (graphdef, state, tokens, tokens, seed), dict(max_len=max_len, sampling=sampling))}
+    if loop:
+        jobs[_decode_key(batch, max_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef)] = Job(
+            _decode_loop, (graphdef, state, token, cache, key),
+            dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id))
+    if step:
+        jobs[_step_key(batch, max_len, sampling, graphdef)] = Job(
+            _decode_step, (graphdef, state, token, cache, key), dict(sampling=sampling))
+    return jobs
+
+
+def precompile_generate(model: CausalLM, tokenizer, *, batch_size: int = 1, prompt_lens=PROMPT_BUCKETS[:6],
+                        max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                        ignore_eos: bool = False, stream: bool = False, allow_new_buckets: bool = False,
+                        log=print) -> Executables:
+    """Compile generation ahead of time for ``batch_size`` prompts in each bucket of ``prompt_lens``.
+
+    Args:
+      model: a `CausalLM`, or its abstract twin (``nnx.eval_shape``; no weights needed).
+      tokenizer: gives the end-of-sequence and padding ids.
+      batch_size: number of prompts per call.
+      prompt_lens: prompt-length buckets (tokens); prompts are left-padded to the next one.
+        Default 16 ... 512.
+      max_new_tokens, temperature, top_k, top_p, ignore_eos: as the later `generate` calls
+        will pass them (they are compiled in).
+      stream: compile `stream`'s per-token step instead of `generate`'s decode loop.
+      allow_new_buckets: later calls needing another bucket compile it (logged) instead
+        of raising `BucketError`.
+      log: receives per-executable compile times.
+
+    Returns:
+      `Executables` to pass as ``executables=`` to `generate` / `stream`.
+    """
+    sampling = SamplingConfig(float(temperature), int(top_k or 0), float(top_p))
+    graphdef, state = nnx.split(model)
+    out = Executables(allow_new_buckets=allow_new_buckets, log=log)
+    jobs = {}
+    for p in sorted(set(prompt_lens)):
+        jobs.update(_generation_jobs(graphdef, state, model.config, model.dtype, batch_size, p, max_new_tokens,
+                                     sampling, _eos_ids(tokenizer, ignore_eos), _pad_id(tokenizer),
+                                     loop=not stream, step=stream))
+    return precompile(jobs, into=out, desc="precompile generate")
+
+
+def _call(executables: Executables | None, key: BucketKey, jobs, jitted, dynamic_args, static_kwargs, graphdef):
+    """Run a precompiled executable (looked up by ``key``) or, without executables, the jitted function."""
+    if not executables:
+        return jitted(graphdef, *dynamic_args, **static_kwargs)
+    return executables.lookup(key, lambda: jobs()[key])(*dynamic_args)
 
 
 def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, return_ids: bool = False,
-             ignore_eos: bool = False):
+             ignore_eos: bool = False, executables: Executables | None = None):
     """Generate a continuation for one prompt or a batch of prompts.
 
     Args:
@@ -189,22 +302,33 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
       seed: PRNG seed for sampling.
       return_ids: return the new token ids (lists, EOS included) instead of text.
       ignore_eos: always make ``max_new_tokens`` tokens (for benchmarks).
+      executables: from `precompile_generate` with the same settings; then nothing is
+        compiled here. Without them, each prompt bucket compiles on first use.
 
     Returns:
       The generated text (special tokens and the stop token removed); a list for a batch.
 
     Raises:
       ContextLengthError: prompt length + max_new_tokens exceeds ``max_position_embeddings``.
+      BucketError: ``executables`` lack this batch size, these settings, or a prompt
+        bucket long enough (unless they allow new buckets).
       ValueError: empty prompt, or bad sampling settings.
     """
-    rows, ids, mask, sampling, graphdef, state, key, pad_id, max_len = _prepare(
-        model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed)
-    key, sub = jax.random.split(key)
-    first, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), sub,
-                            max_len=max_len, sampling=sampling)
-    eos_ids = () if ignore_eos else tuple(sorted(tokenizer.eos_token_ids))
-    out, n = _decode_loop(graphdef, state, first, cache, key, max_new_tokens=max_new_tokens,
-                          sampling=sampling, eos_ids=eos_ids, pad_id=int(pad_id))
+    rows, ids, mask, sampling, graphdef, state, seed, prompt_len = _prepare(
+        model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, executables)
+    b, max_len = len(rows), prompt_len + max_new_tokens
+    eos_ids, pad_id = _eos_ids(tokenizer, ignore_eos), _pad_id(tokenizer)
+
+    def jobs():
+        return _generation_jobs(graphdef, state, model.config, model.dtype, b, prompt_len, max_new_tokens, sampling,
+                                eos_ids, pad_id)
+
+    first, cache, key = _call(executables, _prefill_key(b, prompt_len, max_new_tokens, sampling, graphdef), jobs,
+                              _prefill, (state, *jax.device_put((ids, mask)), seed),
+                              dict(max_len=max_len, sampling=sampling), graphdef)
+    out, n = _call(executables, _decode_key(b, max_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef), jobs,
+                   _decode_loop, (state, first, cache, key),
+                   dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id), graphdef)
     out = np.asarray(out)[:, : int(n)]
     results = []
     for row in out:
@@ -219,27 +343,36 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
 
 
 def stream(model: CausalLM, tokenizer, prompt, max_new_tokens: int = 128, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+           executables: Executables | None = None) -> Iterator[str]:
     """Yield the text of one prompt's continuation piece by piece, as tokens are made.
 
-    Same arguments and errors as `generate` (one prompt only). Uses the same jitted decode
-    step as `generate`'s loop, called once per token.
+    Same arguments and errors as `generate` (one prompt only; ``executables`` from
+    `precompile_generate(..., stream=True)`). Uses the same decode step as `generate`'s
+    loop, called once per token.
     """
-    rows, ids, mask, sampling, graphdef, state, key, pad_id, max_len = _prepare(
-        model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed)
+    rows, ids, mask, sampling, graphdef, state, seed, prompt_len = _prepare(
+        model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, executables)
     if len(rows) != 1:
         raise ValueError("stream takes one prompt")
-    key, sub = jax.random.split(key)
-    token, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), sub,
-                            max_len=max_len, sampling=sampling)
+    max_len = prompt_len + max_new_tokens
+
+    def jobs():
+        return _generation_jobs(graphdef, state, model.config, model.dtype, 1, prompt_len, max_new_tokens, sampling,
+                                (), _pad_id(tokenizer), loop=False, step=True)
+
+    token, cache, key = _call(executables, _prefill_key(1, prompt_len, max_new_tokens, sampling, graphdef), jobs,
+                              _prefill, (state, *jax.device_put((ids, mask)), seed),
+                              dict(max_len=max_len, sampling=sampling), graphdef)
+    step_key = _step_key(1, max_len, sampling, graphdef)
     eos = tokenizer.eos_token_ids
     toks: list[int] = []
     shown = ""
     for i in range(max_new_tokens):
         if i + 1 < max_new_tokens:  # queue the next step before reading this token (overlaps host and device)
-            key, sub = jax.random.split(key)
-            nxt, cache = _decode_step(graphdef, state, token, cache, sub, sampling=sampling)
-        t = int(token[0])
+            nxt, cache, key = _call(executables, step_key, jobs, _decode_step, (state, token, cache, key),
+                                    dict(sampling=sampling), graphdef)
+        t = int(np.asarray(token)[0])
         if t in eos:
             break
         toks.append(t)

@@ -2,7 +2,8 @@
 
 `LoRALinear` wraps a base linear (bf16 `jaxqlora.model.Linear` or NF4
 `jaxqlora.quantize.NF4Linear`) as PEFT does: the base is kept as ``base_layer`` and
-the adapter adds ``lora_B(lora_A(dropout(x))) * scaling``. The factors keep PEFT's
+the adapter adds ``lora_B(lora_A(dropout(x))) * scaling``. The rank-r intermediate is
+named ``"lora_a"`` for rematerialisation policies (`jaxqlora.model.remat_policy`). The factors keep PEFT's
 layout, ``lora_A [r, in_features]`` and ``lora_B [out_features, r]`` (Flax's `nnx.LoRA`
 keeps them transposed), in float32 as `nnx.LoRAParam`, so that adapter files are a
 rename away from the parameters and a silent transpose cannot happen.
@@ -18,6 +19,7 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -56,7 +58,7 @@ class LoRALinear(nnx.Module):
         y = self.base_layer(x)
         h = x if self.dropout is None else self.dropout(x)
         dims = (((h.ndim - 1,), (1,)), ((), ()))
-        h = jax.lax.dot_general(h.astype(jnp.float32), self.lora_A[...], dims)
+        h = checkpoint_name(jax.lax.dot_general(h.astype(jnp.float32), self.lora_A[...], dims), "lora_a")
         h = jax.lax.dot_general(h, self.lora_B[...], dims)
         return (y.astype(jnp.float32) + self.scaling * h).astype(x.dtype)
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxqlora.config import ModelConfig
 from pallas_kernels.decode_attention import decode_attention
@@ -201,9 +202,9 @@ class Attention(nnx.Module):
         and attention runs over all S cache slots; returns ``(out, (k_cache, v_cache))``.
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = checkpoint_name(self.q_proj(x), "q_proj").reshape(b, t, self.num_heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x), "k_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = checkpoint_name(self.v_proj(x), "v_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -219,7 +220,8 @@ class Attention(nnx.Module):
                 return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
             k, v = kc.astype(q.dtype), vc.astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim))
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+        out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "attention")
+        return checkpoint_name(self.o_proj(out), "o_proj"), kv
 
 
 class MLP(nnx.Module):
@@ -232,7 +234,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, h, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = checkpoint_name(self.gate_proj(x), "gate_proj"), checkpoint_name(self.up_proj(x), "up_proj")
+        return checkpoint_name(self.down_proj(swiglu(gate, up)), "down_proj")
 
 
 class DecoderLayer(nnx.Module):
@@ -264,6 +267,41 @@ def _run_layer(layer, x, cos, sin, mask, kv, index):
     return layer(x, cos, sin, mask, kv, index)
 
 
+MATMUL_NAMES = ("q_proj", "k_proj", "v_proj", "attention", "o_proj", "gate_proj", "up_proj", "down_proj", "lora_a")
+"""``checkpoint_name``s of a decoder layer's matmul outputs (the seven projections, the
+attention output, and LoRA's rank-r intermediate ``x @ lora_A.T``), for `remat_policy`."""
+
+
+def remat_policy(remat) -> Any:
+    """The ``jax.checkpoint`` policy of a `CausalLM.remat` setting, or None for no remat.
+
+    Args:
+      remat: ``False`` / ``"none"``: keep every activation (no rematerialisation).
+        ``True`` / ``"full"``: keep only each layer's input and recompute the layer in the
+        backward pass (``nothing_saveable``; least memory, one more forward).
+        ``"dots"``: keep the outputs of every matmul (`MATMUL_NAMES`) and recompute only
+        the elementwise work between them (norms, RoPE, SiLU, residual adds) and the
+        attention scores (which a flash-attention backward recomputes anyway); no
+        projection runs twice. A tuple of names from `MATMUL_NAMES`: keep only those
+        (e.g. the attention side, recomputing the MLP).
+
+    Raises:
+      ValueError: an unknown setting or name.
+
+    Source: ``jax.checkpoint_policies`` (``save_only_these_names``), JAX's gradient
+    checkpointing guide.
+    """
+    if remat is False or remat is None or remat == "none":
+        return None
+    if remat is True or remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    names = MATMUL_NAMES if remat == "dots" else remat
+    if isinstance(names, (tuple, list)) and names and set(names) <= set(MATMUL_NAMES):
+        return jax.checkpoint_policies.save_only_these_names(*names)
+    raise ValueError(f"remat must be False/'none', True/'full', 'dots' or a tuple of names from "
+                     f"{MATMUL_NAMES}; got {remat!r}")
+
+
 class CausalLM(nnx.Module):
     """A Llama / Qwen2 / Qwen3 causal language model (HF ``*ForCausalLM``).
 
@@ -274,8 +312,10 @@ class CausalLM(nnx.Module):
       config: the `ModelConfig`.
       model: the `Decoder` (``embed_tokens``, ``layers``, ``norm``).
       lm_head: `Linear` ``[vocab, hidden]``, or None when embeddings are tied.
-      remat: when True, each decoder layer is wrapped in ``nnx.remat`` (``jax.checkpoint``):
-        only layer inputs are kept for the backward pass (less memory, one more forward).
+      remat: rematerialisation of each decoder layer in the backward pass (``nnx.remat``,
+        i.e. ``jax.checkpoint``): ``False`` (none), ``True`` / ``"full"`` (keep only layer
+        inputs), ``"dots"`` (keep matmul outputs, recompute elementwise work) or a tuple of
+        `MATMUL_NAMES`; see `remat_policy`.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
@@ -283,7 +323,7 @@ class CausalLM(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.model = Decoder(cfg, dtype=dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
-        self.remat = False  # set True to recompute each layer's activations in the backward pass
+        self.remat = False  # see remat_policy: False, True / "full", "dots" or a tuple of MATMUL_NAMES
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       positions: jax.Array | None = None, cache: KVCache | None = None):
@@ -318,7 +358,8 @@ class CausalLM(nnx.Module):
             mask = causal[None, None] & valid[:, None, None, :]
         x = self.model.embed_tokens(input_ids).astype(jnp.float32)  # float32 residual stream
         new_k, new_v = [], []
-        run = nnx.remat(_run_layer) if self.remat else _run_layer
+        policy = remat_policy(self.remat)
+        run = _run_layer if policy is None else nnx.remat(_run_layer, policy=policy)
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             x, kv = run(layer, x, cos, sin, mask, kv, index)

@@ -7,8 +7,14 @@
   the whole accumulated batch, not per micro-batch (transformers issue 34191).
 - `make_optimizer`: optax ``clip_by_global_norm`` + ``adamw`` with warmup then constant or
   cosine, wrapped in ``apply_if_finite`` (non-finite gradients skip the step and are counted).
+- Metrics (`classification_metrics`, `causal_lm_metrics`) return sums over a batch, so
+  evaluation adds them on the host and never runs an uncompiled op.
 - `Trainer`: the model split into trainable (LoRA + head), RNG (dropout) and frozen
-  state; `Trainer.step` is one optimizer step over ``[accum, batch, ...]`` arrays.
+  state; `Trainer.step` is one optimizer step over ``[accum, batch, ...]`` arrays,
+  `Trainer.evaluate_batch` the metric sums of one batch. `Trainer.precompile` compiles
+  both for every shape bucket ahead of time (`jaxqlora.compile`); it also works on a
+  Trainer built over an abstract model (``nnx.eval_shape``), before the weights exist,
+  which `Trainer.attach` then binds to the real model.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxqlora.compile import BucketKey, Executables, Job, abstract, is_abstract, precompile
 from jaxqlora.model import CausalLM
 
 
@@ -87,6 +94,33 @@ def causal_lm_loss(model: CausalLM, batch) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
+# ------------------------------------------------------------------ metrics
+
+
+def classification_metrics(model: SequenceClassifier, batch) -> dict[str, jax.Array]:
+    """Weighted count of correct argmax predictions (``correct``) and the weight sum (``total``)."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    hit = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+    return {"correct": jnp.sum(hit * batch["weight"]), "total": jnp.sum(batch["weight"])}
+
+
+def causal_lm_metrics(model: CausalLM, batch) -> dict[str, jax.Array]:
+    """Sums of one causal-LM batch: ``loss_sum`` / ``count`` (as `causal_lm_loss`), and
+    ``correct`` / ``total``: rows whose greedy first response token equals the real one
+    (label-word accuracy when responses are single label words)."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    mask = batch["loss_mask"][:, :-1] * batch["weight"][:, None]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
+    first = jnp.argmax(batch["loss_mask"], axis=1)  # logits at `first` predict the first response token
+    rows = jnp.arange(first.shape[0])
+    hit = (jnp.argmax(logits[rows, first], -1) == batch["input_ids"][rows, first + 1]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(ce * mask), "count": jnp.sum(mask), "correct": jnp.sum(hit * batch["weight"]),
+            "total": jnp.sum(batch["weight"])}
+
+
+_METRICS = {classification_loss: classification_metrics, causal_lm_loss: causal_lm_metrics}
+
+
 # ---------------------------------------------------------------- optimizer
 
 
@@ -125,24 +159,48 @@ class Trainer:
     """Holds the split model, the optimizer and its state; `step` trains, `predict` infers.
 
     Args:
-      model: a `SequenceClassifier` or `CausalLM` with LoRA layers.
+      model: a `SequenceClassifier` or `CausalLM` with LoRA layers; or its abstract twin
+        (``nnx.eval_shape(build)``, no weights) to `precompile` before the weights are
+        loaded, then `attach` the real one.
       loss_fn: `classification_loss` or `causal_lm_loss`.
-      optimizer: from `make_optimizer`.
+      optimizer: from `make_optimizer`; None for an evaluation-only Trainer.
+      metrics_fn: metric sums of a batch for `evaluate_batch`; default
+        `classification_metrics` / `causal_lm_metrics` after ``loss_fn``.
+      executables: compiled steps (from `precompile`). Once there are any, a batch whose
+        shape was not precompiled raises `jaxqlora.compile.BucketError` (or, with
+        ``executables.allow_new_buckets``, compiles its bucket); without any, the steps are
+        plain ``jax.jit`` functions that compile on first use of each shape.
     """
 
     model: nnx.Module
     loss_fn: Callable
-    optimizer: optax.GradientTransformation
+    optimizer: optax.GradientTransformation | None
+    metrics_fn: Callable | None = None
+    executables: Executables | None = None
 
     def __post_init__(self):
         self.graphdef, self.trainable, self.rng_state, self.frozen = nnx.split(self.model, TRAINABLE, nnx.RngState, ...)
         if not jax.tree_util.tree_leaves(self.trainable):
             raise ValueError("the model has no trainable (LoRA or head) parameters")
-        self.opt_state = self.optimizer.init(self.trainable)
+        if self.metrics_fn is None:
+            self.metrics_fn = _METRICS.get(self.loss_fn)
+        if self.executables is None:
+            self.executables = Executables()
+        self.is_abstract = is_abstract((self.trainable, self.rng_state, self.frozen))
+        self.opt_state = self._init_opt_state()
         self.steps = 0
-        self._step = jax.jit(functools.partial(_train_step, self.graphdef, self.loss_fn, self.optimizer),
-                             donate_argnums=(0, 1, 2))
+        self._step = None if self.optimizer is None else jax.jit(
+            functools.partial(_train_step, self.graphdef, self.loss_fn, self.optimizer), donate_argnums=(0, 1, 2))
         self._eval = jax.jit(functools.partial(_eval_forward, self.graphdef))
+        self._metrics = None if self.metrics_fn is None else jax.jit(
+            functools.partial(_eval_metrics, self.graphdef, self.metrics_fn))
+
+    def _init_opt_state(self):
+        if self.optimizer is None:
+            return None
+        if self.is_abstract:
+            return jax.eval_shape(self.optimizer.init, self.trainable)
+        return self.optimizer.init(self.trainable)
 
     @property
     def num_trainable(self) -> int:
@@ -152,15 +210,109 @@ class Trainer:
         """One optimizer step. ``batch`` arrays have a leading micro-batch axis ``[accum, B, ...]``.
 
         Returns ``{"loss", "grad_norm", "count"}`` as device scalars (not synced).
+
+        Raises:
+          BucketError: the batch's shape was not precompiled (see ``executables``).
         """
-        self.trainable, self.rng_state, self.opt_state, metrics = self._step(
-            self.trainable, self.rng_state, self.opt_state, self.frozen, batch)
+        if self._step is None:
+            raise ValueError("this Trainer has no optimizer (evaluation only)")
+        self._check_concrete()
+        args = (self.trainable, self.rng_state, self.opt_state, self.frozen, batch)
+        key = BucketKey("train", tuple(batch["input_ids"].shape))
+        step = self._executable(key, self._step, args)
+        self.trainable, self.rng_state, self.opt_state, metrics = step(*args)
         self.steps += 1
         return metrics
 
+    def evaluate_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """``metrics_fn`` of one ``[B, ...]`` batch with dropout off: device scalars of sums
+        (e.g. ``correct`` / ``total``), to be added over batches.
+
+        Raises:
+          BucketError: the batch's shape was not precompiled.
+          ValueError: no ``metrics_fn`` is known for this ``loss_fn``.
+        """
+        if self._metrics is None:
+            raise ValueError(f"no metrics function for {self.loss_fn!r}; pass metrics_fn")
+        self._check_concrete()
+        args = (self.trainable, self.rng_state, self.frozen, batch)
+        return self._executable(BucketKey("eval", tuple(batch["input_ids"].shape)), self._metrics, args)(*args)
+
     def predict(self, input_ids, attention_mask) -> jax.Array:
-        """Model output (class logits or LM logits) with dropout off."""
+        """Model output (class logits or LM logits) with dropout off (plain ``jax.jit``,
+        compiled on first use of each shape)."""
+        self._check_concrete()
         return self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
+
+    def precompile(self, batch_size: int, seq_lens, *, grad_accum: int = 1, eval_batch_size: int | None = None,
+                   causal_lm: bool | None = None, batch_sharding=None,
+                   log: Callable[[str], None] | None = None) -> Executables:
+        """Compile the train step for ``[grad_accum, batch_size, L]`` batches and the
+        evaluation step for ``[eval_batch_size, L]`` batches, for every L in ``seq_lens``,
+        ahead of time (`jaxqlora.compile.precompile`; progress bar, per-bucket times).
+
+        Args:
+          batch_size, grad_accum: training micro-batch size and micro-batches per step.
+          seq_lens: sequence-length buckets (tokens).
+          eval_batch_size: evaluation batch size; None skips evaluation steps.
+          causal_lm: batches carry ``loss_mask`` (True) or ``labels``; default from ``loss_fn``.
+          batch_sharding: a ``NamedSharding`` of ``[B, ...]`` arrays (e.g. ``PartitionSpec("data")``)
+            that evaluation batches arrive with; train batches ``[accum, B, ...]`` get it behind
+            an unsharded accumulation axis. None for a single device. The state's shardings are
+            read from the state itself.
+          log: receives the compile-time lines (default ``executables.log``).
+
+        Returns:
+          ``self.executables``, now holding ``BucketKey("train", (grad_accum, batch_size, L))``
+          and ``BucketKey("eval", (eval_batch_size, L))`` for each L.
+
+        Works on an abstract Trainer (no weights): only shapes, dtypes and shardings are read.
+        """
+        from jaxqlora.data import batch_spec
+
+        if causal_lm is None:
+            causal_lm = self.loss_fn is causal_lm_loss
+        state = abstract((self.trainable, self.rng_state, self.opt_state, self.frozen))
+        trainable, rng_state, opt_state, frozen = state
+        jobs = {}
+        for length in sorted(set(seq_lens)):
+            if self._step is not None:
+                batch = batch_spec(batch_size, length, causal_lm=causal_lm, accum=grad_accum,
+                                   sharding=_behind_accum(batch_sharding))
+                jobs[BucketKey("train", (grad_accum, batch_size, length))] = Job(
+                    self._step, (trainable, rng_state, opt_state, frozen, batch))
+            if eval_batch_size and self._metrics is not None:
+                batch = batch_spec(eval_batch_size, length, causal_lm=causal_lm, sharding=batch_sharding)
+                jobs[BucketKey("eval", (eval_batch_size, length))] = Job(
+                    self._metrics, (trainable, rng_state, frozen, batch))
+        return precompile(jobs, into=self.executables, log=log, desc="precompile train/eval")
+
+    def attach(self, model: nnx.Module) -> "Trainer":
+        """Bind the real ``model`` to a Trainer built (and precompiled) over its abstract twin;
+        initialises the optimizer state. Returns self.
+
+        Raises:
+          ValueError: ``model``'s structure, shapes or dtypes differ from the abstract model's
+            (the precompiled executables would not fit it).
+        """
+        graphdef, trainable, rng_state, frozen = nnx.split(model, TRAINABLE, nnx.RngState, ...)
+        if graphdef != self.graphdef or _signature((trainable, rng_state, frozen)) != _signature(
+                (self.trainable, self.rng_state, self.frozen)):
+            raise ValueError("the model differs from the one this Trainer was built and compiled for "
+                             "(structure, shapes or dtypes)")
+        self.model, self.trainable, self.rng_state, self.frozen = model, trainable, rng_state, frozen
+        self.is_abstract = False
+        self.opt_state = self._init_opt_state()
+        return self
+
+    def _executable(self, key: BucketKey, jitted, args):
+        if not self.executables:
+            return jitted
+        return self.executables.lookup(key, lambda: Job(jitted, abstract(args)))
+
+    def _check_concrete(self):
+        if self.is_abstract:
+            raise ValueError("this Trainer holds an abstract model (no weights): attach the real model first")
 
     def sync_model(self) -> nnx.Module:
         """Write the trained state back into ``self.model`` and return it."""
@@ -197,14 +349,20 @@ def _eval_forward(graphdef, trainable, rng_state, frozen, input_ids, attention_m
     return model(input_ids, attention_mask)
 
 
-def make_predict(model: nnx.Module) -> Callable:
-    """A jitted ``predict(input_ids, attention_mask)`` of ``model`` with dropout off."""
-    graphdef, state = nnx.split(model)
+def _eval_metrics(graphdef, metrics_fn, trainable, rng_state, frozen, batch):
+    model = nnx.merge(graphdef, trainable, rng_state, frozen, copy=True)
+    model.eval()
+    return metrics_fn(model, batch)
 
-    @jax.jit
-    def run(state, input_ids, attention_mask):
-        m = nnx.merge(graphdef, state, copy=True)
-        m.eval()
-        return m(input_ids, attention_mask)
 
-    return lambda input_ids, attention_mask: run(state, input_ids, attention_mask)
+def _behind_accum(sharding):
+    """``sharding`` of ``[B, ...]`` arrays moved behind a leading (unsharded) accumulation axis."""
+    if sharding is None:
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+
+
+def _signature(tree):
+    """Tree structure with each leaf's shape and dtype (to compare a model with its abstract twin)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, [(tuple(x.shape), x.dtype) for x in leaves]

@@ -1,8 +1,23 @@
 """Shared fixtures: the embedded SmolLM2-135M-Instruct, loaded once per test session, by
-transformers (the independent reference) and by us."""
+transformers (the independent reference) and by us. Tests keep JAX's persistent
+compilation cache in a temporary folder, never in the user's cache."""
 
-import jax
-import pytest
+import os
+import shutil
+import tempfile
+
+# Before jaxqlora is imported (it turns the cache on at import): a throw-away cache folder.
+_CACHE = None
+if "JAXQLORA_COMPILE_CACHE" not in os.environ:
+    _CACHE = os.environ["JAXQLORA_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxqlora-test-xla-")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 # Parity tests compare float32 numerics with PyTorch on CPU; on a GPU, XLA's default
 # precision would run float32 matmuls in TF32.

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
 
-from jaxqlora.data import (DataError, Encoded, batches, bucket_for, load_classification, load_prompt_response,
+from jaxqlora.compile import BucketError, bucket_for
+from jaxqlora.data import (DataError, Encoded, batches, load_classification, load_prompt_response,
                            sentiment_as_prompts, split)
 
 
@@ -42,8 +43,9 @@ def test_batches_shapes_buckets_and_filler():
     np.testing.assert_array_equal(out[2]["weight"], [1.0, 0.0])  # filler row of the last batch
     np.testing.assert_array_equal(out[1]["labels"], [0, 1])
     assert (out[0]["input_ids"][0, 3:] == 0).all()
-    with pytest.raises(ValueError, match="largest bucket"):
+    with pytest.raises(BucketError, match="200 tokens exceeds the largest bucket"):
         bucket_for(200, (16, 64, 128))
+    assert bucket_for(200, (16, 64, 128), allow_new=True) == 200  # a new bucket only by explicit choice
 
 
 def test_causal_lm_loss_mask_covers_response_only(tmp_path):

@@ -10,12 +10,13 @@ import torch
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxqlora.io import load_pretrained
 from jaxqlora.io.peft import save_adapter
 from jaxqlora.lora import apply_lora, lora_layers
-from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, classification_loss, make_optimizer,
-                            nonfinite_steps)
+from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, causal_lm_metrics, classification_loss,
+                            classification_metrics, make_optimizer, nonfinite_steps)
 
 transformers = pytest.importorskip("transformers")
 from tiny_models import random_model  # noqa: E402
@@ -66,6 +67,13 @@ def test_classifier_last_pooling_matches_peft_seq_cls(base_folder, tmp_path):
         ref = pm(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
     assert np.abs(got - ref).max() < 1e-4
 
+    labels = np.array([ref[0].argmax(), (ref[1].argmax() + 1) % 3, ref[2].argmax()], np.int32)  # 2 of 3 right
+    weight = np.array([1.0, 1.0, 0.5], np.float32)
+    m = classification_metrics(clf, {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+                                     "labels": jnp.asarray(labels), "weight": jnp.asarray(weight)})
+    assert float(m["correct"]) == float(((ref.argmax(-1) == labels) * weight).sum()) == 1.5
+    assert float(m["total"]) == 2.5
+
 
 def _peft_causal_reference(base_folder, adapter_dir, ids, mask, loss_mask):
     """HF loss over the whole batch (labels -100 outside the response) and the LoRA grad norm."""
@@ -78,14 +86,16 @@ def _peft_causal_reference(base_folder, adapter_dir, ids, mask, loss_mask):
              labels=torch.tensor(labels))
     out.loss.backward()
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for n, p in pm.named_parameters() if p.grad is not None))
-    return float(out.loss), float(norm)
+    return float(out.loss), float(norm), out.logits.detach().numpy()
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, tmp_path, remat):
+@pytest.mark.parametrize("remat,precompiled", [(False, False), (True, False), ("dots", True),
+                                               (("q_proj", "k_proj", "v_proj", "attention"), False)])
+def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, tmp_path, remat, precompiled):
     """Two micro-batches with different response-token counts: our accumulated loss and
     gradient norm equal transformers' loss over the whole batch (normalised by the total
-    token count, transformers issue 34191), with and without per-layer rematerialisation."""
+    token count, transformers issue 34191), without and with per-layer rematerialisation
+    (full, matmul outputs kept, attention side kept), jitted or precompiled."""
     lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
     apply_lora(lm, r=4, alpha=8.0, seed=5)
     _randomize_lora(lm, 6)
@@ -95,16 +105,92 @@ def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, t
     loss_mask = np.zeros(ids.shape, np.float32)
     for i, (start, n) in enumerate([(2, 12), (1, 5), (8, 10), (0, 3)]):
         loss_mask[i, start:n - 1] = 1  # response tokens of very different counts
-    ref_loss, ref_norm = _peft_causal_reference(base_folder, tmp_path, ids, mask, loss_mask)
+    ref_loss, ref_norm, ref_logits = _peft_causal_reference(base_folder, tmp_path, ids, mask, loss_mask)
 
     opt, _ = make_optimizer(1e-3, total_steps=10)
     trainer = Trainer(lm, causal_lm_loss, opt)
+    if precompiled:
+        trainer.precompile(2, (12,), grad_accum=2, log=lambda *_: None)
     batch = {"input_ids": ids.reshape(2, 2, -1), "attention_mask": mask.reshape(2, 2, -1),
              "loss_mask": loss_mask.reshape(2, 2, -1), "weight": np.ones((2, 2), np.float32)}
     m = trainer.step({k: jnp.asarray(v) for k, v in batch.items()})
     assert abs(float(m["loss"]) - ref_loss) < 1e-5
     assert abs(float(m["grad_norm"]) - ref_norm) / ref_norm < 1e-4
     assert float(m["count"]) == loss_mask[:, :-1].sum()
+
+
+def test_causal_lm_metrics_match_peft(base_folder, tmp_path):
+    """Evaluation sums of a causal-LM batch: loss over the response tokens and greedy
+    first-response-token accuracy equal those computed from PEFT's logits."""
+    lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
+    apply_lora(lm, r=4, alpha=8.0, dropout=0.1, seed=5)  # dropout is off in evaluation
+    _randomize_lora(lm, 6)
+    save_adapter(lm, tmp_path)
+    ids, mask = _right_padded([12, 5, 10, 3], 12, seed=8)
+    loss_mask = np.zeros(ids.shape, np.float32)
+    for i, (start, n) in enumerate([(2, 12), (1, 5), (8, 10), (0, 3)]):
+        loss_mask[i, start:n - 1] = 1
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    first = loss_mask.argmax(1)
+    with torch.no_grad():  # make rows 0 and 2 greedy-correct: logits at `first` see no later token
+        greedy = pm(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()[np.arange(4), first].argmax(-1)
+    for i in (0, 2):
+        ids[i, first[i] + 1] = greedy[i]
+    for i in (1, 3):
+        ids[i, first[i] + 1] = (greedy[i] + 1) % VOCAB or 1
+    labels = np.full(ids.shape, -100, np.int64)
+    labels[:, 1:] = np.where(loss_mask[:, :-1] > 0, ids[:, 1:], -100)
+    with torch.no_grad():
+        out = pm(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                 labels=torch.tensor(labels))
+    logits = out.logits.numpy()
+    hits = logits[np.arange(4), first].argmax(-1) == ids[np.arange(4), first + 1]
+
+    trainer = Trainer(lm, causal_lm_loss, None)  # evaluation only
+    m = trainer.evaluate_batch({"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+                                "loss_mask": jnp.asarray(loss_mask), "weight": jnp.ones(4, jnp.float32)})
+    assert abs(float(m["loss_sum"]) / float(m["count"]) - float(out.loss)) < 1e-5
+    assert float(m["count"]) == loss_mask[:, :-1].sum()
+    assert float(m["correct"]) == hits.sum() and float(m["total"]) == 4.0
+    assert hits.tolist() == [True, False, True, False]
+    assert trainer.metrics_fn is causal_lm_metrics
+
+
+def _count_dots(jaxpr) -> int:
+    """dot_general equations in a jaxpr and every jaxpr nested in its parameters."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general"
+        for v in eqn.params.values():
+            for j in v if isinstance(v, (tuple, list)) else (v,):
+                j = getattr(j, "jaxpr", j)  # ClosedJaxpr -> Jaxpr
+                if hasattr(j, "eqns"):
+                    n += _count_dots(j)
+    return n
+
+
+def test_dots_remat_recomputes_no_matmul(base_folder):
+    """With ``remat="dots"`` the gradient's program recomputes no projection: at most one
+    more matmul per layer than without remat (the attention scores QK^T; flash attention's
+    backward recomputes them too), and fewer than full remat (the whole forward again)."""
+    lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
+    apply_lora(lm, r=4, alpha=8.0)
+    ids = jnp.asarray(_right_padded([9, 6], 9, seed=1)[0])
+
+    def dots(remat):
+        lm.remat = remat
+        graphdef, lora, rest = nnx.split(lm, nnx.LoRAParam, ...)
+
+        def loss(lora):
+            return jnp.sum(nnx.merge(graphdef, lora, rest, copy=True)(ids) ** 2)
+
+        return _count_dots(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr)
+
+    none, saved, full = dots(False), dots("dots"), dots("full")
+    assert none <= saved <= none + lm.config.num_hidden_layers < full, (none, saved, full)
+    with pytest.raises(ValueError, match="remat must be"):
+        dots("everything")
 
 
 def test_compiles_once_per_bucket_and_skips_nonfinite(base_folder):

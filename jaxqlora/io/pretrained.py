@@ -44,25 +44,47 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
     path = embedded_model_path() if path is None else Path(path)
     if path.is_file() and path.suffix == ".gguf":
         ckpt = GGUFCheckpoint(path)
-        from jaxqlora.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_gguf(ckpt.reader)
         model = build_model(ckpt.config, ckpt.iter_hf_tensors(), dtype=dtype, source=str(path))
-        return model, tokenizer
+        return model, _gguf_tokenizer(ckpt)
     if path.is_dir():
         cfg = ModelConfig.from_hf(path)
         files = safetensors_files(path)
-        tokenizer = None
-        if (path / "tokenizer.json").is_file():
-            from jaxqlora.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_pretrained(path)
+        tokenizer = _folder_tokenizer(path)
         nf4_layers, nf4_keys = read_nf4_layers(files)  # bitsandbytes 4-bit checkpoints load as NF4Linear
         model = build_model(cfg, iter_safetensors(files, skip=nf4_keys), dtype=dtype, source=str(path), nf4_layers=nf4_layers)
         return model, tokenizer
     if not path.exists():
         raise CheckpointError(path, "no such file or folder")
     raise CheckpointError(path, "expected an HF model folder or a .gguf file")
+
+
+def _gguf_tokenizer(ckpt: GGUFCheckpoint):
+    from jaxqlora.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(ckpt.reader)
+
+
+def _folder_tokenizer(path: Path):
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from jaxqlora.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(path)
+
+
+def load_tokenizer(path: str | Path | None = None):
+    """The `jaxqlora.tokenizer.Tokenizer` of a checkpoint without loading its weights
+    (None for an HF folder without ``tokenizer.json``); ``path`` as in `load_pretrained`.
+
+    Raises:
+      CheckpointError: no such file or folder.
+    """
+    path = embedded_model_path() if path is None else Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_tokenizer(GGUFCheckpoint(path))
+    if path.is_dir():
+        return _folder_tokenizer(path)
+    raise CheckpointError(path, "no such file or folder" if not path.exists() else "expected an HF model folder or a .gguf file")
 
 
 def load_config(path: str | Path | None = None) -> ModelConfig:
@@ -73,4 +95,4 @@ def load_config(path: str | Path | None = None) -> ModelConfig:
     return ModelConfig.from_hf(path)
 
 
-__all__ = ["load_pretrained", "load_config", "CausalLM"]
+__all__ = ["load_pretrained", "load_config", "load_tokenizer", "CausalLM"]

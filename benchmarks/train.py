@@ -1,0 +1,207 @@
+"""QLoRA training-step speed and peak GPU memory: jaxqlora vs transformers + PEFT + bitsandbytes.
+
+One optimizer step of QLoRA on random weights: NF4 projections with double quantization
+(blocksize 64), bf16 compute, LoRA r=16 alpha=32 (dropout ``--dropout``) on all seven
+projections, AdamW (gradient clipping 0.3), causal-LM loss over every token. Rows
+(batch x sequence length, rematerialisation):
+
+| config | peer tok/s, GB (issue 5) | target |
+|---|---|---|
+| Llama-3-8B 4x2048 with checkpointing | 7,706, 21.2 | >= 11,500 at <= 22 GB |
+| Llama-3-8B 4x2048 without | 10,867, 76.2 | >= 16,000 at <= 76 GB |
+| Llama-3-8B 1x8192 with checkpointing | 7,021, 21.2 | >= 10,500 at <= 22 GB |
+| SmolLM2-135M 16x512 without | 41,730 | >= 125,000 |
+
+Checkpointing rows run once per policy of ``--policies`` (``full``: keep layer inputs only;
+``dots``: keep matmul outputs, recompute elementwise work; see
+`jaxqlora.model.remat_policy`); the peer uses transformers' (non-reentrant) gradient
+checkpointing. Every row is its own subprocess, so peak memory is per configuration:
+JAX ``memory_stats()["peak_bytes_in_use"]``, torch ``max_memory_allocated`` (after the
+weights are built). tokens/s = batch x length / median step time (warm-up, then ``--rounds``
+rounds of ``--calls`` queued steps, one sync each). The compile column is `Trainer.precompile`'s
+time for the step (lowering + XLA compile, or the persistent-cache load if warm).
+
+    python benchmarks/train.py                 # on one GPU, < 10 minutes
+    python benchmarks/train.py --smoke         # tiny shapes on the CPU (checks the script)
+    python benchmarks/train.py --only smollm2  # rows whose name contains "smollm2"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+# name, model, batch, seq_len, checkpointing, peer (tok/s, GB), target (tok/s, GB)
+ROWS = [
+    ("8b-4x2048-ckpt", "llama3-8b", 4, 2048, True, (7706, 21.2), (11500, 22)),
+    ("8b-4x2048", "llama3-8b", 4, 2048, False, (10867, 76.2), (16000, 76)),
+    ("8b-1x8192-ckpt", "llama3-8b", 1, 8192, True, (7021, 21.2), (10500, 22)),
+    ("smollm2-16x512", "smollm2-135m", 16, 512, False, (41730, None), (125000, None)),
+]
+SMOKE_ROWS = [
+    ("smoke-2x64-ckpt", "smoke", 2, 64, True, (None, None), (None, None)),
+    ("smoke-4x32", "smoke", 4, 32, False, (None, None), (None, None)),
+]
+
+
+def _batch(cfg, batch, length, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, cfg.vocab_size, (1, batch, length)).astype(np.int32)
+    ones = np.ones((1, batch, length), np.float32)
+    return ids, ones
+
+
+def worker_ours(args) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxqlora.lora import apply_lora
+    from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
+
+    cfg = common.MODELS[args.model]
+    hits = []
+    jax.monitoring.register_event_listener(
+        lambda e, **k: hits.append(e) if e == "/jax/compilation_cache/cache_hits" else None)
+    t0 = time.perf_counter()
+    lm = common.random_nf4_model(cfg, seed=args.seed)
+    apply_lora(lm, r=16, alpha=32.0, dropout=args.dropout, seed=args.seed)
+    lm.remat = False if args.remat == "none" else tuple(args.remat.split("+")) if "+" in args.remat else args.remat
+    build_s = time.perf_counter() - t0
+    optimizer, _ = make_optimizer(2e-4, total_steps=1000)
+    trainer = Trainer(lm, causal_lm_loss, optimizer)
+    hits.clear()  # count persistent-cache hits of the step's compile only
+    ex = trainer.precompile(args.batch, (args.length,), log=lambda m: print(m, file=sys.stderr))
+    step_hits = len(hits)
+    ids, ones = _batch(cfg, args.batch, args.length, args.seed)
+    batch = jax.device_put({"input_ids": ids, "attention_mask": ones.astype(np.int32), "loss_mask": ones,
+                            "weight": ones[:, :, 0]})
+    losses = []
+
+    def step():
+        m = trainer.step(batch)
+        losses.append(m["loss"])
+        return m["loss"]
+
+    sec = common.bench(step, calls=args.calls, rounds=args.rounds)
+    return {"tok_s": args.batch * args.length / sec, "step_s": sec, "peak": common.peak_bytes(),
+            "compile_s": ex.total(), "compile_cache_hits": step_hits, "build_s": build_s,
+            "loss": float(losses[-1]), "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+def worker_peer(args) -> dict:
+    import numpy as np
+    import peft
+    import torch
+
+    cfg = common.MODELS[args.model]
+    torch.manual_seed(args.seed)
+    model = common.peer_model(cfg)
+    lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout, target_modules=list(common.TARGETS),
+                           task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lora)
+    if args.remat != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    ids, _ = _batch(cfg, args.batch, args.length, args.seed)
+    x = torch.tensor(np.asarray(ids[0]), dtype=torch.long, device="cuda")
+
+    def step():
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sec = common.torch_time(step, calls=args.calls, rounds=args.rounds)
+    return {"tok_s": args.batch * args.length / sec, "step_s": sec, "peak": torch.cuda.max_memory_allocated(),
+            "versions": f"torch {torch.__version__}, peft {peft.__version__}"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, no peer")
+    ap.add_argument("--only", default="", help="run rows whose name contains this")
+    ap.add_argument("--policies", default="dots,full",
+                    help="remat policies of the checkpointing rows: full, dots, or names joined by + "
+                         "(e.g. q_proj+k_proj+v_proj+attention+o_proj+lora_a)")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run (rows past it are skipped)")
+    # worker arguments
+    ap.add_argument("--worker", choices=["ours", "peer"])
+    ap.add_argument("--model")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--length", type=int)
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        common.emit(worker_ours(args) if args.worker == "ours" else worker_peer(args))
+        return 0
+
+    t_start = time.perf_counter()
+    rows = [r for r in (SMOKE_ROWS if args.smoke else ROWS) if args.only in r[0]]
+    policies = [p for p in args.policies.split(",") if p]
+    peer_reason = "--smoke" if args.smoke else "--no-peer" if args.no_peer else common.peer_available()
+    env = {"JAX_PLATFORMS": "cpu"} if args.smoke else {}
+    if args.smoke:
+        args.calls, args.rounds = 1, 1
+    common_args = ["--worker", "", "--dropout", str(args.dropout), "--calls", str(args.calls),
+                   "--rounds", str(args.rounds)]
+    results = []
+    for name, model, batch, length, ckpt, peer_ref, target in rows:
+        base = ["--model", model, "--batch", str(batch), "--length", str(length)]
+        for policy in (policies if ckpt else ["none"]):
+            remaining = args.budget - (time.perf_counter() - t_start)
+            wa = list(common_args)
+            wa[1] = "ours"
+            r = common.run_worker(__file__, wa + base + ["--remat", policy], timeout=remaining, env=env)
+            results.append((name, f"jaxqlora remat={policy}", r, peer_ref, target))
+            print(f"# {name} jaxqlora remat={policy}: {r}", file=sys.stderr, flush=True)
+        if peer_reason is None:
+            remaining = args.budget - (time.perf_counter() - t_start)
+            wa = list(common_args)
+            wa[1] = "peer"
+            r = common.run_worker(__file__, wa + base + ["--remat", "full" if ckpt else "none"], timeout=remaining)
+            results.append((name, "transformers+PEFT+bnb" + (" ckpt" if ckpt else ""), r, peer_ref, target))
+            print(f"# {name} peer: {r}", file=sys.stderr, flush=True)
+
+    device = next((r["device"] + " | jax " + r["jax"] for _, _, r, _, _ in results if "device" in r), "?")
+    print(f"\n# QLoRA train step, {time.strftime('%Y-%m-%d')} | {device} | NF4+DQ bf16, LoRA r=16 a=32 all 7 "
+          f"projections, dropout {args.dropout}, AdamW | median of {args.rounds} x {args.calls} steps"
+          + ("" if peer_reason is None else f" | peer not run: {peer_reason}"))
+    print("| config | run | tokens/s | peak GB | compile s | vs peer (same run) | vs peer (issue) | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    peer_now = {name: r for name, run, r, _, _ in results if run.startswith("transformers") and "tok_s" in r}
+    for name, run, r, (ref_tok, ref_gb), (tgt_tok, tgt_gb) in results:
+        if "tok_s" not in r:
+            print(f"| {name} | {run} | {r.get('error', '?')} | | | | | |")
+            continue
+        same = peer_now.get(name)
+        vs_now = f"{r['tok_s'] / same['tok_s']:.2f}x" if same and not run.startswith("transformers") else ""
+        vs_issue = f"{r['tok_s'] / ref_tok:.2f}x" if ref_tok else ""
+        target = "" if tgt_tok is None else (f">= {tgt_tok:,}" + (f" at <= {tgt_gb} GB" if tgt_gb else ""))
+        if tgt_tok is not None and not run.startswith("transformers"):
+            ok = r["tok_s"] >= tgt_tok and (tgt_gb is None or (r["peak"] is not None and r["peak"] / 1e9 <= tgt_gb))
+            target += " met" if ok else " not met"
+        comp = f"{r['compile_s']:.1f}" + (" (cache)" if r.get("compile_cache_hits") else "") if "compile_s" in r else ""
+        print(f"| {name} | {run} | {r['tok_s']:,.0f} | {common.gb(r['peak'])} | {comp} | {vs_now} | {vs_issue} | "
+              f"{target} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
