@@ -128,21 +128,34 @@ class Trainer:
       model: a `SequenceClassifier` or `CausalLM` with LoRA layers.
       loss_fn: `classification_loss` or `causal_lm_loss`.
       optimizer: from `make_optimizer`.
+      mesh: None (one device), or a ``(data, fsdp)`` ``jax.sharding.Mesh``
+        (`jaxqlora.sharding.make_mesh`): the batch is split over both axes, frozen weights
+        are sharded over ``fsdp`` (`jaxqlora.sharding.shard_model`, applied to ``model``
+        in place), trainable and optimizer state are replicated.
     """
 
     model: nnx.Module
     loss_fn: Callable
     optimizer: optax.GradientTransformation
+    mesh: Any = None
 
     def __post_init__(self):
+        out = {}
+        if self.mesh is not None:
+            from jaxqlora import sharding
+
+            sharding.shard_model(self.model, self.mesh, trainable=TRAINABLE)
+            out = {"out_shardings": sharding.replicated(self.mesh)}
         self.graphdef, self.trainable, self.rng_state, self.frozen = nnx.split(self.model, TRAINABLE, nnx.RngState, ...)
         if not jax.tree_util.tree_leaves(self.trainable):
             raise ValueError("the model has no trainable (LoRA or head) parameters")
         self.opt_state = self.optimizer.init(self.trainable)
+        if self.mesh is not None:
+            self.opt_state = sharding.place(self.opt_state, sharding.replicated(self.mesh))
         self.steps = 0
         self._step = jax.jit(functools.partial(_train_step, self.graphdef, self.loss_fn, self.optimizer),
-                             donate_argnums=(0, 1, 2))
-        self._eval = jax.jit(functools.partial(_eval_forward, self.graphdef))
+                             donate_argnums=(0, 1, 2), **out)
+        self._eval = jax.jit(functools.partial(_eval_forward, self.graphdef), **out)
 
     @property
     def num_trainable(self) -> int:
@@ -152,15 +165,29 @@ class Trainer:
         """One optimizer step. ``batch`` arrays have a leading micro-batch axis ``[accum, B, ...]``.
 
         Returns ``{"loss", "grad_norm", "count"}`` as device scalars (not synced).
+        With a mesh, host arrays hold this process's rows (`jaxqlora.sharding.shard_batch`).
         """
-        self.trainable, self.rng_state, self.opt_state, metrics = self._step(
-            self.trainable, self.rng_state, self.opt_state, self.frozen, batch)
+        from jaxqlora.sharding import shard_batch, use_mesh
+
+        if self.mesh is not None:
+            batch = shard_batch(batch, self.mesh)
+        with use_mesh(self.mesh):
+            self.trainable, self.rng_state, self.opt_state, metrics = self._step(
+                self.trainable, self.rng_state, self.opt_state, self.frozen, batch)
         self.steps += 1
         return metrics
 
     def predict(self, input_ids, attention_mask) -> jax.Array:
-        """Model output (class logits or LM logits) with dropout off."""
-        return self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
+        """Model output (class logits or LM logits) with dropout off. With a mesh every
+        process passes the whole batch and gets the whole output on its first device."""
+        from jaxqlora.sharding import global_input, use_mesh
+
+        if self.mesh is None:
+            return self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
+        input_ids, attention_mask = global_input(input_ids, self.mesh), global_input(attention_mask, self.mesh)
+        with use_mesh(self.mesh):
+            out = self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
+        return out.addressable_data(0)
 
     def sync_model(self) -> nnx.Module:
         """Write the trained state back into ``self.model`` and return it."""
