@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxqlora import data as D
+from jaxqlora import sharding
 from jaxqlora.io.atomic import atomic_write_json
 from jaxqlora.lora import ALL_TARGETS, apply_lora
 from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, classification_loss, make_optimizer,
@@ -57,6 +59,14 @@ class FinetuneConfig:
       seed: data order, LoRA init, dropout.
       dtype: ``"bfloat16"`` or ``"float32"`` for the base weights and activations.
       remat: recompute each decoder layer in the backward pass (less activation memory).
+      mesh: ``"data=N,fsdp=M"`` (`jaxqlora.sharding.parse_mesh`): train on N x M devices,
+        the batch split over all of them, frozen weights sharded over ``fsdp``. None: one
+        device, or every device data-parallel with ``distributed``.
+      distributed: call ``jax.distributed.initialize`` first (several processes/hosts);
+        ``coordinator_address``, ``num_processes``, ``process_id`` default to the
+        environment (`jaxqlora.sharding.initialize_distributed`). Every process reads
+        the same data and keeps its rows; only process 0 writes logs, metrics,
+        results and the adapter (all processes take part in checkpoints).
     """
 
     model: str | None = None
@@ -93,6 +103,11 @@ class FinetuneConfig:
     seed: int = 0
     dtype: str = "bfloat16"
     remat: bool = False
+    mesh: str | None = None
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 def _buckets(cfg: FinetuneConfig) -> tuple[int, ...]:
@@ -192,6 +207,10 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
       ValueError: bad settings.
     """
     t_start = time.perf_counter()
+    mesh = _mesh(cfg)
+    primary = sharding.is_primary()
+    if not primary:
+        log = lambda *_: None  # noqa: E731
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     lm, tokenizer, parts, enc, label_words = _prepare(cfg)
@@ -215,7 +234,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     optimizer, schedule = make_optimizer(cfg.lr, total_steps=total, warmup_ratio=cfg.warmup_ratio,
                                          schedule=cfg.schedule, weight_decay=cfg.weight_decay,
                                          max_grad_norm=cfg.max_grad_norm)
-    trainer = Trainer(model, loss_fn, optimizer)
+    trainer = Trainer(model, loss_fn, optimizer, mesh=mesh)
+    if mesh is not None:
+        frozen = max(sharding.bytes_per_device(trainer.frozen).values())
+        log(f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es): frozen weights "
+            f"{frozen / 1e6:.1f} MB per device")
     log(f"trainable parameters: {trainer.num_trainable:,}; {total} steps of {cfg.grad_accum} x {cfg.batch_size}")
 
     from jaxqlora.checkpoint import TrainCheckpointer
@@ -230,15 +253,16 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
 
     baseline = _baseline(parts, enc, cfg, trainer, pad_id, label_words, tokenizer)
     label_ids = _label_token_ids(tokenizer, label_words)
-    metrics_file = (out / "metrics.jsonl").open("a")
+    metrics_file = (out / "metrics.jsonl").open("a") if primary else open(os.devnull, "w")
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, desc="finetune", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="finetune", dynamic_ncols=True, disable=not primary)
     t_log, tokens = time.perf_counter(), 0
     pending = None
     while step < total:
         for batch in _train_batches(enc["train"], cfg, pad_id, epoch, pos):
-            m = trainer.step({k: jnp.asarray(v) for k, v in batch.items()})
+            m = trainer.step({k: jnp.asarray(v) for k, v in batch.items()} if mesh is None
+                             else sharding.local_rows(batch, mesh))
             step, pos = step + 1, pos + 1
             tokens += int(batch["attention_mask"].sum())
             bar.update(1)
@@ -273,6 +297,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     results["train_seconds"] = train_s
 
     trainer.sync_model()
+    if not primary:
+        return results
     from jaxqlora.io.peft import save_adapter
 
     head = {"score": model.score[...]} if cfg.task == "classification" else None
@@ -283,6 +309,17 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
                           {"pooling": cfg.pooling, "label_names": list(parts["train"].label_names)})
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def _mesh(cfg: FinetuneConfig):
+    """The run's mesh (None: one device); starts ``jax.distributed`` first when asked."""
+    if cfg.distributed:
+        sharding.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    if cfg.mesh is None and not cfg.distributed:
+        return None
+    mesh = sharding.make_mesh(**(sharding.parse_mesh(cfg.mesh) if cfg.mesh else {}))
+    sharding.check_batch_size(cfg.batch_size, mesh)
+    return mesh
 
 
 def _eval_task(cfg):

@@ -217,9 +217,23 @@ def frozen_shardings(state: Any, mesh: Mesh) -> tuple[Any, list[str]]:
 
 
 def place(tree: Any, shardings: Any) -> Any:
-    """``jax.device_put(tree, shardings)``: works with one process or several (every
-    process then holds the same host value, as after loading the same checkpoint)."""
-    return jax.device_put(tree, shardings)
+    """``jax.device_put(tree, shardings)`` (one sharding, or a pytree of them shaped like
+    ``tree``). With several processes, local arrays become global ones: every process
+    must then hold the same value (as after loading the same checkpoint)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, s)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
+    return jax.tree_util.tree_map(put, tree, shardings)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, trainable: Any = nnx.LoRAParam) -> list[str]:
