@@ -17,8 +17,8 @@ JAX does the communication; this module only says where every array lives.
   (``logging.getLogger("jaxqlora.sharding")``).
 - In a layer, `per_device` runs the NF4 kernel on each device's rows inside
   ``jax.shard_map`` with the weight whole: XLA all-gathers each layer's weight when the
-  layer needs it. With ``fsdp > 1`` the gather is under ``jax.checkpoint``, so the
-  backward pass gathers again instead of keeping every layer's full weight alive.
+  layer needs it. With ``fsdp > 1`` the backward pass gathers again instead of keeping
+  every layer's full weight alive.
 - Several hosts: `initialize_distributed` (``jax.distributed.initialize``), each process
   passes its own rows (`local_rows`, `shard_batch` builds the global array with
   ``jax.make_array_from_process_local_data``), and only process 0 writes (`is_primary`).
@@ -32,6 +32,7 @@ fsdp_qlora (2024), which shards the packed 4-bit storage the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -120,7 +121,7 @@ def check_mesh(mesh: Mesh) -> Mesh:
     Raises:
       ShardingError: an axis is missing, or another axis is larger than 1.
     """
-    if not isinstance(mesh, Mesh):
+    if not isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)):
         raise ShardingError(f"expected a jax.sharding.Mesh, got {type(mesh).__name__}")
     missing = [a for a in BATCH_AXES if a not in mesh.axis_names]
     extra = {a: s for a, s in mesh.shape.items() if a not in BATCH_AXES and s > 1}
@@ -203,17 +204,20 @@ def frozen_shardings(state: Any, mesh: Mesh) -> tuple[Any, list[str]]:
     """
     check_mesh(mesh)
     notes: list[str] = []
+    shardings = _shardings(state, mesh, notes)
+    for line in notes:
+        _log.info("%s", line)
+    return shardings, notes
 
+
+def _shardings(state, mesh, notes):
     def rule(path, x):
         name = jax.tree_util.keystr(path)
         if isinstance(x, NF4Weight):
             return _nf4_shardings(name, x, mesh, notes)
         return _array_sharding(name, x, mesh, notes)
 
-    shardings = jax.tree_util.tree_map_with_path(rule, state, is_leaf=lambda x: isinstance(x, NF4Weight))
-    for line in notes:
-        _log.info("%s", line)
-    return shardings, notes
+    return jax.tree_util.tree_map_with_path(rule, state, is_leaf=lambda x: isinstance(x, NF4Weight))
 
 
 def place(tree: Any, shardings: Any) -> Any:
@@ -338,18 +342,21 @@ def global_input(x: Any, mesh: Mesh) -> jax.Array:
 def per_device(fn: Callable, x: jax.Array, *operands: Any) -> jax.Array:
     """``fn(x, *operands)`` on each device's rows of ``x`` with the operands whole.
 
-    Without an active mesh (`use_mesh`) this is ``fn(x, *operands)``. With one, the
-    operands (pytrees, e.g. an `NF4Weight`) are constrained to be replicated, so XLA
-    all-gathers FSDP-sharded weights right here, and ``fn`` runs inside ``jax.shard_map``
-    on the rows of ``x [B, ...]`` that each device holds (a Pallas kernel, a custom
-    call, is never partitioned by XLA itself). When B does not divide over the batch
-    axes, ``fn`` runs on the whole ``x``. With ``fsdp > 1`` the gather is rematerialized
-    in the backward pass (``jax.checkpoint``) instead of being kept for it.
+    Without an active mesh (`use_mesh`) this is ``fn(x, *operands)``. With one, ``fn``
+    runs inside ``jax.shard_map`` on the rows of ``x [B, ...]`` that each device holds
+    (a Pallas kernel, a custom call, is never partitioned by XLA itself; when B does not
+    divide over the batch axes, every device runs the whole ``x``). Operands laid out by
+    `frozen_shardings` (FSDP-sharded NF4 weights) are all-gathered inside, right before
+    ``fn``, once this layer's ``x`` exists (an optimization barrier, so that XLA cannot
+    gather every layer's weight at the start of the step); the backward pass keeps the
+    shards only and gathers again once the cotangent exists. So at most a layer or two of
+    weights are whole at a time, not the model.
 
     Args:
-      fn: ``fn(x_rows, *operands) -> y_rows``, rows along axis 0 of ``x`` and ``y``.
+      fn: ``fn(x_rows, *operands) -> y_rows``, rows along axis 0 of ``x`` and ``y``;
+        differentiable in ``x`` (the operands are frozen: zero cotangents).
       x: ``[B, ...]`` activations.
-      operands: pytrees passed whole.
+      operands: pytrees passed whole (`NF4Weight`s, arrays).
 
     Returns:
       ``fn``'s result ``[B, ...]``.
@@ -357,18 +364,61 @@ def per_device(fn: Callable, x: jax.Array, *operands: Any) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or any(a not in mesh.axis_names for a in BATCH_AXES):
         return fn(x, *operands)
+    return _per_device(fn, mesh, x, *operands)
+
+
+def _specs(mesh, ops):
+    shardings = _shardings(ops, mesh, [])
+    return jax.tree_util.tree_map(lambda s: s.spec, shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
+
+
+def _run_local(fn, mesh, x, ops, cotangent=None):
+    """shard_map of ``fn`` (or of its vjp when ``cotangent`` is given) with the operands'
+    FSDP shards gathered inside, after a barrier on this call's activations."""
     n = int(mesh.shape[DATA]) * int(mesh.shape[FSDP])
+    rows = P(BATCH_AXES) if x.ndim and x.shape[0] % n == 0 else P()
+    op_specs = _specs(mesh, ops)
 
-    def gathered(x, *ops):
-        ops = jax.lax.with_sharding_constraint(ops, P())
-        if x.ndim == 0 or x.shape[0] % n:
+    def gather(a, spec):
+        for axis, name in enumerate(spec):
+            if name == FSDP:
+                return jax.lax.all_gather(a, FSDP, axis=axis, tiled=True)
+        return a
+
+    def local(x, ops, *ct):
+        x, ops, ct = jax.lax.optimization_barrier((x, ops, ct))
+        ops = jax.tree_util.tree_map(gather, ops, op_specs)
+        if not ct:
             return fn(x, *ops)
-        specs = (P(BATCH_AXES),) + (P(),) * len(ops)
-        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(BATCH_AXES), check_vma=False)(x, *ops)
+        _, vjp = jax.vjp(lambda x: fn(x, *ops), x)
+        return vjp(ct[0])[0]
 
-    if int(mesh.shape[FSDP]) > 1:
-        return jax.checkpoint(gathered)(x, *operands)
-    return gathered(x, *operands)
+    extra = () if cotangent is None else (cotangent,)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, op_specs) + (rows,) * len(extra), out_specs=rows,
+                         check_vma=False)(x, ops, *extra)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _per_device(fn, mesh, x, *ops):
+    return _run_local(fn, mesh, x, ops)
+
+
+def _per_device_fwd(fn, mesh, x, *ops):
+    return _run_local(fn, mesh, x, ops), (x, ops)
+
+
+def _zero_cotangent(a):
+    if jax.dtypes.issubdtype(a.dtype, np.inexact):
+        return jax.numpy.zeros(a.shape, a.dtype)
+    return np.zeros(a.shape, jax.dtypes.float0)
+
+
+def _per_device_bwd(fn, mesh, res, dy):
+    x, ops = res
+    return (_run_local(fn, mesh, x, ops, cotangent=dy), *jax.tree_util.tree_map(_zero_cotangent, ops))
+
+
+_per_device.defvjp(_per_device_fwd, _per_device_bwd)
 
 
 # ----------------------------------------------------------------- several hosts
