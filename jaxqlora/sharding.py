@@ -291,9 +291,12 @@ def local_rows(batch: dict[str, np.ndarray], mesh: Mesh, axis: int = 1) -> dict[
     rows = first.shape[axis]
     check_batch_size(rows, mesh)
     sharding = batch_sharding(mesh, axis)
-    spans = [idx[axis] for idx in sharding.addressable_devices_indices_map(first.shape).values()]
-    start = min(s.start or 0 for s in spans)
-    stop = max(rows if s.stop is None else s.stop for s in spans)
+    spans = {(s.start or 0, rows if s.stop is None else s.stop)
+             for s in (idx[axis] for idx in sharding.addressable_devices_indices_map(first.shape).values())}
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != stop - start:
+        raise ShardingError(f"this process's devices hold rows {sorted(spans)}, not one contiguous block: "
+                            "order the mesh devices process by process (make_mesh does)")
     return {k: np.take(np.asarray(v), np.arange(start, stop), axis=axis) for k, v in batch.items()}
 
 
@@ -349,8 +352,9 @@ def per_device(fn: Callable, x: jax.Array, *operands: Any) -> jax.Array:
     `frozen_shardings` (FSDP-sharded NF4 weights) are all-gathered inside, right before
     ``fn``, once this layer's ``x`` exists (an optimization barrier, so that XLA cannot
     gather every layer's weight at the start of the step); the backward pass keeps the
-    shards only and gathers again once the cotangent exists. So at most a layer or two of
-    weights are whole at a time, not the model.
+    shards only and gathers again once the cotangent exists, so no layer's whole weight
+    has to stay alive from the forward to the backward pass (peak memory per device:
+    ``benchmarks/scaling.py``).
 
     Args:
       fn: ``fn(x_rows, *operands) -> y_rows``, rows along axis 0 of ``x`` and ``y``;

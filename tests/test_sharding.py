@@ -157,9 +157,14 @@ def test_two_processes_finetune_like_one(tiny_run, tmp_path):
     procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=_env(2), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=300)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:  # a process left waiting for its peer's collectives is stopped
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for r in results:
         _check(r)
     assert "validation: accuracy" in results[0].stdout and "validation" not in results[1].stdout
