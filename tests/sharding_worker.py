@@ -6,12 +6,14 @@
 Trains a tiny random NF4 + LoRA Llama (float32, dropout on) for three steps of a
 [2 micro-batches x 8 rows] batch on one device and on the meshes (8,1), (2,4), (1,8);
 the (2,4) run checkpoints after two steps and the checkpoint is resumed on (1,1) and
-(8,1) for step three; measures the frozen bytes per device. Writes losses, LoRA
+(8,1) for step three; measures the frozen bytes per device; and runs the Pallas NF4
+kernels (interpret mode, the GPU path) on (1,2) and one device. Writes losses, LoRA
 parameters (as lists) and byte counts to OUT.json for the test to compare.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -40,12 +42,15 @@ jax.monitoring.register_event_duration_secs_listener(
 CONFIG = ModelConfig(arch="llama", vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 ACCUM, ROWS, LENGTH, STEPS = 2, 8, 16, 3
+# smaller still for the Pallas kernels in interpret mode
+PALLAS_CONFIG = ModelConfig(arch="llama", vocab_size=256, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
 
 
-def build_model(seed: int = 0) -> CausalLM:
+def build_model(seed: int = 0, config: ModelConfig | None = None) -> CausalLM:
     """The same tiny model on every call: random float32 weights, NF4 (double quant), LoRA
     r=4 on all projections with dropout 0.1 and random lora_B (so lora_A gets gradients)."""
-    lm = CausalLM(CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    lm = CausalLM(config or CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(seed))
     quantize_model(lm)
     apply_lora(lm, r=4, alpha=8.0, dropout=0.1, seed=seed + 1)
     rng = np.random.default_rng(seed + 2)
@@ -70,10 +75,10 @@ def batches(seed: int = 3) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def new_trainer(mesh) -> Trainer:
+def new_trainer(mesh, config: ModelConfig | None = None) -> Trainer:
     """A fresh trainer of `build_model` (AdamW, lr 1e-2, no warmup beyond the first step)."""
     opt, _ = make_optimizer(1e-2, total_steps=10, warmup_ratio=0.0)
-    return Trainer(build_model(), causal_lm_loss, opt, mesh=mesh)
+    return Trainer(build_model(config=config), causal_lm_loss, opt, mesh=mesh)
 
 
 def lora_params(trainer: Trainer) -> dict[str, list]:
@@ -131,6 +136,15 @@ def meshes(path: str, folder: str) -> None:
     q = quantize_nf4(np.random.default_rng(0).normal(size=(12, 128)).astype(np.float32))
     shardings, notes = sharding.frozen_shardings({"w": q}, mesh_of(1, 8))
     result["indivisible"] = {"notes": notes, "packed_replicated": shardings["w"].packed.is_fully_replicated}
+
+    # the GPU path: the Pallas NF4 kernels (interpret mode) on (1, 2) vs one device
+    import pallas_kernels.nf4_matmul as kernels
+
+    kernels.nf4_matmul = functools.partial(kernels.nf4_matmul, impl="pallas", interpret=True)
+    result["pallas"] = {}
+    for name, mesh in (("single", None), ("(1, 2)", mesh_of(1, 2))):
+        t = new_trainer(mesh, PALLAS_CONFIG)
+        result["pallas"][name] = {"loss": run(t, data[:2]), "lora": lora_params(t)}
     with open(path, "w") as f:
         json.dump(result, f)
 

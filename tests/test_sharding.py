@@ -68,6 +68,14 @@ def test_training_steps_on_a_mesh_match_one_device(mesh_runs, shape):
     assert got["compiles_per_step"][1:] == [0, 0], got["compiles_per_step"]
 
 
+def test_pallas_kernels_under_fsdp_match_one_device(mesh_runs):
+    """The GPU path: with the Pallas NF4 kernels (interpret mode on CPU) run per device inside
+    shard_map on gathered FSDP shards, two steps on (1, 2) equal the one-device steps."""
+    ref, got = mesh_runs["pallas"]["single"], mesh_runs["pallas"]["(1, 2)"]
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-6, atol=2e-6)
+    assert _max_diff(got["lora"], ref["lora"]) < 2e-6
+
+
 def test_checkpoint_from_2x4_resumes_on_1x1_and_8x1(mesh_runs):
     """A checkpoint saved by the (2, 4) run after step 2 restores on a (1, 1) and an (8, 1)
     mesh, and step 3 there gives the (2, 4) run's step 3 (loss and LoRA factors)."""
