@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxqlora import sharding
 from jaxqlora.model import CausalLM
 
 
@@ -142,8 +143,6 @@ class Trainer:
     def __post_init__(self):
         out = {}
         if self.mesh is not None:
-            from jaxqlora import sharding
-
             sharding.shard_model(self.model, self.mesh, trainable=TRAINABLE)
             out = {"out_shardings": sharding.replicated(self.mesh)}
         self.graphdef, self.trainable, self.rng_state, self.frozen = nnx.split(self.model, TRAINABLE, nnx.RngState, ...)
@@ -167,11 +166,9 @@ class Trainer:
         Returns ``{"loss", "grad_norm", "count"}`` as device scalars (not synced).
         With a mesh, host arrays hold this process's rows (`jaxqlora.sharding.shard_batch`).
         """
-        from jaxqlora.sharding import shard_batch, use_mesh
-
         if self.mesh is not None:
-            batch = shard_batch(batch, self.mesh)
-        with use_mesh(self.mesh):
+            batch = sharding.shard_batch(batch, self.mesh)
+        with sharding.use_mesh(self.mesh):
             self.trainable, self.rng_state, self.opt_state, metrics = self._step(
                 self.trainable, self.rng_state, self.opt_state, self.frozen, batch)
         self.steps += 1
@@ -180,12 +177,11 @@ class Trainer:
     def predict(self, input_ids, attention_mask) -> jax.Array:
         """Model output (class logits or LM logits) with dropout off. With a mesh every
         process passes the whole batch and gets the whole output on its first device."""
-        from jaxqlora.sharding import global_input, use_mesh
-
         if self.mesh is None:
             return self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
-        input_ids, attention_mask = global_input(input_ids, self.mesh), global_input(attention_mask, self.mesh)
-        with use_mesh(self.mesh):
+        input_ids = sharding.global_input(input_ids, self.mesh)
+        attention_mask = sharding.global_input(attention_mask, self.mesh)
+        with sharding.use_mesh(self.mesh):
             out = self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
         return out.addressable_data(0)
 
