@@ -5,6 +5,12 @@ dropout RNG state, and ``step`` / ``epoch`` / ``batch`` (the data position), so 
 resumed run continues the same loss curve. The frozen base weights are not saved (they
 are reloaded from the model checkpoint). Orbax writes each step to a temporary folder
 and renames it when complete, so an interrupted save never replaces a good checkpoint.
+
+Sharded state (a `Trainer` with a mesh) is saved as it lies on the devices; with several
+processes every process calls `TrainCheckpointer.save` and orbax writes each array once
+(the metadata from process 0). Restoring places every array as the restoring trainer's
+own state lies, so a checkpoint saved on one mesh restores onto another mesh, another
+device count or a single device.
 """
 
 from __future__ import annotations
@@ -13,16 +19,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _to_saveable(tree) -> dict[str, np.ndarray]:
+def _to_saveable(tree) -> dict[str, jax.Array]:
     leaves = jax.tree_util.tree_leaves(tree)
-    return {f"{i:05d}": np.asarray(jax.random.key_data(x) if _is_key(x) else x) for i, x in enumerate(leaves)}
+    return {f"{i:05d}": jax.random.key_data(x) if _is_key(x) else jnp.asarray(x) for i, x in enumerate(leaves)}
 
 
 def _from_saved(template, saved: dict) -> object:
@@ -31,12 +36,12 @@ def _from_saved(template, saved: dict) -> object:
     for i, old in enumerate(leaves):
         a = saved[f"{i:05d}"]
         if _is_key(old):
-            new.append(jax.random.wrap_key_data(jnp.asarray(a), impl=jax.random.key_impl(old)))
+            new.append(jax.random.wrap_key_data(a, impl=jax.random.key_impl(old)))
         else:
             if tuple(a.shape) != tuple(old.shape):
                 raise ValueError(f"checkpoint leaf {i} has shape {a.shape}, the run expects {old.shape}: "
                                  "different LoRA settings or model?")
-            new.append(jnp.asarray(a, dtype=old.dtype))
+            new.append(a if a.dtype == old.dtype else a.astype(old.dtype))
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
@@ -73,7 +78,8 @@ class TrainCheckpointer:
         if step is None:
             return None
         template = (trainer.trainable, trainer.opt_state, trainer.rng_state)
-        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _to_saveable(template).items()}
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                    for k, v in _to_saveable(template).items()}
         got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                   meta=ocp.args.JsonRestore()))
         trainer.trainable, trainer.opt_state, trainer.rng_state = _from_saved(template, got["state"])

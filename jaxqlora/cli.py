@@ -4,6 +4,8 @@
                       [--rank R --alpha A --targets ...] [--max-steps N --epochs E --batch-size B
                       --grad-accum G --lr LR --max-seq-len T] [--output DIR] [--resume]
                       [--remat [full|dots]] [--precompile-only]
+                      [--mesh data=N,fsdp=M] [--distributed [--coordinator-address HOST:PORT
+                      --num-processes P --process-id I]]
     jaxqlora eval     --adapter DIR [--model PATH] [--data FILE ...]
     jaxqlora merge    --adapter DIR --output DIR [--model PATH]
     jaxqlora generate --prompt "What is the capital of France?" [--model PATH] [--adapter DIR]
@@ -113,6 +115,11 @@ def _cmd_finetune(args) -> int:
         print(f"precompiled {len(results['precompiled'])} executables in {results['compile_seconds']:.1f} s "
               f"(persistent cache: {jax_cache_dir()})")
         return 0
+    if cfg.distributed:
+        import jax
+
+        if jax.process_index() != 0:
+            return 0
     _print_results(results)
     print(f"{results['steps']} steps in {results['train_seconds']:.0f} s "
           f"({results['train_seconds'] / max(results['steps'], 1):.2f} s/step incl. compilation); "
@@ -170,12 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output", default="runs/finetune")
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     f.add_argument("--checkpoint-every", type=int, default=0)
+    f.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl records")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--remat", nargs="?", const="full", default=None, choices=["none", "full", "dots"],
                    help="recompute decoder layers in the backward pass: full (keep layer inputs only; the "
                         "default of a bare --remat) or dots (keep matmul outputs, recompute elementwise work)")
     f.add_argument("--precompile-only", action="store_true",
                    help="compile every train/eval step for its shape buckets (warming the on-disk cache) and exit")
+    f.add_argument("--mesh", default=None, metavar="data=N,fsdp=M",
+                   help="train on N x M devices: batch split over all, frozen weights sharded over fsdp")
+    f.add_argument("--distributed", action="store_true",
+                   help="several processes/hosts: jax.distributed.initialize (flags below or environment)")
+    f.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0 ($JAX_COORDINATOR_ADDRESS)")
+    f.add_argument("--num-processes", type=int, default=None, help="number of processes ($JAX_NUM_PROCESSES)")
+    f.add_argument("--process-id", type=int, default=None, help="this process's index ($JAX_PROCESS_ID)")
     f.set_defaults(func=_cmd_finetune)
 
     e = sub.add_parser("eval", help="evaluate a saved adapter on the validation and test splits")

@@ -52,3 +52,8 @@ class EmbeddedModelMissingError(JaxQLoRAError, FileNotFoundError):
 
 class ContextLengthError(JaxQLoRAError, ValueError):
     """A prompt (plus the tokens to generate) does not fit in the model's context."""
+
+
+class ShardingError(JaxQLoRAError, ValueError):
+    """A device mesh or a batch does not fit the devices: a bad ``--mesh`` spec, a mesh
+    whose size differs from the device count, or a batch not divisible by the mesh."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxqlora import data as D
+from jaxqlora import sharding
 from jaxqlora.compile import BucketKey, Job, buckets_up_to, precompile
 from jaxqlora.io.atomic import atomic_write_json
 from jaxqlora.lora import ALL_TARGETS, apply_lora
@@ -67,7 +69,15 @@ class FinetuneConfig:
       remat: rematerialisation of each decoder layer: False, True / ``"full"``, ``"dots"``
         (keep matmul outputs, recompute elementwise work); see `jaxqlora.model.remat_policy`.
       precompile_only: compile every step for its buckets (warming the persistent cache)
-        and return without loading weights or training.
+        and return without loading weights or training (single device only).
+      mesh: ``"data=N,fsdp=M"`` (`jaxqlora.sharding.parse_mesh`): train on N x M devices,
+        the batch split over all of them, frozen weights sharded over ``fsdp``. None: one
+        device, or every device data-parallel with ``distributed``.
+      distributed: call ``jax.distributed.initialize`` first (several processes/hosts);
+        ``coordinator_address``, ``num_processes``, ``process_id`` default to the
+        environment (`jaxqlora.sharding.initialize_distributed`). Every process reads
+        the same data and keeps its rows; only process 0 writes logs, metrics,
+        results and the adapter (all processes take part in checkpoints).
     """
 
     model: str | None = None
@@ -105,6 +115,11 @@ class FinetuneConfig:
     dtype: str = "bfloat16"
     remat: bool | str = False
     precompile_only: bool = False
+    mesh: str | None = None
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 def _buckets(cfg: FinetuneConfig) -> tuple[int, ...]:
@@ -216,6 +231,10 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
       ValueError: bad settings.
     """
     t_start = time.perf_counter()
+    mesh = _mesh(cfg)
+    primary = sharding.is_primary()
+    if not primary:
+        log = lambda *_: None  # noqa: E731
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, parts, enc, label_words = _prepare(cfg)
@@ -228,33 +247,38 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
                                          schedule=cfg.schedule, weight_decay=cfg.weight_decay,
                                          max_grad_norm=cfg.max_grad_norm)
 
-    # Compile every step for its buckets before the weights take any device memory.
-    abstract_model = _abstract_model(cfg, num_labels)
     loss_fn = classification_loss if cfg.task == "classification" else causal_lm_loss
-    trainer = Trainer(abstract_model, loss_fn, optimizer)
     t0 = time.perf_counter()
-    _precompile(trainer, cfg, log)
     lr_key = BucketKey("schedule", ())
     lr_at = precompile({lr_key: Job(jax.jit(schedule), (jax.ShapeDtypeStruct((), jnp.int32),))},
                        log=lambda *_: None, progress=False)[lr_key]
-    compile_s = time.perf_counter() - t0
-    log(f"precompiled {len(trainer.executables)} steps in {compile_s:.1f} s")
-    if cfg.precompile_only:
-        return {"precompiled": {str(k): t._asdict() for k, t in trainer.executables.seconds.items()},
-                "compile_seconds": compile_s, "seconds": time.perf_counter() - t_start}
-
-    from jaxqlora.io import load_pretrained
-
-    lm, _ = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))
-    model, _, report = _build(lm, cfg, num_labels)
-    if report is not None:
-        log(f"NF4: {report}")
-    try:
-        trainer.attach(model)
-    except ValueError:  # e.g. a bitsandbytes checkpoint with its own NF4 settings: compile for what was loaded
-        log("the loaded model differs from its abstract twin; compiling again")
-        trainer = Trainer(model, loss_fn, optimizer)
+    if mesh is None:
+        # Compile every step for its buckets before the weights take any device memory.
+        trainer = Trainer(_abstract_model(cfg, num_labels), loss_fn, optimizer)
         _precompile(trainer, cfg, log)
+        compile_s = time.perf_counter() - t0
+        log(f"precompiled {len(trainer.executables)} steps in {compile_s:.1f} s")
+        if cfg.precompile_only:
+            return {"precompiled": {str(k): t._asdict() for k, t in trainer.executables.seconds.items()},
+                    "compile_seconds": compile_s, "seconds": time.perf_counter() - t_start}
+        model = _load_model(cfg, num_labels, log)
+        try:
+            trainer.attach(model)
+        except ValueError:  # e.g. a bitsandbytes checkpoint with its own NF4 settings: compile for what was loaded
+            log("the loaded model differs from its abstract twin; compiling again")
+            trainer = Trainer(model, loss_fn, optimizer)
+            _precompile(trainer, cfg, log)
+    else:
+        # Sharded: the weights are placed on the mesh first (each device keeps its FSDP
+        # shard), then every step is compiled for those shardings.
+        if cfg.precompile_only:
+            raise ValueError("precompile_only works on one device; drop mesh/distributed")
+        trainer = Trainer(_load_model(cfg, num_labels, log), loss_fn, optimizer, mesh=mesh)
+        frozen = max(sharding.bytes_per_device(trainer.frozen).values())
+        log(f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es): frozen weights "
+            f"{frozen / 1e6:.1f} MB per device")
+        _precompile(trainer, cfg, log)
+        log(f"precompiled {len(trainer.executables)} steps in {time.perf_counter() - t0:.1f} s")
     log(f"trainable parameters: {trainer.num_trainable:,}; {total} steps of {cfg.grad_accum} x {cfg.batch_size}")
 
     from jaxqlora.checkpoint import TrainCheckpointer
@@ -269,15 +293,16 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
 
     baseline = _baseline(parts, enc, cfg, trainer, pad_id, label_words, tokenizer)
     label_ids = _label_token_ids(tokenizer, label_words)
-    metrics_file = (out / "metrics.jsonl").open("a")
+    metrics_file = (out / "metrics.jsonl").open("a") if primary else open(os.devnull, "w")
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, desc="finetune", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="finetune", dynamic_ncols=True, disable=not primary)
     t_log, tokens = time.perf_counter(), 0
     pending = None
     while step < total:
         for batch in _train_batches(enc["train"], cfg, pad_id, epoch, pos):
-            m = trainer.step(jax.device_put(batch))  # a transfer; jnp.asarray would compile per shape
+            m = trainer.step(jax.device_put(batch) if mesh is None  # jnp.asarray would compile per shape
+                             else sharding.local_rows(batch, mesh))
             step, pos = step + 1, pos + 1
             tokens += int(batch["attention_mask"].sum())
             bar.update(1)
@@ -313,6 +338,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     results["train_seconds"] = train_s
 
     trainer.sync_model()
+    if not primary:
+        return results
     from jaxqlora.io.peft import save_adapter
 
     head = {"score": model.score[...]} if cfg.task == "classification" else None
@@ -328,6 +355,28 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
 def _precompile(trainer: Trainer, cfg: FinetuneConfig, log) -> None:
     trainer.precompile(cfg.batch_size, _buckets(cfg), grad_accum=cfg.grad_accum, eval_batch_size=cfg.eval_batch_size,
                        causal_lm=cfg.task != "classification", log=log)
+
+
+def _load_model(cfg: FinetuneConfig, num_labels: int, log):
+    """The checkpoint loaded and built (`_build`: quantized, LoRA, head) for training."""
+    from jaxqlora.io import load_pretrained
+
+    lm, _ = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))
+    model, _, report = _build(lm, cfg, num_labels)
+    if report is not None:
+        log(f"NF4: {report}")
+    return model
+
+
+def _mesh(cfg: FinetuneConfig):
+    """The run's mesh (None: one device); starts ``jax.distributed`` first when asked."""
+    if cfg.distributed:
+        sharding.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    if cfg.mesh is None and not cfg.distributed:
+        return None
+    mesh = sharding.make_mesh(**(sharding.parse_mesh(cfg.mesh) if cfg.mesh else {}))
+    sharding.check_batch_size(cfg.batch_size, mesh)
+    return mesh
 
 
 def _eval_task(cfg):

@@ -19,6 +19,7 @@ from flax import nnx
 from jaxqlora.lora import ALL_TARGETS, ATTENTION_TARGETS, LoRALinear
 from jaxqlora.model import Linear
 from jaxqlora.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from jaxqlora.sharding import per_device
 
 
 class NF4Param(nnx.Variable):
@@ -31,7 +32,13 @@ def nf4_linear(x: jax.Array, q: NF4Weight) -> jax.Array:
     Weights whose ``in_features`` is a multiple of the blocksize (every real model) go
     through `pallas_kernels.nf4_matmul` (blocks never straddle rows); other shapes, where
     bitsandbytes' flat blocks cross row boundaries, dequantize with XLA and multiply.
+    Under a device mesh the weight is gathered whole and the product runs on each
+    device's rows (`jaxqlora.sharding.per_device`).
     """
+    return per_device(_nf4_linear_local, x, q)
+
+
+def _nf4_linear_local(x: jax.Array, q: NF4Weight) -> jax.Array:
     from pallas_kernels.nf4_matmul import nf4_matmul
 
     n, k = q.shape

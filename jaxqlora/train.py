@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxqlora import sharding
 from jaxqlora.compile import BucketKey, Executables, Job, abstract, is_abstract, precompile
 from jaxqlora.model import CausalLM
 
@@ -170,6 +171,10 @@ class Trainer:
         shape was not precompiled raises `jaxqlora.compile.BucketError` (or, with
         ``executables.allow_new_buckets``, compiles its bucket); without any, the steps are
         plain ``jax.jit`` functions that compile on first use of each shape.
+      mesh: None (one device), or a ``(data, fsdp)`` ``jax.sharding.Mesh``
+        (`jaxqlora.sharding.make_mesh`): the batch is split over both axes, frozen weights
+        are sharded over ``fsdp`` (`jaxqlora.sharding.shard_model`, applied to ``model``
+        in place), trainable and optimizer state are replicated.
     """
 
     model: nnx.Module
@@ -177,8 +182,13 @@ class Trainer:
     optimizer: optax.GradientTransformation | None
     metrics_fn: Callable | None = None
     executables: Executables | None = None
+    mesh: Any = None
 
     def __post_init__(self):
+        out = {}
+        if self.mesh is not None:
+            sharding.shard_model(self.model, self.mesh, trainable=TRAINABLE)
+            out = {"out_shardings": sharding.replicated(self.mesh)}
         self.graphdef, self.trainable, self.rng_state, self.frozen = nnx.split(self.model, TRAINABLE, nnx.RngState, ...)
         if not jax.tree_util.tree_leaves(self.trainable):
             raise ValueError("the model has no trainable (LoRA or head) parameters")
@@ -190,17 +200,21 @@ class Trainer:
         self.opt_state = self._init_opt_state()
         self.steps = 0
         self._step = None if self.optimizer is None else jax.jit(
-            functools.partial(_train_step, self.graphdef, self.loss_fn, self.optimizer), donate_argnums=(0, 1, 2))
-        self._eval = jax.jit(functools.partial(_eval_forward, self.graphdef))
+            functools.partial(_train_step, self.graphdef, self.loss_fn, self.optimizer),
+            donate_argnums=(0, 1, 2), **out)
+        self._eval = jax.jit(functools.partial(_eval_forward, self.graphdef), **out)
         self._metrics = None if self.metrics_fn is None else jax.jit(
-            functools.partial(_eval_metrics, self.graphdef, self.metrics_fn))
+            functools.partial(_eval_metrics, self.graphdef, self.metrics_fn), **out)
 
     def _init_opt_state(self):
         if self.optimizer is None:
             return None
         if self.is_abstract:
             return jax.eval_shape(self.optimizer.init, self.trainable)
-        return self.optimizer.init(self.trainable)
+        opt_state = self.optimizer.init(self.trainable)
+        if self.mesh is not None:
+            opt_state = sharding.place(opt_state, sharding.replicated(self.mesh))
+        return opt_state
 
     @property
     def num_trainable(self) -> int:
@@ -210,6 +224,7 @@ class Trainer:
         """One optimizer step. ``batch`` arrays have a leading micro-batch axis ``[accum, B, ...]``.
 
         Returns ``{"loss", "grad_norm", "count"}`` as device scalars (not synced).
+        With a mesh, host arrays hold this process's rows (`jaxqlora.sharding.shard_batch`).
 
         Raises:
           BucketError: the batch's shape was not precompiled (see ``executables``).
@@ -217,10 +232,13 @@ class Trainer:
         if self._step is None:
             raise ValueError("this Trainer has no optimizer (evaluation only)")
         self._check_concrete()
+        if self.mesh is not None:
+            batch = sharding.shard_batch(batch, self.mesh)
         args = (self.trainable, self.rng_state, self.opt_state, self.frozen, batch)
         key = BucketKey("train", tuple(batch["input_ids"].shape))
-        step = self._executable(key, self._step, args)
-        self.trainable, self.rng_state, self.opt_state, metrics = step(*args)
+        with sharding.use_mesh(self.mesh):
+            step = self._executable(key, self._step, args)
+            self.trainable, self.rng_state, self.opt_state, metrics = step(*args)
         self.steps += 1
         return metrics
 
@@ -235,14 +253,25 @@ class Trainer:
         if self._metrics is None:
             raise ValueError(f"no metrics function for {self.loss_fn!r}; pass metrics_fn")
         self._check_concrete()
+        if self.mesh is not None:
+            batch = {k: sharding.global_input(v, self.mesh) for k, v in batch.items()}
         args = (self.trainable, self.rng_state, self.frozen, batch)
-        return self._executable(BucketKey("eval", tuple(batch["input_ids"].shape)), self._metrics, args)(*args)
+        with sharding.use_mesh(self.mesh):
+            return self._executable(BucketKey("eval", tuple(batch["input_ids"].shape)), self._metrics,
+                                    args)(*args)
 
     def predict(self, input_ids, attention_mask) -> jax.Array:
         """Model output (class logits or LM logits) with dropout off (plain ``jax.jit``,
-        compiled on first use of each shape)."""
+        compiled on first use of each shape). With a mesh every process passes the whole
+        batch and gets the whole output on its first device."""
         self._check_concrete()
-        return self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
+        if self.mesh is None:
+            return self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
+        input_ids = sharding.global_input(input_ids, self.mesh)
+        attention_mask = sharding.global_input(attention_mask, self.mesh)
+        with sharding.use_mesh(self.mesh):
+            out = self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
+        return out.addressable_data(0)
 
     def precompile(self, batch_size: int, seq_lens, *, grad_accum: int = 1, eval_batch_size: int | None = None,
                    causal_lm: bool | None = None, batch_sharding=None,
@@ -258,7 +287,7 @@ class Trainer:
           causal_lm: batches carry ``loss_mask`` (True) or ``labels``; default from ``loss_fn``.
           batch_sharding: a ``NamedSharding`` of ``[B, ...]`` arrays (e.g. ``PartitionSpec("data")``)
             that evaluation batches arrive with; train batches ``[accum, B, ...]`` get it behind
-            an unsharded accumulation axis. None for a single device. The state's shardings are
+            an unsharded accumulation axis. None: the mesh's row sharding (`jaxqlora.sharding.batch_sharding`), or none on one device. The state's shardings are
             read from the state itself.
           log: receives the compile-time lines (default ``executables.log``).
 
@@ -272,6 +301,8 @@ class Trainer:
 
         if causal_lm is None:
             causal_lm = self.loss_fn is causal_lm_loss
+        if batch_sharding is None and self.mesh is not None:
+            batch_sharding = sharding.batch_sharding(self.mesh, 0)
         state = abstract((self.trainable, self.rng_state, self.opt_state, self.frozen))
         trainable, rng_state, opt_state, frozen = state
         jobs = {}
@@ -285,7 +316,8 @@ class Trainer:
                 batch = batch_spec(eval_batch_size, length, causal_lm=causal_lm, sharding=batch_sharding)
                 jobs[BucketKey("eval", (eval_batch_size, length))] = Job(
                     self._metrics, (trainable, rng_state, frozen, batch))
-        return precompile(jobs, into=self.executables, log=log, desc="precompile train/eval")
+        with sharding.use_mesh(self.mesh):
+            return precompile(jobs, into=self.executables, log=log, desc="precompile train/eval")
 
     def attach(self, model: nnx.Module) -> "Trainer":
         """Bind the real ``model`` to a Trainer built (and precompiled) over its abstract twin;
