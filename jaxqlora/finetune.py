@@ -279,6 +279,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
             f"{frozen / 1e6:.1f} MB per device")
         _precompile(trainer, cfg, log)
         log(f"precompiled {len(trainer.executables)} steps in {time.perf_counter() - t0:.1f} s")
+    model = trainer.model  # the trained module (classifier or LM); ``lm`` is its decoder
+    lm = model.lm if cfg.task == "classification" else model
     log(f"trainable parameters: {trainer.num_trainable:,}; {total} steps of {cfg.grad_accum} x {cfg.batch_size}")
 
     from jaxqlora.checkpoint import TrainCheckpointer
