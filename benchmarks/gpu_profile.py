@@ -1,0 +1,134 @@
+"""Where the time goes: a `jax.profiler` trace of the QLoRA train step and of 4-bit decoding.
+
+Runs the Llama-3-8B-shaped NF4 model of `benchmarks/common.py` with ``--layers`` decoder
+layers (per-layer work is the same as in the 32-layer model; fewer layers compile faster),
+traces ``--steps`` train steps (batch x length, remat policy) and a short greedy
+generation (1 x 512 prompt), writes the Perfetto trace that ``jax.profiler.trace`` makes,
+and prints the GPU time per kernel category and the top kernels, summed over the traced
+steps, as a share of all GPU kernel time.
+
+    python benchmarks/gpu_profile.py --layers 4            # GPU; traces land in runs/profile/
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import gzip
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+CATEGORIES = (  # first match wins
+    ("NF4 GEMV (Pallas)", ("nf4_gemv",)),
+    ("NF4 dequantize (Pallas)", ("nf4_dequantize",)),
+    ("split-KV decode (Pallas)", ("decode_attention",)),
+    ("RMSNorm (Pallas)", ("rms_norm",)),
+    ("SwiGLU (Pallas)", ("swiglu",)),
+    ("matmul (cuBLAS/cuDNN)", ("gemm", "cublas", "cutlass", "nvjet", "sm90_xmma", "matmul", "dot")),
+    ("attention (cuDNN/XLA)", ("flash", "fmha", "softmax", "cudnn")),
+    ("XLA fusions", ("fusion", "loop_", "input_", "reduce", "convert", "copy", "transpose", "slice",
+                     "concatenate", "broadcast", "select", "scatter", "gather", "dynamic")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def device_events(trace_dir: Path):
+    """(name, dur_us) of every kernel event on a GPU stream in the Perfetto trace."""
+    path = next(trace_dir.rglob("perfetto_trace.json.gz"))
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
+    if not gpu_pids:
+        names = sorted({str(e.get("args", {}).get("name")) for e in events if e.get("name") == "process_name"})
+        print(f"# no GPU process in {path}; processes: {names}")
+    return [(e["name"], float(e["dur"])) for e in events
+            if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+
+
+def report(title: str, events, steps: int) -> None:
+    total = sum(d for _, d in events) or 1.0
+    by_cat, by_name = collections.Counter(), collections.Counter()
+    for name, dur in events:
+        by_cat[category(name)] += dur
+        by_name[name] += dur
+    print(f"\n## {title}: GPU kernel time {total / steps / 1e3:.2f} ms per step ({len(events)} kernels traced)")
+    print("| category | ms per step | share |\n|---|---|---|")
+    for cat, d in by_cat.most_common():
+        print(f"| {cat} | {d / steps / 1e3:.3f} | {100 * d / total:.1f}% |")
+    print("\n| top kernels | ms per step | share |\n|---|---|---|")
+    for name, d in by_name.most_common(12):
+        print(f"| `{name[:70]}` | {d / steps / 1e3:.3f} | {100 * d / total:.1f}% |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--remat", default="dots")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--new", type=int, default=16, help="decode steps traced")
+    ap.add_argument("--out", default="runs/profile")
+    args = ap.parse_args()
+
+    import jax
+    import numpy as np
+
+    from jaxqlora.generate import generate, precompile_generate
+    from jaxqlora.lora import apply_lora
+    from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
+
+    cfg = dataclasses.replace(common.MODELS[args.model], num_hidden_layers=args.layers)
+    out = Path(args.out)
+    print(f"# {common.device_line()} | {args.model} shape, {args.layers} layers | "
+          f"train {args.batch}x{args.length} remat={args.remat} | decode 1x512")
+
+    lm = common.random_nf4_model(cfg)
+    apply_lora(lm, r=16, alpha=32.0, dropout=0.05)
+    lm.remat = False if args.remat == "none" else args.remat
+    trainer = Trainer(lm, causal_lm_loss, make_optimizer(2e-4, total_steps=100)[0])
+    trainer.precompile(args.batch, (args.length,), log=lambda m: None)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, cfg.vocab_size, (1, args.batch, args.length)).astype(np.int32)
+    ones = np.ones((1, args.batch, args.length), np.float32)
+    batch = jax.device_put({"input_ids": ids, "attention_mask": ones.astype(np.int32), "loss_mask": ones,
+                            "weight": ones[:, :, 0]})
+    jax.block_until_ready(trainer.step(batch)["loss"])
+    with jax.profiler.trace(str(out / "train"), create_perfetto_trace=True):
+        for _ in range(args.steps):
+            m = trainer.step(batch)
+        jax.block_until_ready(m["loss"])
+    report(f"train step {args.batch}x{args.length} remat={args.remat}", device_events(out / "train"), args.steps)
+
+    trainer.sync_model()  # the step donated the LoRA buffers: write the live ones back
+    lm.remat = False
+    tok = common.TokenIds()
+    ex = precompile_generate(lm, tok, batch_size=1, prompt_lens=(512,), max_new_tokens=args.new,
+                             ignore_eos=True, log=lambda m: None)
+    prompt = rng.integers(1, cfg.vocab_size, (1, 512)).tolist()
+    generate(lm, tok, prompt, max_new_tokens=args.new, ignore_eos=True, return_ids=True, executables=ex)
+    with jax.profiler.trace(str(out / "decode"), create_perfetto_trace=True):
+        generate(lm, tok, prompt, max_new_tokens=args.new, ignore_eos=True, return_ids=True, executables=ex)
+    report(f"generate 1x512 + {args.new} tokens (prefill included)", device_events(out / "decode"), args.new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
