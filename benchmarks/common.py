@@ -7,7 +7,7 @@
   and absmax codes, never a bf16 copy of the weights (16 GB for the 8B shape).
 - `peer_model`: the same shape in transformers with bitsandbytes 4-bit projections (CUDA
   only), for the side-by-side rows.
-- `bench`: JAX timing as in nf4_matmul.py (warm up, queue calls, one sync, median of rounds).
+- `bench`: JAX timing as in kernels.py (warm up, queue calls, one sync, median of rounds).
 - `run_worker`: each model/config runs in its own subprocess, so that peak memory is per
   configuration and JAX and torch never share a GPU process; the worker prints one JSON
   line, the parent collects them into the table.
