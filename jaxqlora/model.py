@@ -175,10 +175,11 @@ class KVCache:
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE (and Qwen3's q/k RMSNorm).
 
-    Full-sequence and cached attention go through ``jax.nn.dot_product_attention`` (cuDNN
-    or XLA; softmax in float32) with an explicit boolean mask, except one-token decoding
-    over a cache when the Pallas kernels are on (GPU): that runs the split-KV
-    `pallas_kernels.decode_attention` on the cache in place.
+    Attention goes through ``jax.nn.dot_product_attention`` with an explicit boolean mask:
+    without a cache (training, plain forward) and with the Pallas kernels on (GPU, bf16/f16,
+    head_dim <= 128) as cuDNN's fused flash attention, else as XLA's (softmax in float32,
+    scores materialised). One-token decoding over a cache with the Pallas kernels on runs
+    the split-KV `pallas_kernels.decode_attention` on the cache in place.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
@@ -219,9 +220,20 @@ class Attention(nnx.Module):
                                        scale=1.0 / math.sqrt(self.head_dim))
                 return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
             k, v = kc.astype(q.dtype), vc.astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim),
+                                           implementation=self._prefill_impl(q, kv))
         out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "attention")
         return checkpoint_name(self.o_proj(out), "o_proj"), kv
+
+
+    def _prefill_impl(self, q, kv) -> str | None:
+        """'cudnn' (fused flash attention, no [B, H, T, S] scores in memory) for cache-free
+        bf16/f16 attention when the Pallas kernels are on (GPU); None (XLA) otherwise."""
+        if (kv is None and resolve_impl() == "pallas" and jax.default_backend() == "gpu"
+                and q.dtype in (jnp.bfloat16, jnp.float16) and self.head_dim % 8 == 0
+                and self.head_dim <= 128):
+            return "cudnn"
+        return None
 
 
 class MLP(nnx.Module):
