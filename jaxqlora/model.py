@@ -220,8 +220,12 @@ class Attention(nnx.Module):
                                        scale=1.0 / math.sqrt(self.head_dim))
                 return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
             k, v = kc.astype(q.dtype), vc.astype(q.dtype)
+        impl = self._prefill_impl(q, kv)
+        if impl == "cudnn":  # a fully masked query row (left padding) would give NaN there and,
+            # through its K/V in the next layer, everywhere: let each query see itself
+            mask = mask | jnp.eye(t, k.shape[1], dtype=bool)[None, None]
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim),
-                                           implementation=self._prefill_impl(q, kv))
+                                           implementation=impl)
         out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "attention")
         return checkpoint_name(self.o_proj(out), "o_proj"), kv
 
