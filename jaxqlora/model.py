@@ -232,10 +232,11 @@ class Attention(nnx.Module):
 
     def _prefill_impl(self, q, kv) -> str | None:
         """'cudnn' (fused flash attention, no [B, H, T, S] scores in memory) for cache-free
-        bf16/f16 attention when the Pallas kernels are on (GPU); None (XLA) otherwise."""
+        bf16/f16 attention when the Pallas kernels are on (GPU); None (XLA) otherwise.
+        cuDNN takes the mask as a bias, which needs an even sequence length."""
         if (kv is None and resolve_impl() == "pallas" and jax.default_backend() == "gpu"
                 and q.dtype in (jnp.bfloat16, jnp.float16) and self.head_dim % 8 == 0
-                and self.head_dim <= 128):
+                and self.head_dim <= 128 and q.shape[1] % 2 == 0):
             return "cudnn"
         return None
 

@@ -49,8 +49,10 @@ def _run(model, mode, monkeypatch):
     """Prefill logits, decode-step logits and the loss gradient with kernels = mode."""
     monkeypatch.setenv("JAXQLORA_KERNELS", mode)
     rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 11)), jnp.int32)
-    mask = jnp.asarray(np.r_[[[0] * 3 + [1] * 8], [[1] * 11]], jnp.int32)  # row 0 left-padded
+    # 12 tokens: even, so the cache-free forward of the loss runs cuDNN attention (with
+    # a mask cuDNN needs even lengths); row 0 left-padded (fully masked query rows).
+    ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
+    mask = jnp.asarray(np.r_[[[0] * 3 + [1] * 9], [[1] * 12]], jnp.int32)
     cache = KVCache.init(CFG, 2, 24, jnp.bfloat16)
     logits, cache = model(ids, mask, cache=cache)
     out = [np.asarray(logits)[:, -1]]
