@@ -32,6 +32,11 @@ CFG = ModelConfig(arch="qwen3", vocab_size=101, hidden_size=96, intermediate_siz
 #: Logit agreement, relative to the largest |logit|: a few bf16 roundings (2**-8 each)
 #: propagated through two layers.
 TOL = 3e-2
+#: Gradient agreement (norm of the difference over the norm, per leaf). The kernel path's
+#: loss gradient runs cuDNN's flash-attention backward, which keeps the probabilities in
+#: bf16; the reference keeps its softmax in float32. Measured on an H200: the worst leaf
+#: (small norm, 0.024) differs by 3.0%, the rest by less.
+GRAD_TOL = 5e-2
 
 
 def _random_model() -> CausalLM:
@@ -78,7 +83,7 @@ def test_pallas_kernels_match_reference_path_in_the_model(monkeypatch):
                                    err_msg=f"logits, step {step}")
     for i, (a, b) in enumerate(zip(pallas_grads, ref_grads)):
         assert np.isfinite(a).all(), i
-        assert np.linalg.norm(a - b) <= TOL * np.linalg.norm(b), f"gradient leaf {i}"
+        assert np.linalg.norm(a - b) <= GRAD_TOL * np.linalg.norm(b), f"gradient leaf {i}"
 
 
 def test_decode_step_runs_the_decode_kernel(monkeypatch):
