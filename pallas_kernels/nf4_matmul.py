@@ -378,6 +378,20 @@ def _pow2_divisor(k: int, cap: int) -> int:
     return min(k & -k, cap)
 
 
+def _gemv_plan(tiles: int, splits: int, m: int, mma: bool | None):
+    """``(splits, steps, mma, block_m)``: tiles per split, no empty split, MMA for M > 1
+    by default (M padded to 16 rows, the smallest Triton dot), else one row."""
+    steps = pl.cdiv(tiles, splits)
+    mma = m > 1 if mma is None else mma
+    return pl.cdiv(tiles, steps), steps, mma, (max(pl.next_power_of_2(m), 16) if mma else 1)
+
+
+def _row_by_row(gemv, a, *operands, **kw):
+    """``gemv`` on the CUDA-core path (``mma=False``) one row of ``a`` at a time."""
+    return jnp.concatenate([gemv(a[i:i + 1], *operands, mma=False, **kw)
+                            for i in range(a.shape[0])])
+
+
 _GEMV_STATIC = ("blocksize", "nested_blocksize", "interpret", "block_n", "block_k",
                 "splits", "num_warps", "num_stages", "mma")
 
@@ -430,16 +444,12 @@ def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=Non
     tiles = k // block_k
     want = 16 if m == 1 else 4
     splits = min(splits or max(1, min(want, 1024 // pl.cdiv(n, block_n))), tiles)
-    steps = pl.cdiv(tiles, splits)
-    splits = pl.cdiv(tiles, steps)
-    mma = m > 1 if mma is None else mma
-    block_m = max(pl.next_power_of_2(m), 16) if mma else 1
+    splits, steps, mma, block_m = _gemv_plan(tiles, splits, m, mma)
     if not mma and m > 1:
-        return jnp.concatenate([nf4_gemv_pallas(
-            x[i:i + 1], packed, absmax, code, nested_absmax, nested_code, offset,
-            blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret,
-            block_n=block_n, block_k=block_k, splits=splits, num_warps=num_warps,
-            num_stages=num_stages, mma=False) for i in range(m)])
+        return _row_by_row(nf4_gemv_pallas, x, packed, absmax, code, nested_absmax, nested_code,
+                           offset, blocksize=blocksize, nested_blocksize=nested_blocksize,
+                           interpret=interpret, block_n=block_n, block_k=block_k, splits=splits,
+                           num_warps=num_warps, num_stages=num_stages)
     luts = _pair_luts(code, x.dtype)
     nested = _nested_args(nested_absmax, nested_code, offset)
     kernel = functools.partial(
@@ -476,16 +486,13 @@ def nf4_gemv_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_code=
     block_k = block_k or _pow2_divisor(k, 256)
     tiles = pl.cdiv(n, block_n)
     splits = min(splits or max(1, min(tiles, 512 // (k // block_k))), tiles)
-    steps = pl.cdiv(tiles, splits)
-    splits = pl.cdiv(tiles, steps)
-    mma = m > 1 if mma is None else mma
-    block_m = max(pl.next_power_of_2(m), 16) if mma else 1
+    splits, steps, mma, block_m = _gemv_plan(tiles, splits, m, mma)
     if not mma and m > 1:
-        return jnp.concatenate([nf4_gemv_t_pallas(
-            dy[i:i + 1], packed, absmax, code, nested_absmax, nested_code, offset,
-            blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret,
-            block_n=block_n, block_k=block_k, splits=splits, num_warps=num_warps,
-            num_stages=num_stages, mma=False) for i in range(m)])
+        return _row_by_row(nf4_gemv_t_pallas, dy, packed, absmax, code, nested_absmax,
+                           nested_code, offset, blocksize=blocksize,
+                           nested_blocksize=nested_blocksize, interpret=interpret,
+                           block_n=block_n, block_k=block_k, splits=splits,
+                           num_warps=num_warps, num_stages=num_stages)
     return _gemv_call(nf4_gemv_t_kernel, "nf4_gemv_t", dy, packed, absmax, code,
                       _nested_args(nested_absmax, nested_code, offset), rows=m, cols=n,
                       out_len=k, grid0=k // block_k, splits=splits, steps=steps,
