@@ -91,25 +91,31 @@ def main():
                jnp.ones((h,), jnp.bfloat16) * 1.1,
                jax.random.normal(jax.random.fold_in(key, 9 + r), (m, h), jnp.bfloat16))
               for r in range(4)]
-        ref = rms_mod.rms_norm_reference(xs[0][0], xs[0][1], 1e-5)
+        nref = rms_mod.rms_norm_reference(xs[0][0], xs[0][1], 1e-5)
+        dref = jax.vjp(lambda a, b: rms_mod.rms_norm_reference(a, b, 1e-5),
+                       xs[0][0], xs[0][1])[1](xs[0][2])[0]
+        # The tiles are read at trace time: clear the jit caches after each change.
+        tile0, bwd_tile0 = rms_mod._TILE, rms_mod._BWD_TILE
         for tile in (4096, 8192, 16384, 32768):
-            rms_mod._TILE = tile
+            rms_mod._TILE = tile  # forward tile
             jax.clear_caches()
             sweep(f"rmsnorm fwd TILE={tile}",
                   lambda: (lambda x, w, dy: rms_mod.rms_norm(x, w, 1e-5, impl="pallas")),
-                  xs, ref, [{}], top=1)
-            sweep(f"rmsnorm fwd+bwd TILE={tile}",
+                  xs, nref, [{}], top=1)
+            rms_mod._TILE, rms_mod._BWD_TILE = tile0, tile  # backward tile, default forward
+            jax.clear_caches()
+            sweep(f"rmsnorm fwd+bwd BWD_TILE={tile}",
                   lambda: (lambda x, w, dy: jax.vjp(
                       lambda a, b: rms_mod.rms_norm(a, b, 1e-5, impl="pallas"), x, w)[1](dy)[0]),
-                  xs, jax.vjp(lambda a, b: rms_mod.rms_norm_reference(a, b, 1e-5),
-                              xs[0][0], xs[0][1])[1](xs[0][2])[0], [{}], top=1)
-        rms_mod._TILE = 4096
+                  xs, dref, [{}], top=1)
+            rms_mod._BWD_TILE = bwd_tile0
         jax.clear_caches()
         r_, c = 16384, 11008
         gs = [tuple(jax.random.normal(jax.random.fold_in(key, 10 * r + i), (r_, c), jnp.bfloat16)
                     for i in range(3)) for r in range(2)]
         ref = swiglu_mod.swiglu_reference(gs[0][0], gs[0][1])
         gref = jax.vjp(swiglu_mod.swiglu_reference, gs[0][0], gs[0][1])[1](gs[0][2])[0]
+        tile0 = swiglu_mod._TILE
         for tile in (4096, 8192, 16384, 32768):
             swiglu_mod._TILE = tile
             jax.clear_caches()
@@ -120,8 +126,10 @@ def main():
                   lambda: (lambda g, u, d: jax.vjp(
                       lambda a, b: swiglu_mod.swiglu(a, b, impl="pallas"), g, u)[1](d)[0]),
                   gs, gref, [{}], top=1)
-        for name, f in (("xla rmsnorm fwd", lambda x, w, dy: rms_mod.rms_norm(x, w, 1e-5, impl="xla")),):
-            sweep(name, lambda: f, xs, rms_mod.rms_norm_reference(xs[0][0], xs[0][1], 1e-5), [{}], top=1)
+        swiglu_mod._TILE = tile0
+        jax.clear_caches()
+        sweep("xla rmsnorm fwd", lambda: (lambda x, w, dy: rms_mod.rms_norm(x, w, 1e-5, impl="xla")),
+              xs, nref, [{}], top=1)
         sweep("xla swiglu fwd", lambda: (lambda g, u, d: swiglu_mod.swiglu(g, u, impl="xla")),
               gs, ref, [{}], top=1)
         big = jnp.ones((256 * 1024 * 1024,), jnp.float32)

@@ -59,6 +59,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.dispatch import (
+    check_float_dtype,
+    dot_f32 as _dot,
     plgpu,
     require_pallas_backend,
     resolve_impl,
@@ -68,20 +70,11 @@ from pallas_kernels.dispatch import (
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-
 #: Score of a masked key (finite, so that exp(m_prev - m_new) never sees inf - inf).
 _NEG = -1e30
 #: Programs the default split count aims for: four per SM of a 132-SM H100/H200 (the
 #: best of 33..264 splits at 32k context, B = 1, 8 KV heads in benchmarks/nf4_tune.py).
 _TARGET_PROGRAMS = 528
-
-
-def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
-    """``a @ b`` (contract_b=0) or ``a @ b.T`` (contract_b=1), float32 accumulation."""
-    return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
-                           precision=lax.Precision.HIGHEST,
-                           preferred_element_type=jnp.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -263,8 +256,7 @@ def decode_attention(q, k, v, lengths, starts=None, *, mask=None, scale: float |
     mode = resolve_impl(impl, interpret)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     for name, a in (("q", q), ("k", k), ("v", v)):
-        if jnp.dtype(a.dtype) not in _DTYPES:
-            raise TypeError(f"{name} must be bfloat16, float16 or float32, got {a.dtype}")
+        check_float_dtype(name, a)
     if v.dtype != k.dtype:
         raise TypeError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
     if q.ndim != 3:

@@ -9,6 +9,10 @@ them (the rule `pallas_kernels.nf4_matmul` introduced):
   otherwise picks 'pallas' when ``jax.default_backend() == 'gpu'`` or ``interpret=True``,
   and 'xla' (the reference) elsewhere.
 
+The small helpers every kernel module shares live here too: `check_float_dtype` (the
+bfloat16/float16/float32 operand check), `dot_f32` (an in-kernel or XLA dot with float32
+accumulation), `zero` (the ``other=`` of masked loads) and `triton_compiler_params`.
+
 `triton_compiler_params` hides the rename of the Triton compiler-params class between
 jax 0.10 (``TritonCompilerParams``, with ``CompilerParams`` as an alias in later
 releases) and jax 0.11 (``CompilerParams``).
@@ -20,17 +24,21 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 try:  # The Triton-specific Pallas API (``plgpu`` in jax's own GPU ops).
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover - very old / unusual jax builds.
     plgpu = None
 
-__all__ = ["KERNELS_ENV", "resolve_impl", "require_pallas_backend", "triton_compiler_params",
-           "plgpu", "zero"]
+__all__ = ["KERNELS_ENV", "FLOAT_DTYPES", "resolve_impl", "require_pallas_backend",
+           "check_float_dtype", "dot_f32", "triton_compiler_params", "plgpu", "zero"]
 
 #: Environment variable that overrides ``impl=None``/``'auto'``: 'pallas' or 'xla'.
 KERNELS_ENV = "JAXQLORA_KERNELS"
+
+#: The activation dtypes every op accepts.
+FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 def resolve_impl(impl: str | None = "auto", interpret: bool = False) -> str:
@@ -67,6 +75,23 @@ def require_pallas_backend(op: str, interpret: bool) -> None:
         raise ValueError(
             f"impl: the pallas path of {op} needs a GPU backend (or interpret=True); the "
             f"default backend is {jax.default_backend()!r}, use impl='xla'")
+
+
+def check_float_dtype(name: str, a: jax.Array) -> None:
+    """Raise TypeError naming ``name`` unless ``a`` is bfloat16, float16 or float32."""
+    if jnp.dtype(a.dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be bfloat16, float16 or float32, got {a.dtype}")
+
+
+def dot_f32(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
+    """``a @ b`` (contract_b=0) or ``a @ b.T`` (contract_b=1) of 2-D operands, float32 out.
+
+    ``Precision.HIGHEST`` makes float32 operands IEEE float32 on Triton and XLA (no TF32);
+    for 16-bit operands it is the plain MMA with float32 accumulation.
+    """
+    return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+                           precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
 
 
 def triton_compiler_params(num_warps: int, num_stages: int):

@@ -40,7 +40,8 @@ with ``interpret=True``):
   ``x.dtype`` (a bandwidth-bound kernel over the flat block view, every load and
   store contiguous), then one dense matmul on the matrix units (cuBLAS through
   XLA). The same for ``dy @ W``. A fused tile-dequantizing Triton GEMM was
-  measured 10x slower than this on an H200 (``benchmarks/nf4_tune.py``): the
+  measured 10x slower than this on an H200 (an earlier version of
+  ``benchmarks/nf4_tune.py``; ``benchmarks/RESULTS.md``): the
   per-element dequantization of every W tile by every M tile costs more CUDA-core
   time than the transient bf16 W costs bandwidth.
 * Double quantization is dequantized INSIDE the kernels: the uint8 absmax codes
@@ -70,7 +71,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.dispatch import (
-    KERNELS_ENV,
+    check_float_dtype,
+    dot_f32 as _dot,
     plgpu,
     require_pallas_backend,
     resolve_impl,
@@ -111,27 +113,9 @@ NF4_CODE = np.array(
 NF4_CODE.setflags(write=False)
 
 
-_X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-
-
 # ---------------------------------------------------------------------------
 # Shared in-kernel helpers
 # ---------------------------------------------------------------------------
-
-
-def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
-    """``a @ b`` (contract_b=0) or ``a @ b.T`` (contract_b=1), float32 accumulation.
-
-    ``Precision.HIGHEST`` makes float32 operands IEEE float32 on Triton (no TF32);
-    for 16-bit operands it is the plain MMA.
-    """
-    return lax.dot_general(
-        a,
-        b,
-        (((1,), (contract_b,)), ((), ())),
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )
 
 
 def _load_codes(packed_ref, code_ref, n0, byte0, mask_n, *, block_n: int, block_k: int):
@@ -153,30 +137,47 @@ def _load_codes(packed_ref, code_ref, n0, byte0, mask_n, *, block_n: int, block_
     return plgpu.load(code_ref.at[nibbles])
 
 
-def _load_scales(absmax_ref, nested_refs, n0, kb, mask_n, *, block_n: int,
-                 nested_blocksize: int):
-    """Float32 block scales ``absmax[n0:n0+block_n, kb]`` (0 for rows past ``N``).
+def _nested_scale(q, block_index, mask, nested_refs, *, nested_blocksize: int):
+    """Double quantization: the float32 scale of the uint8 absmax codes ``q``.
 
-    With double quantization (``nested_refs = (nested_absmax_ref, nested_code_ref,
-    offset_ref)``) the uint8 codes are dequantized here:
-    ``nested_code[q] * nested_absmax[(n*K/blocksize + kb) // nested_blocksize] +
-    offset``, both tables read by gathers.
+    ``nested_code[q] * nested_absmax[block_index // nested_blocksize] + offset`` for
+    the flat block indices ``block_index`` (``nested_refs = (nested_absmax_ref,
+    nested_code_ref, offset_ref)``), both tables read by gathers.
     """
-    q = plgpu.load(absmax_ref.at[pl.ds(n0, block_n), kb], mask=mask_n,
-                   other=_zero(absmax_ref.dtype))
-    if nested_refs is None:
-        return q.astype(jnp.float32)
     nested_absmax_ref, nested_code_ref, offset_ref = nested_refs
-    n_kblocks = absmax_ref.shape[1]
-    block_index = (n0 + jnp.arange(block_n, dtype=jnp.int32)) * n_kblocks + kb
     nested = plgpu.load(
         nested_absmax_ref.at[lax.div(block_index, jnp.int32(nested_blocksize))],
-        mask=mask_n,
-        other=_zero(jnp.float32),
-    )
-    values = plgpu.load(nested_code_ref.at[q.astype(jnp.int32)])
-    scale = values * nested + offset_ref[...]
-    return jnp.where(mask_n, scale, 0.0)
+        mask=mask, other=_zero(jnp.float32))
+    return plgpu.load(nested_code_ref.at[q.astype(jnp.int32)]) * nested + offset_ref[...]
+
+
+def _load_scales(absmax_ref, nested_refs, n0, kb0, mask_n, *, block_n: int, nkb: int,
+                 nested_blocksize: int):
+    """Float32 block scales of rows ``n0:n0+block_n`` (0 for rows past ``N``).
+
+    ``absmax[n0:n0+block_n, kb0]`` as ``[block_n]`` when ``nkb == 1`` (a K tile
+    inside one quantization block), else ``absmax[n0:n0+block_n, kb0:kb0+nkb]`` as
+    ``[block_n, nkb]`` (a K tile spanning ``nkb`` blocks). With double quantization
+    (``nested_refs`` not None) the uint8 codes are dequantized by `_nested_scale`.
+    """
+    rows = n0 + jnp.arange(block_n, dtype=jnp.int32)
+    n_kblocks = absmax_ref.shape[1]
+    if nkb == 1:
+        mask = mask_n
+        q = plgpu.load(absmax_ref.at[pl.ds(n0, block_n), kb0], mask=mask,
+                       other=_zero(absmax_ref.dtype))
+        block_index = rows * n_kblocks + kb0
+    else:
+        mask = jnp.broadcast_to(mask_n[:, None], (block_n, nkb))
+        q = plgpu.load(absmax_ref.at[pl.ds(n0, block_n), pl.ds(kb0, nkb)], mask=mask,
+                       other=_zero(absmax_ref.dtype))
+        block_index = (rows[:, None] * n_kblocks + kb0
+                       + jnp.arange(nkb, dtype=jnp.int32)[None, :])
+    if nested_refs is None:
+        return q.astype(jnp.float32)
+    scale = _nested_scale(q, block_index, mask, nested_refs,
+                          nested_blocksize=nested_blocksize)
+    return jnp.where(mask, scale, 0.0)
 
 
 def _nested_args(nested_absmax, nested_code, offset):
@@ -190,29 +191,6 @@ def _nested_args(nested_absmax, nested_code, offset):
 # ---------------------------------------------------------------------------
 
 
-def _load_scales_2d(absmax_ref, nested_refs, n0, kb0, mask_n, *, block_n: int,
-                    nkb: int, nested_blocksize: int):
-    """Float32 scales ``absmax[n0:n0+block_n, kb0:kb0+nkb]`` -> ``[block_n, nkb]``.
-
-    The 2-D form of `_load_scales` for a K tile that spans ``nkb`` quantization
-    blocks; rows past ``N`` (``mask_n`` false) give 0.
-    """
-    mask = jnp.broadcast_to(mask_n[:, None], (block_n, nkb))
-    q = plgpu.load(absmax_ref.at[pl.ds(n0, block_n), pl.ds(kb0, nkb)], mask=mask,
-                   other=_zero(absmax_ref.dtype))
-    if nested_refs is None:
-        return q.astype(jnp.float32)
-    nested_absmax_ref, nested_code_ref, offset_ref = nested_refs
-    n_kblocks = absmax_ref.shape[1]
-    rows = n0 + jnp.arange(block_n, dtype=jnp.int32)
-    block_index = rows[:, None] * n_kblocks + kb0 + jnp.arange(nkb, dtype=jnp.int32)[None, :]
-    nested = plgpu.load(
-        nested_absmax_ref.at[lax.div(block_index, jnp.int32(nested_blocksize))],
-        mask=mask, other=_zero(jnp.float32))
-    values = plgpu.load(nested_code_ref.at[q.astype(jnp.int32)])
-    return jnp.where(mask, values * nested + offset_ref[...], 0.0)
-
-
 def _dequant_tile(packed_ref, absmax_ref, code_ref, nested_refs, n0, k0, mask_n, *,
                   blocksize: int, nested_blocksize: int, block_n: int, block_k: int):
     """Float32 ``W[n0:n0+block_n, k0:k0+block_k]`` (rows with ``mask_n`` false are 0).
@@ -222,13 +200,11 @@ def _dequant_tile(packed_ref, absmax_ref, code_ref, nested_refs, n0, k0, mask_n,
     """
     codes = _load_codes(packed_ref, code_ref, n0, k0 // 2, mask_n,
                         block_n=block_n, block_k=block_k)
-    if block_k <= blocksize:
-        scale = _load_scales(absmax_ref, nested_refs, n0, k0 // blocksize, mask_n,
-                             block_n=block_n, nested_blocksize=nested_blocksize)
+    nkb = max(1, block_k // blocksize)
+    scale = _load_scales(absmax_ref, nested_refs, n0, k0 // blocksize, mask_n,
+                         block_n=block_n, nkb=nkb, nested_blocksize=nested_blocksize)
+    if nkb == 1:
         return codes * scale[:, None]
-    nkb = block_k // blocksize
-    scale = _load_scales_2d(absmax_ref, nested_refs, n0, k0 // blocksize, mask_n,
-                            block_n=block_n, nkb=nkb, nested_blocksize=nested_blocksize)
     w = codes.reshape(block_n, nkb, blocksize) * scale[:, :, None]
     return w.reshape(block_n, block_k)
 
@@ -300,13 +276,8 @@ def nf4_gemv_kernel(xe_ref, xo_ref, packed_ref, absmax_ref, *refs, n_luts: int,
         rows_ok = mask_n & in_k
         hi, lo = _load_pairs(packed_ref, lut_refs, n0, k0 // 2, rows_ok,
                              block_n=block_n, half=half)
-        if nkb == 1:
-            scale = _load_scales(absmax_ref, nested_refs, n0, k0 // blocksize, rows_ok,
-                                 block_n=block_n, nested_blocksize=nested_blocksize)
-        else:
-            scale = _load_scales_2d(absmax_ref, nested_refs, n0, k0 // blocksize, rows_ok,
-                                    block_n=block_n, nkb=nkb,
-                                    nested_blocksize=nested_blocksize)
+        scale = _load_scales(absmax_ref, nested_refs, n0, k0 // blocksize, rows_ok,
+                             block_n=block_n, nkb=nkb, nested_blocksize=nested_blocksize)
         xmask = jnp.broadcast_to(mask_m[:, None] & in_k, (block_m, half))
         xe = plgpu.load(xe_ref.at[pl.ds(0, block_m), pl.ds(k0 // 2, half)], mask=xmask,
                         other=_zero(xe_ref.dtype))
@@ -396,26 +367,22 @@ _GEMV_STATIC = ("blocksize", "nested_blocksize", "interpret", "block_n", "block_
                 "splits", "num_warps", "num_stages", "mma")
 
 
-def _gemv_call(kernel_fn, name, a, packed, absmax, code, nested, *, rows: int,
-               cols: int, out_len: int, grid0: int, splits: int, steps: int, blocksize,
-               nested_blocksize, block_m, block_n, block_k, num_warps, num_stages,
-               interpret):
-    kernel = functools.partial(
-        kernel_fn, blocksize=blocksize, nested_blocksize=nested_blocksize,
-        double_quant=bool(nested), block_m=block_m, block_n=block_n, block_k=block_k,
-        steps=steps)
-    out_dtype = a.dtype if splits == 1 else jnp.float32
+def _gemv_call(kernel_fn, name, operands, nested, *, grid0: int, splits: int, rows: int,
+               out_len: int, dtype, num_warps: int, num_stages: int, interpret: bool,
+               **kernel_kw):
+    """Grid ``(grid0, splits)`` of ``kernel_fn`` writing ``[splits, rows, out_len]``
+    partials (float32, or ``dtype`` when ``splits == 1``), summed by XLA to ``dtype``."""
+    kernel = functools.partial(kernel_fn, double_quant=bool(nested), **kernel_kw)
     out = pl.pallas_call(
         kernel,
         grid=(grid0, splits),
-        out_shape=jax.ShapeDtypeStruct((splits, rows, out_len), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, out_len),
+                                       dtype if splits == 1 else jnp.float32),
         compiler_params=_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=name,
-    )(a, packed, absmax, code, *nested)
-    if splits == 1:
-        return out[0]
-    return out.sum(axis=0).astype(a.dtype)
+    )(*operands, *nested)
+    return out[0] if splits == 1 else out.sum(axis=0).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_GEMV_STATIC)
@@ -451,21 +418,14 @@ def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=Non
                            interpret=interpret, block_n=block_n, block_k=block_k, splits=splits,
                            num_warps=num_warps, num_stages=num_stages)
     luts = _pair_luts(code, x.dtype)
-    nested = _nested_args(nested_absmax, nested_code, offset)
-    kernel = functools.partial(
-        nf4_gemv_kernel, n_luts=len(luts), blocksize=blocksize,
-        nested_blocksize=nested_blocksize, double_quant=bool(nested), block_m=block_m,
-        block_n=block_n, block_k=block_k, steps=steps)
-    out = pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(n, block_n), splits),
-        out_shape=jax.ShapeDtypeStruct((splits, m, n),
-                                       x.dtype if splits == 1 else jnp.float32),
-        compiler_params=_compiler_params(num_warps, num_stages),
-        interpret=interpret,
-        name="nf4_gemv",
-    )(x[:, 0::2], x[:, 1::2], packed, absmax, *luts, *nested)
-    return out[0] if splits == 1 else out.sum(axis=0).astype(x.dtype)
+    return _gemv_call(nf4_gemv_kernel, "nf4_gemv", (x[:, 0::2], x[:, 1::2], packed, absmax,
+                                                    *luts),
+                      _nested_args(nested_absmax, nested_code, offset),
+                      grid0=pl.cdiv(n, block_n), splits=splits, rows=m, out_len=n,
+                      dtype=x.dtype, num_warps=num_warps, num_stages=num_stages,
+                      interpret=interpret, n_luts=len(luts), blocksize=blocksize,
+                      nested_blocksize=nested_blocksize, block_m=block_m, block_n=block_n,
+                      block_k=block_k, steps=steps)
 
 
 @functools.partial(jax.jit, static_argnames=_GEMV_STATIC)
@@ -493,12 +453,12 @@ def nf4_gemv_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_code=
                            nested_blocksize=nested_blocksize, interpret=interpret,
                            block_n=block_n, block_k=block_k, splits=splits,
                            num_warps=num_warps, num_stages=num_stages)
-    return _gemv_call(nf4_gemv_t_kernel, "nf4_gemv_t", dy, packed, absmax, code,
-                      _nested_args(nested_absmax, nested_code, offset), rows=m, cols=n,
-                      out_len=k, grid0=k // block_k, splits=splits, steps=steps,
+    return _gemv_call(nf4_gemv_t_kernel, "nf4_gemv_t", (dy, packed, absmax, code),
+                      _nested_args(nested_absmax, nested_code, offset),
+                      grid0=k // block_k, splits=splits, rows=m, out_len=k, dtype=dy.dtype,
+                      num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                       blocksize=blocksize, nested_blocksize=nested_blocksize,
-                      block_m=block_m, block_n=block_n, block_k=block_k,
-                      num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                      block_m=block_m, block_n=block_n, block_k=block_k, steps=steps)
 
 
 # ---------------------------------------------------------------------------
@@ -515,7 +475,7 @@ def nf4_dequantize_kernel(packed_ref, absmax_ref, code_ref, *refs, blocksize: in
     contiguous run of memory.
     """
     if double_quant:
-        nested_absmax_ref, nested_code_ref, offset_ref, o_ref = refs
+        *nested_refs, o_ref = refs
     else:
         (o_ref,) = refs
     nblocks = packed_ref.shape[0]
@@ -527,9 +487,7 @@ def nf4_dequantize_kernel(packed_ref, absmax_ref, code_ref, *refs, blocksize: in
     q = plgpu.load(absmax_ref.at[pl.ds(r0, block_rows)], mask=mask,
                    other=_zero(absmax_ref.dtype))
     if double_quant:
-        nested = plgpu.load(nested_absmax_ref.at[lax.div(rows, jnp.int32(nested_blocksize))],
-                            mask=mask, other=_zero(jnp.float32))
-        scale = plgpu.load(nested_code_ref.at[q.astype(jnp.int32)]) * nested + offset_ref[...]
+        scale = _nested_scale(q, rows, mask, nested_refs, nested_blocksize=nested_blocksize)
     else:
         scale = q.astype(jnp.float32)
     plgpu.store(o_ref.at[pl.ds(r0, block_rows), :],
@@ -578,13 +536,6 @@ def nf4_dequantize_pallas(packed, absmax, code, nested_absmax=None, nested_code=
 GEMV_MAX_M = 16
 
 
-def _dense_dot(a, w, contract_w: int):
-    """``a @ w.T`` (contract_w=1) or ``a @ w`` (0) with float32 accumulation, ``a.dtype`` out."""
-    return lax.dot_general(a, w, (((1,), (contract_w,)), ((), ())),
-                           precision=lax.Precision.HIGHEST,
-                           preferred_element_type=jnp.float32).astype(a.dtype)
-
-
 def nf4_matmul_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=None,
                       offset=None, *, blocksize: int, nested_blocksize: int = 256,
                       interpret: bool = False):
@@ -603,7 +554,7 @@ def nf4_matmul_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=N
                                offset, **kw)
     w = nf4_dequantize_pallas(packed, absmax, code, nested_absmax, nested_code, offset,
                               shape=(packed.shape[0], x.shape[1]), dtype=x.dtype, **kw)
-    return _dense_dot(x, w, 1)
+    return _dot(x, w, 1).astype(x.dtype)
 
 
 def nf4_matmul_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_code=None,
@@ -619,7 +570,7 @@ def nf4_matmul_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_cod
     w = nf4_dequantize_pallas(packed, absmax, code, nested_absmax, nested_code, offset,
                               shape=(packed.shape[0], 2 * packed.shape[1]),
                               dtype=dy.dtype, **kw)
-    return _dense_dot(dy, w, 0)
+    return _dot(dy, w, 0).astype(dy.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -750,8 +701,7 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
     """
     mode = resolve_impl(impl, interpret)
     x = jnp.asarray(x)
-    if jnp.dtype(x.dtype) not in _X_DTYPES:
-        raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    check_float_dtype("x", x)
     if x.ndim < 1:
         raise ValueError("x must have shape [..., K], got a scalar")
     k = x.shape[-1]
@@ -781,7 +731,7 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
             raise ValueError(
                 f"blocksize: the pallas path needs K % blocksize == 0, got K = {k} "
                 f"(x.shape[-1]) and blocksize = {blocksize}; use impl='xla'")
-        if blocksize < 32 or blocksize & (blocksize - 1):
+        if blocksize & (blocksize - 1):  # >= 32 is checked above
             raise ValueError(
                 f"blocksize must be a power of two >= 32 on the pallas path, got {blocksize}")
     nblocks = -(-n * k // blocksize)
@@ -819,8 +769,7 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
             if val is not None:
                 raise ValueError(f"{name} is only valid with uint8 absmax (double quant)")
 
-    code = jnp.asarray(NF4_CODE if code is None else code)
-    code = _as_f32("code", code, "[16]")
+    code = _as_f32("code", NF4_CODE if code is None else code, "[16]")
     if code.shape != (16,):
         raise ValueError(f"code must have shape [16], got {code.shape}")
 

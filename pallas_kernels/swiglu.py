@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.dispatch import (
+    check_float_dtype,
     plgpu,
     require_pallas_backend,
     resolve_impl,
@@ -42,8 +43,6 @@ from pallas_kernels.dispatch import (
 )
 
 __all__ = ["swiglu", "swiglu_reference"]
-
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 #: Elements of one program's tile.
 _TILE = 4096
@@ -188,8 +187,7 @@ def swiglu(gate, up, *, impl: str | None = "auto", interpret: bool = False) -> j
     """
     mode = resolve_impl(impl, interpret)
     gate, up = jnp.asarray(gate), jnp.asarray(up)
-    if jnp.dtype(gate.dtype) not in _DTYPES:
-        raise TypeError(f"gate must be bfloat16, float16 or float32, got {gate.dtype}")
+    check_float_dtype("gate", gate)
     if up.dtype != gate.dtype:
         raise TypeError(f"up must have gate's dtype {gate.dtype}, got {up.dtype}")
     if gate.shape != up.shape:

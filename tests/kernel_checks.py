@@ -25,6 +25,11 @@ TOL = {
 }
 
 
+def f64(a) -> np.ndarray:
+    """``a`` (any float dtype, bf16 included) as a float64 NumPy array."""
+    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+
+
 def x64():
     """Context manager enabling float64 in jax (for autodiff oracles)."""
     enable = getattr(jax, "enable_x64", None)

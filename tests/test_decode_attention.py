@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_checks import INTERPRET, ON_GPU, assert_close
+from kernel_checks import INTERPRET, ON_GPU, assert_close, f64
 from pallas_kernels.decode_attention import (
     decode_attention,
     decode_attention_reference,
@@ -23,19 +23,12 @@ from pallas_kernels.decode_attention import (
     default_num_splits,
 )
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-
 BF16, F16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)
-
-
-def _f64(a) -> np.ndarray:
-    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
 
 
 def oracle_decode_attention(q, k, v, lengths, starts, mask=None):
     """float64 NumPy softmax attention of one query per row; zeros where no key is valid."""
-    q, k, v = _f64(q), _f64(k), _f64(v)
+    q, k, v = f64(q), f64(k), f64(v)
     b, hq, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
     k = np.repeat(k, hq // hkv, axis=2)  # [B, S, Hq, D], head i -> kv head i // G

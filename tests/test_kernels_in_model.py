@@ -21,10 +21,8 @@ from flax import nnx
 from jaxqlora.config import ModelConfig
 from jaxqlora.model import CausalLM, KVCache
 
-pytestmark = [
-    pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas Triton kernels need a GPU"),
-    pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning"),
-]
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
+                                reason="Pallas Triton kernels need a GPU")
 
 CFG = ModelConfig(arch="qwen3", vocab_size=101, hidden_size=96, intermediate_size=200,
                   num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=32,

@@ -8,32 +8,22 @@ interpret-mode compilations stay few (the file runs in well under 3 minutes).
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels.nf4_matmul as nf4_module  # for its private helpers
+from kernel_checks import INTERPRET, ON_GPU
+from pallas_kernels.dispatch import KERNELS_ENV, resolve_impl
 from pallas_kernels.nf4_matmul import (
     nf4_dequantize_pallas,
     nf4_dequantize_reference,
     nf4_gemv_pallas,
     nf4_gemv_t_pallas,
     nf4_matmul,
-    nf4_matmul_pallas,
     nf4_matmul_reference,
 )
-
-# The module itself, for its private helpers.
-nf4_module = importlib.import_module("pallas_kernels.nf4_matmul")
-
-# jax >= 0.11 warns that the Pallas Triton backend is deprecated (GPU runs only).
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-
-ON_GPU = jax.default_backend() == "gpu"
-INTERPRET = not ON_GPU
 
 # The NF4 codebook as the QLoRA paper (App. E) / bitsandbytes list it, typed in
 # again here so that the oracle does not share the module's table.
@@ -330,32 +320,38 @@ def test_reference_dequantize_matches_2d_layout():
 
 
 def test_impl_resolution(monkeypatch):
-    resolve = nf4_module.resolve_impl
-    monkeypatch.delenv(nf4_module.KERNELS_ENV, raising=False)
-    assert resolve(None, False) == ("pallas" if ON_GPU else "xla")
-    assert resolve("auto", True) == "pallas"
-    assert resolve("xla", True) == "xla"
-    monkeypatch.setenv(nf4_module.KERNELS_ENV, "xla")
-    assert resolve(None, False) == "xla"
-    assert resolve("pallas", False) == "pallas"  # explicit beats the variable
-    monkeypatch.setenv(nf4_module.KERNELS_ENV, "pallas")
-    assert resolve("auto", False) == "pallas"
-    monkeypatch.setenv(nf4_module.KERNELS_ENV, "triton")
+    """`pallas_kernels.dispatch.resolve_impl`, the rule every op shares."""
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    assert resolve_impl(None, False) == ("pallas" if ON_GPU else "xla")
+    assert resolve_impl("auto") == ("pallas" if ON_GPU else "xla")
+    assert resolve_impl("auto", True) == "pallas"
+    assert resolve_impl("xla", True) == "xla"
+    monkeypatch.setenv(KERNELS_ENV, "xla")
+    assert resolve_impl(None, False) == "xla"
+    assert resolve_impl("auto", True) == "xla"  # the variable beats interpret
+    assert resolve_impl("pallas", False) == "pallas"  # explicit beats the variable
+    monkeypatch.setenv(KERNELS_ENV, "pallas")
+    assert resolve_impl("auto", False) == "pallas"
+    assert resolve_impl(None) == "pallas"
+    assert resolve_impl("xla") == "xla"
+    monkeypatch.setenv(KERNELS_ENV, "triton")
     with pytest.raises(ValueError, match="JAXQLORA_KERNELS"):
-        resolve(None, False)
+        resolve_impl(None, False)
     with pytest.raises(ValueError, match="impl"):
-        resolve("cuda", False)
+        resolve_impl("cuda", False)
 
 
 def test_env_variable_selects_xla_path(monkeypatch):
-    monkeypatch.setenv(nf4_module.KERNELS_ENV, "xla")
+    monkeypatch.setenv(KERNELS_ENV, "xla")
     n, k, bs = 48, 192, 64
     w = make_weight(1, n, k, bs, False)
     x, x64 = make_x(2, (2, k), jnp.float32)
     called = []
     monkeypatch.setattr(nf4_module, "nf4_matmul_pallas",
                         lambda *a, **kw: called.append(1))
-    y = run(x, w, None)
+    args, kwargs = weight_args(w)
+    # interpret=True: without the variable, auto would pick the Pallas path on any backend.
+    y = nf4_matmul(x, *args, impl=None, interpret=True, **kwargs)
     assert not called
     assert_matches(y, x64, oracle_weight(w, n, k).T, 1e-5, "env xla")
 

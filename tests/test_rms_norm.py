@@ -8,16 +8,14 @@ hidden sizes 96, 200, 576 (not powers of two: the row tile's ragged edge is mask
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from kernel_checks import INTERPRET, ON_GPU, assert_close, x64
-from pallas_kernels.dispatch import resolve_impl
+import pallas_kernels.rms_norm as rms_module
+from kernel_checks import INTERPRET, ON_GPU, assert_close, f64, x64
 from pallas_kernels.rms_norm import (
     add_rms_norm,
     add_rms_norm_reference,
@@ -25,17 +23,8 @@ from pallas_kernels.rms_norm import (
     rms_norm_reference,
 )
 
-rms_module = importlib.import_module("pallas_kernels.rms_norm")
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-
 EPS = 1e-5
 BF16, F16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)
-
-
-def _f64(a) -> np.ndarray:
-    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
 
 
 def _inputs(seed, shape, dtype, w_dtype):
@@ -48,7 +37,7 @@ def _inputs(seed, shape, dtype, w_dtype):
 
 def oracle_rms_norm(x, w, eps=EPS):
     """float64 NumPy: ``w * x / sqrt(mean(x^2) + eps)``."""
-    x, w = _f64(x), _f64(w)
+    x, w = f64(x), f64(w)
     return w * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
@@ -59,9 +48,9 @@ def _rms64(x, w, eps=EPS):
 def oracle_rms_norm_vjp(x, w, dout, eps=EPS):
     """(dx, dw) by float64 autodiff."""
     with x64():
-        _, pull = jax.vjp(lambda a, b: _rms64(a, b, eps), jnp.asarray(_f64(x)),
-                          jnp.asarray(_f64(w)))
-        return tuple(np.asarray(g) for g in pull(jnp.asarray(_f64(dout))))
+        _, pull = jax.vjp(lambda a, b: _rms64(a, b, eps), jnp.asarray(f64(x)),
+                          jnp.asarray(f64(w)))
+        return tuple(np.asarray(g) for g in pull(jnp.asarray(f64(dout))))
 
 
 def oracle_add_rms_norm_vjp(x, r, w, dout, dh, eps=EPS):
@@ -71,8 +60,8 @@ def oracle_add_rms_norm_vjp(x, r, w, dout, dh, eps=EPS):
             h = a + b
             return _rms64(h, c, eps), h
 
-        _, pull = jax.vjp(f, *(jnp.asarray(_f64(t)) for t in (x, r, w)))
-        return tuple(np.asarray(g) for g in pull((jnp.asarray(_f64(dout)), jnp.asarray(_f64(dh)))))
+        _, pull = jax.vjp(f, *(jnp.asarray(f64(t)) for t in (x, r, w)))
+        return tuple(np.asarray(g) for g in pull((jnp.asarray(f64(dout)), jnp.asarray(f64(dh)))))
 
 
 # (shape, x dtype, weight dtype); f32 x with bf16 weight is the model's float32 residual
@@ -117,7 +106,7 @@ def test_add_rms_norm_kernel_matches_float64(shape, dtype, r_dtype, w_dtype):
     (normed, new_r), pull = jax.vjp(
         lambda a, b, c: add_rms_norm(a, b, c, EPS, impl="pallas", interpret=INTERPRET), x, r, w)
     assert normed.dtype == w_dtype and new_r.dtype == r_dtype
-    h64 = _f64(r) + _f64(x)
+    h64 = f64(r) + f64(x)
     assert_close(new_r, h64, what="new_residual")
     assert_close(normed, oracle_rms_norm(h64, w), what="normed")
     dx, dr, dw = pull((dout, dh))
@@ -149,7 +138,7 @@ def test_references_match_float64():
     assert_close(dw, ref_dw, what="dweight")
     r = jnp.asarray(np.random.default_rng(12).normal(size=(3, 200)), jnp.float32)
     normed, new_r = add_rms_norm_reference(x.astype(jnp.bfloat16), r, w, EPS)
-    h64 = _f64(r) + _f64(x.astype(jnp.bfloat16))
+    h64 = f64(r) + f64(x.astype(jnp.bfloat16))
     assert new_r.dtype == F32
     assert_close(new_r, h64, what="add_rms_norm_reference residual")
     assert_close(normed, oracle_rms_norm(h64, w), what="add_rms_norm_reference normed")
@@ -159,16 +148,20 @@ def test_xla_path_is_the_reference_and_auto_follows_the_env(monkeypatch):
     x, w, _ = _inputs(3, (3, 96), BF16, BF16)
     np.testing.assert_array_equal(np.asarray(rms_norm(x, w, EPS, impl="xla"), np.float32),
                                   np.asarray(rms_norm_reference(x, w, EPS), np.float32))
+    # rms_norm's 'auto' follows $JAXQLORA_KERNELS (the rule itself, resolve_impl, is
+    # tested in test_nf4_matmul.py): interpret=True alone would pick the kernel.
+    called = []
+    monkeypatch.setattr(rms_module, "_rms_norm_pallas",
+                        lambda cfg, a, b: called.append(cfg) or a)
     monkeypatch.setenv("JAXQLORA_KERNELS", "xla")
-    assert resolve_impl("auto", interpret=True) == "xla"
+    rms_norm(x, w, EPS, interpret=True)
+    assert not called
     monkeypatch.setenv("JAXQLORA_KERNELS", "pallas")
-    assert resolve_impl(None) == "pallas"
-    assert resolve_impl("xla") == "xla"
+    rms_norm(x, w, EPS, interpret=True)
+    assert called
     monkeypatch.setenv("JAXQLORA_KERNELS", "cuda")
     with pytest.raises(ValueError, match="JAXQLORA_KERNELS"):
-        resolve_impl("auto")
-    monkeypatch.delenv("JAXQLORA_KERNELS")
-    assert resolve_impl("auto") == ("pallas" if ON_GPU else "xla")
+        rms_norm(x, w, EPS)
 
 
 def test_bad_inputs_raise():

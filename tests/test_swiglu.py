@@ -14,17 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_checks import INTERPRET, ON_GPU, assert_close, x64
+from kernel_checks import INTERPRET, ON_GPU, assert_close, f64, x64
 from pallas_kernels.swiglu import swiglu, swiglu_reference
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-
 BF16, F16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)
-
-
-def _f64(a) -> np.ndarray:
-    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
 
 
 def _inputs(seed, shape, dtype):
@@ -38,16 +31,16 @@ def _inputs(seed, shape, dtype):
 
 def oracle_swiglu(gate, up):
     """float64 NumPy: ``gate * sigmoid(gate) * up``."""
-    g = _f64(gate)
-    return g / (1.0 + np.exp(-g)) * _f64(up)
+    g = f64(gate)
+    return g / (1.0 + np.exp(-g)) * f64(up)
 
 
 def oracle_swiglu_vjp(gate, up, dout):
     """(dgate, dup) by float64 autodiff."""
     with x64():
         _, pull = jax.vjp(lambda g, u: g * jax.nn.sigmoid(g) * u,
-                          jnp.asarray(_f64(gate)), jnp.asarray(_f64(up)))
-        return tuple(np.asarray(t) for t in pull(jnp.asarray(_f64(dout))))
+                          jnp.asarray(f64(gate)), jnp.asarray(f64(up)))
+        return tuple(np.asarray(t) for t in pull(jnp.asarray(f64(dout))))
 
 
 CASES = [
