@@ -28,8 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from jaxqlora.config import ModelConfig  # noqa: E402
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from jaxqlora.lora import ALL_TARGETS as TARGETS, ATTENTION_TARGETS, MLP_TARGETS  # noqa: E402
 
 MODELS = {
     # meta-llama/Meta-Llama-3-8B config.json (RoPE scaling of 3.1 left out: same cost)
@@ -115,6 +114,16 @@ def _fill(kind, shape, dtype, key):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+def causal_batch(cfg: ModelConfig, batch: int, length: int, seed: int = 0) -> dict:
+    """One train step's host batch ``[1, batch, length]``: random token ids, no padding,
+    the loss over every token."""
+    import numpy as np
+
+    ids = np.random.default_rng(seed).integers(1, cfg.vocab_size, (1, batch, length)).astype(np.int32)
+    ones = np.ones((1, batch, length), np.float32)
+    return {"input_ids": ids, "attention_mask": ones.astype(np.int32), "loss_mask": ones, "weight": ones[:, :, 0]}
+
+
 def bench(fn, *, calls: int, rounds: int, warmup: int = 2) -> float:
     """Median seconds per call of ``fn()`` (JAX): ``warmup`` calls, then per round ``calls``
     queued calls and one ``block_until_ready`` on the last result."""
@@ -194,7 +203,7 @@ def peer_model(cfg: ModelConfig, device: str = "cuda"):
         model = transformers.LlamaForCausalLM(hf_cfg)
     torch.set_default_dtype(torch.float32)
     for layer in model.model.layers:
-        for owner, names in ((layer.self_attn, TARGETS[:4]), (layer.mlp, TARGETS[4:])):
+        for owner, names in ((layer.self_attn, ATTENTION_TARGETS), (layer.mlp, MLP_TARGETS)):
             for name in names:
                 lin = getattr(owner, name)
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,

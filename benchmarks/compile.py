@@ -41,10 +41,9 @@ def worker(args) -> dict:
     from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
 
     cfg = common.MODELS[args.model]
-    remat = False if args.remat == "none" else args.remat
     optimizer, _ = make_optimizer(2e-4, total_steps=1000)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    trainer = Trainer(common.abstract_nf4_model(cfg, lora=True, remat=remat), causal_lm_loss, optimizer)
+    trainer = Trainer(common.abstract_nf4_model(cfg, lora=True, remat=args.remat), causal_lm_loss, optimizer)
     train = trainer.precompile(args.batch, (args.length,), log=log)
     gen = precompile_generate(common.abstract_nf4_model(cfg), common.TokenIds(), prompt_lens=(512,),
                               max_new_tokens=128, ignore_eos=True, log=log)

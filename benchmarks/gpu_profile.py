@@ -102,14 +102,10 @@ def main() -> int:
 
     lm = common.random_nf4_model(cfg)
     apply_lora(lm, r=16, alpha=32.0, dropout=0.05)
-    lm.remat = False if args.remat == "none" else args.remat
+    lm.remat = args.remat  # "none": no remat
     trainer = Trainer(lm, causal_lm_loss, make_optimizer(2e-4, total_steps=100)[0])
     trainer.precompile(args.batch, (args.length,), log=lambda m: None)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, cfg.vocab_size, (1, args.batch, args.length)).astype(np.int32)
-    ones = np.ones((1, args.batch, args.length), np.float32)
-    batch = jax.device_put({"input_ids": ids, "attention_mask": ones.astype(np.int32), "loss_mask": ones,
-                            "weight": ones[:, :, 0]})
+    batch = jax.device_put(common.causal_batch(cfg, args.batch, args.length))
     jax.block_until_ready(trainer.step(batch)["loss"])
     with jax.profiler.trace(str(out / "train"), create_perfetto_trace=True):
         for _ in range(args.steps):
@@ -122,7 +118,7 @@ def main() -> int:
     tok = common.TokenIds()
     ex = precompile_generate(lm, tok, batch_size=1, prompt_lens=(512,), max_new_tokens=args.new,
                              ignore_eos=True, log=lambda m: None)
-    prompt = rng.integers(1, cfg.vocab_size, (1, 512)).tolist()
+    prompt = np.random.default_rng(1).integers(1, cfg.vocab_size, (1, 512)).tolist()
     generate(lm, tok, prompt, max_new_tokens=args.new, ignore_eos=True, return_ids=True, executables=ex)
     with jax.profiler.trace(str(out / "decode"), create_perfetto_trace=True):
         generate(lm, tok, prompt, max_new_tokens=args.new, ignore_eos=True, return_ids=True, executables=ex)

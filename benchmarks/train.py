@@ -50,18 +50,8 @@ SMOKE_ROWS = [
 ]
 
 
-def _batch(cfg, batch, length, seed=0):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, cfg.vocab_size, (1, batch, length)).astype(np.int32)
-    ones = np.ones((1, batch, length), np.float32)
-    return ids, ones
-
-
 def worker_ours(args) -> dict:
     import jax
-    import numpy as np
 
     from jaxqlora.lora import apply_lora
     from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
@@ -73,16 +63,14 @@ def worker_ours(args) -> dict:
     t0 = time.perf_counter()
     lm = common.random_nf4_model(cfg, seed=args.seed)
     apply_lora(lm, r=16, alpha=32.0, dropout=args.dropout, seed=args.seed)
-    lm.remat = False if args.remat == "none" else tuple(args.remat.split("+")) if "+" in args.remat else args.remat
+    lm.remat = tuple(args.remat.split("+")) if "+" in args.remat else args.remat  # "none": no remat
     build_s = time.perf_counter() - t0
     optimizer, _ = make_optimizer(2e-4, total_steps=1000)
     trainer = Trainer(lm, causal_lm_loss, optimizer)
     hits.clear()  # count persistent-cache hits of the step's compile only
     ex = trainer.precompile(args.batch, (args.length,), log=lambda m: print(m, file=sys.stderr))
     step_hits = len(hits)
-    ids, ones = _batch(cfg, args.batch, args.length, args.seed)
-    batch = jax.device_put({"input_ids": ids, "attention_mask": ones.astype(np.int32), "loss_mask": ones,
-                            "weight": ones[:, :, 0]})
+    batch = jax.device_put(common.causal_batch(cfg, args.batch, args.length, args.seed))
     losses = []
 
     def step():
@@ -97,7 +85,6 @@ def worker_ours(args) -> dict:
 
 
 def worker_peer(args) -> dict:
-    import numpy as np
     import peft
     import torch
 
@@ -112,8 +99,8 @@ def worker_peer(args) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-    ids, _ = _batch(cfg, args.batch, args.length, args.seed)
-    x = torch.tensor(np.asarray(ids[0]), dtype=torch.long, device="cuda")
+    ids = common.causal_batch(cfg, args.batch, args.length, args.seed)["input_ids"]
+    x = torch.tensor(ids[0], dtype=torch.long, device="cuda")
 
     def step():
         loss = model(input_ids=x, labels=x).loss

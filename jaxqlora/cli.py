@@ -100,10 +100,8 @@ def jax_cache_dir() -> str:
     return jax.config.jax_compilation_cache_dir or "off"
 
 
-def _print_results(results) -> None:
-    for split in ("validation", "test"):
-        print(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[split].items()))
-    print("baseline: " + ", ".join(f"{k} {v:.4f}" for k, v in results["baseline"].items()))
+def _print_metrics(name: str, metrics: dict) -> None:
+    print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 def _cmd_finetune(args) -> int:
@@ -120,7 +118,8 @@ def _cmd_finetune(args) -> int:
 
         if jax.process_index() != 0:
             return 0
-    _print_results(results)
+    for split in ("validation", "test", "baseline"):
+        _print_metrics(split, results[split])
     print(f"{results['steps']} steps in {results['train_seconds']:.0f} s "
           f"({results['train_seconds'] / max(results['steps'], 1):.2f} s/step incl. compilation); "
           f"total {results['seconds']:.0f} s; adapter in {cfg.output}/adapter")
@@ -132,7 +131,7 @@ def _cmd_eval(args) -> int:
 
     cfg = _finetune_config(args)
     for split, metrics in evaluate_adapter(cfg, args.adapter).items():
-        print(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        _print_metrics(split, metrics)
     return 0
 
 

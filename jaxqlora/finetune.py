@@ -151,31 +151,34 @@ def _train_batches(enc, cfg, pad_id, epoch, start) -> Iterator[dict[str, np.ndar
         yield _stack(micro)
 
 
-def evaluate(eval_batch, enc: D.Encoded, cfg: FinetuneConfig, pad_id: int, task: str,
-             label_token_ids: tuple[int, ...] | None = None) -> dict[str, float]:
-    """Accuracy (classification), or loss / perplexity and label-word accuracy (causal LM).
+def evaluate(eval_batch, enc: D.Encoded, cfg: FinetuneConfig, pad_id: int,
+             label_accuracy: bool = False) -> dict[str, float]:
+    """Accuracy (classification, ``cfg.task``), or loss / perplexity and, with
+    ``label_accuracy``, label-word accuracy (causal LM).
 
-    ``eval_batch(batch)`` returns the metric sums of one batch (`Trainer.evaluate_batch`:
-    ``correct`` / ``total``, and ``loss_sum`` / ``count`` for causal LM). Label-word
-    accuracy (greedy first response token = the label word's) is reported when
-    ``label_token_ids`` is given.
+    ``eval_batch(batch)`` returns the metric sums of one host batch (`Trainer.evaluate_batch`:
+    ``correct`` / ``total``, and ``loss_sum`` / ``count`` for causal LM); they are read back
+    once, after every batch was queued. Label-word accuracy is the share of rows whose
+    greedy first response token is the real one.
     """
+    per_batch = [eval_batch(b) for b in D.batches(enc, cfg.eval_batch_size, _buckets(cfg), pad_id=pad_id,
+                                                   group_by_length=True)]
     sums: dict[str, float] = {}
-    for b in D.batches(enc, cfg.eval_batch_size, _buckets(cfg), pad_id=pad_id, group_by_length=True):
-        for k, v in eval_batch(jax.device_put(b)).items():
+    for m in jax.device_get(per_batch):
+        for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     accuracy = sums.get("correct", 0.0) / max(sums.get("total", 0.0), 1)
-    if task == "classification":
+    if cfg.task == "classification":
         return {"accuracy": accuracy}
     loss = sums["loss_sum"] / max(sums["count"], 1)
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-    if label_token_ids is not None:
+    if label_accuracy:
         out["label_accuracy"] = accuracy
     return out
 
 
 def _prepare(cfg: FinetuneConfig):
-    """Tokenizer, data splits, encoded splits and label words (no weights loaded)."""
+    """Padding id, data splits, encoded splits and label words (no weights loaded)."""
     from jaxqlora.io import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
@@ -194,7 +197,8 @@ def _prepare(cfg: FinetuneConfig):
         raise ValueError(f"task must be 'classification' or 'causal-lm', got {cfg.task!r}")
     parts = D.split(ds, seed=cfg.seed)
     enc = {k: D.encode(tokenizer, v, cfg.max_seq_len) for k, v in parts.items()}
-    return tokenizer, parts, enc, label_words
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad_id, parts, enc, label_words
 
 
 def _build(lm, cfg: FinetuneConfig, num_labels: int):
@@ -237,8 +241,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
         log = lambda *_: None  # noqa: E731
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, parts, enc, label_words = _prepare(cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id, parts, enc, label_words = _prepare(cfg)
     log(f"data: train {len(parts['train'])}, validation {len(parts['validation'])}, test {len(parts['test'])}")
     num_labels = len(parts["train"].label_names)
     per_epoch = max(1, D.num_batches(len(parts["train"]), cfg.batch_size) // cfg.grad_accum)
@@ -293,14 +296,12 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
             step, epoch, pos = restored
             log(f"resumed at step {step} (epoch {epoch}, batch {pos})")
 
-    baseline = _baseline(parts, enc, cfg, trainer, pad_id, label_words, tokenizer)
-    label_ids = _label_token_ids(tokenizer, label_words)
+    baseline = _baseline(parts, enc, cfg, trainer, pad_id, label_words is not None)
     metrics_file = (out / "metrics.jsonl").open("a") if primary else open(os.devnull, "w")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=step, desc="finetune", dynamic_ncols=True, disable=not primary)
     t_log, tokens = time.perf_counter(), 0
-    pending = None
     while step < total:
         for batch in _train_batches(enc["train"], cfg, pad_id, epoch, pos):
             m = trainer.step(jax.device_put(batch) if mesh is None  # jnp.asarray would compile per shape
@@ -335,7 +336,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
                "steps": step, "baseline": baseline,
                "nonfinite_skipped": nonfinite_steps(trainer.opt_state)}
     for split_name in ("validation", "test"):
-        results[split_name] = evaluate(trainer.evaluate_batch, enc[split_name], cfg, pad_id, _eval_task(cfg), label_ids)
+        results[split_name] = evaluate(trainer.evaluate_batch, enc[split_name], cfg, pad_id, label_words is not None)
     results["seconds"] = time.perf_counter() - t_start
     results["train_seconds"] = train_s
 
@@ -381,25 +382,14 @@ def _mesh(cfg: FinetuneConfig):
     return mesh
 
 
-def _eval_task(cfg):
-    return "classification" if cfg.task == "classification" else "causal-lm"
-
-
-def _label_token_ids(tokenizer, label_words):
-    if not label_words:
-        return None
-    return tuple(tokenizer.encode(w, add_special_tokens=False)[0] for w in label_words)
-
-
-def _baseline(parts, enc, cfg, trainer, pad_id, label_words, tokenizer) -> dict[str, float]:
+def _baseline(parts, enc, cfg, trainer, pad_id, label_accuracy: bool) -> dict[str, float]:
     """Majority class (classification) or the untrained model's validation loss (causal LM)."""
     if cfg.task == "classification":
         counts = np.bincount(parts["train"].labels)
         majority = int(np.argmax(counts))
         return {"majority_class_test_accuracy": float(np.mean(parts["test"].labels == majority))}
-    return {f"untrained_validation_{k}": v for k, v in evaluate(
-        trainer.evaluate_batch, enc["validation"], cfg, pad_id, "causal-lm",
-        _label_token_ids(tokenizer, label_words)).items()}
+    return {f"untrained_validation_{k}": v
+            for k, v in evaluate(trainer.evaluate_batch, enc["validation"], cfg, pad_id, label_accuracy).items()}
 
 
 def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path) -> dict[str, dict[str, float]]:
@@ -408,9 +398,8 @@ def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path) -> dict[str, dict
     from jaxqlora.io import load_pretrained
     from jaxqlora.io.peft import load_adapter
 
-    tokenizer, parts, enc, label_words = _prepare(cfg)
+    pad_id, parts, enc, label_words = _prepare(cfg)
     lm, _ = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.quantize:
         from jaxqlora.quantize import quantize_model
 
@@ -428,6 +417,5 @@ def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path) -> dict[str, dict
     evaluator = Trainer(model, loss_fn, None)  # evaluation only
     evaluator.precompile(cfg.batch_size, _buckets(cfg), eval_batch_size=cfg.eval_batch_size,
                          causal_lm=cfg.task != "classification")
-    label_ids = _label_token_ids(tokenizer, label_words)
-    return {s: evaluate(evaluator.evaluate_batch, enc[s], cfg, pad_id, _eval_task(cfg), label_ids)
+    return {s: evaluate(evaluator.evaluate_batch, enc[s], cfg, pad_id, label_words is not None)
             for s in ("validation", "test")}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -329,7 +329,8 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
     out, n = _call(executables, _decode_key(b, max_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef), jobs,
                    _decode_loop, (state, first, cache, key),
                    dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id), graphdef)
-    out = np.asarray(out)[:, : int(n)]
+    out, n = jax.device_get((out, n))  # one read-back
+    out = out[:, : int(n)]
     results = []
     for row in out:
         toks = []

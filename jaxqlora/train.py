@@ -127,8 +127,9 @@ _METRICS = {classification_loss: classification_metrics, causal_lm_loss: causal_
 
 def make_optimizer(lr: float = 2e-4, *, total_steps: int, warmup_ratio: float = 0.03, schedule: str = "constant",
                    weight_decay: float = 0.0, max_grad_norm: float = 0.3, b1: float = 0.9, b2: float = 0.999,
-                   max_consecutive_nonfinite: int = 20) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping, linear warmup, then constant or cosine decay.
+                   max_consecutive_nonfinite: int = 20) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping, linear warmup, then constant or cosine decay;
+    returns ``(optimizer, learning-rate schedule)``.
 
     Defaults follow the QLoRA paper (lr 2e-4, 3% warmup, constant, max_grad_norm 0.3,
     beta2 0.999, no weight decay). Non-finite gradients leave the parameters unchanged
@@ -218,6 +219,7 @@ class Trainer:
 
     @property
     def num_trainable(self) -> int:
+        """Number of trainable (LoRA and head) scalars."""
         return sum(x.size for x in jax.tree_util.tree_leaves(self.trainable))
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
@@ -274,8 +276,7 @@ class Trainer:
         return out.addressable_data(0)
 
     def precompile(self, batch_size: int, seq_lens, *, grad_accum: int = 1, eval_batch_size: int | None = None,
-                   causal_lm: bool | None = None, batch_sharding=None,
-                   log: Callable[[str], None] | None = None) -> Executables:
+                   causal_lm: bool | None = None, log: Callable[[str], None] | None = None) -> Executables:
         """Compile the train step for ``[grad_accum, batch_size, L]`` batches and the
         evaluation step for ``[eval_batch_size, L]`` batches, for every L in ``seq_lens``,
         ahead of time (`jaxqlora.compile.precompile`; progress bar, per-bucket times).
@@ -285,10 +286,6 @@ class Trainer:
           seq_lens: sequence-length buckets (tokens).
           eval_batch_size: evaluation batch size; None skips evaluation steps.
           causal_lm: batches carry ``loss_mask`` (True) or ``labels``; default from ``loss_fn``.
-          batch_sharding: a ``NamedSharding`` of ``[B, ...]`` arrays (e.g. ``PartitionSpec("data")``)
-            that evaluation batches arrive with; train batches ``[accum, B, ...]`` get it behind
-            an unsharded accumulation axis. None: the mesh's row sharding (`jaxqlora.sharding.batch_sharding`), or none on one device. The state's shardings are
-            read from the state itself.
           log: receives the compile-time lines (default ``executables.log``).
 
         Returns:
@@ -296,24 +293,31 @@ class Trainer:
           and ``BucketKey("eval", (eval_batch_size, L))`` for each L.
 
         Works on an abstract Trainer (no weights): only shapes, dtypes and shardings are read.
+        With a mesh, batches get the shardings `step` / `evaluate_batch` give them
+        (`jaxqlora.sharding.shard_batch`, `jaxqlora.sharding.global_input`).
         """
         from jaxqlora.data import batch_spec
 
         if causal_lm is None:
             causal_lm = self.loss_fn is causal_lm_loss
-        if batch_sharding is None and self.mesh is not None:
-            batch_sharding = sharding.batch_sharding(self.mesh, 0)
+        train_sharding = eval_sharding = None
+        if self.mesh is not None:
+            train_sharding = sharding.batch_sharding(self.mesh, 1)
+            # as `global_input` places them: rows split when they divide, else replicated
+            eval_sharding = (sharding.batch_sharding(self.mesh, 0)
+                             if eval_batch_size and eval_batch_size % sharding.batch_parallel(self.mesh) == 0
+                             else sharding.replicated(self.mesh))
         state = abstract((self.trainable, self.rng_state, self.opt_state, self.frozen))
         trainable, rng_state, opt_state, frozen = state
         jobs = {}
         for length in sorted(set(seq_lens)):
             if self._step is not None:
                 batch = batch_spec(batch_size, length, causal_lm=causal_lm, accum=grad_accum,
-                                   sharding=_behind_accum(batch_sharding))
+                                   sharding=train_sharding)
                 jobs[BucketKey("train", (grad_accum, batch_size, length))] = Job(
                     self._step, (trainable, rng_state, opt_state, frozen, batch))
             if eval_batch_size and self._metrics is not None:
-                batch = batch_spec(eval_batch_size, length, causal_lm=causal_lm, sharding=batch_sharding)
+                batch = batch_spec(eval_batch_size, length, causal_lm=causal_lm, sharding=eval_sharding)
                 jobs[BucketKey("eval", (eval_batch_size, length))] = Job(
                     self._metrics, (trainable, rng_state, frozen, batch))
         with sharding.use_mesh(self.mesh):
@@ -385,13 +389,6 @@ def _eval_metrics(graphdef, metrics_fn, trainable, rng_state, frozen, batch):
     model = nnx.merge(graphdef, trainable, rng_state, frozen, copy=True)
     model.eval()
     return metrics_fn(model, batch)
-
-
-def _behind_accum(sharding):
-    """``sharding`` of ``[B, ...]`` arrays moved behind a leading (unsharded) accumulation axis."""
-    if sharding is None:
-        return None
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
 
 
 def _signature(tree):
