@@ -27,6 +27,7 @@ Usage (repository root)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -35,13 +36,14 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import common  # benchmarks/common.py; puts the repository root on sys.path
+from jaxqlora.config import ModelConfig
 
-LLAMA3_8B = dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0)
-SMOKE = dict(arch="llama", vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+ROOT = str(common.ROOT)
+
+# every projection's rows split into 8 shards of whole 64-element blocks (--smoke runs fsdp=8)
+SMOKE = ModelConfig(arch="llama", vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 
 
 # ------------------------------------------------------------------------ worker
@@ -55,29 +57,13 @@ def build_model(cfg, shardings_for):
     import numpy as np
     from flax import nnx
 
-    from jaxqlora.lora import ALL_TARGETS, ATTENTION_TARGETS
-    from jaxqlora.model import CausalLM
-    from jaxqlora.nf4 import NF4_CODE, NESTED_BLOCKSIZE, NF4Weight, _signed_dynamic_map
-    from jaxqlora.quantize import NF4Linear
+    from jaxqlora.nf4 import NF4_CODE, create_dynamic_map
 
-    model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    sds = jax.ShapeDtypeStruct
-    for layer in model.model.layers:
-        for name in ALL_TARGETS:
-            owner = layer.self_attn if name in ATTENTION_TARGETS else layer.mlp
-            n, k = getattr(owner, name).out_features, getattr(owner, name).in_features
-            nb = n * k // 64
-            q = NF4Weight(packed=sds((n * k // 2,), jnp.uint8), absmax=sds((nb,), jnp.uint8),
-                          nested_absmax=sds((-(-nb // NESTED_BLOCKSIZE),), jnp.float32),
-                          nested_code=sds((256,), jnp.float32), offset=sds((), jnp.float32),
-                          code=sds((16,), jnp.float32), shape=(n, k), blocksize=64,
-                          nested_blocksize=NESTED_BLOCKSIZE, dtype="bfloat16")
-            setattr(owner, name, NF4Linear(q))
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(common.abstract_nf4_model(cfg))  # shapes only (bf16, NF4 bs 64, double quant)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     shardings = jax.tree_util.tree_leaves(shardings_for(state),
                                           is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
-    nested_code, code = np.asarray(_signed_dynamic_map()), np.asarray(NF4_CODE)
+    nested_code, code = create_dynamic_map(signed=True), np.asarray(NF4_CODE)
 
     def init(key):
         out = []
@@ -111,12 +97,12 @@ def worker(args) -> dict:
     import numpy as np
 
     from jaxqlora import sharding
-    from jaxqlora.config import ModelConfig
     from jaxqlora.lora import apply_lora
     from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
 
-    cfg = ModelConfig(**{**(SMOKE if args.smoke else LLAMA3_8B),
-                         **({"num_hidden_layers": args.layers} if args.layers else {})})
+    cfg = SMOKE if args.smoke else common.MODELS["llama3-8b"]
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
     data, fsdp = args.data, args.fsdp
     n = data * fsdp
     devices = jax.devices()[:n]

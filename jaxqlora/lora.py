@@ -67,7 +67,8 @@ class LoRALinear(nnx.Module):
         return self.scaling * (self.lora_B[...] @ self.lora_A[...])
 
 
-def _owner(layer: nnx.Module, name: str) -> nnx.Module:
+def projection_owner(layer: nnx.Module, name: str) -> nnx.Module:
+    """The module of a decoder ``layer`` that holds the projection ``name`` (``self_attn`` or ``mlp``)."""
     return layer.self_attn if name in ATTENTION_TARGETS else layer.mlp
 
 
@@ -96,7 +97,7 @@ def apply_lora(model: nnx.Module, *, r: int = 16, alpha: float = 32.0, dropout: 
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     for i, layer in enumerate(model.model.layers):
         for name in targets:
-            owner = _owner(layer, name)
+            owner = projection_owner(layer, name)
             base = getattr(owner, name)
             if isinstance(base, LoRALinear):
                 raise ValueError(f"model.layers.{i}.{name} already has a LoRA adapter")

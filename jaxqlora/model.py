@@ -166,6 +166,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        """Cache slots per sequence (S of ``valid [B, S]``)."""
         return self.valid.shape[1]
 
 
@@ -228,7 +229,6 @@ class Attention(nnx.Module):
                                            implementation=impl)
         out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "attention")
         return checkpoint_name(self.o_proj(out), "o_proj"), kv
-
 
     def _prefill_impl(self, q, kv) -> str | None:
         """'cudnn' (fused flash attention, no [B, H, T, S] scores in memory) for cache-free

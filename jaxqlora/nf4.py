@@ -80,7 +80,7 @@ __all__ = [
 #: The 16 NF4 code values, index 0..15 (QLoRA paper App. E; bnb
 #: ``functional.get_4bit_type("nf4")``), float32 [16], sorted ascending. One copy, kept
 #: beside the kernel that decodes it (``pallas_kernels`` cannot import jaxqlora).
-from pallas_kernels.nf4_matmul import NF4_CODE  # noqa: E402
+from pallas_kernels.nf4_matmul import NF4_CODE, nf4_dequantize_reference  # noqa: E402
 
 #: Block sizes bitsandbytes accepts for 4-bit quantization (``quantize_4bit``).
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -424,18 +424,13 @@ def _sign_bit(x: jax.Array) -> jax.Array:
     return jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(x, jnp.uint32), jnp.uint32(31))
 
 
-def _opaque_f32(value: float, nonneg: jax.Array) -> jax.Array:
-    """float32 ``value`` that XLA/LLVM cannot treat as a constant (``nonneg`` must be >= +0)."""
-    bits = jax.lax.bitcast_convert_type(jnp.float32(value), jnp.uint32) | _sign_bit(nonneg)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _round_f32(x: jax.Array, nonneg: jax.Array) -> jax.Array:
-    """``x`` unchanged, but materialized: stops XLA fusing ``x`` (a product) into an FMA.
+def _opaque_f32(x: jax.Array | float, nonneg: jax.Array) -> jax.Array:
+    """float32 ``x`` unchanged, but opaque to XLA/LLVM: a constant is not folded, and a
+    product is materialized (not fused into an FMA with a following add).
 
     ``nonneg`` must be >= +0 (its sign bit, OR-ed into ``x``, is 0).
     """
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32) | _sign_bit(nonneg)
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32) | _sign_bit(nonneg)
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
@@ -599,21 +594,15 @@ def absmax_float32(q: NF4Weight) -> jax.Array:
     # Round the product to float32 before the add, as bnb does (two kernels);
     # XLA on CPU would otherwise contract `a * b + c` into one FMA. The sign
     # bit of `scale` (a max of |x|, so >= +0) is the opaque zero used.
-    return _round_f32(prod, scale) + q.offset
+    return _opaque_f32(prod, scale) + q.offset
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
 def _dequantize(q: NF4Weight, out_dtype: str) -> jax.Array:
-    n = q.numel
-    bs = q.blocksize
-    nb = q.num_blocks
-    hi = q.packed >> 4
-    lo = q.packed & jnp.uint8(0x0F)
-    idx = jnp.stack([hi, lo], axis=1).reshape(-1)[:n].astype(jnp.int32)
-    vals = q.code[idx]
-    vals = jnp.pad(vals, (0, nb * bs - n)).reshape(nb, bs)
-    out = (vals * absmax_float32(q)[:, None]).reshape(-1)[:n]
-    return out.reshape(q.shape).astype(_DTYPES[out_dtype])
+    # The kernel module's jnp dequantize, fed the bnb-rounded float32 absmax (its own
+    # double-quant formula may be fused into an FMA; `absmax_float32` is not).
+    w = nf4_dequantize_reference(q.packed, absmax_float32(q), shape=q.shape, code=q.code, blocksize=q.blocksize)
+    return w.astype(_DTYPES[out_dtype])
 
 
 def dequantize_nf4(q: NF4Weight, dtype: Any = None) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxqlora.lora import ALL_TARGETS, ATTENTION_TARGETS, LoRALinear
+from jaxqlora.lora import ALL_TARGETS, LoRALinear, projection_owner
 from jaxqlora.model import Linear
 from jaxqlora.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from jaxqlora.sharding import per_device
@@ -107,7 +107,7 @@ def quantize_model(model: nnx.Module, *, blocksize: int = 64, double_quant: bool
     lin_before = lin_after = params = 0
     for layer in model.model.layers:
         for name in targets:
-            owner = layer.self_attn if name in ATTENTION_TARGETS else layer.mlp
+            owner = projection_owner(layer, name)
             mod = getattr(owner, name)
             holder, attr = (mod, "base_layer") if isinstance(mod, LoRALinear) else (owner, name)
             base = getattr(holder, attr)

@@ -188,8 +188,7 @@ def _nf4_shardings(name: str, q: NF4Weight, mesh: Mesh, notes: list[str]) -> NF4
                          f"{q.blocksize}-element blocks; replicated")
     nested = None
     if q.nested_absmax is not None:
-        groups = q.nested_blocksize or 256
-        nested = whole if whole is not rep and (q.num_blocks // f) % groups == 0 else rep
+        nested = whole if whole is not rep and (q.num_blocks // f) % q.nested_blocksize == 0 else rep
     return q.replace(packed=whole, absmax=whole, nested_absmax=nested,
                      nested_code=None if q.nested_code is None else rep,
                      offset=None if q.offset is None else rep, code=rep)
@@ -379,8 +378,7 @@ def _specs(mesh, ops):
 def _run_local(fn, mesh, x, ops, cotangent=None):
     """shard_map of ``fn`` (or of its vjp when ``cotangent`` is given) with the operands'
     FSDP shards gathered inside, after a barrier on this call's activations."""
-    n = int(mesh.shape[DATA]) * int(mesh.shape[FSDP])
-    rows = P(BATCH_AXES) if x.ndim and x.shape[0] % n == 0 else P()
+    rows = P(BATCH_AXES) if x.ndim and x.shape[0] % batch_parallel(mesh) == 0 else P()
     op_specs = _specs(mesh, ops)
 
     def gather(a, spec):

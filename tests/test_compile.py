@@ -32,7 +32,7 @@ from jaxqlora.quantize import quantize_model
 from jaxqlora.train import SequenceClassifier, Trainer, classification_loss, make_optimizer
 
 transformers = pytest.importorskip("transformers")
-from tiny_models import random_model  # noqa: E402
+from tiny_models import random_model, save_word_tokenizer  # noqa: E402
 
 VOCAB = 96
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,19 +194,12 @@ def test_warm_cache_compiles_at_least_5x_faster(tmp_path):
 def test_cli_precompile_only_compiles_without_loading_weights(base, tmp_path, monkeypatch, capsys):
     """``jaxqlora finetune --precompile-only`` compiles every train/eval bucket into the
     cache folder and exits before any weight is read."""
-    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
-
     import jaxqlora.io
     from jaxqlora.cli import main
     from jaxqlora.compile import enable_compile_cache
-    from jaxqlora.tokenizer import Tokenizer
 
     _, folder = base
-    words = [f"w{i}" for i in range(VOCAB - 3)]
-    backend = Backend(models.WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}},
-                                       unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    Tokenizer(backend, bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(folder)
+    words = save_word_tokenizer(folder, VOCAB)
     rng = np.random.default_rng(0)
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "\n".join(f"{' '.join(rng.choice(words, 6))},{'ab'[i % 2]}" for i in range(40)))

@@ -67,9 +67,11 @@ def test_causal_lm_loss_mask_covers_response_only(tmp_path):
 
 
 def test_sentiment_prompts(rt):
-    ds = sentiment_as_prompts(rt.subset([0, 1]))
-    assert ds.texts[0].startswith("Review: ") and ds.texts[0].endswith("\nSentiment:")
-    assert {r for r in ds.responses} <= {" positive", " negative"}
+    rows = [int(np.argmax(rt.labels == 0)), int(np.argmax(rt.labels == 1))]  # one fresh, one rotten
+    ds = sentiment_as_prompts(rt.subset(rows))
+    assert ds.texts == [f"Review: {rt.texts[i]}\nSentiment:" for i in rows]
+    assert ds.responses == [" positive", " negative"]  # fresh = positive
+    np.testing.assert_array_equal(ds.labels, [0, 1])
 
 
 def test_data_errors(tmp_path):

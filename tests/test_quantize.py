@@ -21,7 +21,7 @@ from jaxqlora.quantize import NF4Linear
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
-from tiny_models import random_model  # noqa: E402
+from tiny_models import save_random_model  # noqa: E402
 
 VOCAB = 90
 BNB = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -30,10 +30,8 @@ BNB = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_qua
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    model = random_model(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2)
-    dense = tmp_path_factory.mktemp("dense")
-    model.save_pretrained(dense)
+    dense = save_random_model(tmp_path_factory, "dense", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                              num_attention_heads=4, num_key_value_heads=2)
     q = transformers.AutoModelForCausalLM.from_pretrained(
         dense, quantization_config=transformers.BitsAndBytesConfig(**BNB), device_map="cpu").eval()
     four = tmp_path_factory.mktemp("bnb4")

@@ -19,7 +19,7 @@ from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, causal_
                             classification_metrics, make_optimizer, nonfinite_steps)
 
 transformers = pytest.importorskip("transformers")
-from tiny_models import random_model  # noqa: E402
+from tiny_models import save_random_model, save_word_tokenizer  # noqa: E402
 peft = pytest.importorskip("peft")
 
 VOCAB = 90
@@ -27,11 +27,8 @@ VOCAB = 90
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    model = random_model(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, pad_token_id=0)
-    folder = tmp_path_factory.mktemp("base")
-    model.save_pretrained(folder)
-    return folder
+    return save_random_model(tmp_path_factory, "base", vocab_size=VOCAB, hidden_size=48, intermediate_size=64,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
 
 
 def _randomize_lora(model, seed):
@@ -220,16 +217,8 @@ def test_compiles_once_per_bucket_and_skips_nonfinite(base_folder):
 def test_resume_continues_the_same_loss_curve(base_folder, tmp_path):
     """A run stopped after a checkpoint and resumed gives the uninterrupted run's losses."""
     from jaxqlora.finetune import FinetuneConfig, finetune
-    from jaxqlora.tokenizer import Tokenizer
 
-    # a tiny model whose vocabulary fits a tiny word-level tokenizer
-    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
-
-    words = [f"w{i}" for i in range(VOCAB - 3)]
-    backend = Backend(models.WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}},
-                                       unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    Tokenizer(backend, bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(base_folder)
+    words = save_word_tokenizer(base_folder, VOCAB)  # the tiny model's vocabulary as words
     rng = np.random.default_rng(0)
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "\n".join(
