@@ -1,7 +1,7 @@
 """One model configuration for the Llama / Qwen2 / Qwen3 decoder family.
 
 `ModelConfig` is filled from a Hugging Face ``config.json`` (`ModelConfig.from_hf`)
-or from GGUF metadata (`ModelConfig.from_gguf_fields`, used by `jaxqlora.io.gguf`).
+or from GGUF metadata (built by `jaxqlora.io.gguf.GGUFCheckpoint`).
 Field names follow transformers' `LlamaConfig` / `Qwen2Config` / `Qwen3Config`.
 """
 

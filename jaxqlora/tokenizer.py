@@ -256,6 +256,20 @@ def _compile_chat_template(template: str):
 
 # --- the tokenizer -----------------------------------------------------------------------------------------------
 
+_SPECIAL_NAMES = ("bos", "eos", "unk", "pad")
+
+
+def _special_id(name: str, doc: str) -> property:
+    return property(lambda self: self._special[name], doc=doc)
+
+
+def _special_text(name: str, doc: str) -> property:
+    def text(self) -> str | None:
+        i = self._special[name]
+        return None if i is None else self.backend.id_to_token(i)
+    return property(text, doc=doc)
+
+
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` plus special-token ids and a chat template.
 
@@ -279,7 +293,7 @@ class Tokenizer:
                  pad_token_id: int | None = None, unk_token_id: int | None = None, chat_template: str | None = None,
                  eos_token_ids: Iterable[int] = (), source: str | None = None):
         self.backend = backend
-        self._bos, self._eos, self._pad, self._unk = bos_token_id, eos_token_id, pad_token_id, unk_token_id
+        self._special = {"bos": bos_token_id, "eos": eos_token_id, "unk": unk_token_id, "pad": pad_token_id}
         self.chat_template = chat_template
         self.source = source
         eog = {int(i) for i in eos_token_ids}
@@ -287,26 +301,15 @@ class Tokenizer:
             eog.add(int(eos_token_id))
         self._eos_ids = frozenset(eog)
 
-    # -- special tokens
-    @property
-    def bos_token_id(self) -> int | None:
-        """Beginning-of-sequence id (GGUF ``tokenizer.ggml.bos_token_id``), or None."""
-        return self._bos
-
-    @property
-    def eos_token_id(self) -> int | None:
-        """End-of-sequence id (GGUF ``tokenizer.ggml.eos_token_id``), or None."""
-        return self._eos
-
-    @property
-    def pad_token_id(self) -> int | None:
-        """Padding id (GGUF ``tokenizer.ggml.padding_token_id``), or None."""
-        return self._pad
-
-    @property
-    def unk_token_id(self) -> int | None:
-        """Unknown-token id (GGUF ``tokenizer.ggml.unknown_token_id``), or None."""
-        return self._unk
+    # -- special tokens: ``<name>_token_id`` and ``<name>_token`` (its text) for bos, eos, pad, unk
+    bos_token_id = _special_id("bos", "Beginning-of-sequence id (GGUF ``tokenizer.ggml.bos_token_id``), or None.")
+    eos_token_id = _special_id("eos", "End-of-sequence id (GGUF ``tokenizer.ggml.eos_token_id``), or None.")
+    pad_token_id = _special_id("pad", "Padding id (GGUF ``tokenizer.ggml.padding_token_id``), or None.")
+    unk_token_id = _special_id("unk", "Unknown-token id (GGUF ``tokenizer.ggml.unknown_token_id``), or None.")
+    bos_token = _special_text("bos", "The BOS token's text, or None.")
+    eos_token = _special_text("eos", "The EOS token's text, or None.")
+    pad_token = _special_text("pad", "The padding token's text, or None.")
+    unk_token = _special_text("unk", "The unknown token's text, or None.")
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -315,40 +318,22 @@ class Tokenizer:
         and for HF folders ``generation_config.json``'s ``eos_token_id``."""
         return set(self._eos_ids)
 
-    def _token(self, token_id: int | None) -> str | None:
-        return None if token_id is None else self.backend.id_to_token(token_id)
-
-    @property
-    def bos_token(self) -> str | None:
-        """The BOS token's text, or None."""
-        return self._token(self._bos)
-
-    @property
-    def eos_token(self) -> str | None:
-        """The EOS token's text, or None."""
-        return self._token(self._eos)
-
-    @property
-    def pad_token(self) -> str | None:
-        """The padding token's text, or None."""
-        return self._token(self._pad)
-
-    @property
-    def unk_token(self) -> str | None:
-        """The unknown token's text, or None."""
-        return self._token(self._unk)
+    def _special_tokens(self) -> dict[str, str]:
+        """``{"bos_token": text, "eos_token": ..., "unk_token": ..., "pad_token": ...}`` for the tokens that are set."""
+        texts = {f"{name}_token": getattr(self, f"{name}_token") for name in _SPECIAL_NAMES}
+        return {key: text for key, text in texts.items() if text is not None}
 
     @property
     def add_bos_token(self) -> bool:
         """Whether ``encode(..., add_special_tokens=True)`` puts the BOS token first."""
         ids = self.backend.encode("", add_special_tokens=True).ids
-        return self._bos is not None and bool(ids) and ids[0] == self._bos
+        return self.bos_token_id is not None and bool(ids) and ids[0] == self.bos_token_id
 
     @property
     def add_eos_token(self) -> bool:
         """Whether ``encode(..., add_special_tokens=True)`` puts the EOS token last."""
         ids = self.backend.encode("", add_special_tokens=True).ids
-        return self._eos is not None and bool(ids) and ids[-1] == self._eos
+        return self.eos_token_id is not None and bool(ids) and ids[-1] == self.eos_token_id
 
     @property
     def vocab_size(self) -> int:
@@ -438,10 +423,7 @@ class Tokenizer:
             if not isinstance(m, Mapping):
                 raise TypeError(f"chat messages must be dicts, got {m!r}")
             chat.append({k: v for k, v in m.items() if v is not None})
-        variables = {name: value for name, value in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
-                                                     ("unk_token", self.unk_token), ("pad_token", self.pad_token))
-                     if value is not None}
-        variables.update(kwargs)
+        variables = {**self._special_tokens(), **kwargs}
         variables.setdefault("tools", None)
         variables.setdefault("documents", None)
         text = _compile_chat_template(template).render(messages=chat, add_generation_prompt=add_generation_prompt,
@@ -590,11 +572,8 @@ class Tokenizer:
 
         folder = Path(folder)
         atomic_write_bytes(folder / "tokenizer.json", self.backend.to_str().encode("utf-8"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-        for key, tok in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
-                         ("pad_token", self.pad_token), ("unk_token", self.unk_token)):
-            if tok is not None:
-                config[key] = tok
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  **self._special_tokens()}
         if self.chat_template:
             config["chat_template"] = self.chat_template
         atomic_write_json(folder / "tokenizer_config.json", config)
@@ -664,6 +643,5 @@ class Tokenizer:
             eog.add(gen_eos)
         elif isinstance(gen_eos, list):
             eog |= {int(i) for i in gen_eos if isinstance(i, int)}
-        return cls(backend, bos_token_id=token_id("bos_token"), eos_token_id=token_id("eos_token"),
-                   pad_token_id=token_id("pad_token"), unk_token_id=token_id("unk_token"),
+        return cls(backend, **{f"{name}_token_id": token_id(f"{name}_token") for name in _SPECIAL_NAMES},
                    chat_template=chat_template, eos_token_ids=eog, source=str(folder))

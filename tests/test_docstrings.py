@@ -19,6 +19,8 @@ def _public_objects():
                     yield f"{mod.__name__}.{name}", obj
                     if inspect.isclass(obj):
                         for attr, member in vars(obj).items():
+                            if isinstance(member, (classmethod, staticmethod)):
+                                member = member.__func__
                             if not attr.startswith("_") and inspect.isfunction(member):
                                 yield f"{mod.__name__}.{name}.{attr}", member
 

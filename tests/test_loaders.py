@@ -226,7 +226,6 @@ def test_gguf_truncated_names_file(tmp_path):
 
 
 def test_gguf_missing_metadata_field(tmp_path):
-    model = _hf_model("llama", seed=8)
     path = tmp_path / "nofield.gguf"
     w = gguf.GGUFWriter(str(path), arch="llama")
     w.add_block_count(2)
@@ -246,10 +245,13 @@ def test_embedded_model_missing_gives_install_command(monkeypatch):
 
 
 def test_embedded_model_checksum(tmp_path, monkeypatch):
-    """A file of the right name but wrong content is refused."""
+    """A file of the right name but wrong size, or the right size but wrong content, is refused."""
     embedded.embedded_model_path.cache_clear()
     (tmp_path / embedded.SMOLLM2_FILE).write_bytes(b"\0" * 10)
     monkeypatch.setattr(embedded, "_package_dir", lambda name: tmp_path)
     with pytest.raises(EmbeddedModelMissingError, match="bytes"):
+        embedded.embedded_model_path()
+    monkeypatch.setattr(embedded, "SMOLLM2_SIZE", 10)  # the size check passes: the SHA-256 must refuse it
+    with pytest.raises(EmbeddedModelMissingError, match="sha256"):
         embedded.embedded_model_path()
     embedded.embedded_model_path.cache_clear()

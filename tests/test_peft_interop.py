@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import jax
 import jax.numpy as jnp
 
-from jaxqlora.errors import MissingTensorError, TensorShapeError
+from jaxqlora.errors import CheckpointError, MissingTensorError, TensorShapeError
 from jaxqlora import apply_lora, load_adapter, load_pretrained, save_adapter  # the top-level API
 from jaxqlora.lora import lora_layers
 
 transformers = pytest.importorskip("transformers")
-from tiny_models import random_model  # noqa: E402
+from tiny_models import save_random_model  # noqa: E402
 peft = pytest.importorskip("peft")
 
 VOCAB = 80
@@ -23,11 +22,8 @@ VOCAB = 80
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    model = random_model(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                         num_key_value_heads=2)
-    folder = tmp_path_factory.mktemp("base")
-    model.save_pretrained(folder)
-    return folder
+    return save_random_model(tmp_path_factory, "base", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                             num_attention_heads=4, num_key_value_heads=2)
 
 
 def _hf_base(folder):
@@ -107,6 +103,15 @@ def test_adapter_errors_name_the_key(base_folder, tmp_path):
     fresh, _ = load_pretrained(base_folder, dtype=jnp.float32)
     with pytest.raises(MissingTensorError, match="lora_B"):
         load_adapter(fresh, tmp_path)
+
+
+def test_unreadable_adapter_weights_name_the_file(tmp_path):
+    from jaxqlora.io.peft import read_adapter
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
+        read_adapter(tmp_path)
 
 
 def test_merged_export_loads_in_transformers(base_folder, tmp_path):

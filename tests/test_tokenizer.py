@@ -95,7 +95,8 @@ def test_encode_batch(ours, hf_tok):
 
 
 def test_decode_accepts_arrays_and_partial_utf8(ours, hf_tok):
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     ids = ours.encode("emoji 🎉")
     assert ours.decode(np.asarray(ids)) == "emoji 🎉"
     assert ours.decode(ids[:-1]) == hf_tok.decode(ids[:-1])  # a cut UTF-8 sequence: U+FFFD, as transformers
@@ -126,13 +127,13 @@ def test_chat_template_text(ours):
 
 
 def test_chat_template_environment(ours):
-    """The transformers environment: trim/lstrip blocks, loopcontrols, tojson, raise_exception, bos/eos variables,
-    the {% generation %} tag."""
+    """The transformers environment: trim/lstrip blocks, loopcontrols, tojson, raise_exception, the special tokens
+    (bos/eos/pad/unk) as variables, the {% generation %} tag."""
     template = ("{% for m in messages %}\n  {% if m.role == 'bad' %}{{ raise_exception('bad role') }}{% endif %}\n"
                 "{% if loop.index > 2 %}{% break %}{% endif %}{{ bos_token }}{{ m | tojson }}"
-                "{% generation %}{{ eos_token }}{% endgeneration %}\n{% endfor %}")
+                "{{ pad_token }}{{ unk_token }}{% generation %}{{ eos_token }}{% endgeneration %}\n{% endfor %}")
     out = ours.apply_chat_template([{"role": "user", "content": "é<"}], chat_template=template)
-    assert out == '<|im_start|>{"role": "user", "content": "é<"}<|im_end|>'
+    assert out == '<|im_start|>{"role": "user", "content": "é<"}<|im_end|><|endoftext|><|im_end|>'
     import jinja2
 
     with pytest.raises(jinja2.TemplateError, match="bad role"):
@@ -205,7 +206,7 @@ def test_llamacpp_mode_equals_original_smollm_pipeline(ours_llamacpp, hf_tok):
 
 # --- HF folders ----------------------------------------------------------------------------------------------------
 
-def test_from_pretrained_matches_transformers(tmp_path, ours, hf_tok):
+def test_from_pretrained_matches_transformers(tmp_path, hf_tok):
     hf_tok.save_pretrained(tmp_path)
     loaded = Tokenizer.from_pretrained(tmp_path)
     assert [loaded.encode(t) for t in TEXTS] == [hf_tok.encode(t) for t in TEXTS]
@@ -216,7 +217,8 @@ def test_from_pretrained_matches_transformers(tmp_path, ours, hf_tok):
     for messages in (SYSTEM_AND_USER, USER_ONLY):
         assert loaded.apply_chat_template(messages) == hf_tok.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True)
-        assert loaded.apply_chat_template(messages, tokenize=True) == ours.apply_chat_template(messages, tokenize=True)
+        assert loaded.apply_chat_template(messages, tokenize=True) == list(hf_tok.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=False))
 
 
 def test_from_pretrained_config_files(tmp_path, hf_tok):
@@ -330,17 +332,14 @@ def test_tiny_add_bos(tmp_path):
         Tokenizer.from_gguf(path, compat="vllm")
 
 
-def test_save_pretrained_round_trip_in_transformers(tmp_path):
+def test_save_pretrained_round_trip_in_transformers(tmp_path, ours):
     """Our saved folder loads in transformers' AutoTokenizer with the same ids and template."""
-    from jaxqlora.io.embedded import embedded_model_path
-    from jaxqlora.tokenizer import Tokenizer as _Tok
-
-    ours = _Tok.from_gguf(embedded_model_path())
-    ours.save_pretrained(tmp_path)
     transformers = pytest.importorskip("transformers")
+    ours.save_pretrained(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     text = "Héllo wörld 12345 ✨ <|im_start|>user\nhi<|im_end|>"
     assert hf(text)["input_ids"] == ours.encode(text)
     msgs = [{"role": "user", "content": "What is 2+2?"}]
     assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == ours.apply_chat_template(msgs)
     assert hf.eos_token_id == ours.eos_token_id == 2
+    assert (hf.bos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 0)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Container, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,12 @@ def _dense_weight(layer) -> jax.Array:
     return layer.weight[...].astype(jnp.float32)
 
 
-def merged_tensors(model: CausalLM) -> Iterator[tuple[str, jax.Array]]:
-    """``(hf_name, float32 array)`` for every parameter, with LoRA folded and NF4 dequantized."""
+def merged_tensors(model: CausalLM, skip_weights: Container[str] = ()) -> Iterator[tuple[str, jax.Array]]:
+    """``(hf_name, float32 array)`` for every parameter, with LoRA folded and NF4 dequantized.
+
+    The weights of the linears named in ``skip_weights`` (e.g. ``"model.layers.0.mlp.up_proj"``) are left out
+    (and not computed); their biases are still yielded.
+    """
     from jaxqlora.quantize import NF4Linear
 
     linears = {}
@@ -42,7 +46,8 @@ def merged_tensors(model: CausalLM) -> Iterator[tuple[str, jax.Array]]:
         if isinstance(node, (LoRALinear, NF4Linear, Linear)) and ".base_layer" not in f".{name}":
             linears[name] = node
     for name, node in linears.items():
-        yield f"{name}.weight", _dense_weight(node)
+        if name not in skip_weights:
+            yield f"{name}.weight", _dense_weight(node)
         base = node.base_layer if isinstance(node, LoRALinear) else node
         if base.bias is not None:
             yield f"{name}.bias", base.bias[...].astype(jnp.float32)
@@ -92,19 +97,17 @@ def save_pretrained(model: CausalLM, folder: str | Path, *, tokenizer=None, dtyp
         for path, node in nnx.iter_graph(model):
             if isinstance(node, NF4Linear):
                 nf4[".".join(str(p) for p in path)] = node.weight.get_value()
-    for name, a in merged_tensors(model):
-        prefix = name.rsplit(".", 1)[0]
-        if prefix in nf4 and name.endswith(".weight"):
-            tensors.update(nf4_to_state_dict(prefix, nf4[prefix]))
-        else:
-            tensors[name] = np.asarray(jax.device_get(a.astype(dtype)))
+        settings = {(q.blocksize, q.double_quant) for q in nf4.values()}
+        if len(settings) > 1:
+            raise ValueError(f"mixed NF4 settings {settings} cannot be described by one quantization_config")
+    for prefix, q in nf4.items():  # written as stored, never dequantized
+        tensors.update(nf4_to_state_dict(prefix, q))
+    for name, a in merged_tensors(model, skip_weights=nf4):
+        tensors[name] = np.asarray(jax.device_get(a.astype(dtype)))
     atomic_save_safetensors(folder / "model.safetensors", tensors, metadata={"format": "pt"})
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = cfg["dtype"] = jnp.dtype(dtype).name
     if nf4:
-        settings = {(q.blocksize, q.double_quant) for q in nf4.values()}
-        if len(settings) > 1:
-            raise ValueError(f"mixed NF4 settings {settings} cannot be described by one quantization_config")
         cfg["quantization_config"] = {
             "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": settings.pop()[1],

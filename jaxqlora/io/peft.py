@@ -17,10 +17,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 from jaxqlora.errors import CheckpointError, MissingTensorError, TensorShapeError, UnexpectedTensorError
 from jaxqlora.io.atomic import atomic_save_safetensors, atomic_write_json
+from jaxqlora.io.safetensors_hf import iter_safetensors
 from jaxqlora.lora import apply_lora, lora_config, lora_layers
 
 PREFIX = "base_model.model."
@@ -93,14 +93,7 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise CheckpointError(cfg_file, "DoRA adapters are not supported", "use_dora")
     if not weights.is_file():
         raise CheckpointError(weights, "adapter_model.safetensors not found")
-    tensors = {}
-    try:
-        with safe_open(str(weights), framework="flax") as fh:
-            for k in fh.keys():
-                tensors[k] = np.asarray(fh.get_tensor(k).astype(jnp.float32))
-    except Exception as e:
-        raise CheckpointError(weights, f"not a readable safetensors file ({e})") from e
-    return config, tensors
+    return config, {k: np.asarray(v, np.float32) for k, v in iter_safetensors([weights])}
 
 
 def _target_names(config: dict, source) -> tuple[str, ...]:

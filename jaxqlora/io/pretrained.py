@@ -45,7 +45,7 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
     if path.is_file() and path.suffix == ".gguf":
         ckpt = GGUFCheckpoint(path)
         model = build_model(ckpt.config, ckpt.iter_hf_tensors(), dtype=dtype, source=str(path))
-        return model, _gguf_tokenizer(ckpt)
+        return model, _gguf_tokenizer(ckpt.reader)
     if path.is_dir():
         cfg = ModelConfig.from_hf(path)
         files = safetensors_files(path)
@@ -58,10 +58,10 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
     raise CheckpointError(path, "expected an HF model folder or a .gguf file")
 
 
-def _gguf_tokenizer(ckpt: GGUFCheckpoint):
+def _gguf_tokenizer(path_or_reader):
     from jaxqlora.tokenizer import Tokenizer
 
-    return Tokenizer.from_gguf(ckpt.reader)
+    return Tokenizer.from_gguf(path_or_reader)
 
 
 def _folder_tokenizer(path: Path):
@@ -81,7 +81,7 @@ def load_tokenizer(path: str | Path | None = None):
     """
     path = embedded_model_path() if path is None else Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        return _gguf_tokenizer(GGUFCheckpoint(path))
+        return _gguf_tokenizer(path)  # the metadata only: no config or tensor-type checks
     if path.is_dir():
         return _folder_tokenizer(path)
     raise CheckpointError(path, "no such file or folder" if not path.exists() else "expected an HF model folder or a .gguf file")

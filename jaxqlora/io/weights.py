@@ -14,7 +14,6 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxqlora.config import ModelConfig
@@ -23,12 +22,6 @@ from jaxqlora.model import CausalLM
 
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def param_names(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """``{"model.layers.0.self_attn.q_proj.weight": variable, ...}`` for every nnx.Param."""
-    _, state = nnx.split(model, nnx.Param, ...)[:2]
-    return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], *, dtype: Any = jnp.bfloat16,
@@ -96,8 +89,3 @@ def _place_nf4(model: CausalLM, nf4_layers: dict, source: str) -> None:
         if old.bias is not None:  # the bias still comes from the tensors
             new.bias = old.bias
         setattr(owner, attr, new)
-
-
-def to_numpy(x) -> np.ndarray:
-    """A host copy of an array; bf16 stays bf16 (ml_dtypes)."""
-    return np.asarray(jax.device_get(x))
