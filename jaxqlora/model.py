@@ -27,6 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxqlora.config import ModelConfig
+from jaxqlora.sharding import rowwise
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.rms_norm import add_rms_norm, rms_norm
@@ -126,14 +127,14 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.weight[...], self.eps)
+        return rowwise(lambda x, w: rms_norm(x, w, self.eps), (x,), (self.weight[...],))
 
     def add_and_norm(self, x: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``residual + x`` (in the residual's dtype) and its norm, fused on GPU.
 
         Returns ``(norm(new_residual), new_residual)`` (`pallas_kernels.rms_norm.add_rms_norm`).
         """
-        return add_rms_norm(x, residual, self.weight[...], self.eps)
+        return rowwise(lambda x, r, w: add_rms_norm(x, r, w, self.eps), (x, residual), (self.weight[...],))
 
 
 # --------------------------------------------------------------------- KV cache
@@ -225,8 +226,9 @@ class Attention(nnx.Module):
         if impl == "cudnn":  # a fully masked query row (left padding) would give NaN there and,
             # through its K/V in the next layer, everywhere: let each query see itself
             mask = mask | jnp.eye(t, k.shape[1], dtype=bool)[None, None]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim),
-                                           implementation=impl)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        out = rowwise(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale,
+                                                                      implementation=impl), (q, k, v, mask))
         out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "attention")
         return checkpoint_name(self.o_proj(out), "o_proj"), kv
 
@@ -252,7 +254,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         gate, up = checkpoint_name(self.gate_proj(x), "gate_proj"), checkpoint_name(self.up_proj(x), "up_proj")
-        return checkpoint_name(self.down_proj(swiglu(gate, up)), "down_proj")
+        return checkpoint_name(self.down_proj(rowwise(swiglu, (gate, up))), "down_proj")
 
 
 class DecoderLayer(nnx.Module):

@@ -18,7 +18,9 @@ JAX does the communication; this module only says where every array lives.
 - In a layer, `per_device` runs the NF4 kernel on each device's rows inside
   ``jax.shard_map`` with the weight whole: XLA all-gathers each layer's weight when the
   layer needs it. With ``fsdp > 1`` the backward pass gathers again instead of keeping
-  every layer's full weight alive.
+  every layer's full weight alive. `rowwise` does the same for the per-row kernels with
+  nothing to gather (RMSNorm, SwiGLU, cuDNN attention): XLA cannot split a Pallas call,
+  and left to itself gathers the activations and runs the whole batch on every device.
 - Several hosts: `initialize_distributed` (``jax.distributed.initialize``), each process
   passes its own rows (`local_rows`, `shard_batch` builds the global array with
   ``jax.make_array_from_process_local_data``), and only process 0 writes (`is_primary`).
@@ -368,6 +370,33 @@ def per_device(fn: Callable, x: jax.Array, *operands: Any) -> jax.Array:
     if mesh.empty or any(a not in mesh.axis_names for a in BATCH_AXES):
         return fn(x, *operands)
     return _per_device(fn, mesh, x, *operands)
+
+
+def rowwise(fn: Callable, rows: Sequence[jax.Array], whole: Sequence[Any] = ()) -> Any:
+    """``fn(*rows, *whole)`` on each device's rows, for per-row ops with no weights to gather.
+
+    A Pallas kernel (RMSNorm, SwiGLU) or cuDNN call inside a sharded ``jax.jit`` is a custom
+    call that XLA's partitioner cannot split: without this wrapper it all-gathers the
+    activations and every device runs the whole batch. Here ``fn`` runs inside
+    ``jax.shard_map`` on each device's rows of every array in ``rows`` (all ``[B, ...]``
+    with the same B) with ``whole`` (small replicated operands: norm weights) passed
+    whole; every output is ``[B, ...]`` split the same way. Differentiable through
+    ``shard_map``'s own transpose (cotangents of ``whole`` are summed over devices).
+    Without an active mesh (`use_mesh`) this is ``fn(*rows, *whole)``; when B does not
+    divide over the batch axes every device runs all rows.
+
+    Args:
+      fn: ``fn(*rows, *whole) -> array or tuple of arrays``, each ``[B, ...]``.
+      rows: activations split along axis 0.
+      whole: operands every device needs whole.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(a not in mesh.axis_names for a in BATCH_AXES):
+        return fn(*rows, *whole)
+    n = batch_parallel(mesh)
+    spec = P(BATCH_AXES) if all(r.ndim and r.shape[0] % n == 0 for r in rows) else P()
+    return jax.shard_map(lambda r, w: fn(*r, *w), mesh=mesh, in_specs=(spec, P()), out_specs=spec,
+                         check_vma=False)(tuple(rows), tuple(whole))
 
 
 def _specs(mesh, ops):

@@ -6,8 +6,9 @@
 Trains a tiny random NF4 + LoRA Llama (float32, dropout on) for three steps of a
 [2 micro-batches x 8 rows] batch on one device and on the meshes (8,1), (2,4), (1,8);
 the (2,4) run checkpoints after two steps and the checkpoint is resumed on (1,1) and
-(8,1) for step three; measures the frozen bytes per device; and runs the Pallas NF4
-kernels (interpret mode, the GPU path) on (1,2) and one device. Writes losses, LoRA
+(8,1) for step three; measures the frozen bytes per device; and runs the Pallas kernels
+(interpret mode, the GPU path) on (1,2), (2,1) and one device, counting the collectives
+of the compiled (2,1) step. Writes losses, LoRA
 parameters (as lists) and byte counts to OUT.json for the test to compare.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 
 import jax
@@ -104,6 +106,17 @@ def mesh_of(data: int, fsdp: int):
     return sharding.make_mesh(data, fsdp, devices=jax.devices()[:data * fsdp])
 
 
+def collectives(trainer: Trainer, batch) -> dict[str, int]:
+    """How many all-gather / all-reduce / reduce-scatter / all-to-all ops the compiled train
+    step of ``batch`` holds (from its optimized HLO text)."""
+    args = (trainer.trainable, trainer.rng_state, trainer.opt_state, trainer.frozen,
+            sharding.shard_batch(batch, trainer.mesh))
+    with sharding.use_mesh(trainer.mesh):
+        text = trainer._step.lower(*args).compile().as_text()
+    ops = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all")
+    return {op: len(re.findall(rf" {op}(?:-start)?\(", text)) for op in ops}
+
+
 def meshes(path: str, folder: str) -> None:
     data = batches()
     result = {"devices": jax.device_count()}
@@ -137,14 +150,20 @@ def meshes(path: str, folder: str) -> None:
     shardings, notes = sharding.frozen_shardings({"w": q}, mesh_of(1, 8))
     result["indivisible"] = {"notes": notes, "packed_replicated": shardings["w"].packed.is_fully_replicated}
 
-    # the GPU path: the Pallas NF4 kernels (interpret mode) on (1, 2) vs one device
+    # the GPU path: every Pallas kernel of a train step (NF4 matmul, RMSNorm, SwiGLU; interpret
+    # mode) on (1, 2) and (2, 1) vs one device, and the collectives in the compiled DP step
     import pallas_kernels.nf4_matmul as kernels
+    from jaxqlora import model as model_module
 
     kernels.nf4_matmul = functools.partial(kernels.nf4_matmul, impl="pallas", interpret=True)
+    for op in ("rms_norm", "add_rms_norm", "swiglu"):
+        setattr(model_module, op, functools.partial(getattr(model_module, op), impl="pallas", interpret=True))
     result["pallas"] = {}
-    for name, mesh in (("single", None), ("(1, 2)", mesh_of(1, 2))):
+    for name, mesh in (("single", None), ("(1, 2)", mesh_of(1, 2)), ("(2, 1)", mesh_of(2, 1))):
         t = new_trainer(mesh, PALLAS_CONFIG)
         result["pallas"][name] = {"loss": run(t, data[:2]), "lora": lora_params(t)}
+        if name == "(2, 1)":
+            result["pallas"][name]["collectives"] = collectives(t, data[0])
     with open(path, "w") as f:
         json.dump(result, f)
 

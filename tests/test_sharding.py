@@ -68,12 +68,24 @@ def test_training_steps_on_a_mesh_match_one_device(mesh_runs, shape):
     assert got["compiles_per_step"][1:] == [0, 0], got["compiles_per_step"]
 
 
-def test_pallas_kernels_under_fsdp_match_one_device(mesh_runs):
-    """The GPU path: with the Pallas NF4 kernels (interpret mode on CPU) run per device inside
-    shard_map on gathered FSDP shards, two steps on (1, 2) equal the one-device steps."""
-    ref, got = mesh_runs["pallas"]["single"], mesh_runs["pallas"]["(1, 2)"]
+@pytest.mark.parametrize("shape", ["(1, 2)", "(2, 1)"])
+def test_pallas_kernels_on_a_mesh_match_one_device(mesh_runs, shape):
+    """The GPU path: with the Pallas NF4, RMSNorm and SwiGLU kernels (interpret mode on CPU)
+    run per device inside shard_map (on gathered FSDP shards for (1, 2)), two steps equal
+    the one-device steps."""
+    ref, got = mesh_runs["pallas"]["single"], mesh_runs["pallas"][shape]
     np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-6, atol=2e-6)
     assert _max_diff(got["lora"], ref["lora"]) < 2e-6
+
+
+def test_data_parallel_step_with_pallas_kernels_has_no_all_gather(mesh_runs):
+    """Data parallel with the Pallas kernels: each device runs its own rows through every
+    kernel, so the compiled step's only collective is the gradient all-reduce. (A Pallas
+    call left to XLA's partitioner makes it all-gather the activations and run the whole
+    batch on every device: 23 all-gathers in this step before `sharding.rowwise`.)"""
+    ops = mesh_runs["pallas"]["(2, 1)"]["collectives"]
+    assert ops["all-gather"] == 0 and ops["all-to-all"] == 0, ops
+    assert ops["all-reduce"] >= 1, ops
 
 
 def test_checkpoint_from_2x4_resumes_on_1x1_and_8x1(mesh_runs):
