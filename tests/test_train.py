@@ -86,13 +86,14 @@ def _peft_causal_reference(base_folder, adapter_dir, ids, mask, loss_mask):
     return float(out.loss), float(norm), out.logits.detach().numpy()
 
 
-@pytest.mark.parametrize("remat,precompiled", [(False, False), (True, False), ("dots", True),
+@pytest.mark.parametrize("remat,precompiled", [(False, False), (True, False), ("dots", True), ("offload", False),
                                                (("q_proj", "k_proj", "v_proj", "attention"), False)])
 def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, tmp_path, remat, precompiled):
     """Two micro-batches with different response-token counts: our accumulated loss and
     gradient norm equal transformers' loss over the whole batch (normalised by the total
     token count, transformers issue 34191), without and with per-layer rematerialisation
-    (full, matmul outputs kept, attention side kept), jitted or precompiled."""
+    (full, matmul outputs kept, some of them in host memory, attention side kept), jitted
+    or precompiled."""
     lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
     apply_lora(lm, r=4, alpha=8.0, seed=5)
     _randomize_lora(lm, 6)
@@ -168,7 +169,7 @@ def _count_dots(jaxpr) -> int:
 
 
 def test_dots_remat_recomputes_no_matmul(base_folder):
-    """With ``remat="dots"`` the gradient's program recomputes no projection: at most one
+    """With ``remat="dots"`` (or ``"offload"``) the gradient's program recomputes no projection: at most one
     more matmul per layer than without remat (the attention scores QK^T; flash attention's
     backward recomputes them too), and fewer than full remat (the whole forward again)."""
     lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
@@ -184,8 +185,9 @@ def test_dots_remat_recomputes_no_matmul(base_folder):
 
         return _count_dots(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr)
 
-    none, saved, full = dots(False), dots("dots"), dots("full")
+    none, saved, offload, full = dots(False), dots("dots"), dots("offload"), dots("full")
     assert none <= saved <= none + lm.config.num_hidden_layers < full, (none, saved, full)
+    assert offload == saved, (offload, saved)
     with pytest.raises(ValueError, match="remat must be"):
         dots("everything")
 
@@ -236,3 +238,33 @@ def test_resume_continues_the_same_loss_curve(base_folder, tmp_path):
     resumed = run(tmp_path / "cut", 6, resume=True)
     assert len(full) == 6 and len(resumed) == 6
     np.testing.assert_allclose(resumed[3:], full[3:], rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 64])
+def test_chunked_cross_entropy_matches_float64(chunk):
+    """The chunked masked cross-entropy sum and its gradients (hidden and head) equal the
+    float64 NumPy formulas: loss = sum m (logsumexp(z) - z[t]), dz = m (softmax(z) - onehot(t)).
+    21 tokens: chunks of 4 and 7 (one divides, one leaves a padded chunk) and one chunk."""
+    from jaxqlora.train import chunked_cross_entropy
+
+    rng = np.random.default_rng(chunk)
+    h = rng.normal(size=(3, 7, 16)).astype(np.float32)
+    w = rng.normal(size=(50, 16)).astype(np.float32) * 0.5
+    t = rng.integers(0, 50, (3, 7))
+    m = (rng.random((3, 7)) < 0.7) * rng.uniform(0.5, 2.0, (3, 7))
+    with jax.default_matmul_precision("highest"):
+        loss, (dh, dw) = jax.value_and_grad(chunked_cross_entropy, argnums=(0, 1))(
+            jnp.asarray(h), jnp.asarray(w), jnp.asarray(t), jnp.asarray(m, jnp.float32), chunk)
+
+    z = h.astype(np.float64) @ w.astype(np.float64).T
+    zmax = z.max(-1, keepdims=True)
+    lse = np.log(np.exp(z - zmax).sum(-1)) + zmax[..., 0]
+    picked = np.take_along_axis(z, t[..., None], -1)[..., 0]
+    ref = np.sum(m * (lse - picked))
+    dz = np.exp(z - lse[..., None])
+    np.put_along_axis(dz, t[..., None], np.take_along_axis(dz, t[..., None], -1) - 1.0, -1)
+    dz *= m[..., None]
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dh), dz @ w.astype(np.float64), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.einsum("btv,bth->vh", dz, h.astype(np.float64)),
+                               rtol=1e-4, atol=1e-5)
