@@ -49,9 +49,9 @@ MODELS = {
 # ------------------------------------------------------------------ JAX side
 
 
-def abstract_nf4_model(cfg: ModelConfig, *, dtype=None, lora: bool = False, remat=False):
+def abstract_nf4_model(cfg: ModelConfig, *, dtype=None, lora: bool = False, remat=False, dropout: float = 0.05):
     """The NF4 `CausalLM` of ``cfg`` as shapes only (``nnx.eval_shape``; no memory), with
-    LoRA r=16 alpha=32 on the seven projections when ``lora``."""
+    LoRA r=16 alpha=32 (``dropout``) on the seven projections when ``lora``."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -63,7 +63,7 @@ def abstract_nf4_model(cfg: ModelConfig, *, dtype=None, lora: bool = False, rema
         lm = CausalLM(cfg, dtype=jnp.bfloat16 if dtype is None else dtype, rngs=nnx.Rngs(0))
         quantize_model(lm)
         if lora:
-            apply_lora(lm, r=16, alpha=32.0, dropout=0.05)
+            apply_lora(lm, r=16, alpha=32.0, dropout=dropout)
         lm.remat = remat
         return lm
 

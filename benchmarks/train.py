@@ -19,7 +19,8 @@ checkpointing. Every row is its own subprocess, so peak memory is per configurat
 JAX ``memory_stats()["peak_bytes_in_use"]``, torch ``max_memory_allocated`` (after the
 weights are built). tokens/s = batch x length / median step time (warm-up, then ``--rounds``
 rounds of ``--calls`` queued steps, one sync each). The compile column is `Trainer.precompile`'s
-time for the step (lowering + XLA compile, or the persistent-cache load if warm).
+time for the step (lowering + XLA compile, or the persistent-cache load if warm), done as
+`jaxqlora.finetune` does it: over the shapes-only model, before the weights exist.
 
     python benchmarks/train.py                 # on one GPU, < 10 minutes
     python benchmarks/train.py --smoke         # tiny shapes on the CPU (checks the script)
@@ -60,16 +61,25 @@ def worker_ours(args) -> dict:
     hits = []
     jax.monitoring.register_event_listener(
         lambda e, **k: hits.append(e) if e == "/jax/compilation_cache/cache_hits" else None)
+    remat = tuple(args.remat.split("+")) if "+" in args.remat else args.remat  # "none": no remat
+    optimizer, _ = make_optimizer(2e-4, total_steps=1000)
+    # as `jaxqlora.finetune`: compile over the shapes-only model, then build the weights and attach
+    trainer = Trainer(common.abstract_nf4_model(cfg, lora=True, remat=remat, dropout=args.dropout),
+                      causal_lm_loss, optimizer)
+    ex = trainer.precompile(args.batch, (args.length,), log=lambda m: print(m, file=sys.stderr))
+    step_hits = len(hits)
+    compiled = next(iter(ex.values()))
+    mem = compiled.memory_analysis()
+    memory = {k: getattr(mem, k + "_in_bytes", None) for k in ("temp_size", "argument_size", "output_size",
+                                                               "alias_size", "host_temp_size")}
+    if args.precompile_only:
+        return {"compile_s": ex.total(), "compile_cache_hits": step_hits, "memory_analysis": memory}
     t0 = time.perf_counter()
     lm = common.random_nf4_model(cfg, seed=args.seed)
     apply_lora(lm, r=16, alpha=32.0, dropout=args.dropout, seed=args.seed)
-    lm.remat = tuple(args.remat.split("+")) if "+" in args.remat else args.remat  # "none": no remat
+    lm.remat = remat
+    trainer.attach(lm)
     build_s = time.perf_counter() - t0
-    optimizer, _ = make_optimizer(2e-4, total_steps=1000)
-    trainer = Trainer(lm, causal_lm_loss, optimizer)
-    hits.clear()  # count persistent-cache hits of the step's compile only
-    ex = trainer.precompile(args.batch, (args.length,), log=lambda m: print(m, file=sys.stderr))
-    step_hits = len(hits)
     batch = jax.device_put(common.causal_batch(cfg, args.batch, args.length, args.seed))
     losses = []
 
@@ -80,7 +90,7 @@ def worker_ours(args) -> dict:
 
     sec = common.bench(step, calls=args.calls, rounds=args.rounds)
     return {"tok_s": args.batch * args.length / sec, "step_s": sec, "peak": common.peak_bytes(),
-            "compile_s": ex.total(), "compile_cache_hits": step_hits, "build_s": build_s,
+            "compile_s": ex.total(), "compile_cache_hits": step_hits, "build_s": build_s, "memory_analysis": memory,
             "loss": float(losses[-1]), "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
@@ -133,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int)
     ap.add_argument("--remat", default="none")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precompile-only", action="store_true",
+                    help="worker: compile the step into the persistent cache and report its memory analysis")
     args = ap.parse_args(argv)
 
     if args.worker:
