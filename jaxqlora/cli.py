@@ -3,7 +3,7 @@
     jaxqlora finetune [--model PATH] [--data FILE --text-column C --label-column L | --task causal-lm ...]
                       [--rank R --alpha A --targets ...] [--max-steps N --epochs E --batch-size B
                       --grad-accum G --lr LR --max-seq-len T] [--output DIR] [--resume]
-                      [--remat [full|dots|offload]] [--precompile-only]
+                      [--remat [full|dots]] [--precompile-only]
                       [--mesh data=N,fsdp=M] [--distributed [--coordinator-address HOST:PORT
                       --num-processes P --process-id I]]
     jaxqlora eval     --adapter DIR [--model PATH] [--data FILE ...]
@@ -178,10 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint-every", type=int, default=0)
     f.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl records")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--remat", nargs="?", const="full", default=None, choices=["none", "full", "dots", "offload"],
+    f.add_argument("--remat", nargs="?", const="full", default=None, choices=["none", "full", "dots"],
                    help="recompute decoder layers in the backward pass: full (keep layer inputs only; the "
-                        "default of a bare --remat), dots (keep matmul outputs, recompute elementwise work) "
-                        "or offload (dots, with the MLP's wide outputs kept in pinned host memory)")
+                        "default of a bare --remat) or dots (keep matmul outputs, recompute elementwise work)")
     f.add_argument("--precompile-only", action="store_true",
                    help="compile every train/eval step for its shape buckets (warming the on-disk cache) and exit")
     f.add_argument("--mesh", default=None, metavar="data=N,fsdp=M",

@@ -67,8 +67,7 @@ class FinetuneConfig:
       seed: data order, LoRA init, dropout.
       dtype: ``"bfloat16"`` or ``"float32"`` for the base weights and activations.
       remat: rematerialisation of each decoder layer: False, True / ``"full"``, ``"dots"``
-        (keep matmul outputs, recompute elementwise work), ``"offload"`` (``"dots"`` with the
-        MLP's wide outputs in pinned host memory); see `jaxqlora.model.remat_policy`.
+        (keep matmul outputs, recompute elementwise work); see `jaxqlora.model.remat_policy`.
       precompile_only: compile every step for its buckets (warming the persistent cache)
         and return without loading weights or training (single device only).
       mesh: ``"data=N,fsdp=M"`` (`jaxqlora.sharding.parse_mesh`): train on N x M devices,

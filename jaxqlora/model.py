@@ -290,9 +290,6 @@ MATMUL_NAMES = ("q_proj", "k_proj", "v_proj", "attention", "o_proj", "gate_proj"
 """``checkpoint_name``s of a decoder layer's matmul outputs (the seven projections, the
 attention output, and LoRA's rank-r intermediate ``x @ lora_A.T``), for `remat_policy`."""
 
-OFFLOAD_NAMES = ("gate_proj", "up_proj")
-"""The matmul outputs ``remat="offload"`` keeps in pinned host memory instead of on the device."""
-
 
 def lm_logits(hidden: jax.Array, weight: jax.Array) -> jax.Array:
     """float32 logits ``[..., vocab]`` = ``hidden [..., hidden] @ weight.T`` (``weight``
@@ -311,12 +308,8 @@ def remat_policy(remat) -> Any:
         ``"dots"``: keep the outputs of every matmul (`MATMUL_NAMES`) and recompute only
         the elementwise work between them (norms, RoPE, SiLU, residual adds) and the
         attention scores (which a flash-attention backward recomputes anyway); no
-        projection runs twice. ``"offload"``: as ``"dots"``, but the two widest outputs
-        (`OFFLOAD_NAMES`: ``gate_proj``, ``up_proj``, 2 x 14336 values per token in Llama-3-8B)
-        are copied to pinned host memory in the forward pass and back in the backward pass
-        (``save_and_offload_only_these_names``), trading PCIe transfers, which XLA
-        overlaps with compute, for device memory. A tuple of names from `MATMUL_NAMES`:
-        keep only those (e.g. the attention side, recomputing the MLP).
+        projection runs twice. A tuple of names from `MATMUL_NAMES`: keep only those
+        (e.g. the attention side, recomputing the MLP).
 
     Raises:
       ValueError: an unknown setting or name.
@@ -328,14 +321,10 @@ def remat_policy(remat) -> Any:
         return None
     if remat is True or remat == "full":
         return jax.checkpoint_policies.nothing_saveable
-    if remat == "offload":
-        return jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=tuple(n for n in MATMUL_NAMES if n not in OFFLOAD_NAMES),
-            names_which_can_be_offloaded=OFFLOAD_NAMES, offload_src="device", offload_dst="pinned_host")
     names = MATMUL_NAMES if remat == "dots" else remat
     if isinstance(names, (tuple, list)) and names and set(names) <= set(MATMUL_NAMES):
         return jax.checkpoint_policies.save_only_these_names(*names)
-    raise ValueError(f"remat must be False/'none', True/'full', 'dots', 'offload' or a tuple of names from "
+    raise ValueError(f"remat must be False/'none', True/'full', 'dots' or a tuple of names from "
                      f"{MATMUL_NAMES}; got {remat!r}")
 
 
@@ -351,9 +340,8 @@ class CausalLM(nnx.Module):
       lm_head: `Linear` ``[vocab, hidden]``, or None when embeddings are tied.
       remat: rematerialisation of each decoder layer in the backward pass (``nnx.remat``,
         i.e. ``jax.checkpoint``): ``False`` (none), ``True`` / ``"full"`` (keep only layer
-        inputs), ``"dots"`` (keep matmul outputs, recompute elementwise work), ``"offload"``
-        (``"dots"`` with the MLP's wide outputs in host memory) or a tuple of `MATMUL_NAMES`;
-        see `remat_policy`.
+        inputs), ``"dots"`` (keep matmul outputs, recompute elementwise work) or a tuple of
+        `MATMUL_NAMES`; see `remat_policy`.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
