@@ -9,7 +9,8 @@ number of rows (``--rows`` x ``--seq`` tokens per device per step), so the globa
 grows with the device count.
 
 Configurations, each in its own process (clean peak-memory counters): one device (no
-mesh), then for every device count n in ``--devices`` (default 2, and 4 when present):
+mesh), one device through the mesh code path (``mesh1``: a (1, 1) mesh, so the per-device
+``shard_map`` wrappers are in the program; its cost alone), then for every device count n in ``--devices`` (default 2, and 4 when present):
 data-parallel ``data=n`` and FSDP ``fsdp=n``. Per configuration: tokens/s (median over
 ``--rounds`` rounds of ``--steps`` queued steps after compilation and a warm-up step),
 the frozen state each device holds (`jaxqlora.sharding.bytes_per_device`) and the peak
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     available = _device_count(args)
     counts = args.devices or [c for c in (2, 4) if c <= available]
-    configs = [("single", 1, 1)]
+    configs = [("single", 1, 1), ("mesh1", 1, 1)]  # mesh1: one device through the mesh code path
     for c in counts:
         if c > available:
             print(f"# skipping {c} devices: only {available} visible", file=sys.stderr)
