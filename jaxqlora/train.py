@@ -85,7 +85,8 @@ def classification_loss(model: SequenceClassifier, batch) -> tuple[jax.Array, ja
     return jnp.sum(ce * batch["weight"]), jnp.sum(batch["weight"])
 
 
-#: Tokens per chunk of `chunked_cross_entropy` (float32 logits of 1024 x 128256: 0.5 GB).
+#: Tokens per chunk of `chunked_cross_entropy`, all rows together (float32 logits of
+#: 1024 x 128256: 0.5 GB). Read at trace time by `causal_lm_loss`.
 CE_CHUNK_TOKENS = 1024
 
 
@@ -93,31 +94,38 @@ def chunked_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Arr
                           chunk_tokens: int = CE_CHUNK_TOKENS) -> jax.Array:
     """``sum(mask * CE(hidden @ weight.T, targets))`` without the whole logits tensor in memory.
 
-    The tokens are cut into chunks of ``chunk_tokens``; a ``lax.scan`` computes each chunk's
-    float32 logits (`jaxqlora.model.lm_logits`), its cross-entropy and its masked sum, under
-    ``jax.checkpoint``, so the backward pass recomputes one chunk's logits at a time. Peak
-    memory for the loss is one chunk's logits and their gradient instead of ``[N, vocab]``
-    float32 twice (4.2 GB each for 8192 tokens of a 128256-word vocabulary), for one extra
-    forward matmul of the head. The same numbers as the unchunked loss (float32 logits,
+    The sequence is cut into chunks of ``chunk_tokens // B`` positions (all B rows at
+    once, so that a batch split over devices stays split: each device computes its own
+    rows' logits); a ``lax.scan`` computes each chunk's float32 logits
+    (`jaxqlora.model.lm_logits`), cross-entropy and masked sum under ``jax.checkpoint``,
+    so the backward pass recomputes one chunk's logits at a time. Peak memory for the loss
+    is one chunk's logits and their gradient instead of ``[B, T, vocab]`` float32 twice
+    (4.2 GB each for 8192 tokens of a 128256-word vocabulary), for one extra forward
+    matmul of the head. The same numbers as the unchunked loss (float32 logits,
     ``optax.softmax_cross_entropy_with_integer_labels``). The memory trick is the one of
     Liger Kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv:2410.10989).
 
     Args:
-      hidden: ``[..., hidden]`` final hidden states.
+      hidden: ``[..., T, hidden]`` final hidden states (leading axes are rows).
       weight: ``[vocab, hidden]`` LM head.
-      targets: int ``[...]`` token ids; mask: float ``[...]`` per-token weights.
-      chunk_tokens: tokens per chunk (the token count is padded up to a multiple).
+      targets: int ``[..., T]`` token ids; mask: float ``[..., T]`` per-token weights.
+      chunk_tokens: tokens per chunk, all rows together (T is padded up to a multiple of
+        the chunk's positions).
 
     Returns:
       float32 scalar.
     """
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t, m = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
-    n = h.shape[0]
-    c = max(1, min(int(chunk_tokens), n))
-    pad = -n % c
+    length, width = hidden.shape[-2:]
+    h = hidden.reshape(-1, length, width)
+    rows = h.shape[0]
+    t, m = targets.reshape(rows, length), mask.reshape(rows, length).astype(jnp.float32)
+    c = max(1, min(length, int(chunk_tokens) // max(rows, 1)))
+    pad = -length % c
     if pad:
-        h, t, m = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(t, (0, pad)), jnp.pad(m, (0, pad))
+        h, t, m = (jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in (h, t, m))
+
+    def chunks(a):  # [rows, n * c, ...] -> [n, rows, c, ...]
+        return jnp.moveaxis(a.reshape(rows, -1, c, *a.shape[2:]), 1, 0)
 
     @jax.checkpoint
     def chunk(total, xs):
@@ -125,8 +133,7 @@ def chunked_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Arr
         ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits(hc, weight), tc)
         return total + jnp.sum(ce * mc), None
 
-    total, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32),
-                            (h.reshape(-1, c, h.shape[-1]), t.reshape(-1, c), m.reshape(-1, c)))
+    total, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32), (chunks(h), chunks(t), chunks(m)))
     return total
 
 
@@ -136,7 +143,8 @@ def causal_lm_loss(model: CausalLM, batch) -> tuple[jax.Array, jax.Array]:
     The logits are computed in chunks (`chunked_cross_entropy`)."""
     hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])[:, :-1]
     mask = batch["loss_mask"][:, :-1] * batch["weight"][:, None]
-    return chunked_cross_entropy(hidden, model.head_weight, batch["input_ids"][:, 1:], mask), jnp.sum(mask)
+    loss = chunked_cross_entropy(hidden, model.head_weight, batch["input_ids"][:, 1:], mask, CE_CHUNK_TOKENS)
+    return loss, jnp.sum(mask)
 
 
 # ------------------------------------------------------------------ metrics

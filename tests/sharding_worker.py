@@ -31,9 +31,11 @@ from jaxqlora.lora import apply_lora, lora_layers
 from jaxqlora.model import CausalLM
 from jaxqlora.nf4 import quantize_nf4
 from jaxqlora.quantize import quantize_model
+from jaxqlora import train
 from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
 
 jax.config.update("jax_default_matmul_precision", "highest")
+train.CE_CHUNK_TOKENS = 32  # the loss in several chunks of 4 positions x 8 rows (15 positions: one padded chunk)
 
 COMPILES = []  # one entry per XLA compilation (jax.monitoring event)
 jax.monitoring.register_event_duration_secs_listener(

@@ -80,9 +80,11 @@ def test_pallas_kernels_on_a_mesh_match_one_device(mesh_runs, shape):
 
 def test_data_parallel_step_with_pallas_kernels_has_no_all_gather(mesh_runs):
     """Data parallel with the Pallas kernels: each device runs its own rows through every
-    kernel, so the compiled step's only collective is the gradient all-reduce. (A Pallas
-    call left to XLA's partitioner makes it all-gather the activations and run the whole
-    batch on every device: 23 all-gathers in this step before `sharding.rowwise`.)"""
+    kernel and its own rows' loss chunks, so the compiled step's only collectives are
+    all-reduces (gradients, loss sums). A Pallas call left to XLA's partitioner makes it
+    all-gather the activations and run the whole batch on every device (23 all-gathers in
+    this step before `sharding.rowwise`), and so did a loss chunked over the flattened
+    rows x positions (6)."""
     ops = mesh_runs["pallas"]["(2, 1)"]["collectives"]
     assert ops["all-gather"] == 0 and ops["all-to-all"] == 0, ops
     assert ops["all-reduce"] >= 1, ops

@@ -242,7 +242,8 @@ def test_resume_continues_the_same_loss_curve(base_folder, tmp_path):
 def test_chunked_cross_entropy_matches_float64(chunk):
     """The chunked masked cross-entropy sum and its gradients (hidden and head) equal the
     float64 NumPy formulas: loss = sum m (logsumexp(z) - z[t]), dz = m (softmax(z) - onehot(t)).
-    21 tokens: chunks of 4 and 7 (one divides, one leaves a padded chunk) and one chunk."""
+    3 rows x 7 positions: chunks of 4, 7 and 64 tokens are 1, 2 (the last one padded) and
+    all 7 positions of the 3 rows."""
     from jaxqlora.train import chunked_cross_entropy
 
     rng = np.random.default_rng(chunk)
