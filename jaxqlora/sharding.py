@@ -366,8 +366,8 @@ def per_device(fn: Callable, x: jax.Array, *operands: Any) -> jax.Array:
     Returns:
       ``fn``'s result ``[B, ...]``.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or any(a not in mesh.axis_names for a in BATCH_AXES):
+    mesh = _active_mesh()
+    if mesh is None:
         return fn(x, *operands)
     return _per_device(fn, mesh, x, *operands)
 
@@ -390,13 +390,24 @@ def rowwise(fn: Callable, rows: Sequence[jax.Array], whole: Sequence[Any] = ()) 
       rows: activations split along axis 0.
       whole: operands every device needs whole.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or any(a not in mesh.axis_names for a in BATCH_AXES):
+    mesh = _active_mesh()
+    if mesh is None:
         return fn(*rows, *whole)
-    n = batch_parallel(mesh)
-    spec = P(BATCH_AXES) if all(r.ndim and r.shape[0] % n == 0 for r in rows) else P()
+    spec = _row_spec(mesh, *rows)
     return jax.shard_map(lambda r, w: fn(*r, *w), mesh=mesh, in_specs=(spec, P()), out_specs=spec,
                          check_vma=False)(tuple(rows), tuple(whole))
+
+
+def _active_mesh():
+    """The mesh of `use_mesh` if it has the batch axes, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or any(a not in mesh.axis_names for a in BATCH_AXES) else mesh
+
+
+def _row_spec(mesh, *arrays) -> P:
+    """Rows split over the batch axes when every array's axis 0 divides over them, else whole."""
+    n = batch_parallel(mesh)
+    return P(BATCH_AXES) if all(a.ndim and a.shape[0] % n == 0 for a in arrays) else P()
 
 
 def _specs(mesh, ops):
@@ -407,7 +418,7 @@ def _specs(mesh, ops):
 def _run_local(fn, mesh, x, ops, cotangent=None):
     """shard_map of ``fn`` (or of its vjp when ``cotangent`` is given) with the operands'
     FSDP shards gathered inside, after a barrier on this call's activations."""
-    rows = P(BATCH_AXES) if x.ndim and x.shape[0] % batch_parallel(mesh) == 0 else P()
+    rows = _row_spec(mesh, x)
     op_specs = _specs(mesh, ops)
 
     def gather(a, spec):
