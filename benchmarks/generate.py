@@ -71,7 +71,7 @@ def worker_ours(args) -> dict:
     from flax import nnx
 
     from jaxqlora.compile import PROMPT_BUCKETS, bucket_for
-    from jaxqlora.generate import generate, precompile_generate
+    from jaxqlora.generate import _left_pad, generate, precompile_generate
 
     cfg = common.MODELS[args.model]
     lm = common.random_nf4_model(cfg, seed=args.seed)
@@ -86,8 +86,7 @@ def worker_ours(args) -> dict:
                                  ignore_eos=True, log=lambda m: print(m, file=sys.stderr))
         out["compile_s"] += ex.total()
         ids = _prompts(cfg, batch, length, args.seed)
-        padded, mask = np.zeros((batch, bucket), np.int32), np.zeros((batch, bucket), np.int32)
-        padded[:, bucket - length:], mask[:, bucket - length:] = ids, 1  # generate's left padding
+        padded, mask = _left_pad(np.asarray(ids).tolist(), 0, bucket)  # as generate pads prompts
         prefill = next(c for k, c in ex.items() if k.kind == "prefill")  # first token = prefill + sample
         dev = jax.device_put((padded, mask))
         ttft = common.bench(lambda: prefill(state, *dev, np.int32(0))[0], calls=1, rounds=args.rounds, warmup=1)

@@ -20,6 +20,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxqlora.compile import abstract
+
 
 def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -78,9 +80,8 @@ class TrainCheckpointer:
         if step is None:
             return None
         template = (trainer.trainable, trainer.opt_state, trainer.rng_state)
-        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-                    for k, v in _to_saveable(template).items()}
-        got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+        got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+                                       abstract(_to_saveable(template))),
                                                                   meta=ocp.args.JsonRestore()))
         trainer.trainable, trainer.opt_state, trainer.rng_state = _from_saved(template, got["state"])
         meta = got["meta"]

@@ -114,9 +114,9 @@ def _cmd_finetune(args) -> int:
               f"(persistent cache: {jax_cache_dir()})")
         return 0
     if cfg.distributed:
-        import jax
+        from jaxqlora.sharding import is_primary
 
-        if jax.process_index() != 0:
+        if not is_primary():
             return 0
     for split in ("validation", "test", "baseline"):
         _print_metrics(split, results[split])

@@ -325,18 +325,8 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
-def disable_compile_cache() -> None:
-    """Turn JAX's persistent compilation cache off for this process."""
-    global _ours
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    jax.config.update("jax_compilation_cache_dir", None)
-    cc.reset_cache()
-    _ours = None
-
-
 __all__ = ["BucketError", "BucketKey", "CompileCounter", "DEFAULT_BUCKETS", "Executables", "Job", "PROMPT_BUCKETS",
            "Timing",
-           "abstract", "bucket_for", "buckets_up_to", "default_cache_dir", "disable_compile_cache",
+           "abstract", "bucket_for", "buckets_up_to", "default_cache_dir",
            "enable_compile_cache", "is_abstract", "precompile"]
 

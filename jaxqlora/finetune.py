@@ -33,7 +33,7 @@ from flax import nnx
 
 from jaxqlora import data as D
 from jaxqlora import sharding
-from jaxqlora.compile import BucketKey, Job, buckets_up_to, precompile
+from jaxqlora.compile import buckets_up_to
 from jaxqlora.io.atomic import atomic_write_json
 from jaxqlora.lora import ALL_TARGETS, apply_lora
 from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, classification_loss, make_optimizer,
@@ -252,9 +252,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
 
     loss_fn = classification_loss if cfg.task == "classification" else causal_lm_loss
     t0 = time.perf_counter()
-    lr_key = BucketKey("schedule", ())
-    lr_at = precompile({lr_key: Job(jax.jit(schedule), (jax.ShapeDtypeStruct((), jnp.int32),))},
-                       log=lambda *_: None, progress=False)[lr_key]
+    lr_at = jax.jit(schedule).lower(jax.ShapeDtypeStruct((), jnp.int32)).compile()
     if mesh is None:
         # Compile every step for its buckets before the weights take any device memory.
         trainer = Trainer(_abstract_model(cfg, num_labels), loss_fn, optimizer)
@@ -357,7 +355,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
 
 def _precompile(trainer: Trainer, cfg: FinetuneConfig, log) -> None:
     trainer.precompile(cfg.batch_size, _buckets(cfg), grad_accum=cfg.grad_accum, eval_batch_size=cfg.eval_batch_size,
-                       causal_lm=cfg.task != "classification", log=log)
+                       log=log)
 
 
 def _load_model(cfg: FinetuneConfig, num_labels: int, log):
@@ -415,7 +413,6 @@ def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path) -> dict[str, dict
         model.score[...] = jnp.asarray(extra["score"])
         loss_fn = classification_loss
     evaluator = Trainer(model, loss_fn, None)  # evaluation only
-    evaluator.precompile(cfg.batch_size, _buckets(cfg), eval_batch_size=cfg.eval_batch_size,
-                         causal_lm=cfg.task != "classification")
+    evaluator.precompile(cfg.batch_size, _buckets(cfg), eval_batch_size=cfg.eval_batch_size)
     return {s: evaluate(evaluator.evaluate_batch, enc[s], cfg, pad_id, label_words is not None)
             for s in ("validation", "test")}

@@ -329,12 +329,18 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh, axis: int = 1) -> dict[str, j
     return out
 
 
+def input_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Where `global_input` puts an array of ``shape``: rows (axis 0) split over the batch
+    axes when they divide, else replicated."""
+    n = batch_parallel(mesh)
+    return batch_sharding(mesh, 0) if len(shape) and shape[0] % n == 0 else replicated(mesh)
+
+
 def global_input(x: Any, mesh: Mesh) -> jax.Array:
     """A global array from a host value that every process holds whole (e.g. an evaluation
     batch ``[B, ...]``): rows split over the devices when B divides, else replicated."""
     x = np.asarray(x)
-    n = batch_parallel(mesh)
-    sharding = batch_sharding(mesh, 0) if x.ndim and x.shape[0] % n == 0 else replicated(mesh)
+    sharding = input_sharding(mesh, x.shape)
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])

@@ -141,9 +141,13 @@ def causal_lm_loss(model: CausalLM, batch) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token cross-entropies over ``loss_mask`` positions (response tokens) and
     their count. ``loss_mask[b, t] = 1`` means the logits at t must predict token t+1.
     The logits are computed in chunks (`chunked_cross_entropy`)."""
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])[:, :-1]
+    return _causal_lm_sums(model, batch, model.hidden_states(batch["input_ids"], batch["attention_mask"]))
+
+
+def _causal_lm_sums(model: CausalLM, batch, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
     mask = batch["loss_mask"][:, :-1] * batch["weight"][:, None]
-    loss = chunked_cross_entropy(hidden, model.head_weight, batch["input_ids"][:, 1:], mask, CE_CHUNK_TOKENS)
+    loss = chunked_cross_entropy(hidden[:, :-1], model.head_weight, batch["input_ids"][:, 1:], mask,
+                                 CE_CHUNK_TOKENS)
     return loss, jnp.sum(mask)
 
 
@@ -161,13 +165,13 @@ def causal_lm_metrics(model: CausalLM, batch) -> dict[str, jax.Array]:
     """Sums of one causal-LM batch: ``loss_sum`` / ``count`` (as `causal_lm_loss`), and
     ``correct`` / ``total``: rows whose greedy first response token equals the real one
     (label-word accuracy when responses are single label words)."""
-    logits = model(batch["input_ids"], batch["attention_mask"])
-    mask = batch["loss_mask"][:, :-1] * batch["weight"][:, None]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+    loss_sum, count = _causal_lm_sums(model, batch, hidden)  # no [B, T, vocab] logits
     first = jnp.argmax(batch["loss_mask"], axis=1)  # logits at `first` predict the first response token
     rows = jnp.arange(first.shape[0])
-    hit = (jnp.argmax(logits[rows, first], -1) == batch["input_ids"][rows, first + 1]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(ce * mask), "count": jnp.sum(mask), "correct": jnp.sum(hit * batch["weight"]),
+    hit = (jnp.argmax(model.logits(hidden[rows, first]), -1) == batch["input_ids"][rows, first + 1]).astype(
+        jnp.float32)
+    return {"loss_sum": loss_sum, "count": count, "correct": jnp.sum(hit * batch["weight"]),
             "total": jnp.sum(batch["weight"])}
 
 
@@ -255,7 +259,7 @@ class Trainer:
         self._step = None if self.optimizer is None else jax.jit(
             functools.partial(_train_step, self.graphdef, self.loss_fn, self.optimizer),
             donate_argnums=(0, 1, 2), **out)
-        self._eval = jax.jit(functools.partial(_eval_forward, self.graphdef), **out)
+        self._eval = jax.jit(functools.partial(_eval_forward, self.graphdef))
         self._metrics = None if self.metrics_fn is None else jax.jit(
             functools.partial(_eval_metrics, self.graphdef, self.metrics_fn), **out)
 
@@ -316,19 +320,18 @@ class Trainer:
 
     def predict(self, input_ids, attention_mask) -> jax.Array:
         """Model output (class logits or LM logits) with dropout off (plain ``jax.jit``,
-        compiled on first use of each shape). With a mesh every process passes the whole
-        batch and gets the whole output on its first device."""
+        compiled on first use of each shape), on one device.
+
+        Raises:
+          ValueError: the Trainer has a mesh (use `evaluate_batch`, which is sharded).
+        """
         self._check_concrete()
-        if self.mesh is None:
-            return self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
-        input_ids = sharding.global_input(input_ids, self.mesh)
-        attention_mask = sharding.global_input(attention_mask, self.mesh)
-        with sharding.use_mesh(self.mesh):
-            out = self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
-        return out.addressable_data(0)
+        if self.mesh is not None:
+            raise ValueError("Trainer.predict runs on one device; with a mesh use evaluate_batch")
+        return self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
 
     def precompile(self, batch_size: int, seq_lens, *, grad_accum: int = 1, eval_batch_size: int | None = None,
-                   causal_lm: bool | None = None, log: Callable[[str], None] | None = None) -> Executables:
+                   log: Callable[[str], None] | None = None) -> Executables:
         """Compile the train step for ``[grad_accum, batch_size, L]`` batches and the
         evaluation step for ``[eval_batch_size, L]`` batches, for every L in ``seq_lens``,
         ahead of time (`jaxqlora.compile.precompile`; progress bar, per-bucket times).
@@ -337,7 +340,6 @@ class Trainer:
           batch_size, grad_accum: training micro-batch size and micro-batches per step.
           seq_lens: sequence-length buckets (tokens).
           eval_batch_size: evaluation batch size; None skips evaluation steps.
-          causal_lm: batches carry ``loss_mask`` (True) or ``labels``; default from ``loss_fn``.
           log: receives the compile-time lines (default ``executables.log``).
 
         Returns:
@@ -350,15 +352,11 @@ class Trainer:
         """
         from jaxqlora.data import batch_spec
 
-        if causal_lm is None:
-            causal_lm = self.loss_fn is causal_lm_loss
+        causal_lm = self.loss_fn is causal_lm_loss  # batches carry loss_mask, else labels
         train_sharding = eval_sharding = None
         if self.mesh is not None:
             train_sharding = sharding.batch_sharding(self.mesh, 1)
-            # as `global_input` places them: rows split when they divide, else replicated
-            eval_sharding = (sharding.batch_sharding(self.mesh, 0)
-                             if eval_batch_size and eval_batch_size % sharding.batch_parallel(self.mesh) == 0
-                             else sharding.replicated(self.mesh))
+            eval_sharding = sharding.input_sharding(self.mesh, (eval_batch_size or 0,))
         state = abstract((self.trainable, self.rng_state, self.opt_state, self.frozen))
         trainable, rng_state, opt_state, frozen = state
         jobs = {}

@@ -103,3 +103,18 @@ def test_group_by_length_is_a_seeded_permutation_of_similar_lengths():
     assert spread < 0.25 * spread_plain
     np.testing.assert_array_equal(lengths[batch_order(lengths, 16, shuffle=False, group_by_length=True)],
                                   np.sort(lengths, kind="stable"))
+
+
+@pytest.mark.parametrize("causal_lm", [False, True])
+def test_batch_spec_describes_what_batches_yields(causal_lm):
+    """`Trainer.precompile` compiles from `batch_spec`; training feeds `batches`. Keys,
+    shapes and dtypes must agree, or every precompiled executable would be missed."""
+    from jaxqlora.data import batch_spec
+
+    rows = [[5, 6, 7], [8, 9], [1, 2, 3, 4, 5]]
+    enc = (Encoded(rows, None, loss_start=np.asarray([1, 0, 2])) if causal_lm
+           else Encoded(rows, np.asarray([0, 1, 1])))
+    got = next(batches(enc, 4, (8, 16), pad_id=0))
+    spec = batch_spec(4, 8, causal_lm=causal_lm)
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in got.items()} == \
+           {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in spec.items()}
