@@ -30,16 +30,6 @@ def f64(a) -> np.ndarray:
     return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
 
 
-def x64():
-    """Context manager enabling float64 in jax (for autodiff oracles)."""
-    enable = getattr(jax, "enable_x64", None)
-    if enable is not None:
-        return enable(True)
-    from jax.experimental import enable_x64  # older jax
-
-    return enable_x64()
-
-
 def assert_close(actual, expected, dtype=None, what: str = ""):
     """Every element of ``actual`` is finite and within `TOL` of float64 ``expected``."""
     dtype = jnp.dtype(actual.dtype if dtype is None else dtype)

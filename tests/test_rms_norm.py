@@ -15,7 +15,7 @@ import pytest
 from jax import lax
 
 import pallas_kernels.rms_norm as rms_module
-from kernel_checks import INTERPRET, ON_GPU, assert_close, f64, x64
+from kernel_checks import INTERPRET, ON_GPU, assert_close, f64
 from pallas_kernels.rms_norm import (
     add_rms_norm,
     add_rms_norm_reference,
@@ -47,7 +47,7 @@ def _rms64(x, w, eps=EPS):
 
 def oracle_rms_norm_vjp(x, w, dout, eps=EPS):
     """(dx, dw) by float64 autodiff."""
-    with x64():
+    with jax.enable_x64(True):
         _, pull = jax.vjp(lambda a, b: _rms64(a, b, eps), jnp.asarray(f64(x)),
                           jnp.asarray(f64(w)))
         return tuple(np.asarray(g) for g in pull(jnp.asarray(f64(dout))))
@@ -55,7 +55,7 @@ def oracle_rms_norm_vjp(x, w, dout, eps=EPS):
 
 def oracle_add_rms_norm_vjp(x, r, w, dout, dh, eps=EPS):
     """(dx, dresidual, dw) by float64 autodiff of ``(norm(r + x), r + x)``."""
-    with x64():
+    with jax.enable_x64(True):
         def f(a, b, c):
             h = a + b
             return _rms64(h, c, eps), h

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_checks import INTERPRET, ON_GPU, assert_close, f64, x64
+from kernel_checks import INTERPRET, ON_GPU, assert_close, f64
 from pallas_kernels.swiglu import swiglu, swiglu_reference
 
 BF16, F16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)
@@ -37,7 +37,7 @@ def oracle_swiglu(gate, up):
 
 def oracle_swiglu_vjp(gate, up, dout):
     """(dgate, dup) by float64 autodiff."""
-    with x64():
+    with jax.enable_x64(True):
         _, pull = jax.vjp(lambda g, u: g * jax.nn.sigmoid(g) * u,
                           jnp.asarray(f64(gate)), jnp.asarray(f64(up)))
         return tuple(np.asarray(t) for t in pull(jnp.asarray(f64(dout))))
