@@ -19,13 +19,160 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import math
 import sys
 import time
+from pathlib import Path
+
+# --- argument types: each refuses a bad value with argparse's "error: argument --x: ..." and exit code 2,
+# before anything is imported, loaded or compiled.
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _number(text, int, "a non-negative integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer (>= 0), got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _number(text, float, "a positive number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number (> 0), got {value:g}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = _number(text, float, "a non-negative number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number (>= 0), got {value:g}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1] (top-p)."""
+    value = _number(text, float, "a number in (0, 1]")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
+    return value
+
+
+def dropout_rate(text: str) -> float:
+    """argparse type: a number in [0, 1) (dropout probability)."""
+    value = _number(text, float, "a number in [0, 1)")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
+    return value
+
+
+def nonempty_str(text: str) -> str:
+    """argparse type: a string that is not empty or blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """argparse type: the path of an existing file."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a file")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """argparse type: the path of an existing folder."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a folder")
+    return text
+
+
+def existing_path(text: str) -> str:
+    """argparse type: an existing file or folder (a checkpoint: HF folder or ``.gguf`` file)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a folder to write into: absent (it is created) or an existing folder, not a
+    file, and not below a file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a folder")
+            break
+    return text
+
+
+def mesh_spec(text: str) -> str:
+    """argparse type: a ``data=N,fsdp=M`` mesh spec (checked by `jaxqlora.sharding.parse_mesh`; the
+    device count is checked later, when the mesh is built)."""
+    from jaxqlora.errors import JaxQLoRAError
+    from jaxqlora.sharding import parse_mesh
+
+    try:
+        parse_mesh(text)
+    except JaxQLoRAError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: ...)`` to every option that takes a value and has a default
+    (flags and options whose default is None say what happens in their help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default is None or default is argparse.SUPPRESS or action.nargs == 0
+                or not action.option_strings):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter/activation dtype")
+    p.add_argument("--model", type=existing_path, default=None, metavar="PATH",
+                   help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="parameter and activation dtype")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def _cmd_generate(args) -> int:
@@ -72,13 +219,16 @@ def _cmd_generate(args) -> int:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="CSV/JSONL file (default: embedded Rotten Tomatoes)")
-    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"])
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--prompt-column", default="prompt")
-    p.add_argument("--response-column", default="response")
-    p.add_argument("--max-seq-len", type=int, default=64, help="longer texts are truncated")
+    p.add_argument("--data", type=existing_file, default=None, metavar="FILE",
+                   help="CSV, JSONL or JSON file, optionally .gz/.bz2 (default: the embedded Rotten Tomatoes set)")
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
+                   help="sequence classification head, or next-token loss on the response")
+    p.add_argument("--text-column", type=nonempty_str, default="text", help="classification: column of the text")
+    p.add_argument("--label-column", type=nonempty_str, default="label", help="classification: column of the label")
+    p.add_argument("--prompt-column", type=nonempty_str, default="prompt", help="causal-lm: column of the prompt")
+    p.add_argument("--response-column", type=nonempty_str, default="response",
+                   help="causal-lm: column of the response")
+    p.add_argument("--max-seq-len", type=positive_int, default=64, help="tokens per example; longer ones are truncated")
 
 
 def _finetune_config(args):
@@ -151,89 +301,143 @@ def _cmd_merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``jaxqlora`` command (finetune, eval, merge, generate)."""
+    """The argument parser of the ``jaxqlora`` command (finetune, eval, merge, generate).
+
+    Every value is checked by its ``type=`` (`positive_int`, `positive_float`, `probability`,
+    `output_dir`, ...), so a bad argument stops with argparse's ``error:`` line and exit code 2
+    before anything is loaded; ``--help`` of each command lists every option with its default.
+    """
     from jaxqlora.lora import ALL_TARGETS
 
-    parser = argparse.ArgumentParser(prog="jaxqlora", description="QLoRA fine-tuning and 4-bit inference in JAX")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="jaxqlora", description="QLoRA fine-tuning and 4-bit inference in JAX",
+                                     formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{finetune,eval,merge,generate}")
 
-    f = sub.add_parser("finetune", help="QLoRA fine-tuning (defaults: embedded model and data)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    f = command("finetune", "QLoRA fine-tuning (defaults: embedded model and data)")
     _add_model_args(f)
     _add_data_args(f)
-    f.add_argument("--pooling", default="last", choices=["last", "mean"])
-    f.add_argument("--no-quantize", dest="quantize", action="store_false", help="keep bf16 base weights (plain LoRA)")
-    f.add_argument("--rank", type=int, default=16)
-    f.add_argument("--alpha", type=float, default=32.0)
-    f.add_argument("--dropout", type=float, default=0.05)
-    f.add_argument("--targets", nargs="+", default=list(ALL_TARGETS), choices=list(ALL_TARGETS))
-    f.add_argument("--rslora", dest="use_rslora", action="store_true")
-    f.add_argument("--epochs", type=float, default=None)
-    f.add_argument("--max-steps", type=int, default=None, help="overrides --epochs (default 350 without --epochs)")
-    f.add_argument("--batch-size", type=int, default=16)
-    f.add_argument("--grad-accum", type=int, default=1)
-    f.add_argument("--lr", type=float, default=2e-4)
-    f.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    f.add_argument("--output", default="runs/finetune")
+    f.add_argument("--pooling", default="last", choices=["last", "mean"],
+                   help="classification: pool the last real token or the mean of all tokens")
+    f.add_argument("--no-quantize", dest="quantize", action="store_false",
+                   help="keep the base weights in --dtype (plain LoRA) instead of NF4")
+    f.add_argument("--rank", type=positive_int, default=16, help="LoRA rank r")
+    f.add_argument("--alpha", type=positive_float, default=32.0, help="LoRA alpha (scale alpha/r, or alpha/sqrt(r))")
+    f.add_argument("--dropout", type=dropout_rate, default=0.05, help="LoRA dropout probability, in [0, 1)")
+    f.add_argument("--targets", nargs="+", default=list(ALL_TARGETS), choices=list(ALL_TARGETS), metavar="MODULE",
+                   help=f"projections that get a LoRA adapter, among {' '.join(ALL_TARGETS)}")
+    f.add_argument("--rslora", dest="use_rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(r)")
+    f.add_argument("--epochs", type=positive_float, default=None,
+                   help="passes over the training split (may be fractional); alone it sets the run's length")
+    f.add_argument("--max-steps", type=positive_int, default=None,
+                   help="optimizer steps; overrides --epochs (default: 350 without --epochs)")
+    f.add_argument("--batch-size", type=positive_int, default=16, help="rows per micro-batch")
+    f.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    f.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate")
+    f.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="learning-rate schedule")
+    f.add_argument("--output", type=output_dir, default="runs/finetune", metavar="DIR",
+                   help="folder for the adapter, metrics, results and checkpoints")
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    f.add_argument("--checkpoint-every", type=int, default=0)
-    f.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl records")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--checkpoint-every", type=nonnegative_int, default=0,
+                   help="steps between checkpoints; 0 = only at the end")
+    f.add_argument("--log-every", type=positive_int, default=10, help="steps between metrics.jsonl records")
+    f.add_argument("--seed", type=nonnegative_int, default=0, help="data order, LoRA initialisation and dropout")
     f.add_argument("--remat", nargs="?", const="full", default=None, choices=["none", "full", "dots"],
                    help="recompute decoder layers in the backward pass: full (keep layer inputs only; the "
-                        "default of a bare --remat) or dots (keep matmul outputs, recompute elementwise work)")
+                        "default of a bare --remat) or dots (keep matmul outputs, recompute elementwise work); "
+                        "off without the flag")
     f.add_argument("--precompile-only", action="store_true",
                    help="compile every train/eval step for its shape buckets (warming the on-disk cache) and exit")
-    f.add_argument("--mesh", default=None, metavar="data=N,fsdp=M",
-                   help="train on N x M devices: batch split over all, frozen weights sharded over fsdp")
+    f.add_argument("--mesh", type=mesh_spec, default=None, metavar="data=N,fsdp=M",
+                   help="train on N x M devices: batch split over all, frozen weights sharded over fsdp "
+                        "(default: one device)")
     f.add_argument("--distributed", action="store_true",
                    help="several processes/hosts: jax.distributed.initialize (flags below or environment)")
-    f.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0 ($JAX_COORDINATOR_ADDRESS)")
-    f.add_argument("--num-processes", type=int, default=None, help="number of processes ($JAX_NUM_PROCESSES)")
-    f.add_argument("--process-id", type=int, default=None, help="this process's index ($JAX_PROCESS_ID)")
-    f.set_defaults(func=_cmd_finetune)
+    f.add_argument("--coordinator-address", type=nonempty_str, default=None, metavar="HOST:PORT",
+                   help="HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
+    f.add_argument("--num-processes", type=positive_int, default=None,
+                   help="number of processes (default: $JAX_NUM_PROCESSES)")
+    f.add_argument("--process-id", type=nonnegative_int, default=None,
+                   help="this process's index (default: $JAX_PROCESS_ID)")
+    f.set_defaults(func=_cmd_finetune, check=functools.partial(_check_finetune, f))
 
-    e = sub.add_parser("eval", help="evaluate a saved adapter on the validation and test splits")
+    e = command("eval", "evaluate a saved adapter on the validation and test splits")
     _add_model_args(e)
     _add_data_args(e)
-    e.add_argument("--adapter", required=True)
-    e.add_argument("--no-quantize", dest="quantize", action="store_false")
-    e.set_defaults(func=_cmd_eval)
+    e.add_argument("--adapter", type=existing_dir, required=True, metavar="DIR", help="PEFT adapter folder (from finetune)")
+    e.add_argument("--no-quantize", dest="quantize", action="store_false",
+                   help="keep the base weights in --dtype instead of NF4 (as the adapter was trained)")
+    e.set_defaults(func=_cmd_eval, check=functools.partial(_check_data, e))
 
-    m = sub.add_parser("merge", help="fold an adapter into the base and write an HF folder")
+    m = command("merge", "fold an adapter into the base and write an HF folder")
     _add_model_args(m)
-    m.add_argument("--adapter", required=True)
-    m.add_argument("--output", required=True)
+    m.add_argument("--adapter", type=existing_dir, required=True, metavar="DIR", help="PEFT adapter folder")
+    m.add_argument("--output", type=output_dir, required=True, metavar="DIR", help="folder for the merged HF model")
     m.set_defaults(func=_cmd_merge)
 
-    g = sub.add_parser("generate", help="generate text (chat template applied by default)")
+    g = command("generate", "generate text (chat template applied by default)")
     _add_model_args(g)
-    g.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to apply")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--system", default=None, help="optional system message")
+    g.add_argument("--adapter", type=existing_dir, default=None, metavar="DIR",
+                   help="PEFT LoRA adapter folder to apply (default: none)")
+    g.add_argument("--prompt", type=nonempty_str, required=True, help="the user message (or raw text with --no-chat)")
+    g.add_argument("--system", default=None, help="optional system message (default: none)")
     g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most")
+    g.add_argument("--temperature", type=nonnegative_float, default=0.0, help="sampling temperature; 0 = greedy")
+    g.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k most likely tokens; 0 = off")
+    g.add_argument("--top-p", type=probability, default=1.0,
+                   help="nucleus sampling: smallest set of tokens with this total probability, in (0, 1]; 1 = off")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed")
     g.set_defaults(func=_cmd_generate)
     return parser
+
+
+def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.task == "causal-lm" and args.max_seq_len < 2:
+        parser.error(f"argument --max-seq-len: must be at least 2 for --task causal-lm, got {args.max_seq_len}")
+
+
+def _check_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks between finetune's arguments (each one alone passed its ``type=``)."""
+    _check_data(parser, args)
+    if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
+        parser.error(f"argument --process-id: must be below --num-processes {args.num_processes}, "
+                     f"got {args.process_id}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxqlora`` console script; returns the exit code.
 
-    Errors raised on purpose by jaxqlora (bad checkpoint, prompt too long, missing
-    embedded model) print one line to stderr and exit with code 2.
+    A bad argument prints argparse's usage and ``error:`` line and returns 2 before anything
+    is loaded (``--help`` returns 0). Errors raised on purpose by jaxqlora (bad checkpoint or
+    data file, prompt too long, missing embedded model) and operating-system errors (a disk
+    that is full, a folder that cannot be written) print one ``error:`` line to stderr and
+    return 2; ``--debug`` shows their traceback instead. Ctrl-C returns 130.
     """
     from jaxqlora.errors import JaxQLoRAError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        check = getattr(args, "check", None)
+        if check is not None:
+            check(args)
+    except SystemExit as e:  # argparse: --help (0) or a bad argument (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
         return args.func(args)
-    except JaxQLoRAError as e:
+    except (JaxQLoRAError, OSError) as e:
+        if getattr(args, "debug", False):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

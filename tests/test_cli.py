@@ -1,0 +1,247 @@
+"""The ``jaxqlora`` command's argument checks: every bad argument is refused by argparse
+(``error: argument --x: ...``, exit code 2, no traceback) before any model, data or
+compilation is touched; ``--help`` gives every option a line and its default."""
+
+import argparse
+import subprocess
+import sys
+import time
+
+import pytest
+
+import jaxqlora.data
+import jaxqlora.errors
+import jaxqlora.finetune
+import jaxqlora.io
+from jaxqlora import cli
+from jaxqlora.cli import build_parser, main
+
+
+@pytest.fixture(autouse=True)
+def nothing_is_loaded(monkeypatch):
+    """Any attempt to load a model, train or evaluate fails the test."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a bad argument reached the loader")
+
+    monkeypatch.setattr(jaxqlora.io, "load_pretrained", forbidden)
+    monkeypatch.setattr(jaxqlora.finetune, "finetune", forbidden)
+    monkeypatch.setattr(jaxqlora.finetune, "evaluate_adapter", forbidden)
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    d = tmp_path / "adapter"
+    d.mkdir()
+    return d
+
+
+def _refused(argv, capsys, *expected):
+    """Run ``main(argv)``; it must return 2 fast with one ``error:`` line naming ``expected``."""
+    t0 = time.perf_counter()
+    code = main([str(a) for a in argv])
+    elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert elapsed < 1.0, elapsed
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+FINETUNE_BAD = [
+    (["--batch-size", "0"], "--batch-size", "positive integer", "0"),
+    (["--batch-size", "-4"], "--batch-size", "positive integer", "-4"),
+    (["--batch-size", "two"], "--batch-size", "'two'"),
+    (["--batch-size", "1.5"], "--batch-size", "'1.5'"),
+    (["--rank", "0"], "--rank", "positive integer"),
+    (["--rank", "-8"], "--rank", "positive integer"),
+    (["--alpha", "0"], "--alpha", "positive number"),
+    (["--alpha", "-1"], "--alpha", "positive number"),
+    (["--dropout", "1"], "--dropout", "[0, 1)"),
+    (["--dropout", "-0.1"], "--dropout", "[0, 1)"),
+    (["--epochs", "-1"], "--epochs", "positive number"),
+    (["--epochs", "0"], "--epochs", "positive number"),
+    (["--epochs", "nan"], "--epochs", "'nan'"),
+    (["--epochs", "inf"], "--epochs", "'inf'"),
+    (["--max-steps", "0"], "--max-steps", "positive integer"),
+    (["--max-steps", "-3"], "--max-steps", "positive integer"),
+    (["--grad-accum", "0"], "--grad-accum", "positive integer"),
+    (["--lr", "-0.1"], "--lr", "positive number"),
+    (["--lr", "0"], "--lr", "positive number"),
+    (["--max-seq-len", "0"], "--max-seq-len", "positive integer"),
+    (["--max-seq-len", "-64"], "--max-seq-len", "positive integer"),
+    (["--task", "causal-lm", "--max-seq-len", "1"], "--max-seq-len", "at least 2"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every", "non-negative integer"),
+    (["--log-every", "0"], "--log-every", "positive integer"),
+    (["--seed", "-1"], "--seed", "non-negative integer"),
+    (["--targets", "w_proj"], "--targets", "w_proj"),
+    (["--schedule", "linear"], "--schedule", "linear"),
+    (["--dtype", "float16"], "--dtype", "float16"),
+    (["--text-column", ""], "--text-column", "empty"),
+    (["--mesh", "data=0"], "--mesh", "data=0"),
+    (["--mesh", "model=2"], "--mesh"),
+    (["--num-processes", "0"], "--num-processes", "positive integer"),
+    (["--process-id", "-1"], "--process-id", "non-negative integer"),
+    (["--num-processes", "2", "--process-id", "2"], "--process-id", "below --num-processes 2"),
+    (["--model", "{tmp}/absent"], "--model", "absent", "no such file"),
+    (["--data", "{tmp}/absent.csv"], "--data", "absent.csv", "no such file"),
+    (["--data", "{tmp}"], "--data", "not a file"),
+]
+
+
+@pytest.mark.parametrize("args, expected", [(a[0], a[1:]) for a in FINETUNE_BAD],
+                         ids=[" ".join(a[0]) for a in FINETUNE_BAD])
+def test_finetune_bad_argument_refused(args, expected, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [a.format(tmp=tmp_path) for a in args]
+    expected = [e.format(tmp=tmp_path) for e in expected]
+    line = _refused(["finetune", "--output", out, *args], capsys, "argument", *expected)
+    assert line.startswith("jaxqlora finetune: error:")
+    assert not out.exists()  # the output folder is untouched
+
+
+def test_output_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    _refused(["finetune", "--output", target], capsys, "--output", "results.txt", "not a folder")
+    assert target.read_text() == "keep me"
+    _refused(["finetune", "--output", target / "sub"], capsys, "--output", "is a file")
+    _refused(["merge", "--adapter", tmp_path, "--output", target], capsys, "--output", "not a folder")
+    assert target.read_text() == "keep me"
+
+
+GENERATE_BAD = [
+    (["--max-new-tokens", "0"], "--max-new-tokens", "positive integer"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens", "positive integer"),
+    (["--temperature", "-1"], "--temperature", "non-negative number"),
+    (["--temperature", "nan"], "--temperature", "'nan'"),
+    (["--top-k", "-1"], "--top-k", "non-negative integer"),
+    (["--top-p", "0"], "--top-p", "(0, 1]"),
+    (["--top-p", "1.5"], "--top-p", "(0, 1]"),
+    (["--top-p", "-0.5"], "--top-p", "(0, 1]"),
+    (["--seed", "-2"], "--seed", "non-negative integer"),
+    (["--adapter", "{tmp}/absent"], "--adapter", "no such folder"),
+    (["--model", "{tmp}/absent.gguf"], "--model", "absent.gguf"),
+]
+
+
+@pytest.mark.parametrize("args, expected", [(a[0], a[1:]) for a in GENERATE_BAD],
+                         ids=[" ".join(a[0]) for a in GENERATE_BAD])
+def test_generate_bad_argument_refused(args, expected, tmp_path, capsys):
+    args = [a.format(tmp=tmp_path) for a in args]
+    line = _refused(["generate", "--prompt", "hi", *args], capsys, "argument", *expected)
+    assert line.startswith("jaxqlora generate: error:")
+
+
+def test_generate_empty_prompt_and_missing_prompt(capsys):
+    _refused(["generate", "--prompt", "  "], capsys, "--prompt", "empty")
+    _refused(["generate"], capsys, "--prompt", "required")
+
+
+def test_eval_and_merge_bad_arguments(tmp_path, adapter_dir, capsys):
+    _refused(["eval"], capsys, "--adapter", "required")
+    _refused(["eval", "--adapter", tmp_path / "nope"], capsys, "--adapter", "no such folder")
+    file = tmp_path / "f"
+    file.write_text("")
+    _refused(["eval", "--adapter", file], capsys, "--adapter", "not a folder")
+    _refused(["eval", "--adapter", adapter_dir, "--max-seq-len", "0"], capsys, "--max-seq-len")
+    _refused(["merge", "--adapter", adapter_dir], capsys, "--output", "required")
+    _refused(["merge", "--output", tmp_path / "m"], capsys, "--adapter", "required")
+
+
+def test_unknown_command_and_option(capsys):
+    _refused(["train"], capsys, "invalid choice", "train")
+    _refused(["finetune", "--batchsize", "4"], capsys, "unrecognized arguments")
+    _refused([], capsys, "required")
+
+
+def test_good_arguments_reach_finetune(monkeypatch, tmp_path, capsys):
+    """Valid values pass the checks unchanged and become the FinetuneConfig."""
+    seen = {}
+
+    def fake_finetune(cfg, log=None):
+        seen["cfg"] = cfg
+        raise jaxqlora.data.DataError("stop here")
+
+    monkeypatch.setattr(jaxqlora.finetune, "finetune", fake_finetune)
+    out = tmp_path / "out"
+    code = main(["finetune", "--output", str(out), "--epochs", "0.5", "--batch-size", "3", "--rank", "4",
+                 "--lr", "1e-3", "--dropout", "0", "--targets", "q_proj", "v_proj", "--mesh", "data=1"])
+    assert code == 2 and "error: stop here" in capsys.readouterr().err
+    cfg = seen["cfg"]
+    assert (cfg.epochs, cfg.max_steps, cfg.batch_size, cfg.rank, cfg.lr, cfg.dropout) == (0.5, 0, 3, 4, 1e-3, 0.0)
+    assert cfg.targets == ("q_proj", "v_proj") and cfg.output == str(out) and cfg.mesh == "data=1"
+
+
+def test_library_error_is_one_line_and_debug_shows_traceback(monkeypatch, tmp_path, capsys):
+    def fails(cfg, log=None):
+        raise jaxqlora.errors.CheckpointError(tmp_path / "x.gguf", "damaged", "general.architecture")
+
+    monkeypatch.setattr(jaxqlora.finetune, "finetune", fails)
+    assert main(["finetune", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: {tmp_path / 'x.gguf'}, 'general.architecture': damaged"]
+    with pytest.raises(jaxqlora.errors.CheckpointError):
+        main(["finetune", "--output", str(tmp_path / "o"), "--debug"])
+
+
+def _options(parser):
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                yield name, sub, action
+
+
+def test_every_option_has_help_and_its_default():
+    parser = build_parser()
+    seen = 0
+    for name, sub, action in _options(parser):
+        seen += 1
+        assert action.help and action.help.strip(), (name, action.option_strings)
+        help_text = sub.format_help()
+        assert action.option_strings[0] in help_text
+        if action.nargs != 0 and action.default is not None and not action.required:
+            line = sub._get_formatter()._get_help_string(action)
+            assert "(default:" in line, (name, action.option_strings, line)
+    assert seen > 40
+
+
+def test_help_text_shows_defaults(capsys):
+    assert main(["finetune", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--batch-size BATCH_SIZE rows per micro-batch (default: 16)", "(default: runs/finetune)",
+                 "--lr LR peak learning rate (default: 0.0002)", "(default: cosine)", "(default: 64)"):
+        assert text in out, text
+    assert main(["generate", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 128)" in out and "0 = greedy (default: 0.0)" in out
+
+
+@pytest.mark.parametrize("fn, good, bad", [
+    (cli.positive_int, {"1": 1, "42": 42}, ["0", "-1", "x", "1.0", ""]),
+    (cli.nonnegative_int, {"0": 0, "7": 7}, ["-1", "x"]),
+    (cli.positive_float, {"1e-4": 1e-4, "3": 3.0}, ["0", "-0.1", "nan", "inf", "-inf", "x"]),
+    (cli.nonnegative_float, {"0": 0.0, "0.7": 0.7}, ["-1e-9", "nan"]),
+    (cli.probability, {"1": 1.0, "0.9": 0.9}, ["0", "1.0001", "-1"]),
+    (cli.dropout_rate, {"0": 0.0, "0.5": 0.5}, ["1", "-0.01"]),
+])
+def test_argument_types(fn, good, bad):
+    for text, value in good.items():
+        assert fn(text) == value
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError):
+            fn(text)
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    """The real process: exit code 2 and argparse's message, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "jaxqlora.cli", "finetune", "--batch-size", "0",
+                        "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "error: argument --batch-size: must be a positive integer (>= 1), got 0" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
