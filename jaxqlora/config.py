@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Any, Mapping
 
-from jaxqlora.errors import CheckpointError, UnsupportedArchitectureError
+from jaxqlora.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +73,51 @@ class ModelConfig:
     qk_norm: bool = False
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self, source: str = "<config>") -> None:
+        """Check every field's type and range and the head counts' consistency.
+
+        Runs on construction (with ``source="<config>"``); `from_hf` and the GGUF reader name
+        the file instead.
+
+        Raises:
+          UnsupportedArchitectureError: ``arch`` is not llama, qwen2 or qwen3.
+          ConfigError: a size that is not a positive integer, an epsilon or RoPE base that
+            is not a positive finite number, or ``num_attention_heads`` not a multiple of
+            ``num_key_value_heads``; ``name`` is the field.
+        """
         if self.arch not in ARCHITECTURES:
-            raise UnsupportedArchitectureError("<config>", f"architecture {self.arch!r} is not one of {ARCHITECTURES}", "arch")
+            raise UnsupportedArchitectureError(source, f"architecture {self.arch!r} is not one of {ARCHITECTURES}", "arch")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(source, f"expected a positive integer, got {value!r} ({type(value).__name__})", name)
+            if value < 1:
+                raise ConfigError(source, f"must be a positive integer, got {value}", name)
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or value <= 0):
+                raise ConfigError(source, f"must be a positive finite number, got {value!r}", name)
+        if self.head_dim % 2:
+            raise ConfigError(source, f"head_dim={self.head_dim} is odd; RoPE rotates pairs of dimensions", "head_dim")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}")
+            raise ConfigError(
+                source, f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}", "num_key_value_heads")
+        if self.rope_freq_factors is not None:
+            factors = self.rope_freq_factors
+            if len(factors) != self.head_dim // 2:
+                raise ConfigError(source, f"{len(factors)} RoPE frequency factors for head_dim {self.head_dim} "
+                                  f"(needs head_dim / 2 = {self.head_dim // 2})", "rope_freq_factors")
+            if not all(math.isfinite(f) and f > 0 for f in factors):
+                raise ConfigError(source, "RoPE frequency factors must be positive finite numbers", "rope_freq_factors")
+        if self.rope_scaling is not None:
+            for name, value in dataclasses.asdict(self.rope_scaling).items():
+                if not (math.isfinite(value) and value > 0):
+                    raise ConfigError(source, f"must be a positive finite number, got {value!r}",
+                                      f"rope_scaling.{name}")
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any] | str | Path, source: str | None = None) -> "ModelConfig":
@@ -85,6 +128,10 @@ class ModelConfig:
 
         Raises:
           CheckpointError: the file is missing or not JSON, or a required field is absent.
+          ConfigError (a CheckpointError): a field of the wrong type or out of range (sizes must be
+            positive integers), ``num_attention_heads`` not a multiple of ``num_key_value_heads``,
+            or ``hidden_size`` not a multiple of ``num_attention_heads`` when ``head_dim`` is not given;
+            names the file and the field.
           UnsupportedArchitectureError: ``model_type`` is not llama, qwen2, qwen3 (or mistral
             without sliding window, which is read as llama).
         """
@@ -100,6 +147,8 @@ class ModelConfig:
             except (OSError, json.JSONDecodeError) as e:
                 raise CheckpointError(path, f"not a readable JSON file ({e})") from e
         source = source or "<config>"
+        if not isinstance(config, Mapping):
+            raise ConfigError(source, f"expected a JSON object, got {type(config).__name__}")
         c = dict(config)
         model_type = c.get("model_type")
         if model_type == "mistral" and not c.get("sliding_window"):
@@ -112,36 +161,79 @@ class ModelConfig:
                 raise CheckpointError(source, "required field is missing", key)
             return c[key]
 
-        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        def integer(key, value):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(source, f"expected an integer, got {value!r} ({type(value).__name__})", key)
+            if value < 1:
+                raise ConfigError(source, f"must be a positive integer, got {value}", key)
+            return value
+
+        def number(key, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(source, f"expected a finite number, got {value!r} ({type(value).__name__})", key)
+            return float(value)
+
+        def boolean(key, value):
+            if value in (0, 1) and not isinstance(value, float):
+                return bool(value)
+            raise ConfigError(source, f"expected true or false, got {value!r}", key)
+
+        def optional(key, default):
+            return default if c.get(key) is None else c[key]
+
+        rope_key = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+        rope = c.get(rope_key) or {}
+        if not isinstance(rope, Mapping):
+            raise ConfigError(source, f"expected a JSON object, got {rope!r}", rope_key)
+        rope = dict(rope)
+        theta = number("rope_theta", rope.get("rope_theta", optional("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         scaling = None
         if rope_type == "llama3":
+            def rope_field(key):
+                if rope.get(key) is None:
+                    raise CheckpointError(source, "required field of llama3 RoPE scaling is missing", f"{rope_key}.{key}")
+                return rope[key]
+
             scaling = RopeScaling(
-                factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                high_freq_factor=float(rope["high_freq_factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+                factor=number(f"{rope_key}.factor", rope_field("factor")),
+                low_freq_factor=number(f"{rope_key}.low_freq_factor", rope_field("low_freq_factor")),
+                high_freq_factor=number(f"{rope_key}.high_freq_factor", rope_field("high_freq_factor")),
+                original_max_position_embeddings=integer(f"{rope_key}.original_max_position_embeddings",
+                                                         rope_field("original_max_position_embeddings")))
         elif rope_type not in ("default", None):
-            raise CheckpointError(source, f"rope type {rope_type!r} is not supported (default, llama3)", "rope_parameters")
-        heads = int(need("num_attention_heads"))
-        hidden = int(need("hidden_size"))
-        return cls(
-            arch=model_type,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            attention_bias=bool(c.get("attention_bias", model_type == "qwen2")),
-            qk_norm=model_type == "qwen3",
-        )
+            raise CheckpointError(source, f"rope type {rope_type!r} is not supported (default, llama3)", rope_key)
+        heads = integer("num_attention_heads", need("num_attention_heads"))
+        hidden = integer("hidden_size", need("hidden_size"))
+        if c.get("head_dim") is not None:
+            head_dim = integer("head_dim", c["head_dim"])
+        elif hidden % heads:
+            raise ConfigError(source, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
+                              "and head_dim is not given", "hidden_size")
+        else:
+            head_dim = hidden // heads
+        try:
+            return cls(
+                arch=model_type,
+                vocab_size=integer("vocab_size", need("vocab_size")),
+                hidden_size=hidden,
+                intermediate_size=integer("intermediate_size", need("intermediate_size")),
+                num_hidden_layers=integer("num_hidden_layers", need("num_hidden_layers")),
+                num_attention_heads=heads,
+                num_key_value_heads=integer("num_key_value_heads", optional("num_key_value_heads", heads)),
+                head_dim=head_dim,
+                rms_norm_eps=number("rms_norm_eps", optional("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=integer("max_position_embeddings", optional("max_position_embeddings", 2048)),
+                tie_word_embeddings=boolean("tie_word_embeddings", optional("tie_word_embeddings", False)),
+                attention_bias=boolean("attention_bias", optional("attention_bias", model_type == "qwen2")),
+                qk_norm=model_type == "qwen3",
+            )
+        except ConfigError as e:  # raised by validate(): name the file
+            raise ConfigError(source, e.message, e.name) from None
 
     def to_hf(self) -> dict[str, Any]:
         """The transformers ``config.json`` dict for this config (used by ``save_pretrained``)."""

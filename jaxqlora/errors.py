@@ -17,13 +17,21 @@ class CheckpointError(JaxQLoRAError, ValueError):
     Attributes:
       path: the file (or folder) concerned.
       name: the tensor or metadata field concerned, or None.
+      message: what is wrong, without the path and name.
     """
 
     def __init__(self, path, message: str, name: str | None = None):
         self.path = str(path)
         self.name = name
+        self.message = message
         where = f"{self.path}" + (f", {name!r}" if name else "")
         super().__init__(f"{where}: {message}")
+
+
+class ConfigError(CheckpointError):
+    """A model configuration (``config.json`` or GGUF metadata) has a field of the wrong type,
+    out of range, or inconsistent with another field (e.g. ``num_attention_heads`` not a
+    multiple of ``num_key_value_heads``). ``name`` is the field."""
 
 
 class MissingTensorError(CheckpointError):

@@ -453,8 +453,10 @@ class Tokenizer:
 
         Raises:
           FileNotFoundError: no file at ``path``.
-          CheckpointError: not a GGUF file, or a required field (``tokenizer.ggml.model``, ``.tokens``,
-            ``.merges``) is missing or malformed; names the file and the field.
+          CheckpointError: not a GGUF file or a damaged header (`jaxqlora.io.gguf.check_gguf_header`: counts
+            and lengths are checked against the file size before anything is read), or a tokenizer field is
+            missing, of the wrong type, not UTF-8 or inconsistent (a merge naming a token the vocabulary lacks,
+            a special token id outside it, token types of another length); names the file and the field.
           UnsupportedTokenizerModelError (also NotImplementedError): ``tokenizer.ggml.model`` is not ``gpt2``.
           UnsupportedPreTokenizerError (a ValueError): unknown ``tokenizer.ggml.pre``.
         """
@@ -466,13 +468,12 @@ class Tokenizer:
             reader = path_or_reader
             path = str(getattr(getattr(reader, "data", None), "filename", None) or "<GGUFReader>")
         else:
+            from jaxqlora.io.gguf import open_gguf
+
             path = str(path_or_reader)
             if not Path(path).is_file():
                 raise FileNotFoundError(errno.ENOENT, "no GGUF file", path)
-            try:
-                reader = gguf.GGUFReader(path)
-            except Exception as e:  # gguf raises ValueError/IndexError/... on damaged files
-                raise CheckpointError(path, f"not a readable GGUF file ({type(e).__name__}: {e})") from e
+            reader = open_gguf(path)  # header checked first: counts and lengths bounded by the file size
 
         def field(key: str, default: Any = ...) -> Any:
             f = reader.fields.get(key)
@@ -494,14 +495,29 @@ class Tokenizer:
         if pre is None:
             warnings.warn(f"{path}: no tokenizer.ggml.pre; using 'default' as llama.cpp does "
                           "(tokenization may differ from the model's own)", stacklevel=2)
+        elif not isinstance(pre, str):
+            raise CheckpointError(path, f"expected a string, got {type(pre).__name__}", "tokenizer.ggml.pre")
         elif pre not in GGUF_PRE_TOKENIZERS:
             raise UnsupportedPreTokenizerError(
                 path, f"unknown pre-tokenizer {pre!r}; known: {', '.join(sorted(GGUF_PRE_TOKENIZERS))}",
                 "tokenizer.ggml.pre")
 
-        tokens = field("tokenizer.ggml.tokens")
-        merges_raw = field("tokenizer.ggml.merges")
-        token_types = field("tokenizer.ggml.token_type", None) or []
+        def list_of(key: str, kind: type, what: str, default: Any = ...) -> list:
+            value = field(key, default)
+            if value is default and default is not ...:
+                return value
+            if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool)
+                                                      for v in value):
+                got = type(value).__name__ if not isinstance(value, list) else \
+                    next(type(v).__name__ for v in value if not isinstance(v, kind) or isinstance(v, bool))
+                raise CheckpointError(path, f"expected an array of {what}, got {got}", key)
+            return value
+
+        tokens = list_of("tokenizer.ggml.tokens", str, "strings")
+        if not tokens:
+            raise CheckpointError(path, "the vocabulary is empty", "tokenizer.ggml.tokens")
+        merges_raw = list_of("tokenizer.ggml.merges", str, "strings")
+        token_types = list_of("tokenizer.ggml.token_type", int, "integers", None) or []
         n = len(tokens)
         if token_types and len(token_types) != n:
             raise CheckpointError(path, f"{len(token_types)} token types for {n} tokens", "tokenizer.ggml.token_type")
@@ -510,9 +526,11 @@ class Tokenizer:
             value = field(key, None)
             if value is None:
                 return None
-            if not 0 <= int(value) < n:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CheckpointError(path, f"expected a token id (an integer), got {value!r}", key)
+            if not 0 <= value < n:
                 raise CheckpointError(path, f"token id {value} outside the vocabulary of {n}", key)
-            return int(value)
+            return value
 
         bos = special_id("tokenizer.ggml.bos_token_id")
         eos = special_id("tokenizer.ggml.eos_token_id")
@@ -527,16 +545,26 @@ class Tokenizer:
         vocab = {tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
                  for i, tok in enumerate(tokens)}
         merges = []
-        for m in merges_raw:
+        for i, m in enumerate(merges_raw):
             pair = m.split(" ")
             if len(pair) != 2:
-                raise CheckpointError(path, f"merge {m!r} is not two tokens separated by one space",
+                raise CheckpointError(path, f"merge {i} ({m!r}) is not two tokens separated by one space",
                                       "tokenizer.ggml.merges")
+            # The tokenizers library refuses (with a bare "Error while initializing BPE") a merge whose
+            # parts or result are not in the vocabulary: say which merge and which token.
+            for part in (pair[0], pair[1], pair[0] + pair[1]):
+                if part not in vocab:
+                    raise CheckpointError(path, f"merge {i} ({m!r}) uses {part!r}, which is not in the vocabulary "
+                                          "(tokenizer.ggml.tokens)", "tokenizer.ggml.merges")
             merges.append((pair[0], pair[1]))
 
         pre_tokenizer, ignore_merges, default_add_bos = _byte_level_pre_tokenizer(pre, compat)
-        bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                         end_of_word_suffix="", fuse_unk=False, ignore_merges=ignore_merges)
+        try:
+            bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                             end_of_word_suffix="", fuse_unk=False, ignore_merges=ignore_merges)
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise CheckpointError(path, f"the vocabulary and merges do not form a BPE model ({e})",
+                                  "tokenizer.ggml.merges") from e
         backend = BackendTokenizer(bpe)
         backend.pre_tokenizer = pre_tokenizer
         backend.decoder = decoders.ByteLevel()
@@ -553,8 +581,18 @@ class Tokenizer:
         if user:
             backend.add_tokens(user)
 
-        add_bos = bool(field("tokenizer.ggml.add_bos_token", default_add_bos if compat == "llama.cpp" else False))
-        add_eos = bool(field("tokenizer.ggml.add_eos_token", False))
+        def flag(key: str, default: bool) -> bool:
+            value = field(key, default)
+            if not isinstance(value, (bool, int)) or value not in (0, 1):
+                raise CheckpointError(path, f"expected a boolean, got {value!r}", key)
+            return bool(value)
+
+        add_bos = flag("tokenizer.ggml.add_bos_token", default_add_bos if compat == "llama.cpp" else False)
+        add_eos = flag("tokenizer.ggml.add_eos_token", False)
+        chat_template = field("tokenizer.chat_template", None)
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise CheckpointError(path, f"expected a string, got {type(chat_template).__name__}",
+                                  "tokenizer.chat_template")
         backend.post_processor = _template_processor(
             (tokens[bos], bos) if add_bos and bos is not None else None,
             (tokens[eos], eos) if add_eos and eos is not None else None)
@@ -562,7 +600,7 @@ class Tokenizer:
         eog = {i for i in (eot, eom) if i is not None}
         eog |= {i for i, tok in enumerate(tokens) if tok in _EOG_TEXTS}
         return cls(backend, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, unk_token_id=unk,
-                   chat_template=field("tokenizer.chat_template", None), eos_token_ids=eog, source=path)
+                   chat_template=chat_template, eos_token_ids=eog, source=path)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template)
