@@ -19,7 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from jaxqlora.config import ARCHITECTURES, ModelConfig
-from jaxqlora.errors import CheckpointError, ConfigError, UnsupportedArchitectureError, UnsupportedTensorTypeError
+from jaxqlora.errors import (CheckpointError, ConfigError, TensorShapeError, UnsupportedArchitectureError,
+                             UnsupportedTensorTypeError)
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -387,6 +388,9 @@ class GGUFCheckpoint:
         w = w.reshape(shape)
         if self.arch == "llama" and name.startswith("blk.") and name.endswith(("attn_q.weight", "attn_k.weight")):
             n = self.config.num_attention_heads if "attn_q" in name else self.config.num_key_value_heads
+            if len(shape) != 2 or shape[0] != n * self.config.head_dim:
+                raise TensorShapeError(self.path, f"shape {shape} does not have {n} heads x head_dim "
+                                       f"{self.config.head_dim} = {n * self.config.head_dim} rows", name)
             w = unpermute_qk(w, n)
         return w
 
