@@ -6,7 +6,10 @@ the adapter adds ``lora_B(lora_A(dropout(x))) * scaling``. The rank-r intermedia
 named ``"lora_a"`` for rematerialisation policies (`jaxqlora.model.remat_policy`). The factors keep PEFT's
 layout, ``lora_A [r, in_features]`` and ``lora_B [out_features, r]`` (Flax's `nnx.LoRA`
 keeps them transposed), in float32 as `nnx.LoRAParam`, so that adapter files are a
-rename away from the parameters and a silent transpose cannot happen.
+rename away from the parameters and a silent transpose cannot happen. On the stacked
+decoder (`jaxqlora.model`) one `LoRALinear` per projection wraps all layers: its factors
+carry the leading layer axis (``lora_A [layers, r, in_features]``) and the adapter files
+keep PEFT's per-layer keys.
 
 Source: PEFT ``tuners/lora/layer.py`` (``Linear.update_layer``, ``reset_lora_parameters``).
 """
@@ -36,13 +39,16 @@ class LoRALinear(nnx.Module):
       dropout: dropout rate on the adapter's input (PEFT ``lora_dropout``).
       use_rslora: rank-stabilised scaling (Kalajdzievski 2023, arXiv:2312.03732).
       rngs: ``params`` for lora_A's init, ``dropout`` for the dropout mask.
+      stack: leading axes of the factors: ``(num_layers,)`` when ``base_layer`` is a
+        stacked layer of the decoder (one layer's slice is used per call), ``()`` for a
+        single linear.
 
     ``lora_A`` is initialised as PEFT does (Kaiming-uniform with a=sqrt(5): uniform in
     ``±1/sqrt(in_features)``); ``lora_B`` is zero, so a fresh adapter changes nothing.
     """
 
     def __init__(self, base_layer: nnx.Module, *, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, rngs: nnx.Rngs):
+                 use_rslora: bool = False, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
         if r <= 0:
             raise ValueError(f"LoRA rank r must be > 0, got {r}")
         self.base_layer = base_layer
@@ -50,8 +56,10 @@ class LoRALinear(nnx.Module):
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         bound = 1.0 / math.sqrt(self.in_features)
-        self.lora_A = nnx.LoRAParam(jax.random.uniform(rngs.params(), (r, self.in_features), jnp.float32, -bound, bound))
-        self.lora_B = nnx.LoRAParam(jnp.zeros((self.out_features, r), jnp.float32))
+        stack = tuple(stack)
+        self.lora_A = nnx.LoRAParam(jax.random.uniform(rngs.params(), stack + (r, self.in_features), jnp.float32,
+                                                       -bound, bound))
+        self.lora_B = nnx.LoRAParam(jnp.zeros(stack + (self.out_features, r), jnp.float32))
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -63,12 +71,14 @@ class LoRALinear(nnx.Module):
         return (y.astype(jnp.float32) + self.scaling * h).astype(x.dtype)
 
     def delta_weight(self) -> jax.Array:
-        """The adapter's weight update ``scaling * lora_B @ lora_A``, float32 ``[out, in]``."""
+        """The adapter's weight update ``scaling * lora_B @ lora_A``, float32 ``[out, in]``
+        (``[layers, out, in]`` when stacked)."""
         return self.scaling * (self.lora_B[...] @ self.lora_A[...])
 
 
 def projection_owner(layer: nnx.Module, name: str) -> nnx.Module:
-    """The module of a decoder ``layer`` that holds the projection ``name`` (``self_attn`` or ``mlp``)."""
+    """The module of a decoder ``layer`` (the stacked layers) that holds the projection
+    ``name`` (``self_attn`` or ``mlp``)."""
     return layer.self_attn if name in ATTENTION_TARGETS else layer.mlp
 
 
@@ -95,18 +105,21 @@ def apply_lora(model: nnx.Module, *, r: int = 16, alpha: float = 32.0, dropout: 
     if unknown:
         raise ValueError(f"unknown LoRA target(s) {unknown}; choose among {ALL_TARGETS}")
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-    for i, layer in enumerate(model.model.layers):
-        for name in targets:
-            owner = projection_owner(layer, name)
-            base = getattr(owner, name)
-            if isinstance(base, LoRALinear):
-                raise ValueError(f"model.layers.{i}.{name} already has a LoRA adapter")
-            setattr(owner, name, LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, rngs=rngs))
+    layers = model.model.layers
+    for name in targets:
+        owner = projection_owner(layers, name)
+        base = getattr(owner, name)
+        if isinstance(base, LoRALinear):
+            raise ValueError(f"the {name} projections already have LoRA adapters")
+        setattr(owner, name, LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, rngs=rngs,
+                                        stack=(model.num_layers,)))
     return model
 
 
 def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
-    """``{"model.layers.0.self_attn.q_proj": LoRALinear, ...}`` for every adapted projection."""
+    """``{"model.layers.self_attn.q_proj": LoRALinear, ...}`` for every adapted projection
+    (stacked paths: one entry per projection covers every layer; per-layer keys come from
+    `jaxqlora.model.per_layer_items`)."""
     out = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, LoRALinear):

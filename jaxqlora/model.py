@@ -1,10 +1,16 @@
 """The decoder: Llama / Qwen2 / Qwen3 in one Flax NNX module tree.
 
 Read top to bottom: RoPE helpers, `Linear`, `RMSNorm`, `Attention` (with its KV cache
-update), `MLP`, `DecoderLayer`, `Decoder`, `CausalLM`. Module attribute names follow
-Hugging Face transformers, so the dotted path of every parameter *is* its checkpoint key
-(``model.layers.3.self_attn.q_proj.weight``): loaders, quantization, LoRA and adapter
-export find layers by these names.
+update), `MLP`, `DecoderLayer`, the stacked-layer key mapping, `Decoder`, `CausalLM`.
+Module attribute names follow Hugging Face transformers.
+
+Stacked layers: `Decoder.layers` is ONE `DecoderLayer` whose every parameter carries a
+leading layer axis (``self_attn.q_proj.weight`` is ``[num_hidden_layers, out, in]``; NF4
+codes, absmax and LoRA factors likewise), and the layers run under ``jax.lax.scan``, so a
+compiled program holds one layer whatever the depth (MaxText's scanned decoder). Only
+RNG streams (dropout) are shared by all layers rather than stacked. On disk nothing
+changes: checkpoint keys stay per layer (``model.layers.3.self_attn.q_proj.weight``), and
+`jaxqlora.stacked` is the one place that maps between those keys and the stacked arrays.
 
 Dtype policy: parameters and matmul activations in ``dtype`` (bf16 by default); the
 residual stream, RMSNorm, RoPE tables, softmax and logits in float32. (The residual stream
@@ -17,7 +23,7 @@ Source: transformers ``models/llama/modeling_llama.py``, ``qwen2``, ``qwen3``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -28,6 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxqlora.config import ModelConfig
 from jaxqlora.sharding import rowwise
+from jaxqlora.stacked import layer_slice, stack_trees
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.rms_norm import add_rms_norm, rms_norm
@@ -145,24 +152,24 @@ class KVCache:
     """Preallocated key/value cache for incremental decoding.
 
     Attributes:
-      k, v: one array per layer, ``[batch, max_len, num_key_value_heads, head_dim]``.
+      k, v: stacked over layers, ``[num_hidden_layers, batch, max_len, num_key_value_heads,
+        head_dim]``; each layer writes its new keys/values in place at ``index``.
       valid: bool ``[batch, max_len]``: slot holds a real (non-padding) token.
       index: int32 scalar, the next slot to write. All rows write the same slots; padding
         (left or right) is excluded by ``valid``, and per-row RoPE positions come from the
         count of valid slots, so rows of different lengths share one cache.
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
     valid: jax.Array
     index: jax.Array
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> "KVCache":
         """An empty cache of ``max_len`` slots (zeros; nothing is valid yet)."""
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
     @property
@@ -198,11 +205,13 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=0):
         """x ``[B, T, hidden]``; cos/sin ``[B, T, head_dim]``; mask bool ``[B, 1, T, S]``.
 
-        With ``kv = (k_cache, v_cache)`` the new keys/values are written at slot ``index``
-        and attention runs over all S cache slots; returns ``(out, (k_cache, v_cache))``.
+        With ``kv = (k_cache, v_cache)``, the stacked ``[layers, B, S, Hkv, D]`` cache, the
+        new keys/values are written in place at layer ``layer`` (int or int32 scalar), slot
+        ``index``, and attention runs over that layer's S slots; returns
+        ``(out, (k_cache, v_cache))``.
         """
         b, t, _ = x.shape
         q = checkpoint_name(self.q_proj(x), "q_proj").reshape(b, t, self.num_heads, self.head_dim)
@@ -212,9 +221,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            kc = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            vc = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-            kv = (kc, vc)
+            at = (layer, 0, index, 0, 0)
+            kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype)[None], at) for c, new in zip(kv, (k, v)))
+            kc, vc = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv)
             if t == 1 and resolve_impl() == "pallas":
                 keys = mask[:, 0, 0, :]  # [B, S]: valid and causal
                 out = decode_attention(q[:, 0], kc, vc, jnp.broadcast_to(index + 1, (b,)),
@@ -266,24 +275,38 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """x: the float32 residual stream ``[B, T, hidden]``; returns it updated (and the kv)."""
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=0):
+        """x: the float32 residual stream ``[B, T, hidden]``; returns it updated (and the
+        stacked kv, see `Attention`)."""
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, layer)
         h, x = self.post_attention_layernorm.add_and_norm(a, x)  # x += a; h = norm(x)
         return x + self.mlp(h).astype(x.dtype), kv
 
 
+# ----------------------------------------------------------------- stacked layers
+
+def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
+    """One module whose variables stack those of ``modules`` (same structure) on a leading
+    axis; RNG streams (not stacked) are taken from the first module."""
+    graphdef, rng, _ = nnx.split(modules[0], nnx.RngState, ...)
+    params = stack_trees([nnx.split(m, nnx.RngState, ...)[2] for m in modules])
+    return nnx.merge(graphdef, rng, params)
+
+
 class Decoder(nnx.Module):
-    """Embedding, the decoder layers and the final norm (HF ``LlamaModel``)."""
+    """Embedding, the decoder layers (stacked, see the module docstring) and the final
+    norm (HF ``LlamaModel``)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = stack_modules([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
 
-def _run_layer(layer, x, cos, sin, mask, kv, index):
-    return layer(x, cos, sin, mask, kv, index)
+def default_scan(tokens: int, cached: bool) -> bool:
+    """The layer loop `CausalLM.hidden_states` uses when ``scan`` is None: ``jax.lax.scan``
+    for training, evaluation and prefill (compile time independent of depth)."""
+    return True
 
 
 MATMUL_NAMES = ("q_proj", "k_proj", "v_proj", "attention", "o_proj", "gate_proj", "up_proj", "down_proj", "lora_a")
@@ -351,8 +374,20 @@ class CausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
         self.remat = False  # see remat_policy: False, True / "full", "dots" or a tuple of MATMUL_NAMES
 
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers (the stacked axis)."""
+        return self.config.num_hidden_layers
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Layer ``i`` as its own `DecoderLayer` (a copy of the slices of the stacked
+        arrays, sharing the RNG streams): the per-layer view, for inspection and export."""
+        graphdef, rng, params = nnx.split(self.model.layers, nnx.RngState, ...)
+        return nnx.merge(graphdef, rng, layer_slice(params, i))
+
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None, cache: KVCache | None = None):
+                      positions: jax.Array | None = None, cache: KVCache | None = None,
+                      scan: bool | None = None):
         """Final-norm hidden states ``[B, T, hidden]`` in the parameter dtype (and the new cache).
 
         Args:
@@ -362,6 +397,9 @@ class CausalLM(nnx.Module):
           positions: int32 ``[B, T]`` RoPE positions. Default: the count of real tokens
             before each one (so padding does not shift positions), continuing the cache.
           cache: a `KVCache`; the T tokens are written at ``cache.index``.
+          scan: run the stacked layers under ``jax.lax.scan`` (True: one layer in the
+            compiled program) or unrolled in Python (False: one copy per layer). Default
+            (None): `default_scan`.
 
         Returns:
           ``hidden`` if ``cache`` is None, else ``(hidden, new_cache)``.
@@ -383,19 +421,42 @@ class CausalLM(nnx.Module):
             causal = slots[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
             mask = causal[None, None] & valid[:, None, None, :]
         x = self.model.embed_tokens(input_ids).astype(jnp.float32)  # float32 residual stream
-        new_k, new_v = [], []
-        policy = remat_policy(self.remat)
-        run = _run_layer if policy is None else nnx.remat(_run_layer, policy=policy)
-        for i, layer in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = run(layer, x, cos, sin, mask, kv, index)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+        kv = None if cache is None else (cache.k, cache.v)
+        if scan is None:
+            scan = default_scan(t, cache is not None)
+        x, kv = self._run_layers(x, cos, sin, mask, kv, index, scan)
         x = self.model.norm(x)
         if cache is None:
             return x
-        return x, KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + t)
+        return x, KVCache(k=kv[0], v=kv[1], valid=valid, index=index + t)
+
+    def _run_layers(self, x, cos, sin, mask, kv, index, scan: bool):
+        """The stacked layers over the residual stream ``x``: ``jax.lax.scan`` over the
+        layer axis (parameters go in as scanned inputs; only the residual stream, the
+        shared RNG streams and the cache are carried out of the body, never the
+        parameters, so XLA does not copy the frozen weights), or a Python loop over static
+        slices. The remat policy wraps the body."""
+        graphdef, rng, params = nnx.split(self.model.layers, nnx.RngState, ...)
+
+        def body(carry, xs):
+            x, rng, kv = carry
+            p, i = xs
+            layer = nnx.merge(graphdef, rng, p)
+            x, kv = layer(x, cos, sin, mask, kv, index, i)
+            return (x, nnx.state(layer, nnx.RngState), kv), None
+
+        policy = remat_policy(self.remat)
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
+        carry = (x, rng, kv)
+        if scan:
+            carry, _ = jax.lax.scan(body, carry, (params, jnp.arange(self.num_layers, dtype=jnp.int32)))
+        else:
+            for i in range(self.num_layers):
+                carry, _ = body(carry, (layer_slice(params, i), i))
+        x, rng, kv = carry
+        nnx.update(self.model.layers, rng)
+        return x, kv
 
     @property
     def head_weight(self) -> jax.Array:

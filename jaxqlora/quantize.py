@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxqlora.lora import ALL_TARGETS, LoRALinear, projection_owner
 from jaxqlora.model import Linear
+from jaxqlora.stacked import layer_slice, stack_trees
 from jaxqlora.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from jaxqlora.sharding import per_device
 
@@ -55,8 +56,11 @@ class NF4Linear(nnx.Module):
     """A linear layer with an NF4 weight: same interface as `jaxqlora.model.Linear`.
 
     Args:
-      weight: the quantized ``[out_features, in_features]`` weight.
-      bias: optional ``[out_features]`` bias (kept in its dtype, frozen).
+      weight: the quantized ``[out_features, in_features]`` weight; in the stacked decoder
+        layers every array field carries a leading layer axis (``weight.shape`` stays the
+        per-layer shape), and each layer's call sees its slice.
+      bias: optional ``[out_features]`` bias (``[layers, out_features]`` when stacked;
+        kept in its dtype, frozen).
     """
 
     def __init__(self, weight: NF4Weight, bias: jax.Array | None = None):
@@ -64,10 +68,21 @@ class NF4Linear(nnx.Module):
         self.weight = NF4Param(weight)
         self.bias = nnx.Param(bias) if bias is not None else None
 
+    @property
+    def stacked(self) -> bool:
+        """True when the weight carries a leading layer axis (see the class docstring)."""
+        return self.weight.get_value().packed.ndim == 2
+
     @classmethod
     def from_linear(cls, linear: Linear, *, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
-        """Quantize a `Linear`'s weight (bitsandbytes-exact, see `jaxqlora.nf4.quantize_nf4`)."""
-        q = quantize_nf4(linear.weight[...], blocksize=blocksize, double_quant=double_quant)
+        """Quantize a `Linear`'s weight (bitsandbytes-exact, see `jaxqlora.nf4.quantize_nf4`),
+        layer by layer when it is stacked (``weight [layers, out, in]``)."""
+        w = linear.weight[...]
+        if w.ndim == 3:
+            q = stack_trees([quantize_nf4(w[i], blocksize=blocksize, double_quant=double_quant)
+                             for i in range(w.shape[0])])
+        else:
+            q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
         return cls(q, None if linear.bias is None else linear.bias[...])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -77,8 +92,12 @@ class NF4Linear(nnx.Module):
         return y
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
-        """The dequantized weight ``[out, in]`` (original dtype by default)."""
-        return dequantize_nf4(self.weight.get_value(), dtype)
+        """The dequantized weight ``[out, in]`` (``[layers, out, in]`` when stacked; original
+        dtype by default)."""
+        q = self.weight.get_value()
+        if self.stacked:
+            return jnp.stack([dequantize_nf4(layer_slice(q, i), dtype) for i in range(q.packed.shape[0])])
+        return dequantize_nf4(q, dtype)
 
 
 def _nbytes(tree) -> int:
@@ -105,21 +124,20 @@ def quantize_model(model: nnx.Module, *, blocksize: int = 64, double_quant: bool
     """
     before_model = _nbytes(nnx.state(model))
     lin_before = lin_after = params = 0
-    for layer in model.model.layers:
-        for name in targets:
-            owner = projection_owner(layer, name)
-            mod = getattr(owner, name)
-            holder, attr = (mod, "base_layer") if isinstance(mod, LoRALinear) else (owner, name)
-            base = getattr(holder, attr)
-            if isinstance(base, NF4Linear):
-                continue
-            if not isinstance(base, Linear):
-                raise TypeError(f"cannot quantize {type(base).__name__} at {name}")
-            q = NF4Linear.from_linear(base, blocksize=blocksize, double_quant=double_quant)
-            lin_before += _nbytes(nnx.state(base))
-            lin_after += _nbytes(nnx.state(q))
-            params += base.in_features * base.out_features
-            setattr(holder, attr, q)
+    for name in targets:
+        owner = projection_owner(model.model.layers, name)
+        mod = getattr(owner, name)
+        holder, attr = (mod, "base_layer") if isinstance(mod, LoRALinear) else (owner, name)
+        base = getattr(holder, attr)
+        if isinstance(base, NF4Linear):
+            continue
+        if not isinstance(base, Linear):
+            raise TypeError(f"cannot quantize {type(base).__name__} at {name}")
+        q = NF4Linear.from_linear(base, blocksize=blocksize, double_quant=double_quant)
+        lin_before += _nbytes(nnx.state(base))
+        lin_after += _nbytes(nnx.state(q))
+        params += base.in_features * base.out_features * model.num_layers
+        setattr(holder, attr, q)
     after_model = _nbytes(nnx.state(model))
     return {"linear_mb_before": lin_before / 1e6, "linear_mb_after": lin_after / 1e6,
             "model_mb_before": before_model / 1e6, "model_mb_after": after_model / 1e6,

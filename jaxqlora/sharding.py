@@ -12,7 +12,10 @@ JAX does the communication; this module only says where every array lives.
   codes and absmax in whole rows of ``W [N, K]`` (a shard boundary never splits a
   4-bit block; the nested absmax is sharded when its groups of 256 blocks stay whole,
   else replicated), bf16 matrices (embeddings, LM head, un-quantized linears) along
-  their first axis divisible by ``fsdp``; vectors and code tables are replicated.
+  their first axis divisible by ``fsdp``; vectors and code tables are replicated. The
+  stacked decoder layers' leading layer axis is never sharded (each scan step slices one
+  layer; a sharded layer axis would gather every layer at once): their arrays follow the
+  same rules one axis further in.
   Tensors that do not divide are replicated and the reason is logged
   (``logging.getLogger("jaxqlora.sharding")``).
 - In a layer, `per_device` runs the NF4 kernel on each device's rows inside
@@ -45,6 +48,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxqlora.errors import ShardingError
+from jaxqlora.stacked import is_stacked_key
 from jaxqlora.nf4 import NF4Weight
 
 DATA, FSDP = "data", "fsdp"
@@ -166,25 +170,25 @@ def batch_sharding(mesh: Mesh, axis: int = 1) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * axis), BATCH_AXES))
 
 
-def _array_sharding(name: str, x: Any, mesh: Mesh, notes: list[str]) -> NamedSharding:
+def _array_sharding(name: str, x: Any, mesh: Mesh, notes: list[str], lead: int = 0) -> NamedSharding:
     f = int(mesh.shape[FSDP])
-    if f == 1 or np.ndim(x) < 2:
+    if f == 1 or np.ndim(x) - lead < 2:
         return replicated(mesh)
     for axis, size in enumerate(x.shape):
-        if size % f == 0:
+        if axis >= lead and size % f == 0:
             return NamedSharding(mesh, P(*([None] * axis), FSDP))
     notes.append(f"{name} {tuple(x.shape)}: no axis divisible by fsdp={f}; replicated")
     return replicated(mesh)
 
 
-def _nf4_shardings(name: str, q: NF4Weight, mesh: Mesh, notes: list[str]) -> NF4Weight:
+def _nf4_shardings(name: str, q: NF4Weight, mesh: Mesh, notes: list[str], lead: int = 0) -> NF4Weight:
     f = int(mesh.shape[FSDP])
     rep = replicated(mesh)
     n, k = q.shape
     whole = rep
     if f > 1:
         if n % f == 0 and ((n // f) * k) % q.blocksize == 0:
-            whole = NamedSharding(mesh, P(FSDP))
+            whole = NamedSharding(mesh, P(*([None] * lead), FSDP))
         else:
             notes.append(f"{name} NF4 {q.shape}: {n} rows do not split into {f} shards of whole "
                          f"{q.blocksize}-element blocks; replicated")
@@ -194,6 +198,12 @@ def _nf4_shardings(name: str, q: NF4Weight, mesh: Mesh, notes: list[str]) -> NF4
     return q.replace(packed=whole, absmax=whole, nested_absmax=nested,
                      nested_code=None if q.nested_code is None else rep,
                      offset=None if q.offset is None else rep, code=rep)
+
+
+def _path_name(path) -> str:
+    """Dotted module path of a pytree key path (``model.layers.mlp.up_proj.weight``)."""
+    parts = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    return ".".join(str(p) for p in parts if p != "value")
 
 
 def frozen_shardings(state: Any, mesh: Mesh) -> tuple[Any, list[str]]:
@@ -214,9 +224,10 @@ def frozen_shardings(state: Any, mesh: Mesh) -> tuple[Any, list[str]]:
 def _shardings(state, mesh, notes):
     def rule(path, x):
         name = jax.tree_util.keystr(path)
+        lead = 1 if is_stacked_key(_path_name(path)) else 0  # the layer axis stays whole
         if isinstance(x, NF4Weight):
-            return _nf4_shardings(name, x, mesh, notes)
-        return _array_sharding(name, x, mesh, notes)
+            return _nf4_shardings(name, x, mesh, notes, lead)
+        return _array_sharding(name, x, mesh, notes, lead)
 
     return jax.tree_util.tree_map_with_path(rule, state, is_leaf=lambda x: isinstance(x, NF4Weight))
 

@@ -77,8 +77,9 @@ def test_peft_adapter_loads_in_jaxqlora(base_folder, tmp_path, targets):
 
     ours, _ = load_pretrained(base_folder, dtype=jnp.float32)
     load_adapter(ours, tmp_path)
-    n_expected = 2 * (2 if targets != "all-linear" else 7)
+    n_expected = 2 if targets != "all-linear" else 7  # projections, each stacked over the 2 layers
     assert len(lora_layers(ours)) == n_expected
+    assert all(layer.lora_A[...].shape[0] == 2 for layer in lora_layers(ours).values())
     got = np.asarray(ours(jnp.asarray(ids)))
     assert np.abs(got - ref).max() < 1e-4
 

@@ -19,10 +19,12 @@ from jaxqlora.io.atomic import atomic_save_safetensors, atomic_write_json
 from jaxqlora.io.weights import build_model
 from jaxqlora.lora import LoRALinear
 from jaxqlora.model import CausalLM, Linear
+from jaxqlora.stacked import layer_key, per_layer_items
 
 
 def _dense_weight(layer) -> jax.Array:
-    """float32 ``[out, in]`` weight of a Linear, NF4Linear or LoRALinear (LoRA folded in)."""
+    """float32 ``[out, in]`` weight of a Linear, NF4Linear or LoRALinear (LoRA folded in);
+    ``[layers, out, in]`` for the stacked decoder layers."""
     from jaxqlora.quantize import NF4Linear
 
     if isinstance(layer, LoRALinear):
@@ -46,16 +48,31 @@ def merged_tensors(model: CausalLM, skip_weights: Container[str] = ()) -> Iterat
         if isinstance(node, (LoRALinear, NF4Linear, Linear)) and ".base_layer" not in f".{name}":
             linears[name] = node
     for name, node in linears.items():
-        if name not in skip_weights:
-            yield f"{name}.weight", _dense_weight(node)
+        keys = [layer_key(name, i) for i in range(_layers(node))] or [name]
+        if any(k not in skip_weights for k in keys):
+            weight = _dense_weight(node)
+            for key, w in per_layer_items(f"{name}.weight", weight):
+                if key.removesuffix(".weight") not in skip_weights:
+                    yield key, w
         base = node.base_layer if isinstance(node, LoRALinear) else node
         if base.bias is not None:
-            yield f"{name}.bias", base.bias[...].astype(jnp.float32)
+            yield from per_layer_items(f"{name}.bias", base.bias[...].astype(jnp.float32))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = ".".join(str(p) for p in path)
         if isinstance(var, nnx.LoRAParam) or any(name.startswith(f"{lin}.") for lin in linears):
             continue
-        yield name, var[...].astype(jnp.float32)
+        yield from per_layer_items(name, var[...].astype(jnp.float32))
+
+
+def _layers(node) -> int:
+    """The layer count of a stacked linear (0 for a single one)."""
+    from jaxqlora.quantize import NF4Linear
+
+    base = node.base_layer if isinstance(node, LoRALinear) else node
+    if isinstance(base, NF4Linear):
+        return base.weight.get_value().packed.shape[0] if base.stacked else 0
+    w = base.weight[...]
+    return w.shape[0] if w.ndim == 3 else 0
 
 
 def merge_lora(model: CausalLM, dtype: Any = jnp.bfloat16) -> CausalLM:
@@ -96,7 +113,7 @@ def save_pretrained(model: CausalLM, folder: str | Path, *, tokenizer=None, dtyp
                              "into a dense model (keep_nf4=False)")
         for path, node in nnx.iter_graph(model):
             if isinstance(node, NF4Linear):
-                nf4[".".join(str(p) for p in path)] = node.weight.get_value()
+                nf4.update(per_layer_items(".".join(str(p) for p in path), node.weight.get_value()))
         settings = {(q.blocksize, q.double_quant) for q in nf4.values()}
         if len(settings) > 1:
             raise ValueError(f"mixed NF4 settings {settings} cannot be described by one quantization_config")

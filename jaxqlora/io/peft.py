@@ -5,7 +5,8 @@ Keys (peft 0.21, ``get_peft_model_state_dict``):
 ``...lora_B.weight`` ``[out, r]``; a sequence-classification head is saved as
 ``base_model.model.score.weight`` ``[num_labels, hidden]`` (``modules_to_save``).
 Our parameter paths are the same names without the ``base_model.model.`` prefix and the
-``.weight`` suffix, and the same layout, so no transpose happens anywhere.
+``.weight`` suffix, and the same layout, so no transpose happens anywhere; the layer index
+comes from the stacked factors' leading axis (`jaxqlora.model.per_layer_items`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jaxqlora.errors import CheckpointError, MissingTensorError, TensorShapeErro
 from jaxqlora.io.atomic import atomic_save_safetensors, atomic_write_json
 from jaxqlora.io.safetensors_hf import iter_safetensors
 from jaxqlora.lora import apply_lora, lora_config, lora_layers
+from jaxqlora.stacked import layer_key, per_layer_items
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -32,8 +34,10 @@ def adapter_state_dict(model, head: Mapping[str, Any] | None = None) -> dict[str
     """PEFT-named float32 arrays of every LoRA factor (and of ``head``, e.g. ``{"score": W}``)."""
     out = {}
     for name, layer in lora_layers(model).items():
-        out[f"{PREFIX}{name}.lora_A.weight"] = np.asarray(jax.device_get(layer.lora_A[...]), np.float32)
-        out[f"{PREFIX}{name}.lora_B.weight"] = np.asarray(jax.device_get(layer.lora_B[...]), np.float32)
+        for part in ("lora_A", "lora_B"):
+            stacked = np.asarray(jax.device_get(getattr(layer, part)[...]), np.float32)
+            for key, a in per_layer_items(f"{name}.{part}", stacked):
+                out[f"{PREFIX}{key}.weight"] = a
     for name, w in (head or {}).items():
         out[f"{PREFIX}{name}.weight"] = np.asarray(jax.device_get(w), np.float32)
     return out
@@ -132,14 +136,18 @@ def load_adapter(model, path: str | Path, *, return_extra: bool = False):
     used = set()
     for name, layer in layers.items():
         for part in ("lora_A", "lora_B"):
-            key = f"{PREFIX}{name}.{part}.weight"
-            if key not in tensors:
-                raise MissingTensorError(weights, "adapter tensor missing (prefix or target mismatch?)", key)
             var = getattr(layer, part)
-            if tensors[key].shape != var[...].shape:
-                raise TensorShapeError(weights, f"shape {tensors[key].shape}, the model needs {var[...].shape}", key)
-            var[...] = jnp.asarray(tensors[key])
-            used.add(key)
+            want = var[...].shape[1:]  # [layers, ...]: one tensor per layer in the file
+            parts = []
+            for i in range(var[...].shape[0]):
+                key = f"{PREFIX}{layer_key(f'{name}.{part}', i)}.weight"
+                if key not in tensors:
+                    raise MissingTensorError(weights, "adapter tensor missing (prefix or target mismatch?)", key)
+                if tensors[key].shape != want:
+                    raise TensorShapeError(weights, f"shape {tensors[key].shape}, the model needs {want}", key)
+                parts.append(tensors[key])
+                used.add(key)
+            var[...] = jnp.asarray(np.stack(parts))
     extra = {}
     for key in sorted(set(tensors) - used):
         module = key[len(PREFIX):].removesuffix(".weight") if key.startswith(PREFIX) else None
