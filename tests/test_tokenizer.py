@@ -343,3 +343,141 @@ def test_save_pretrained_round_trip_in_transformers(tmp_path, ours):
     assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == ours.apply_chat_template(msgs)
     assert hf.eos_token_id == ours.eos_token_id == 2
     assert (hf.bos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 0)
+
+
+# --- damaged vocabulary metadata (issue 16): typed errors naming the file and the field -----------------------------
+
+import struct  # noqa: E402
+import warnings  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from tokenizers import models  # noqa: E402
+
+from jaxqlora.errors import JaxQLoRAError  # noqa: E402
+
+
+def _gguf_string(text):
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _damaged(tmp_path, old, new, name="damaged.gguf", **kw):
+    """The tiny tokenizer GGUF with the (unique) bytes ``old`` replaced by ``new``."""
+    path = tmp_path / name
+    _write_tiny_gguf(path, **kw)
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+def test_merge_with_token_missing_from_vocabulary(tmp_path):
+    """Token "12" respelled "1x" (same length, the file stays well formed): the merge "1 2" now makes a
+    token the vocabulary lacks. The tokenizers library alone raises a bare Exception; we name the field."""
+    path = _damaged(tmp_path, _gguf_string("12"), _gguf_string("1x"))
+    tokens = ["<s>", "</s>"] + list(bytes_to_unicode().values()) + ["1x", "Ġa"]
+    with pytest.raises(Exception, match="Error while initializing BPE") as raw:
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[("1", "2"), ("Ġ", "a")])
+    assert not isinstance(raw.value, JaxQLoRAError)
+    with pytest.raises(CheckpointError) as e:
+        Tokenizer.from_gguf(path)
+    assert e.value.name == "tokenizer.ggml.merges" and str(path) in str(e.value)
+    assert "'12'" in str(e.value) and "not in the vocabulary" in str(e.value)
+
+
+def test_token_not_utf8(tmp_path):
+    path = _damaged(tmp_path, _gguf_string("12"), struct.pack("<Q", 2) + b"1\xff")
+    with pytest.raises(CheckpointError) as e:
+        Tokenizer.from_gguf(path)
+    assert e.value.name == "tokenizer.ggml.tokens" and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"])
+def test_array_length_1e12(tmp_path, key):
+    """An absurd array length is refused from the header, before any element is read."""
+    path = tmp_path / "long.gguf"
+    _write_tiny_gguf(path)
+    data = bytearray(path.read_bytes())
+    offs = data.find(_gguf_string(key)) + 8 + len(key) + 4 + 4  # key, value type (array), element type
+    struct.pack_into("<Q", data, offs, 10**12)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        Tokenizer.from_gguf(path)
+    assert e.value.name == key and "array length 1000000000000" in str(e.value) and str(path) in str(e.value)
+
+
+def test_string_length_1e12(tmp_path):
+    path = _damaged(tmp_path, _gguf_string("Ġ a"), struct.pack("<Q", 10**12) + b"\xc4\xa0 a")
+    with pytest.raises(CheckpointError) as e:
+        Tokenizer.from_gguf(path)
+    assert e.value.name == "tokenizer.ggml.merges" and "1000000000000 bytes" in str(e.value)
+
+
+def _write_fields(path, **fields):
+    """A GGUF with the tiny vocabulary, then ``fields`` written over it with add_key_value-style calls."""
+    tokens = ["<s>", "</s>"] + list(bytes_to_unicode().values()) + ["12"]
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(fields.pop("pre", "qwen2"))
+    if "tokens" in fields:
+        w.add_array("tokenizer.ggml.tokens", fields.pop("tokens"))
+    else:
+        w.add_token_list(tokens)
+    w.add_token_merges(fields.pop("merges", ["1 2"]))
+    w.add_bos_token_id(fields.pop("bos", 0))
+    for key, value in fields.items():
+        getattr(w, key)(*value) if isinstance(value, tuple) else getattr(w, key)(value)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+
+
+@pytest.mark.parametrize("fields, key, text", [
+    ({"tokens": [1, 2, 3]}, "tokenizer.ggml.tokens", "array of strings"),
+    ({"merges": ["1 2 3"]}, "tokenizer.ggml.merges", "two tokens"),
+    ({"merges": ["1 zz"]}, "tokenizer.ggml.merges", "uses 'zz'"),
+    ({"bos": 10**6}, "tokenizer.ggml.bos_token_id", "outside the vocabulary"),
+    ({"add_eos_token_id": 259}, "tokenizer.ggml.eos_token_id", "outside the vocabulary"),
+    ({"add_token_types": [1, 1]}, "tokenizer.ggml.token_type", "token types for"),
+    ({"add_uint32": ("tokenizer.ggml.add_bos_token", 7)}, "tokenizer.ggml.add_bos_token", "boolean"),
+    ({"add_uint32": ("tokenizer.chat_template", 7)}, "tokenizer.chat_template", "expected a string"),
+    ({"add_uint32": ("tokenizer.ggml.pre", 7)}, "tokenizer.ggml.pre", "expected a string"),
+], ids=["tokens-ints", "merge-3-parts", "merge-unknown", "bos", "eos", "token-types", "add-bos",
+                                   "template-int", "pre-int"])
+def test_bad_tokenizer_field(tmp_path, fields, key, text):
+    path = tmp_path / "bad.gguf"
+    _write_fields(path, **fields)
+    with pytest.raises(CheckpointError) as e:
+        Tokenizer.from_gguf(path)
+    assert e.value.name == key and text in str(e.value) and str(path) in str(e.value), str(e.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tiny.gguf"
+    _write_tiny_gguf(path, pre="gpt-2")
+    return path.read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_truncation_and_bit_flips(tiny_tokenizer_gguf, tmp_path, data):
+    """Random truncations and bit flips anywhere in a tokenizer-only GGUF: a working tokenizer or a
+    JaxQLoRAError naming the file; never the tokenizers library's bare Exception, a UnicodeDecodeError,
+    IndexError or a hang."""
+    raw = tiny_tokenizer_gguf
+    buf = bytearray(raw)
+    if data.draw(st.booleans(), label="truncate"):
+        buf = buf[:data.draw(st.integers(0, len(raw) - 1), label="cut")]
+    else:
+        for _ in range(data.draw(st.integers(1, 4), label="flips")):
+            i = data.draw(st.integers(0, len(raw) - 1), label="byte")
+            buf[i] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+    path = tmp_path / "fuzz.gguf"
+    path.write_bytes(bytes(buf))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = Tokenizer.from_gguf(path)
+        tok.decode(tok.encode("x 12 a <s>"))
+    except JaxQLoRAError as e:
+        assert "fuzz.gguf" in str(e)
