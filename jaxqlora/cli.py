@@ -2,7 +2,7 @@
 
     jaxqlora finetune [--model PATH] [--data FILE --text-column C --label-column L | --task causal-lm ...]
                       [--rank R --alpha A --targets ...] [--max-steps N --epochs E --batch-size B
-                      --grad-accum G --lr LR --max-seq-len T] [--output DIR] [--resume]
+                      --grad-accum G --lr LR --max-seq-len T] [--output DIR] [--resume | --overwrite]
                       [--remat [full|dots]] [--precompile-only]
                       [--mesh data=N,fsdp=M] [--distributed [--coordinator-address HOST:PORT
                       --num-processes P --process-id I]]
@@ -13,6 +13,11 @@
 
 ``--model`` takes an HF folder or a ``.gguf`` file; without it the embedded
 SmolLM2-135M-Instruct is used, and without ``--data`` the embedded Rotten Tomatoes set.
+
+Every argument is checked before anything is loaded (argparse's ``error:`` line, exit code 2):
+sizes and counts must be positive, rates in range, paths must exist, ``--output`` must not be a
+file, and a ``finetune --output`` that holds an earlier run needs ``--resume`` or ``--overwrite``.
+``jaxqlora COMMAND --help`` lists every option with its default.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -258,6 +264,9 @@ def _cmd_finetune(args) -> int:
     from jaxqlora.finetune import finetune
 
     cfg = _finetune_config(args)
+    process = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID") or 0)
+    if args.overwrite and not args.precompile_only and process == 0:
+        _remove_earlier_run(args.output)
     results = finetune(cfg, log=lambda m: print(m, file=sys.stderr))
     if cfg.precompile_only:
         print(f"precompiled {len(results['precompiled'])} executables in {results['compile_seconds']:.1f} s "
@@ -340,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output", type=output_dir, default="runs/finetune", metavar="DIR",
                    help="folder for the adapter, metrics, results and checkpoints")
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    f.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run's adapter, metrics, results and checkpoints in --output first "
+                        "(without it or --resume, an --output that holds a run is refused)")
     f.add_argument("--checkpoint-every", type=nonnegative_int, default=0,
                    help="steps between checkpoints; 0 = only at the end")
     f.add_argument("--log-every", type=positive_int, default=10, help="steps between metrics.jsonl records")
@@ -390,8 +402,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=probability, default=1.0,
                    help="nucleus sampling: smallest set of tokens with this total probability, in (0, 1]; 1 = off")
     g.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed")
-    g.set_defaults(func=_cmd_generate)
+    g.set_defaults(func=_cmd_generate, check=functools.partial(_check_generate, g))
     return parser
+
+
+#: what a finetune run writes into --output (jaxqlora.finetune).
+RUN_ENTRIES = ("adapter", "checkpoints", "metrics.jsonl", "results.json")
+
+
+def _earlier_run(output: str) -> list[str]:
+    folder = Path(output)
+    return [name for name in RUN_ENTRIES if (folder / name).exists()] if folder.is_dir() else []
+
+
+def _remove_earlier_run(output: str) -> None:
+    import shutil
+
+    for name in _earlier_run(output):
+        path = Path(output) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -399,9 +431,34 @@ def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"argument --max-seq-len: must be at least 2 for --task causal-lm, got {args.max_seq_len}")
 
 
+def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A classification adapter (PEFT ``task_type`` SEQ_CLS) is refused: its LoRA weights were trained
+    with a score head in place of the LM head, which ``generate`` does not use."""
+    if args.adapter is None:
+        return
+    import json
+
+    config = Path(args.adapter) / "adapter_config.json"
+    try:
+        task = json.loads(config.read_text()).get("task_type")
+    except (OSError, ValueError, AttributeError):
+        return  # load_adapter reports a missing or damaged adapter_config.json with its typed error
+    if task == "SEQ_CLS":
+        parser.error(f"argument --adapter: {args.adapter} is a classification adapter (task_type SEQ_CLS, trained "
+                     "with a score head instead of the LM head); generate needs a causal-LM adapter "
+                     "(jaxqlora finetune --task causal-lm); use jaxqlora eval for a classification adapter")
+
+
 def _check_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks between finetune's arguments (each one alone passed its ``type=``)."""
     _check_data(parser, args)
+    if args.resume and args.overwrite:
+        parser.error("argument --overwrite: not allowed with --resume")
+    if not (args.resume or args.overwrite or args.precompile_only):
+        earlier = _earlier_run(args.output)
+        if earlier:
+            parser.error(f"argument --output: {args.output} already holds a run ({', '.join(earlier)}); "
+                         "pass --resume to continue it or --overwrite to replace it")
     if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
         parser.error(f"argument --process-id: must be below --num-processes {args.num_processes}, "
                      f"got {args.process_id}")

@@ -3,9 +3,11 @@
 compilation is touched; ``--help`` gives every option a line and its default."""
 
 import argparse
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -245,3 +247,46 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     assert r.returncode == 2
     assert "error: argument --batch-size: must be a positive integer (>= 1), got 0" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def _finished_run(folder):
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"first run")
+    (folder / "checkpoints" / "2").mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text('{"step": 2}\n')
+    (folder / "results.json").write_text("{}")
+
+
+def test_output_with_a_finished_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    _finished_run(out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    _refused(["finetune", "--output", out], capsys, "--output", "already holds a run", "--resume", "--overwrite")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    _refused(["finetune", "--output", out, "--resume", "--overwrite"], capsys, "--overwrite", "--resume")
+
+
+def test_overwrite_removes_the_first_run_and_resume_keeps_it(monkeypatch, tmp_path, capsys):
+    seen = []
+
+    def fake_finetune(cfg, log=None):
+        seen.append(sorted(p.name for p in Path(cfg.output).iterdir()))
+        raise jaxqlora.data.DataError("stop here")
+
+    monkeypatch.setattr(jaxqlora.finetune, "finetune", fake_finetune)
+    out = tmp_path / "run"
+    _finished_run(out)
+    (out / "notes.txt").write_text("the user's own file")
+    assert main(["finetune", "--output", str(out), "--resume"]) == 2
+    assert seen[-1] == ["adapter", "checkpoints", "metrics.jsonl", "notes.txt", "results.json"]
+    assert main(["finetune", "--output", str(out), "--overwrite"]) == 2
+    assert seen[-1] == ["notes.txt"]  # no trace of the first run; other files are left alone
+    assert main(["finetune", "--output", str(out)]) == 2 and "stop here" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_classification_adapter(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
+    _refused(["generate", "--prompt", "hi", "--adapter", adapter], capsys, "--adapter", "classification adapter",
+             "task_type SEQ_CLS")
