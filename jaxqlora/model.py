@@ -304,8 +304,10 @@ class Decoder(nnx.Module):
 
 
 def default_scan(tokens: int, cached: bool) -> bool:
-    """The layer loop `CausalLM.hidden_states` uses when ``scan`` is None: ``jax.lax.scan``
-    for training, evaluation and prefill (compile time independent of depth)."""
+    """Whether `CausalLM.hidden_states` scans its layers (True) or unrolls them, when
+    ``CausalLM.scan_layers`` is None, for a call over ``tokens`` new tokens with or without a
+    cache: ``jax.lax.scan`` for training, evaluation and prefill (compile time independent
+    of depth)."""
     return True
 
 
@@ -365,6 +367,9 @@ class CausalLM(nnx.Module):
         i.e. ``jax.checkpoint``): ``False`` (none), ``True`` / ``"full"`` (keep only layer
         inputs), ``"dots"`` (keep matmul outputs, recompute elementwise work) or a tuple of
         `MATMUL_NAMES`; see `remat_policy`.
+      scan_layers: the layer loop: ``True`` runs the stacked layers under ``jax.lax.scan``
+        (the compiled program holds one layer), ``False`` unrolls them in Python (one copy
+        per layer), ``None`` (default) picks per call with `default_scan`.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
@@ -373,6 +378,7 @@ class CausalLM(nnx.Module):
         self.model = Decoder(cfg, dtype=dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
         self.remat = False  # see remat_policy: False, True / "full", "dots" or a tuple of MATMUL_NAMES
+        self.scan_layers = None  # None: default_scan per call; True: always scan; False: always unroll
 
     @property
     def num_layers(self) -> int:
@@ -386,8 +392,7 @@ class CausalLM(nnx.Module):
         return nnx.merge(graphdef, rng, layer_slice(params, i))
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None, cache: KVCache | None = None,
-                      scan: bool | None = None):
+                      positions: jax.Array | None = None, cache: KVCache | None = None):
         """Final-norm hidden states ``[B, T, hidden]`` in the parameter dtype (and the new cache).
 
         Args:
@@ -397,9 +402,6 @@ class CausalLM(nnx.Module):
           positions: int32 ``[B, T]`` RoPE positions. Default: the count of real tokens
             before each one (so padding does not shift positions), continuing the cache.
           cache: a `KVCache`; the T tokens are written at ``cache.index``.
-          scan: run the stacked layers under ``jax.lax.scan`` (True: one layer in the
-            compiled program) or unrolled in Python (False: one copy per layer). Default
-            (None): `default_scan`.
 
         Returns:
           ``hidden`` if ``cache`` is None, else ``(hidden, new_cache)``.
@@ -422,8 +424,7 @@ class CausalLM(nnx.Module):
             mask = causal[None, None] & valid[:, None, None, :]
         x = self.model.embed_tokens(input_ids).astype(jnp.float32)  # float32 residual stream
         kv = None if cache is None else (cache.k, cache.v)
-        if scan is None:
-            scan = default_scan(t, cache is not None)
+        scan = default_scan(t, cache is not None) if self.scan_layers is None else self.scan_layers
         x, kv = self._run_layers(x, cos, sin, mask, kv, index, scan)
         x = self.model.norm(x)
         if cache is None:
