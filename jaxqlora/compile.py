@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -123,6 +124,8 @@ class Executables(dict):
       allow_new_buckets: when a key is missing, `lookup` compiles it (logged) instead of
         raising `BucketError`.
       seconds: the `Timing` of each key.
+      wall: wall-clock seconds spent in `precompile` calls that filled this collection
+        (less than `total` when compiles ran concurrently).
       log: where per-bucket compile times are reported.
     """
 
@@ -130,6 +133,7 @@ class Executables(dict):
         super().__init__()
         self.allow_new_buckets = allow_new_buckets
         self.seconds: dict[BucketKey, Timing] = {}
+        self.wall = 0.0
         self.log = log
 
     def lookup(self, key: BucketKey, job: Callable[[], Job] | None = None):
@@ -180,22 +184,44 @@ def is_abstract(tree) -> bool:
     return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(tree))
 
 
+def default_workers(n_jobs: int) -> int:
+    """Compiles `precompile` runs at once by default: ``min(n_jobs, os.cpu_count())`` (at least 1)."""
+    return max(1, min(int(n_jobs), os.cpu_count() or 1))
+
+
 def precompile(jobs: Mapping[BucketKey, Job], *, into: Executables | None = None,
                log: Callable[[str], None] | None = None, progress: bool = True,
-               desc: str = "precompile") -> Executables:
-    """Lower and compile each job ahead of time: ``job.fn.lower(*job.args, **job.kwargs).compile()``.
+               desc: str = "precompile", max_workers: int | None = None) -> Executables:
+    """Lower and compile each job ahead of time: ``job.fn.lower(*job.args, **job.kwargs).compile()``,
+    several compiles at once.
+
+    Lowering (tracing to StableHLO: Python, holds the GIL, and reads the calling thread's
+    context such as the active mesh) runs in the calling thread, job by job; each lowered
+    job is then compiled in a worker thread (XLA releases the GIL while it compiles) while
+    the next one lowers. The executables are the ones a serial run gives: the same
+    lowered programs, compiled by the same XLA.
 
     Args:
       jobs: ``{key: Job}``; the arrays in a job's arguments are ``jax.ShapeDtypeStruct``s
         (no device memory is touched by the model's weights).
       into: add the executables to this collection (default: a new `Executables`).
-      log: receives one line per executable with its compile time (lowering included)
-        and a total; default ``into.log`` (print).
-      progress: show a tqdm progress bar.
+      log: receives one line per executable (as it finishes) with its own wall time:
+        seconds lowering it plus seconds compiling it, in its thread; then a line with
+        the whole call's wall time and those seconds summed over jobs. Default
+        ``into.log`` (print). Called from the calling thread only.
+      progress: show a tqdm progress bar (counts finished compiles).
       desc: the progress bar's label.
+      max_workers: compiles running at once (threads). None: `default_workers`
+        (``min(len(jobs), os.cpu_count())``); 1: one after another in the calling thread.
 
     Returns:
-      The `Executables` (``into`` if given), with ``seconds[key]`` (a `Timing`) filled.
+      The `Executables` (``into`` if given), with ``seconds[key]`` (a `Timing`) filled and
+      ``wall`` increased by this call's wall-clock seconds. Keys are added in ``jobs``'
+      order, after every job has compiled.
+
+    Raises:
+      ValueError: ``max_workers`` < 1.
+      Whatever lowering or compiling a job raises (the other compiles are awaited first).
 
     The persistent cache (`enable_compile_cache`) makes a second process's compile stage a
     disk read; tracing and lowering run every time.
@@ -204,20 +230,66 @@ def precompile(jobs: Mapping[BucketKey, Job], *, into: Executables | None = None
 
     out = Executables() if into is None else into
     log = out.log if log is None else log
-    bar = tqdm(list(jobs.items()), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    lower = comp = 0.0
-    for key, job in bar:
-        bar.set_postfix_str(str(key))
+    items = list(jobs.items())
+    workers = default_workers(len(items)) if max_workers is None else int(max_workers)
+    if workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers!r}")
+    bar = tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    done: dict[BucketKey, tuple[Any, Timing]] = {}
+    t_start = time.perf_counter()
+
+    def lower(job: Job):
         t0 = time.perf_counter()
         lowered = job.fn.lower(*job.args, **dict(job.kwargs))
-        t1 = time.perf_counter()
-        out[key] = lowered.compile()
-        out.seconds[key] = t = Timing(t1 - t0, time.perf_counter() - t1)
-        lower, comp = lower + t.lower, comp + t.compile
+        return lowered, time.perf_counter() - t0
+
+    def compile_(lowered):
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+        return compiled, time.perf_counter() - t0
+
+    def finish(key: BucketKey, t_lower: float, compiled_and_seconds) -> None:
+        compiled, t_compile = compiled_and_seconds
+        t = Timing(t_lower, t_compile)
+        done[key] = (compiled, t)
+        bar.update(1)
         log(f"compiled {key} in {t.lower + t.compile:.2f} s (lower {t.lower:.2f} s, compile {t.compile:.2f} s)")
-    bar.close()
-    if len(jobs) > 1:
-        log(f"precompiled {len(jobs)} executables in {lower + comp:.2f} s (lower {lower:.2f} s, compile {comp:.2f} s)")
+
+    try:
+        if workers == 1:
+            for key, job in items:
+                bar.set_postfix_str(str(key))
+                lowered, t_lower = lower(job)
+                finish(key, t_lower, compile_(lowered))
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxqlora-compile") as pool:
+                pending: dict[Future, tuple[BucketKey, float]] = {}
+                try:
+                    for key, job in items:
+                        bar.set_postfix_str(str(key))
+                        lowered, t_lower = lower(job)
+                        pending[pool.submit(compile_, lowered)] = (key, t_lower)
+                        for f in [f for f in pending if f.done()]:  # report what finished meanwhile
+                            key_f, t_lower_f = pending.pop(f)
+                            finish(key_f, t_lower_f, f.result())
+                    for f in as_completed(list(pending)):
+                        key_f, t_lower_f = pending.pop(f)
+                        finish(key_f, t_lower_f, f.result())
+                except BaseException:
+                    for f in pending:
+                        f.cancel()
+                    raise
+    finally:
+        bar.close()
+    for key, _ in items:  # the jobs' order, whatever order they finished in
+        out[key], out.seconds[key] = done[key]
+    wall = time.perf_counter() - t_start
+    out.wall += wall
+    if len(items) > 1:
+        lower_s = sum(done[k][1].lower for k, _ in items)
+        comp_s = sum(done[k][1].compile for k, _ in items)
+        log(f"precompiled {len(items)} executables in {wall:.2f} s wall with {min(workers, len(items))} "
+            f"worker(s) (summed over executables: lower {lower_s:.2f} s, compile {comp_s:.2f} s)")
     return out
 
 
@@ -328,5 +400,5 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
 __all__ = ["BucketError", "BucketKey", "CompileCounter", "DEFAULT_BUCKETS", "Executables", "Job", "PROMPT_BUCKETS",
            "Timing",
            "abstract", "bucket_for", "buckets_up_to", "default_cache_dir",
-           "enable_compile_cache", "is_abstract", "precompile"]
+           "default_workers", "enable_compile_cache", "is_abstract", "precompile"]
 
