@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +181,113 @@ _METRICS = {classification_loss: classification_metrics, causal_lm_loss: causal_
 # ---------------------------------------------------------------- optimizer
 
 
+SCHEDULES = ("constant", "cosine")
+"""Learning-rate schedule kinds of `make_optimizer`."""
+
+
+class LRScheduleState(NamedTuple):
+    """State of `scale_by_lr_schedule`: the update count and the schedule's parameters.
+
+    Every field is a device scalar, so a compiled train step reads them as inputs: runs
+    that differ only in learning rate, warmup, length or kind of schedule share one
+    compiled program (and one persistent-cache entry).
+
+    Attributes:
+      count: int32 ``[]``, updates applied so far (the step the next update uses).
+      peak_lr: float32 ``[]``, the learning rate at the end of warmup.
+      warmup_steps: int32 ``[]`` (>= 1), steps of the linear warmup from 0.
+      decay_steps: int32 ``[]`` (>= 1), steps of the cosine decay after warmup (unused by
+        the constant schedule).
+      cosine: bool ``[]``, cosine decay to 0 after warmup (else constant).
+    """
+
+    count: jax.Array
+    peak_lr: jax.Array
+    warmup_steps: jax.Array
+    decay_steps: jax.Array
+    cosine: jax.Array
+
+
+def schedule_value(count, peak_lr, warmup_steps, decay_steps, cosine) -> jax.Array:
+    """The learning rate at update ``count`` (float32 ``[]``; traceable, every argument may
+    be a device scalar).
+
+    Linear warmup from 0 over ``warmup_steps`` updates (``optax.linear_schedule(0, peak_lr,
+    warmup_steps)``), then ``peak_lr`` (``cosine`` False: ``optax.join_schedules`` of that
+    and ``optax.constant_schedule(peak_lr)``) or a cosine decay to 0 over ``decay_steps``
+    updates (``cosine`` True: ``optax.warmup_cosine_decay_schedule(0, peak_lr,
+    warmup_steps, warmup_steps + decay_steps)``); the same float32 operations in the same
+    order as optax's, with the step counts as arrays instead of Python constants.
+
+    Args:
+      count: int ``[]``, updates so far. peak_lr: float ``[]``. warmup_steps, decay_steps:
+        int ``[]``, >= 1. cosine: bool ``[]``.
+    """
+    count = jnp.asarray(count, jnp.int32)
+    peak = jnp.asarray(peak_lr, jnp.float32)
+    warmup = jnp.asarray(warmup_steps, jnp.int32)
+    decay = jnp.asarray(decay_steps, jnp.int32).astype(jnp.float32)
+    # optax.polynomial_schedule(init 0, end peak, power 1, transition_steps warmup)
+    frac = 1 - jnp.clip(count, 0, warmup) / warmup
+    warm = (0.0 - peak) * frac + peak
+    # optax.cosine_decay_schedule(peak, decay, alpha 0) at count - warmup
+    t = jnp.minimum((count - warmup).astype(jnp.float32), decay)
+    cos = peak * (0.5 * (1 + jnp.cos(jnp.pi * t / decay)))
+    return jnp.where(count < warmup, warm, jnp.where(jnp.asarray(cosine, bool), cos, peak))
+
+
+def scale_by_lr_schedule(peak_lr: float, *, warmup_steps: int, total_steps: int,
+                         schedule: str = "constant") -> optax.GradientTransformation:
+    """``optax.scale_by_learning_rate`` of the warmup + constant / cosine schedule of
+    `schedule_value`, whose parameters live in the state (`LRScheduleState`), not in the
+    compiled program: updates are multiplied by ``-lr(count)``, then ``count`` increments.
+
+    Args:
+      peak_lr: learning rate after warmup.
+      warmup_steps: linear-warmup updates (>= 1).
+      total_steps: length of the whole schedule; the cosine decay reaches 0 at
+        ``max(total_steps, warmup_steps + 1)`` (as ``optax.warmup_cosine_decay_schedule``
+        with ``decay_steps`` that value).
+      schedule: ``"constant"`` or ``"cosine"``.
+
+    Raises:
+      ValueError: unknown ``schedule``, or ``warmup_steps`` < 1.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if int(warmup_steps) < 1:
+        raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
+    warmup = int(warmup_steps)
+    decay = max(int(total_steps), warmup + 1) - warmup
+
+    def init(params):
+        del params
+        return LRScheduleState(jnp.zeros([], jnp.int32), jnp.asarray(peak_lr, jnp.float32),
+                               jnp.asarray(warmup, jnp.int32), jnp.asarray(decay, jnp.int32),
+                               jnp.asarray(schedule == "cosine"))
+
+    def update(updates, state, params=None):
+        del params
+        step_size = -1 * lr_of(state)
+        updates = jax.tree_util.tree_map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
+        return updates, state._replace(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def lr_of(state: LRScheduleState) -> jax.Array:
+    """The learning rate the next update of a `scale_by_lr_schedule` state uses (float32 ``[]``)."""
+    return schedule_value(state.count, state.peak_lr, state.warmup_steps, state.decay_steps, state.cosine)
+
+
+def learning_rate(opt_state) -> jax.Array | None:
+    """The learning rate the next update of ``opt_state`` (from `make_optimizer`) uses:
+    float32 ``[]`` (traceable), or None when the state holds no `LRScheduleState`."""
+    found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, LRScheduleState))
+             if isinstance(x, LRScheduleState)]
+    return lr_of(found[0]) if found else None
+
+
 def make_optimizer(lr: float = 2e-4, *, total_steps: int, warmup_ratio: float = 0.03, schedule: str = "constant",
                    weight_decay: float = 0.0, max_grad_norm: float = 0.3, b1: float = 0.9, b2: float = 0.999,
                    max_consecutive_nonfinite: int = 20) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -191,25 +298,91 @@ def make_optimizer(lr: float = 2e-4, *, total_steps: int, warmup_ratio: float = 
     beta2 0.999, no weight decay). Non-finite gradients leave the parameters unchanged
     (``optax.apply_if_finite``); after ``max_consecutive_nonfinite`` in a row the update
     is applied anyway so that training does not stall silently.
+
+    Compile once, reuse always: every setting here except ``max_consecutive_nonfinite``
+    lives in the optimizer *state* as a device scalar, none in the compiled step. The
+    chain is ``optax.inject_hyperparams`` of ``clip_by_global_norm(max_grad_norm)``,
+    ``scale_by_adam(b1, b2)`` and ``add_decayed_weights(weight_decay)`` (what
+    ``optax.adamw`` chains), then `scale_by_lr_schedule` (the schedule's parameters in its
+    state, the learning rate computed from its count on device). So two runs that differ
+    only in these settings (or in ``total_steps``) compile the same program.
+
+    Args:
+      lr: peak learning rate. total_steps: optimizer steps of the run (>= 1).
+      warmup_ratio: warmup steps = ``max(1, round(warmup_ratio * total_steps))``.
+      schedule: ``"constant"`` (after warmup) or ``"cosine"`` (decay to 0 at
+        ``max(total_steps, warmup + 1)``).
+      weight_decay: decoupled (AdamW) decay. max_grad_norm: global-norm clip.
+      b1, b2: Adam's betas (eps 1e-8).
+      max_consecutive_nonfinite: see above (a constant of the program).
+
+    Returns:
+      ``(optimizer, schedule)``: ``schedule(count)`` is the learning rate of update
+      ``count`` (0-based), the function the optimizer evaluates on device (`schedule_value`),
+      for plots; a train step reports the rate it used (`Trainer.step`'s ``"lr"``).
+
+    Raises:
+      ValueError: unknown ``schedule``, or ``total_steps`` < 1.
     """
-    warmup = max(1, int(round(warmup_ratio * total_steps)))
-    if schedule == "constant":
-        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
-    elif schedule == "cosine":
-        sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
-    else:
+    if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
-    tx = optax.chain(optax.clip_by_global_norm(max_grad_norm),
-                     optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay))
+    if int(total_steps) < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup = max(1, int(round(warmup_ratio * total_steps)))
+    tx = optax.chain(optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=max_grad_norm),
+                     optax.inject_hyperparams(optax.scale_by_adam)(b1=b1, b2=b2),
+                     optax.inject_hyperparams(optax.add_decayed_weights)(weight_decay=weight_decay),
+                     scale_by_lr_schedule(lr, warmup_steps=warmup, total_steps=total_steps, schedule=schedule))
+    decay = max(int(total_steps), warmup + 1) - warmup
+    sched = functools.partial(_host_schedule, lr, warmup, decay, schedule == "cosine")
     return optax.apply_if_finite(tx, max_consecutive_errors=max_consecutive_nonfinite), sched
 
 
+def _host_schedule(peak_lr, warmup_steps, decay_steps, cosine, count):
+    return schedule_value(count, peak_lr, warmup_steps, decay_steps, cosine)
+
+
 def nonfinite_steps(opt_state) -> int:
-    """How many steps ``apply_if_finite`` has skipped so far."""
+    """How many steps ``apply_if_finite`` has skipped so far (reads the device: a sync)."""
     return int(opt_state.total_notfinite)
 
 
 # ------------------------------------------------------------------- trainer
+
+
+_STATES = ("trainable", "rng_state", "opt_state", "frozen")
+
+
+def _state_property(name: str, doc: str) -> property:
+    def get(self):
+        return jax.tree_util.tree_unflatten(self._defs[name], self._leaves[name])
+
+    def set_(self, value):
+        self._set_state(name, value)
+
+    return property(get, set_, doc=doc)
+
+
+class _StateCall:
+    """A ``jax.jit`` function whose first ``n`` arguments are flat leaf lists (the
+    `Trainer`'s compiled steps), also callable and lowerable with the state pytrees
+    themselves (they are flattened first). ``jitted`` is the function itself; other
+    attributes are its own."""
+
+    def __init__(self, jitted, n: int):
+        self.jitted, self.n = jitted, n
+
+    def _flat(self, args):
+        return tuple(jax.tree_util.tree_leaves(a) for a in args[:self.n]) + tuple(args[self.n:])
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*self._flat(args), **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.jitted(*self._flat(args), **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.jitted, name)
 
 
 @dataclasses.dataclass
@@ -232,6 +405,13 @@ class Trainer:
         (`jaxqlora.sharding.make_mesh`): the batch is split over both axes, frozen weights
         are sharded over ``fsdp`` (`jaxqlora.sharding.shard_model`, applied to ``model``
         in place), trainable and optimizer state are replicated.
+
+    The state is held as four flat lists of arrays (trainable, RNG, optimizer, frozen),
+    which the compiled steps take and return as they are: a call flattens no pytree of
+    ``nnx.Variable``s and builds none (thousands per call for a model of unstacked layers,
+    most of a step's host time). The properties ``trainable``, ``rng_state``,
+    ``opt_state`` and ``frozen`` rebuild the pytrees when read and flatten them when set
+    (setting a pytree of another structure raises ValueError).
     """
 
     model: nnx.Module
@@ -241,34 +421,50 @@ class Trainer:
     executables: Executables | None = None
     mesh: Any = None
 
+    trainable = _state_property("trainable", "The trainable state (LoRA factors, head): an ``nnx.State``.")
+    rng_state = _state_property("rng_state", "The dropout RNG state: an ``nnx.State``.")
+    opt_state = _state_property("opt_state", "The optimizer state (None without an optimizer).")
+    frozen = _state_property("frozen", "The frozen state (base weights, NF4 or not): an ``nnx.State``.")
+
     def __post_init__(self):
         out = {}
         if self.mesh is not None:
             sharding.shard_model(self.model, self.mesh, trainable=TRAINABLE)
             out = {"out_shardings": sharding.replicated(self.mesh)}
-        self.graphdef, self.trainable, self.rng_state, self.frozen = nnx.split(self.model, TRAINABLE, nnx.RngState, ...)
-        if not jax.tree_util.tree_leaves(self.trainable):
+        self._defs, self._leaves = {}, {}
+        self.graphdef, trainable, rng_state, frozen = nnx.split(self.model, TRAINABLE, nnx.RngState, ...)
+        if not jax.tree_util.tree_leaves(trainable):
             raise ValueError("the model has no trainable (LoRA or head) parameters")
         if self.metrics_fn is None:
             self.metrics_fn = _METRICS.get(self.loss_fn)
         if self.executables is None:
             self.executables = Executables()
-        self.is_abstract = is_abstract((self.trainable, self.rng_state, self.frozen))
-        self.opt_state = self._init_opt_state()
+        self.is_abstract = is_abstract((trainable, rng_state, frozen))
+        for name, value in zip(_STATES, (trainable, rng_state, self._init_opt_state(trainable), frozen)):
+            self._set_state(name, value)
         self.steps = 0
-        self._step = None if self.optimizer is None else jax.jit(
-            functools.partial(_train_step, self.graphdef, self.loss_fn, self.optimizer),
-            donate_argnums=(0, 1, 2), **out)
-        self._eval = jax.jit(functools.partial(_eval_forward, self.graphdef))
-        self._metrics = None if self.metrics_fn is None else jax.jit(
-            functools.partial(_eval_metrics, self.graphdef, self.metrics_fn), **out)
+        defs = {k: tuple(self._defs[n] for n in names) for k, names in
+                (("train", _STATES), ("eval", ("trainable", "rng_state", "frozen")))}
+        self._step = None if self.optimizer is None else _StateCall(jax.jit(
+            functools.partial(_train_step_flat, self.graphdef, self.loss_fn, self.optimizer, defs["train"]),
+            donate_argnums=(0, 1, 2), **out), 4)
+        self._eval = _StateCall(jax.jit(functools.partial(_eval_forward, self.graphdef, defs["eval"])), 3)
+        self._metrics = None if self.metrics_fn is None else _StateCall(jax.jit(
+            functools.partial(_eval_metrics, self.graphdef, self.metrics_fn, defs["eval"]), **out), 3)
 
-    def _init_opt_state(self):
+    def _set_state(self, name: str, value) -> None:
+        leaves, treedef = jax.tree_util.tree_flatten(value)
+        if name in self._defs and treedef != self._defs[name]:
+            raise ValueError(f"Trainer.{name}: the new value's tree structure differs from the one the steps "
+                             "were built for")
+        self._defs[name], self._leaves[name] = treedef, leaves
+
+    def _init_opt_state(self, trainable):
         if self.optimizer is None:
             return None
         if self.is_abstract:
-            return jax.eval_shape(self.optimizer.init, self.trainable)
-        opt_state = self.optimizer.init(self.trainable)
+            return jax.eval_shape(self.optimizer.init, trainable)
+        opt_state = self.optimizer.init(trainable)
         if self.mesh is not None:
             opt_state = sharding.place(opt_state, sharding.replicated(self.mesh))
         return opt_state
@@ -276,27 +472,35 @@ class Trainer:
     @property
     def num_trainable(self) -> int:
         """Number of trainable (LoRA and head) scalars."""
-        return sum(x.size for x in jax.tree_util.tree_leaves(self.trainable))
+        return sum(x.size for x in self._leaves["trainable"])
 
-    def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+    def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """One optimizer step. ``batch`` arrays have a leading micro-batch axis ``[accum, B, ...]``.
 
-        Returns ``{"loss", "grad_norm", "count"}`` as device scalars (not synced).
-        With a mesh, host arrays hold this process's rows (`jaxqlora.sharding.shard_batch`).
+        Returns device scalars (not synced; read them back only when needed): ``loss``
+        (float32, mean over the counted tokens or rows), ``grad_norm`` (float32, global
+        norm before clipping), ``count`` (float32, tokens or weighted rows counted); with
+        a `make_optimizer` optimizer also ``lr`` (float32, the learning rate this step
+        used: the rate of the optimizer's update count before the step) and
+        ``nonfinite_skipped`` (int32, steps ``apply_if_finite`` has skipped so far,
+        this one included). With a mesh, host arrays hold this process's rows
+        (`jaxqlora.sharding.shard_batch`); arrays already placed by it pass as they are.
 
         Raises:
           BucketError: the batch's shape was not precompiled (see ``executables``).
+          ValueError: no optimizer, or an abstract model (see `attach`).
         """
         if self._step is None:
             raise ValueError("this Trainer has no optimizer (evaluation only)")
         self._check_concrete()
         if self.mesh is not None:
             batch = sharding.shard_batch(batch, self.mesh)
-        args = (self.trainable, self.rng_state, self.opt_state, self.frozen, batch)
+        leaves = self._leaves
+        args = (leaves["trainable"], leaves["rng_state"], leaves["opt_state"], leaves["frozen"], batch)
         key = BucketKey("train", tuple(batch["input_ids"].shape))
         with sharding.use_mesh(self.mesh):
-            step = self._executable(key, self._step, args)
-            self.trainable, self.rng_state, self.opt_state, metrics = step(*args)
+            step = self._executable(key, self._step.jitted, args)
+            leaves["trainable"], leaves["rng_state"], leaves["opt_state"], metrics = step(*args)
         self.steps += 1
         return metrics
 
@@ -313,9 +517,10 @@ class Trainer:
         self._check_concrete()
         if self.mesh is not None:
             batch = {k: sharding.global_input(v, self.mesh) for k, v in batch.items()}
-        args = (self.trainable, self.rng_state, self.frozen, batch)
+        leaves = self._leaves
+        args = (leaves["trainable"], leaves["rng_state"], leaves["frozen"], batch)
         with sharding.use_mesh(self.mesh):
-            return self._executable(BucketKey("eval", tuple(batch["input_ids"].shape)), self._metrics,
+            return self._executable(BucketKey("eval", tuple(batch["input_ids"].shape)), self._metrics.jitted,
                                     args)(*args)
 
     def predict(self, input_ids, attention_mask) -> jax.Array:
@@ -328,19 +533,24 @@ class Trainer:
         self._check_concrete()
         if self.mesh is not None:
             raise ValueError("Trainer.predict runs on one device; with a mesh use evaluate_batch")
-        return self._eval(self.trainable, self.rng_state, self.frozen, input_ids, attention_mask)
+        leaves = self._leaves
+        return self._eval.jitted(leaves["trainable"], leaves["rng_state"], leaves["frozen"], input_ids,
+                                 attention_mask)
 
     def precompile(self, batch_size: int, seq_lens, *, grad_accum: int = 1, eval_batch_size: int | None = None,
-                   log: Callable[[str], None] | None = None) -> Executables:
+                   log: Callable[[str], None] | None = None, max_workers: int | None = None) -> Executables:
         """Compile the train step for ``[grad_accum, batch_size, L]`` batches and the
         evaluation step for ``[eval_batch_size, L]`` batches, for every L in ``seq_lens``,
-        ahead of time (`jaxqlora.compile.precompile`; progress bar, per-bucket times).
+        ahead of time, several at once (`jaxqlora.compile.precompile`; progress bar,
+        per-bucket times).
 
         Args:
           batch_size, grad_accum: training micro-batch size and micro-batches per step.
           seq_lens: sequence-length buckets (tokens).
           eval_batch_size: evaluation batch size; None skips evaluation steps.
           log: receives the compile-time lines (default ``executables.log``).
+          max_workers: compiles at once (`jaxqlora.compile.precompile`; None: one per
+            CPU core up to the number of executables, 1: serially).
 
         Returns:
           ``self.executables``, now holding ``BucketKey("train", (grad_accum, batch_size, L))``
@@ -357,21 +567,21 @@ class Trainer:
         if self.mesh is not None:
             train_sharding = sharding.batch_sharding(self.mesh, 1)
             eval_sharding = sharding.input_sharding(self.mesh, (eval_batch_size or 0,))
-        state = abstract((self.trainable, self.rng_state, self.opt_state, self.frozen))
-        trainable, rng_state, opt_state, frozen = state
+        trainable, rng_state, opt_state, frozen = (abstract(self._leaves[n]) for n in _STATES)
         jobs = {}
         for length in sorted(set(seq_lens)):
             if self._step is not None:
                 batch = batch_spec(batch_size, length, causal_lm=causal_lm, accum=grad_accum,
                                    sharding=train_sharding)
                 jobs[BucketKey("train", (grad_accum, batch_size, length))] = Job(
-                    self._step, (trainable, rng_state, opt_state, frozen, batch))
+                    self._step.jitted, (trainable, rng_state, opt_state, frozen, batch))
             if eval_batch_size and self._metrics is not None:
                 batch = batch_spec(eval_batch_size, length, causal_lm=causal_lm, sharding=eval_sharding)
                 jobs[BucketKey("eval", (eval_batch_size, length))] = Job(
-                    self._metrics, (trainable, rng_state, frozen, batch))
+                    self._metrics.jitted, (trainable, rng_state, frozen, batch))
         with sharding.use_mesh(self.mesh):
-            return precompile(jobs, into=self.executables, log=log, desc="precompile train/eval")
+            return precompile(jobs, into=self.executables, log=log, desc="precompile train/eval",
+                              max_workers=max_workers)
 
     def attach(self, model: nnx.Module) -> "Trainer":
         """Bind the real ``model`` to a Trainer built (and precompiled) over its abstract twin;
@@ -386,9 +596,11 @@ class Trainer:
                 (self.trainable, self.rng_state, self.frozen)):
             raise ValueError("the model differs from the one this Trainer was built and compiled for "
                              "(structure, shapes or dtypes)")
-        self.model, self.trainable, self.rng_state, self.frozen = model, trainable, rng_state, frozen
+        self.model = model
+        for name, value in zip(("trainable", "rng_state", "frozen"), (trainable, rng_state, frozen)):
+            self._set_state(name, value)
         self.is_abstract = False
-        self.opt_state = self._init_opt_state()
+        self._set_state("opt_state", self._init_opt_state(trainable))
         return self
 
     def _executable(self, key: BucketKey, jitted, args):
@@ -404,6 +616,18 @@ class Trainer:
         """Write the trained state back into ``self.model`` and return it."""
         nnx.update(self.model, self.trainable, self.rng_state)
         return self.model
+
+
+def _unflatten(defs, leaves):
+    return tuple(jax.tree_util.tree_unflatten(d, x) for d, x in zip(defs, leaves))
+
+
+def _train_step_flat(graphdef, loss_fn, optimizer, defs, trainable, rng_state, opt_state, frozen, batch):
+    """`_train_step` over flat leaf lists (``defs``: the four states' treedefs)."""
+    trainable, rng_state, opt_state, metrics = _train_step(
+        graphdef, loss_fn, optimizer, *_unflatten(defs, (trainable, rng_state, opt_state, frozen)), batch)
+    leaves = jax.tree_util.tree_leaves
+    return leaves(trainable), leaves(rng_state), leaves(opt_state), metrics
 
 
 def _train_step(graphdef, loss_fn, optimizer, trainable, rng_state, opt_state, frozen, batch):
@@ -423,20 +647,25 @@ def _train_step(graphdef, loss_fn, optimizer, trainable, rng_state, opt_state, f
     (grads, loss_sum, count, rng_state), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, rng_state), batch)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    lr = learning_rate(opt_state)  # the rate of this update (read before the count moves)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return trainable, rng_state, opt_state, {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
-                                             "count": count}
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "count": count}
+    if lr is not None:
+        metrics["lr"] = lr
+    if hasattr(opt_state, "total_notfinite"):
+        metrics["nonfinite_skipped"] = opt_state.total_notfinite
+    return trainable, rng_state, opt_state, metrics
 
 
-def _eval_forward(graphdef, trainable, rng_state, frozen, input_ids, attention_mask):
-    model = nnx.merge(graphdef, trainable, rng_state, frozen)
+def _eval_forward(graphdef, defs, trainable, rng_state, frozen, input_ids, attention_mask):
+    model = nnx.merge(graphdef, *_unflatten(defs, (trainable, rng_state, frozen)))
     model.eval()
     return model(input_ids, attention_mask)
 
 
-def _eval_metrics(graphdef, metrics_fn, trainable, rng_state, frozen, batch):
-    model = nnx.merge(graphdef, trainable, rng_state, frozen, copy=True)
+def _eval_metrics(graphdef, metrics_fn, defs, trainable, rng_state, frozen, batch):
+    model = nnx.merge(graphdef, *_unflatten(defs, (trainable, rng_state, frozen)), copy=True)
     model.eval()
     return metrics_fn(model, batch)
 
