@@ -88,13 +88,13 @@ def random_nf4_model(cfg: ModelConfig, *, seed: int = 0, dtype=None):
     out = []
     for i, (path, x) in enumerate(leaves):
         name = jax.tree_util.keystr(path)
-        if name.endswith(".nested_code"):
-            out.append(nested_code)
+        if name.endswith(".nested_code"):  # code tables: one copy per stacked layer
+            out.append(jnp.broadcast_to(nested_code, x.shape))
         elif name.endswith(".code"):
-            out.append(jnp.asarray(NF4_CODE))
+            out.append(jnp.broadcast_to(jnp.asarray(NF4_CODE), x.shape))
         else:
             kind = ("offset" if name.endswith(".offset") else "nested_absmax" if name.endswith(".nested_absmax")
-                    else "bits" if x.dtype == jnp.uint8 else "ones" if len(x.shape) == 1 else "normal")
+                    else "bits" if x.dtype == jnp.uint8 else "ones" if "norm']" in name else "normal")
             out.append(fill(kind, tuple(x.shape), jnp.dtype(x.dtype), jax.random.key(seed * 100003 + i)))
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, out))
 

@@ -75,6 +75,7 @@ def worker_ours(args) -> dict:
 
     cfg = common.MODELS[args.model]
     lm = common.random_nf4_model(cfg, seed=args.seed)
+    lm.scan_layers = {"auto": None, "scan": True, "unroll": False}[args.scan_layers]
     tok = common.TokenIds()
     state = nnx.split(lm)[1]
     bw = common.copy_bandwidth(1 << 26 if args.model == "smoke" else 1 << 30)
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="", help="worker: batch x prompt pairs, e.g. 1x512,8x512")
     ap.add_argument("--new", type=int, default=NEW)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scan-layers", choices=["auto", "scan", "unroll"], default="auto",
+                    help="CausalLM.scan_layers: auto (default_scan per call), always scan, always unroll")
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -156,7 +159,8 @@ def main(argv=None) -> int:
     shape_arg = ",".join(f"{b}x{p}" for b, p in shapes)
     results = {}
     for model, _, _ in models:
-        wargs = ["--model", model, "--shapes", shape_arg, "--new", str(new), "--rounds", str(args.rounds)]
+        wargs = ["--model", model, "--shapes", shape_arg, "--new", str(new), "--rounds", str(args.rounds),
+                 "--scan-layers", args.scan_layers]
         results[(model, "ours")] = common.run_worker(__file__, ["--worker", "ours"] + wargs,
                                                      args.budget - (time.perf_counter() - t_start), env)
         if peer_reason is None:

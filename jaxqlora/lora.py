@@ -62,12 +62,15 @@ class LoRALinear(nnx.Module):
         self.lora_B = nnx.LoRAParam(jnp.zeros(stack + (self.out_features, r), jnp.float32))
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.base_layer(x)
+    def __call__(self, x: jax.Array, layer=None) -> jax.Array:
+        """``x [..., in]`` -> ``[..., out]`` in x's dtype; ``layer`` selects one layer of
+        stacked factors and base (see `jaxqlora.model.Linear`)."""
+        y = self.base_layer(x, layer)
         h = x if self.dropout is None else self.dropout(x)
         dims = (((h.ndim - 1,), (1,)), ((), ()))
-        h = checkpoint_name(jax.lax.dot_general(h.astype(jnp.float32), self.lora_A[...], dims), "lora_a")
-        h = jax.lax.dot_general(h, self.lora_B[...], dims)
+        a, b = (v[...] if layer is None else v[layer] for v in (self.lora_A, self.lora_B))
+        h = checkpoint_name(jax.lax.dot_general(h.astype(jnp.float32), a, dims), "lora_a")
+        h = jax.lax.dot_general(h, b, dims)
         return (y.astype(jnp.float32) + self.scaling * h).astype(x.dtype)
 
     def delta_weight(self) -> jax.Array:

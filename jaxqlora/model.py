@@ -85,12 +85,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------ layers
 
 
+def pick(var: nnx.Variable, layer) -> jax.Array:
+    """The value of ``var``, or its slice ``layer`` (int or int32 scalar) on the leading
+    (stacked-layer) axis when ``layer`` is not None."""
+    return var[...] if layer is None else var[layer]
+
+
 class Linear(nnx.Module):
     """``y = x @ weight.T + bias`` with ``weight [out_features, in_features]`` as in torch.
 
     The interface every projection shares (bf16 here; NF4 and LoRA-wrapped linears
-    elsewhere): ``in_features``, ``out_features`` and ``__call__(x [..., in]) -> [..., out]``
-    in x's dtype, accumulated in float32.
+    elsewhere): ``in_features``, ``out_features`` and ``__call__(x [..., in], layer=None)
+    -> [..., out]`` in x's dtype, accumulated in float32. ``layer`` (an int or int32
+    scalar) selects one layer of stacked parameters (``weight [layers, out, in]``, see
+    `CausalLM`); None means the parameters are one layer's.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
@@ -100,12 +108,12 @@ class Linear(nnx.Module):
         self.weight = nnx.Param(w.astype(dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.weight[...]
+    def __call__(self, x: jax.Array, layer=None) -> jax.Array:
+        w = pick(self.weight, layer)
         y = jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + pick(self.bias, layer).astype(jnp.float32)
         return y.astype(x.dtype)
 
 
@@ -133,15 +141,16 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return rowwise(lambda x, w: rms_norm(x, w, self.eps), (x,), (self.weight[...],))
+    def __call__(self, x: jax.Array, layer=None) -> jax.Array:
+        return rowwise(lambda x, w: rms_norm(x, w, self.eps), (x,), (pick(self.weight, layer),))
 
-    def add_and_norm(self, x: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def add_and_norm(self, x: jax.Array, residual: jax.Array, layer=None) -> tuple[jax.Array, jax.Array]:
         """``residual + x`` (in the residual's dtype) and its norm, fused on GPU.
 
         Returns ``(norm(new_residual), new_residual)`` (`pallas_kernels.rms_norm.add_rms_norm`).
+        ``layer`` as in `Linear`.
         """
-        return rowwise(lambda x, r, w: add_rms_norm(x, r, w, self.eps), (x, residual), (self.weight[...],))
+        return rowwise(lambda x, r, w: add_rms_norm(x, r, w, self.eps), (x, residual), (pick(self.weight, layer),))
 
 
 # --------------------------------------------------------------------- KV cache
@@ -205,31 +214,31 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=0):
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None):
         """x ``[B, T, hidden]``; cos/sin ``[B, T, head_dim]``; mask bool ``[B, 1, T, S]``.
 
         With ``kv = (k_cache, v_cache)``, the stacked ``[layers, B, S, Hkv, D]`` cache, the
-        new keys/values are written in place at layer ``layer`` (int or int32 scalar), slot
-        ``index``, and attention runs over that layer's S slots; returns
-        ``(out, (k_cache, v_cache))``.
+        new keys/values are written in place at layer ``cache_layer`` (int or int32
+        scalar), slot ``index``, and attention runs over that layer's S slots; returns
+        ``(out, (k_cache, v_cache))``. ``layer`` as in `Linear`.
         """
         b, t, _ = x.shape
-        q = checkpoint_name(self.q_proj(x), "q_proj").reshape(b, t, self.num_heads, self.head_dim)
-        k = checkpoint_name(self.k_proj(x), "k_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = checkpoint_name(self.v_proj(x), "v_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = checkpoint_name(self.q_proj(x, layer), "q_proj").reshape(b, t, self.num_heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x, layer), "k_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = checkpoint_name(self.v_proj(x, layer), "v_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, layer), self.k_norm(k, layer)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            at = (layer, 0, index, 0, 0)
+            at = (cache_layer, 0, index, 0, 0)
             kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype)[None], at) for c, new in zip(kv, (k, v)))
-            kc, vc = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv)
-            if t == 1 and resolve_impl() == "pallas":
+            if t == 1 and resolve_impl() == "pallas":  # reads the stacked cache in place
                 keys = mask[:, 0, 0, :]  # [B, S]: valid and causal
-                out = decode_attention(q[:, 0], kc, vc, jnp.broadcast_to(index + 1, (b,)),
+                out = decode_attention(q[:, 0], kv[0], kv[1], jnp.broadcast_to(index + 1, (b,)),
                                        jnp.argmax(keys, axis=-1), mask=keys,
-                                       scale=1.0 / math.sqrt(self.head_dim))
-                return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+                                       scale=1.0 / math.sqrt(self.head_dim), layer=cache_layer)
+                return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), layer), kv
+            kc, vc = (jax.lax.dynamic_index_in_dim(c, cache_layer, 0, keepdims=False) for c in kv)
             k, v = kc.astype(q.dtype), vc.astype(q.dtype)
         impl = self._prefill_impl(q, kv)
         if impl == "cudnn":  # a fully masked query row (left padding) would give NaN there and,
@@ -239,7 +248,7 @@ class Attention(nnx.Module):
         out = rowwise(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale,
                                                                       implementation=impl), (q, k, v, mask))
         out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "attention")
-        return checkpoint_name(self.o_proj(out), "o_proj"), kv
+        return checkpoint_name(self.o_proj(out, layer), "o_proj"), kv
 
     def _prefill_impl(self, q, kv) -> str | None:
         """'cudnn' (fused flash attention, no [B, H, T, S] scores in memory) for cache-free
@@ -261,9 +270,10 @@ class MLP(nnx.Module):
         self.up_proj = Linear(h, f, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, h, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x):
-        gate, up = checkpoint_name(self.gate_proj(x), "gate_proj"), checkpoint_name(self.up_proj(x), "up_proj")
-        return checkpoint_name(self.down_proj(rowwise(swiglu, (gate, up))), "down_proj")
+    def __call__(self, x, layer=None):
+        gate = checkpoint_name(self.gate_proj(x, layer), "gate_proj")
+        up = checkpoint_name(self.up_proj(x, layer), "up_proj")
+        return checkpoint_name(self.down_proj(rowwise(swiglu, (gate, up)), layer), "down_proj")
 
 
 class DecoderLayer(nnx.Module):
@@ -275,12 +285,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=0):
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None):
         """x: the float32 residual stream ``[B, T, hidden]``; returns it updated (and the
-        stacked kv, see `Attention`)."""
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, layer)
-        h, x = self.post_attention_layernorm.add_and_norm(a, x)  # x += a; h = norm(x)
-        return x + self.mlp(h).astype(x.dtype), kv
+        stacked kv, see `Attention`). ``layer`` as in `Linear`."""
+        a, kv = self.self_attn(self.input_layernorm(x, layer), cos, sin, mask, kv, index, cache_layer, layer)
+        h, x = self.post_attention_layernorm.add_and_norm(a, x, layer)  # x += a; h = norm(x)
+        return x + self.mlp(h, layer).astype(x.dtype), kv
 
 
 # ----------------------------------------------------------------- stacked layers
@@ -433,17 +443,21 @@ class CausalLM(nnx.Module):
 
     def _run_layers(self, x, cos, sin, mask, kv, index, scan: bool):
         """The stacked layers over the residual stream ``x``: ``jax.lax.scan`` over the
-        layer axis (parameters go in as scanned inputs; only the residual stream, the
-        shared RNG streams and the cache are carried out of the body, never the
-        parameters, so XLA does not copy the frozen weights), or a Python loop over static
-        slices. The remat policy wraps the body."""
+        layer axis, or a Python loop. Only the residual stream, the shared RNG streams and
+        the cache are carried out of the body, never the parameters (XLA would copy the
+        frozen weights). Without a cache (training, evaluation) the parameters go in as
+        scanned inputs, one layer's slice per step (gradients leave as stacked outputs);
+        with a cache (generation) every module indexes the stacked parameters by layer
+        itself, so that the NF4 GEMV and decode-attention kernels read the layer in place
+        instead of XLA copying each slice. The remat policy wraps the body."""
         graphdef, rng, params = nnx.split(self.model.layers, nnx.RngState, ...)
+        in_place = kv is not None
 
         def body(carry, xs):
             x, rng, kv = carry
             p, i = xs
-            layer = nnx.merge(graphdef, rng, p)
-            x, kv = layer(x, cos, sin, mask, kv, index, i)
+            layer = nnx.merge(graphdef, rng, params if in_place else p)
+            x, kv = layer(x, cos, sin, mask, kv, index, i, i if in_place else None)
             return (x, nnx.state(layer, nnx.RngState), kv), None
 
         policy = remat_policy(self.remat)
@@ -451,10 +465,11 @@ class CausalLM(nnx.Module):
             body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
         carry = (x, rng, kv)
         if scan:
-            carry, _ = jax.lax.scan(body, carry, (params, jnp.arange(self.num_layers, dtype=jnp.int32)))
+            xs = (None if in_place else params, jnp.arange(self.num_layers, dtype=jnp.int32))
+            carry, _ = jax.lax.scan(body, carry, xs)
         else:
             for i in range(self.num_layers):
-                carry, _ = body(carry, (layer_slice(params, i), i))
+                carry, _ = body(carry, (None if in_place else layer_slice(params, i), i))
         x, rng, kv = carry
         nnx.update(self.model.layers, rng)
         return x, kv

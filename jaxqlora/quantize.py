@@ -20,14 +20,14 @@ from jaxqlora.lora import ALL_TARGETS, LoRALinear, projection_owner
 from jaxqlora.model import Linear
 from jaxqlora.stacked import layer_slice, stack_trees
 from jaxqlora.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
-from jaxqlora.sharding import per_device
+from jaxqlora.sharding import per_device, sharding_active
 
 
 class NF4Param(nnx.Variable):
     """A frozen NF4-quantized weight (`NF4Weight` pytree); excluded from training."""
 
 
-def nf4_linear(x: jax.Array, q: NF4Weight) -> jax.Array:
+def nf4_linear(x: jax.Array, q: NF4Weight, layer=None) -> jax.Array:
     """``x @ W.T`` for an NF4 weight ``W [out, in]``; ``x [..., in]`` -> ``[..., out]`` in x.dtype.
 
     Weights whose ``in_features`` is a multiple of the blocksize (every real model) go
@@ -35,18 +35,28 @@ def nf4_linear(x: jax.Array, q: NF4Weight) -> jax.Array:
     bitsandbytes' flat blocks cross row boundaries, dequantize with XLA and multiply.
     Under a device mesh the weight is gathered whole and the product runs on each
     device's rows (`jaxqlora.sharding.per_device`).
+
+    ``layer`` (int or int32 scalar): ``q``'s arrays are stacked over layers (leading axis)
+    and layer ``layer`` is multiplied; the NF4 GEMV reads it in place (one device).
     """
+    if layer is not None and sharding_active():
+        q, layer = layer_slice(q, layer), None
+    if layer is not None:
+        return _nf4_linear_local(x, q, layer)
     return per_device(_nf4_linear_local, x, q)
 
 
-def _nf4_linear_local(x: jax.Array, q: NF4Weight) -> jax.Array:
+def _nf4_linear_local(x: jax.Array, q: NF4Weight, layer=None) -> jax.Array:
     from pallas_kernels.nf4_matmul import nf4_matmul
 
     n, k = q.shape
+    lead = () if layer is None else q.packed.shape[:1]
     if k % q.blocksize == 0:
-        return nf4_matmul(x, q.packed.reshape(n, k // 2), q.absmax.reshape(n, k // q.blocksize),
+        return nf4_matmul(x, q.packed.reshape(*lead, n, k // 2), q.absmax.reshape(*lead, n, k // q.blocksize),
                           q.nested_absmax, q.nested_code, q.offset, code=q.code, blocksize=q.blocksize,
-                          nested_blocksize=q.nested_blocksize or 256)
+                          nested_blocksize=q.nested_blocksize or 256, layer=layer)
+    if layer is not None:
+        q = layer_slice(q, layer)
     w = jax.lax.stop_gradient(dequantize_nf4(q, x.dtype))
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32).astype(x.dtype)
@@ -85,10 +95,12 @@ class NF4Linear(nnx.Module):
             q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
         return cls(q, None if linear.bias is None else linear.bias[...])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = nf4_linear(x, self.weight.get_value())
+    def __call__(self, x: jax.Array, layer=None) -> jax.Array:
+        """``x [..., in]`` -> ``[..., out]`` in x's dtype; ``layer`` as in `jaxqlora.model.Linear`."""
+        y = nf4_linear(x, self.weight.get_value(), layer)
         if self.bias is not None:
-            y = (y.astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+            bias = self.bias[...] if layer is None else self.bias[layer]
+            y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
         return y
 
     def dequantize(self, dtype: Any = None) -> jax.Array:

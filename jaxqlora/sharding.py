@@ -415,6 +415,11 @@ def rowwise(fn: Callable, rows: Sequence[jax.Array], whole: Sequence[Any] = ()) 
                          check_vma=False)(tuple(rows), tuple(whole))
 
 
+def sharding_active() -> bool:
+    """True inside `use_mesh` with a ``(data, fsdp)`` mesh (layers then run per device)."""
+    return _active_mesh() is not None
+
+
 def _active_mesh():
     """The mesh of `use_mesh` if it has the batch axes, else None."""
     mesh = jax.sharding.get_abstract_mesh()

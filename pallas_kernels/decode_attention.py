@@ -82,15 +82,18 @@ _TARGET_PROGRAMS = 528
 # ---------------------------------------------------------------------------
 
 
-def decode_attention_kernel(q_ref, k_ref, v_ref, lengths_ref, starts_ref, *refs,
+def decode_attention_kernel(layer_ref, q_ref, k_ref, v_ref, lengths_ref, starts_ref, *refs,
                             scale: float, num_splits: int, block_g: int, block_k: int,
                             block_d: int, has_mask: bool):
-    """Split ``j`` of KV head ``h`` of sequence ``b``: partial ``acc [G, D]``, ``m``, ``l``."""
+    """Split ``j`` of KV head ``h`` of sequence ``b``: partial ``acc [G, D]``, ``m``, ``l``.
+    ``k, v`` are ``[L, B, S, Hkv, D]`` (L stacked layers' caches); layer ``layer_ref[0]``
+    is read in place."""
     if has_mask:
         mask_ref, o_ref, m_ref, l_ref = refs
     else:
         mask_ref, (o_ref, m_ref, l_ref) = None, refs
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer = layer_ref[0]
     g, d = o_ref.shape[3], o_ref.shape[4]
     mask_g = jnp.arange(block_g, dtype=jnp.int32) < g
     mask_d = jnp.arange(block_d, dtype=jnp.int32) < d
@@ -113,13 +116,13 @@ def decode_attention_kernel(q_ref, k_ref, v_ref, lengths_ref, starts_ref, *refs,
                               other=zero(mask_ref.dtype))
             valid = valid & (keep != 0)
         kv_mask = valid[:, None] & mask_d[None, :]
-        k = plgpu.load(k_ref.at[b, pl.ds(t0, block_k), h, pl.ds(0, block_d)],
+        k = plgpu.load(k_ref.at[layer, b, pl.ds(t0, block_k), h, pl.ds(0, block_d)],
                        mask=kv_mask, other=zero(k_ref.dtype))
         s = jnp.where(valid[None, :], _dot(q, k, 1) * scale, _NEG)  # [block_g, block_k]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         alpha = jnp.exp(m_prev - m_new)
         p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
-        v = plgpu.load(v_ref.at[b, pl.ds(t0, block_k), h, pl.ds(0, block_d)],
+        v = plgpu.load(v_ref.at[layer, b, pl.ds(t0, block_k), h, pl.ds(0, block_d)],
                        mask=kv_mask, other=zero(v_ref.dtype))
         acc = acc * alpha[:, None] + _dot(p.astype(v_ref.dtype), v, 0)
         return acc, m_new, l_prev * alpha + jnp.sum(p, axis=1)
@@ -168,17 +171,21 @@ def combine_splits(acc, m, l):
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "interpret",
                                              "num_warps", "num_stages"))
-def decode_attention_pallas(q, k, v, lengths, starts, mask=None, *, scale: float,
+def decode_attention_pallas(q, k, v, lengths, starts, mask=None, layer=None, *, scale: float,
                             block_k: int, num_splits: int, interpret: bool = False,
                             num_warps: int = 4, num_stages: int = 2):
     """The Pallas call and the combine on validated operands; float32 ``[B, Hq, D]``.
 
-    ``q [B, Hq, D]`` in the cache dtype, ``k, v [B, S, Hkv, D]``, ``lengths, starts``
-    int32 ``[B]`` clipped to ``[0, S]``, ``mask`` int8 ``[B, S]`` or None. Use
-    `decode_attention`; this skips its checks.
+    ``q [B, Hq, D]`` in the cache dtype, ``k, v [B, S, Hkv, D]`` (or ``[L, B, S, Hkv, D]``
+    with an int32 scalar ``layer``, read in place), ``lengths, starts`` int32 ``[B]``
+    clipped to ``[0, S]``, ``mask`` int8 ``[B, S]`` or None. Use `decode_attention`; this
+    skips its checks.
     """
+    if layer is None:
+        k, v, layer = k[None], v[None], 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     batch, hq, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[3]
     g = hq // kv_heads
     block_g = max(16, pl.next_power_of_2(g))
     block_d = max(16, pl.next_power_of_2(d))
@@ -196,7 +203,7 @@ def decode_attention_pallas(q, k, v, lengths, starts, mask=None, *, scale: float
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(q, k, v, lengths, starts, *((mask,) if has_mask else ()))
+    )(layer, q, k, v, lengths, starts, *((mask,) if has_mask else ()))
     return combine_splits(acc, m, l).reshape(batch, hq, d)
 
 
@@ -216,7 +223,7 @@ def _positions(name: str, a, batch: int, seq_len: int) -> jax.Array:
 
 def decode_attention(q, k, v, lengths, starts=None, *, mask=None, scale: float | None = None,
                      block_k: int | None = None, num_splits: int | None = None,
-                     impl: str | None = "auto", interpret: bool = False) -> jax.Array:
+                     impl: str | None = "auto", interpret: bool = False, layer=None) -> jax.Array:
     """Attention of one query token per sequence over a KV cache (split-KV flash decoding).
 
     Source: Flash-Decoding (Dao, Haziza, Massa, Sizov 2023) with FlashAttention-2's
@@ -255,6 +262,13 @@ def decode_attention(q, k, v, lengths, starts=None, *, mask=None, scale: float |
     """
     mode = resolve_impl(impl, interpret)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    stacked = None
+    if layer is not None:
+        if k.ndim != 5 or v.shape != k.shape:
+            raise ValueError(f"with layer, k and v must have shape [L, B, S, Hkv, D], got {k.shape}, {v.shape}")
+        layer = jnp.asarray(layer, jnp.int32)
+        stacked = (k, v)
+        k, v = k[layer], v[layer]  # checks (and the reference path) use the layer's slice
     for name, a in (("q", q), ("k", k), ("v", v)):
         check_float_dtype(name, a)
     if v.dtype != k.dtype:
@@ -291,9 +305,11 @@ def decode_attention(q, k, v, lengths, starts=None, *, mask=None, scale: float |
         num_splits = default_num_splits(batch, kv_heads, seq_len, int(block_k))
     if not isinstance(num_splits, (int, np.integer)) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive integer, got {num_splits!r}")
+    if stacked is not None:  # the kernel reads the layer in place; the slices above are dead
+        k, v = stacked
     out = decode_attention_pallas(
         q.astype(k.dtype), k, v, lengths, starts,
-        None if mask is None else mask.astype(jnp.int8),
+        None if mask is None else mask.astype(jnp.int8), layer,
         scale=scale, block_k=int(block_k), num_splits=int(num_splits),
         interpret=bool(interpret))
     return out.astype(q.dtype)

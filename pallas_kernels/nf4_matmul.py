@@ -152,24 +152,25 @@ def _nested_scale(q, block_index, mask, nested_refs, *, nested_blocksize: int):
 
 
 def _load_scales(absmax_ref, nested_refs, n0, kb0, mask_n, *, block_n: int, nkb: int,
-                 nested_blocksize: int):
+                 nested_blocksize: int, lead: tuple = ()):
     """Float32 block scales of rows ``n0:n0+block_n`` (0 for rows past ``N``).
 
     ``absmax[n0:n0+block_n, kb0]`` as ``[block_n]`` when ``nkb == 1`` (a K tile
     inside one quantization block), else ``absmax[n0:n0+block_n, kb0:kb0+nkb]`` as
     ``[block_n, nkb]`` (a K tile spanning ``nkb`` blocks). With double quantization
     (``nested_refs`` not None) the uint8 codes are dequantized by `_nested_scale`.
+    ``lead``: indices of leading axes (the layer of a stacked ``[L, N, K//blocksize]``).
     """
     rows = n0 + jnp.arange(block_n, dtype=jnp.int32)
-    n_kblocks = absmax_ref.shape[1]
+    n_kblocks = absmax_ref.shape[-1]
     if nkb == 1:
         mask = mask_n
-        q = plgpu.load(absmax_ref.at[pl.ds(n0, block_n), kb0], mask=mask,
+        q = plgpu.load(absmax_ref.at[(*lead, pl.ds(n0, block_n), kb0)], mask=mask,
                        other=_zero(absmax_ref.dtype))
         block_index = rows * n_kblocks + kb0
     else:
         mask = jnp.broadcast_to(mask_n[:, None], (block_n, nkb))
-        q = plgpu.load(absmax_ref.at[pl.ds(n0, block_n), pl.ds(kb0, nkb)], mask=mask,
+        q = plgpu.load(absmax_ref.at[(*lead, pl.ds(n0, block_n), pl.ds(kb0, nkb))], mask=mask,
                        other=_zero(absmax_ref.dtype))
         block_index = (rows[:, None] * n_kblocks + kb0
                        + jnp.arange(nkb, dtype=jnp.int32)[None, :])
@@ -224,13 +225,14 @@ def _pair_luts(code, dtype) -> tuple[jax.Array, ...]:
     return ((bits(hi) << 16) | bits(lo),)
 
 
-def _load_pairs(packed_ref, lut_refs, n0, byte0, mask_n, *, block_n: int, half: int):
-    """(high, low) float32 code values of ``packed[n0:n0+block_n, byte0:byte0+half]``.
+def _load_pairs(packed_ref, lut_refs, n0, byte0, mask_n, *, block_n: int, half: int,
+                lead: tuple = ()):
+    """(high, low) float32 code values of ``packed[*lead, n0:n0+block_n, byte0:byte0+half]``.
 
     ``high`` holds the even K columns, ``low`` the odd ones (bnb's nibble order);
     rows with ``mask_n`` false read byte 0.
     """
-    p = plgpu.load(packed_ref.at[pl.ds(n0, block_n), pl.ds(byte0, half)],
+    p = plgpu.load(packed_ref.at[(*lead, pl.ds(n0, block_n), pl.ds(byte0, half))],
                    mask=jnp.broadcast_to(mask_n[:, None], (block_n, half)),
                    other=_zero(packed_ref.dtype)).astype(jnp.int32)
     if len(lut_refs) == 2:
@@ -241,10 +243,14 @@ def _load_pairs(packed_ref, lut_refs, n0, byte0, mask_n, *, block_n: int, half: 
     return hi, lo
 
 
-def nf4_gemv_kernel(xe_ref, xo_ref, packed_ref, absmax_ref, *refs, n_luts: int,
+def nf4_gemv_kernel(layer_ref, xe_ref, xo_ref, packed_ref, absmax_ref, *refs, n_luts: int,
                     blocksize: int, nested_blocksize: int, double_quant: bool,
                     block_m: int, block_n: int, block_k: int, steps: int):
     """Partial ``y`` of one ``block_n`` slice of N over one K split.
+
+    ``packed`` ``[L, N, K//2]`` and ``absmax`` ``[L, N, K//blocksize]`` hold L stacked
+    weights (the decoder's layers; L = 1 for one weight); layer ``layer_ref[0]`` is read
+    in place.
 
     Program ``(i, s)`` covers rows ``[i*block_n, (i+1)*block_n)`` and the K tiles
     ``[s*steps, (s+1)*steps)`` (tiles past K are masked out) and writes
@@ -262,7 +268,8 @@ def nf4_gemv_kernel(xe_ref, xo_ref, packed_ref, absmax_ref, *refs, n_luts: int,
         nested_refs, (o_ref,) = None, refs
     m, k_half = xe_ref.shape
     k = 2 * k_half
-    n = packed_ref.shape[0]
+    n = packed_ref.shape[1]
+    lead = (layer_ref[0],)
     half = block_k // 2
     nkb = max(1, block_k // blocksize)
     n0 = pl.program_id(0) * block_n
@@ -275,9 +282,10 @@ def nf4_gemv_kernel(xe_ref, xo_ref, packed_ref, absmax_ref, *refs, n_luts: int,
         in_k = k0 < k
         rows_ok = mask_n & in_k
         hi, lo = _load_pairs(packed_ref, lut_refs, n0, k0 // 2, rows_ok,
-                             block_n=block_n, half=half)
+                             block_n=block_n, half=half, lead=lead)
         scale = _load_scales(absmax_ref, nested_refs, n0, k0 // blocksize, rows_ok,
-                             block_n=block_n, nkb=nkb, nested_blocksize=nested_blocksize)
+                             block_n=block_n, nkb=nkb, nested_blocksize=nested_blocksize,
+                             lead=lead)
         xmask = jnp.broadcast_to(mask_m[:, None] & in_k, (block_m, half))
         xe = plgpu.load(xe_ref.at[pl.ds(0, block_m), pl.ds(k0 // 2, half)], mask=xmask,
                         other=_zero(xe_ref.dtype))
@@ -387,11 +395,16 @@ def _gemv_call(kernel_fn, name, operands, nested, *, grid0: int, splits: int, ro
 
 @functools.partial(jax.jit, static_argnames=_GEMV_STATIC)
 def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=None,
-                    offset=None, *, blocksize: int, nested_blocksize: int = 256,
+                    offset=None, layer=None, *, blocksize: int, nested_blocksize: int = 256,
                     interpret: bool = False, block_n: int | None = None,
                     block_k: int | None = None, splits: int | None = None,
                     num_warps: int = 4, num_stages: int = 2, mma: bool | None = None):
     """Split-K GEMV: ``x[M, K] @ W.T -> [M, N]`` for small M (decode, M <= 16).
+
+    With ``layer`` (int32 scalar), ``packed`` is ``[L, N, K//2]`` and ``absmax``
+    ``[L, N, K//blocksize]``: L stacked weights (a scanned decoder's layers), of which
+    layer ``layer`` is multiplied, read in place (no copy of the slice); ``code`` and the
+    nested operands are that layer's.
 
     Grid ``(cdiv(N, block_n), splits)``: each program streams the packed bytes of
     ``block_n`` rows over ``cdiv(K/block_k, splits)`` K tiles, looks each byte's
@@ -403,7 +416,10 @@ def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=Non
     `nf4_matmul_pallas`.
     """
     m, k = x.shape
-    n = packed.shape[0]
+    if layer is None:
+        packed, absmax, layer = packed[None], absmax[None], 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    n = packed.shape[1]
     # Defaults from benchmarks/nf4_tune.py on an H200 (W 4096x11008): M = 1 best with
     # 64-row tiles of 128 K and 16 splits; M = 2..16 with 32 x 256 tiles and 4 splits.
     block_n = block_n or (64 if m == 1 else 32)
@@ -414,11 +430,11 @@ def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=Non
     splits, steps, mma, block_m = _gemv_plan(tiles, splits, m, mma)
     if not mma and m > 1:
         return _row_by_row(nf4_gemv_pallas, x, packed, absmax, code, nested_absmax, nested_code,
-                           offset, blocksize=blocksize, nested_blocksize=nested_blocksize,
+                           offset, layer[0], blocksize=blocksize, nested_blocksize=nested_blocksize,
                            interpret=interpret, block_n=block_n, block_k=block_k, splits=splits,
                            num_warps=num_warps, num_stages=num_stages)
     luts = _pair_luts(code, x.dtype)
-    return _gemv_call(nf4_gemv_kernel, "nf4_gemv", (x[:, 0::2], x[:, 1::2], packed, absmax,
+    return _gemv_call(nf4_gemv_kernel, "nf4_gemv", (layer, x[:, 0::2], x[:, 1::2], packed, absmax,
                                                     *luts),
                       _nested_args(nested_absmax, nested_code, offset),
                       grid0=pl.cdiv(n, block_n), splits=splits, rows=m, out_len=n,
@@ -537,7 +553,7 @@ GEMV_MAX_M = 16
 
 
 def nf4_matmul_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=None,
-                      offset=None, *, blocksize: int, nested_blocksize: int = 256,
+                      offset=None, layer=None, *, blocksize: int, nested_blocksize: int = 256,
                       interpret: bool = False):
     """Forward on validated 2-D operands: ``x[M, K] @ W.T -> [M, N]``, ``x.dtype``.
 
@@ -546,24 +562,30 @@ def nf4_matmul_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=N
     [ceil(nblocks/nested_blocksize)], [256] and [] (or all None); ``blocksize`` a
     power of two >= 32 dividing K. M <= `GEMV_MAX_M`: the split-K GEMV kernel
     (`nf4_gemv_pallas`); larger M: `nf4_dequantize_pallas` to ``x.dtype`` and one
-    dense matmul. Use `nf4_matmul`; this skips its checks.
+    dense matmul. With ``layer``, ``packed`` and ``absmax`` are stacked ``[L, ...]``
+    (`nf4_gemv_pallas`); the GEMV reads the layer in place, the larger-M path slices it.
+    Use `nf4_matmul`; this skips its checks.
     """
     kw = dict(blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret)
     if x.shape[0] <= GEMV_MAX_M:
         return nf4_gemv_pallas(x, packed, absmax, code, nested_absmax, nested_code,
-                               offset, **kw)
+                               offset, layer, **kw)
+    if layer is not None:
+        packed, absmax = packed[layer], absmax[layer]
     w = nf4_dequantize_pallas(packed, absmax, code, nested_absmax, nested_code, offset,
                               shape=(packed.shape[0], x.shape[1]), dtype=x.dtype, **kw)
     return _dot(x, w, 1).astype(x.dtype)
 
 
 def nf4_matmul_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_code=None,
-                        offset=None, *, blocksize: int, nested_blocksize: int = 256,
+                        offset=None, layer=None, *, blocksize: int, nested_blocksize: int = 256,
                         interpret: bool = False):
     """Transposed (backward) product ``dy[M, N] @ W -> [M, K]`` (operands as in
-    `nf4_matmul_pallas`): `nf4_gemv_t_pallas` for M <= `GEMV_MAX_M`, else
-    dequantize + one dense matmul."""
+    `nf4_matmul_pallas`; a stacked weight is sliced): `nf4_gemv_t_pallas` for M <=
+    `GEMV_MAX_M`, else dequantize + one dense matmul."""
     kw = dict(blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret)
+    if layer is not None:
+        packed, absmax = packed[layer], absmax[layer]
     if dy.shape[0] <= GEMV_MAX_M:
         return nf4_gemv_t_pallas(dy, packed, absmax, code, nested_absmax, nested_code,
                                  offset, **kw)
@@ -586,7 +608,7 @@ class _Config(NamedTuple):
     interpret: bool
 
 
-def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset, code):
+def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset, code, layer):
     n, k = cfg.shape
     batch = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -598,14 +620,14 @@ def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset
                                  nested_blocksize=cfg.nested_blocksize, shape=cfg.shape)
     else:
         y = nf4_matmul_pallas(x2, packed, absmax, code, nested_absmax, nested_code,
-                              offset, blocksize=cfg.blocksize,
+                              offset, layer, blocksize=cfg.blocksize,
                               nested_blocksize=cfg.nested_blocksize,
                               interpret=cfg.interpret)
     return y.reshape(*batch, n)
 
 
 def _backward_dx(cfg: _Config, dy, packed, absmax, nested_absmax, nested_code, offset,
-                 code):
+                 code, layer):
     n, k = cfg.shape
     batch = dy.shape[:-1]
     dy2 = dy.reshape(-1, n)
@@ -619,20 +641,20 @@ def _backward_dx(cfg: _Config, dy, packed, absmax, nested_absmax, nested_code, o
         dx = _dot(dy2, w.astype(dy.dtype), 0).astype(dy.dtype)
     else:
         dx = nf4_matmul_t_pallas(dy2, packed, absmax, code, nested_absmax, nested_code,
-                                 offset, blocksize=cfg.blocksize,
+                                 offset, layer, blocksize=cfg.blocksize,
                                  nested_blocksize=cfg.nested_blocksize,
                                  interpret=cfg.interpret)
     return dx.reshape(*batch, k)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _nf4_matmul_vjp(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code):
-    return _forward(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code)
+def _nf4_matmul_vjp(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer):
+    return _forward(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer)
 
 
-def _nf4_matmul_fwd(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code):
-    y = _forward(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code)
-    return y, (packed, absmax, nested_absmax, nested_code, offset, code)
+def _nf4_matmul_fwd(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer):
+    y = _forward(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer)
+    return y, (packed, absmax, nested_absmax, nested_code, offset, code, layer)
 
 
 def _zero_cotangent(a):
@@ -660,7 +682,7 @@ def _as_f32(name: str, a, shape_hint: str) -> jax.Array:
 
 def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=None, *,
                code=None, blocksize: int = 64, nested_blocksize: int = 256,
-               impl: str | None = None, interpret: bool = False) -> jax.Array:
+               impl: str | None = None, interpret: bool = False, layer=None) -> jax.Array:
     """``y = x @ W.T`` for an NF4-quantized, frozen weight ``W[N, K]`` (bnb layout).
 
     Args:
@@ -683,6 +705,12 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
         overrides auto. 'pallas' / 'xla' force one path. The 'xla' path is
         `nf4_matmul_reference` (jnp dequantize + dot).
       interpret: run the Pallas kernels in interpret mode (CPU testing).
+      layer: optional int32 scalar. With it, every quantization operand carries a
+        leading axis of L stacked weights (``packed [L, N, K//2]``, ``absmax
+        [L, N, K//blocksize]`` or ``[L, nblocks]``, ``nested_absmax [L, ...]``,
+        ``nested_code [L, 256]``, ``offset [L]``, ``code [L, 16]``), and weight
+        ``layer`` is used: the GEMV kernel (M <= `GEMV_MAX_M`) reads it in place, the
+        other paths slice it. Used by a scanned decoder's cached decoding.
 
     Returns:
       ``[..., N]`` array of ``x.dtype`` (float32 accumulation). Differentiable in
@@ -711,6 +739,18 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
     if not isinstance(nested_blocksize, (int, np.integer)) or nested_blocksize < 1:
         raise ValueError(f"nested_blocksize must be a positive integer, got {nested_blocksize!r}")
     blocksize, nested_blocksize = int(blocksize), int(nested_blocksize)
+
+    stacked = None
+    if layer is not None:
+        layer = jnp.asarray(layer, jnp.int32)
+        pick = (lambda a: None if a is None else jnp.asarray(a)[layer])
+        nested_absmax, nested_code, offset = pick(nested_absmax), pick(nested_code), pick(offset)
+        code = pick(code if code is not None else jnp.broadcast_to(NF4_CODE, (jnp.shape(packed)[0], 16)))
+        if mode == "pallas":  # checked on layer 0's shapes; the kernel reads `layer` in place
+            stacked = (jnp.asarray(packed), jnp.asarray(absmax))
+            packed, absmax = stacked[0][0], stacked[1][0]
+        else:
+            packed, absmax, layer = pick(packed), pick(absmax), None
 
     packed = jnp.asarray(packed)
     if packed.dtype != jnp.uint8:
@@ -774,10 +814,13 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
         raise ValueError(f"code must have shape [16], got {code.shape}")
 
     if mode == "pallas":
-        packed = packed.reshape(n, k // 2)
-        absmax = absmax.reshape(n, k // blocksize)
+        if stacked is not None:
+            packed, absmax = stacked[0], stacked[1].astype(absmax.dtype)
+        lead = () if stacked is None else packed.shape[:1]
+        packed = packed.reshape(*lead, n, k // 2)
+        absmax = absmax.reshape(*lead, n, k // blocksize)
     cfg = _Config(mode, (n, k), blocksize, nested_blocksize, bool(interpret))
-    return _nf4_matmul_vjp(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code)
+    return _nf4_matmul_vjp(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer)
 
 
 # ---------------------------------------------------------------------------
