@@ -8,7 +8,8 @@
 Batches have a fixed batch size and a sequence length taken from a small set of buckets
 (`jaxqlora.compile.DEFAULT_BUCKETS`), so a step compiles once per bucket, ahead of time
 (`batch_spec` gives the abstract batch); the last partial batch is filled with rows of
-weight 0 instead of changing shape.
+weight 0 instead of changing shape. `prefetch` prepares batches (and puts them on the
+device) in a background thread, ahead of the step that uses them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import csv
 import dataclasses
 import gzip
 import json
+import queue
+import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -286,3 +289,105 @@ def batch_spec(batch_size: int, length: int, *, causal_lm: bool, accum: int | No
 def num_batches(n: int, batch_size: int) -> int:
     """Batches per epoch (the last partial batch counts)."""
     return -(-n // batch_size)
+
+
+def prefetch(iterable: Iterable, fn: Callable[[Any], Any] | None = None, depth: int = 2) -> "Prefetcher":
+    """``Prefetcher(iterable, fn, depth)``: ``fn(item)`` for each item, computed ahead in a
+    background thread (``with prefetch(batches, jax.device_put) as on_device: ...``).
+
+    Raises:
+      ValueError: ``depth`` < 0.
+    """
+    return Prefetcher(iterable, fn, depth)
+
+
+class Prefetcher:
+    """Iterate ``fn(item)`` for the items of ``iterable``, computed ahead in a background thread.
+
+    The thread draws items, applies ``fn`` (e.g. ``jax.device_put`` of a host batch: the
+    copy to the device starts while the device still runs the previous step) and keeps
+    up to ``depth`` results waiting; the consumer gets them in order. An exception raised
+    by ``iterable`` or ``fn`` is raised by the consumer's ``next`` at that position.
+
+    Args:
+      iterable: the items (e.g. host batches); read only by the background thread.
+      fn: applied to each item in the background thread (default: identity).
+      depth: results kept ready ahead of the consumer (>= 1); 0 computes each one on
+        demand in the caller's thread (no thread).
+
+    Use as a context manager or call `close` when stopping early: the thread stops at its
+    next item and the iterable is not read further.
+
+    Raises:
+      ValueError: ``depth`` < 0.
+    """
+
+    _END = object()
+
+    def __init__(self, iterable: Iterable, fn: Callable[[Any], Any] | None = None, depth: int = 2):
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
+        self._fn = (lambda x: x) if fn is None else fn
+        self._it = iter(iterable)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = None
+        if depth:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._run, name="jaxqlora-prefetch", daemon=True)
+            self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._it:
+                if self._stop.is_set() or not self._put((True, self._fn(item))):
+                    return
+        except BaseException as e:  # handed to the consumer
+            self._put((False, e))
+            return
+        self._put((True, self._END))
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        if self._thread is None:
+            try:
+                return self._fn(next(self._it))
+            except StopIteration:
+                self._done = True
+                raise
+        ok, value = self._queue.get()
+        if not ok:
+            self._done = True
+            self.close()
+            raise value
+        if value is self._END:
+            self._done = True
+            raise StopIteration
+        return value
+
+    def close(self) -> None:
+        """Stop the background thread (waits for the item it is computing) and drop what
+        it prepared."""
+        self._done = True
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

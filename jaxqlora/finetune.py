@@ -151,6 +151,22 @@ def _train_batches(enc, cfg, pad_id, epoch, start) -> Iterator[dict[str, np.ndar
         yield _stack(micro)
 
 
+def _epoch_batches(enc, cfg, pad_id, epoch, start) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """``(epoch, batch)`` from batch ``start`` of ``epoch`` on, epoch after epoch, without end.
+
+    Raises:
+      ValueError: an epoch yields no batch (no training rows).
+    """
+    while True:
+        empty = True
+        for batch in _train_batches(enc, cfg, pad_id, epoch, start):
+            empty = False
+            yield epoch, batch
+        if empty and start == 0:
+            raise ValueError("the training split yields no batches")
+        epoch, start = epoch + 1, 0
+
+
 def evaluate(eval_batch, enc: D.Encoded, cfg: FinetuneConfig, pad_id: int,
              label_accuracy: bool = False) -> dict[str, float]:
     """Accuracy (classification, ``cfg.task``), or loss / perplexity and, with
@@ -246,13 +262,14 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     num_labels = len(parts["train"].label_names)
     per_epoch = max(1, D.num_batches(len(parts["train"]), cfg.batch_size) // cfg.grad_accum)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(round(cfg.epochs * per_epoch)))
-    optimizer, schedule = make_optimizer(cfg.lr, total_steps=total, warmup_ratio=cfg.warmup_ratio,
-                                         schedule=cfg.schedule, weight_decay=cfg.weight_decay,
-                                         max_grad_norm=cfg.max_grad_norm)
+    # Every optimizer setting (and the step count) lives in the optimizer state, so the
+    # compiled steps (and their persistent-cache entries) do not depend on them.
+    optimizer, _ = make_optimizer(cfg.lr, total_steps=total, warmup_ratio=cfg.warmup_ratio,
+                                  schedule=cfg.schedule, weight_decay=cfg.weight_decay,
+                                  max_grad_norm=cfg.max_grad_norm)
 
     loss_fn = classification_loss if cfg.task == "classification" else causal_lm_loss
     t0 = time.perf_counter()
-    lr_at = jax.jit(schedule).lower(jax.ShapeDtypeStruct((), jnp.int32)).compile()
     if mesh is None:
         # Compile every step for its buckets before the weights take any device memory.
         trainer = Trainer(_abstract_model(cfg, num_labels), loss_fn, optimizer)
@@ -299,20 +316,31 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=step, desc="finetune", dynamic_ncols=True, disable=not primary)
+    put = jax.device_put if mesh is None else (lambda b: sharding.shard_batch(sharding.local_rows(b, mesh), mesh))
+
+    def to_device(item):  # in the prefetch thread: host batch -> device, and its token count
+        batch_epoch, batch = item
+        return batch_epoch, int(batch["attention_mask"].sum()), put(batch)
+
+    # The host never waits on the device between log records: batches are made and put on
+    # the device in a background thread while earlier steps run, and step metrics stay on
+    # the device until a log step reads the latest ones back (one transfer).
     t_log, tokens = time.perf_counter(), 0
-    while step < total:
-        for batch in _train_batches(enc["train"], cfg, pad_id, epoch, pos):
-            m = trainer.step(jax.device_put(batch) if mesh is None  # jnp.asarray would compile per shape
-                             else sharding.local_rows(batch, mesh))
+    with D.prefetch(_epoch_batches(enc["train"], cfg, pad_id, epoch, pos), to_device, depth=2) as batches:
+        while step < total:
+            batch_epoch, batch_tokens, batch = next(batches)
+            if batch_epoch != epoch:
+                epoch, pos = batch_epoch, 0
+            m = trainer.step(batch)
             step, pos = step + 1, pos + 1
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch_tokens
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
-                loss = float(m["loss"])
+                got = jax.device_get(m)
+                loss = float(got["loss"])
                 dt = time.perf_counter() - t_log
-                rec = {"step": step, "loss": loss, "lr": float(lr_at(np.int32(step - 1))),
-                       "grad_norm": float(m["grad_norm"]),
-                       "tokens_per_s": tokens / dt, "nonfinite_skipped": nonfinite_steps(trainer.opt_state),
+                rec = {"step": step, "loss": loss, "lr": float(got["lr"]), "grad_norm": float(got["grad_norm"]),
+                       "tokens_per_s": tokens / dt, "nonfinite_skipped": int(got["nonfinite_skipped"]),
                        "epoch": epoch}
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
@@ -320,10 +348,6 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
                 t_log, tokens = time.perf_counter(), 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 ckpt.save(trainer, step, epoch, pos)
-            if step >= total:
-                break
-        else:
-            epoch, pos = epoch + 1, 0
     bar.close()
     metrics_file.close()
     ckpt.save(trainer, step, epoch, pos)
