@@ -5,11 +5,14 @@
   generation compile nothing (counted with jax.monitoring; the counter is first shown to
   fire). The precompiled generation's greedy ids equal transformers' `generate`.
 - A shape that was not precompiled is a `BucketError`, or a new bucket when allowed.
-- A second process with the persistent cache warm compiles at least 5x faster.
+- A second process with the persistent cache warm compiles at least 5x faster, though it
+  runs with other optimizer settings and seed (none of them is in a compiled program).
+- Parallel precompilation gives the serial executables.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -146,6 +149,7 @@ def test_missing_bucket_is_an_error_or_a_new_bucket_by_choice(precompiled):
 
 _WARM_SCRIPT = textwrap.dedent("""
     import json, sys, time
+    import jax
     import jax.numpy as jnp
     from flax import nnx
     import jaxqlora
@@ -155,40 +159,98 @@ _WARM_SCRIPT = textwrap.dedent("""
     from jaxqlora.quantize import quantize_model
     from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
 
+    settings = json.loads(sys.argv[1])  # optimizer settings and seed: none may be in a compiled program
+    seed = settings.pop("seed")
+    events = {"hits": 0, "requests": 0}
+
+    def count(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            events["hits"] += 1
+        elif event == "/jax/compilation_cache/compile_requests_use_cache":
+            events["requests"] += 1
+
+    jax.monitoring.register_event_listener(count)
     cfg = ModelConfig(arch="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
     def build():
-        lm = CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+        lm = CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
         quantize_model(lm)
-        return apply_lora(lm, r=4, alpha=8.0)
+        return apply_lora(lm, r=4, alpha=8.0, dropout=0.1, seed=seed)
 
-    opt, _ = make_optimizer(1e-3, total_steps=10)
+    opt, _ = make_optimizer(**settings)
     trainer = Trainer(nnx.eval_shape(build), causal_lm_loss, opt)
     t0 = time.perf_counter()
     ex = trainer.precompile(2, (16, 32), eval_batch_size=4, log=lambda *_: None)
     print(json.dumps({"seconds": time.perf_counter() - t0, "compile": ex.total("compile"), "lower": ex.total("lower"),
-                      "cache": str(jaxqlora.compile.enable_compile_cache())}))
+                      "executables": len(ex), "cache": str(jaxqlora.compile.enable_compile_cache()), **events}))
 """)
 
 
-def test_warm_cache_compiles_at_least_5x_faster(tmp_path):
-    """Two processes share a fresh cache folder (JAXQLORA_COMPILE_CACHE): the second one's
-    compile stage is at least 5x faster, and its whole precompile (with tracing and
+def test_warm_cache_compiles_at_least_5x_faster_for_other_settings(tmp_path):
+    """Two processes share a fresh cache folder (JAXQLORA_COMPILE_CACHE); the second one
+    trains with another learning rate, step count, warmup, schedule, clipping, weight
+    decay, betas and seed. Each of its compiles is a cache hit (nothing new is written),
+    its compile stage is at least 5x faster, and its whole precompile (with tracing and
     lowering, which no cache skips) at least 2x."""
     env = dict(os.environ, JAXQLORA_COMPILE_CACHE=str(tmp_path / "xla"), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
-    def run():
-        out = subprocess.run([sys.executable, "-c", _WARM_SCRIPT], env=env, capture_output=True, text=True,
-                             timeout=300, check=True)
+    def run(**settings):
+        out = subprocess.run([sys.executable, "-c", _WARM_SCRIPT, json.dumps(settings)], env=env,
+                             capture_output=True, text=True, timeout=300, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    cold = run()
-    assert cold["cache"] == str(tmp_path / "xla") and any((tmp_path / "xla").iterdir())
-    warm = run()
+    cold = run(lr=1e-3, total_steps=10, warmup_ratio=0.03, schedule="constant", max_grad_norm=0.3,
+               weight_decay=0.0, b1=0.9, b2=0.999, seed=0)
+    assert cold["cache"] == str(tmp_path / "xla") and cold["executables"] == 4
+    assert cold["requests"] == 4 and cold["hits"] == 0, cold
+    entries = sorted(p.name for p in (tmp_path / "xla").iterdir())
+    assert entries
+    warm = run(lr=3e-4, total_steps=1154, warmup_ratio=0.1, schedule="cosine", max_grad_norm=1.0,
+               weight_decay=0.01, b1=0.8, b2=0.99, seed=5)
+    assert warm["requests"] == warm["hits"] == 4, warm  # every program found in the cache
+    assert sorted(p.name for p in (tmp_path / "xla").iterdir()) == entries
     assert warm["compile"] * 5 <= cold["compile"], (cold, warm)
     assert warm["seconds"] * 2 <= cold["seconds"], (cold, warm)
+
+
+def _program(compiled) -> str:
+    """The optimized HLO computations of an executable, without the source-location tables
+    and ``metadata={...}`` annotations (which op's location XLA keeps for a fused op varies)."""
+    text = compiled.as_text()
+    body = text[text.index("\n%") if "\n%" in text else text.index("\nENTRY"):]
+    return re.sub(r",? ?metadata=\{[^}]*\}", "", body)
+
+
+def test_parallel_precompile_gives_the_serial_executables(base):
+    """`precompile` with 4 worker threads returns the executables one worker compiles:
+    the same keys in the same order and the same optimized programs (XLA compiles both:
+    the persistent cache is off here), with one timing per executable."""
+    _, folder = base
+    cfg = load_config(folder)
+    opt, _ = make_optimizer(1e-3, total_steps=20)
+    abstract_model = nnx.eval_shape(lambda: _build(CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))))
+    got, logs = {}, {}
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        for workers in (1, 4):
+            logs[workers] = []
+            trainer = Trainer(abstract_model, classification_loss, opt)
+            got[workers] = trainer.precompile(2, (16, 32), grad_accum=2, eval_batch_size=4,
+                                              log=logs[workers].append, max_workers=workers)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+    serial, parallel = got[1], got[4]
+    assert list(parallel) == list(serial) == [k for L in (16, 32) for k in serial if k.shape[-1] == L]
+    for key in serial:  # metadata (source lines XLA keeps for a fused op) may name either op
+        assert _program(parallel[key]) == _program(serial[key]), key
+        assert set(parallel.seconds) == set(serial.seconds) and parallel.seconds[key].compile > 0
+    for workers, lines in logs.items():
+        assert sorted(line.split(" in ")[0] for line in lines[:-1]) == sorted(f"compiled {k}" for k in serial)
+        assert lines[-1].startswith(f"precompiled 4 executables in ") and f"with {workers} worker(s)" in lines[-1]
+    with pytest.raises(ValueError, match="max_workers"):
+        Trainer(abstract_model, classification_loss, opt).precompile(2, (16,), max_workers=0)
 
 
 def test_cli_precompile_only_compiles_without_loading_weights(base, tmp_path, monkeypatch, capsys):

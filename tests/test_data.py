@@ -118,3 +118,69 @@ def test_batch_spec_describes_what_batches_yields(causal_lm):
     spec = batch_spec(4, 8, causal_lm=causal_lm)
     assert {k: (v.shape, np.dtype(v.dtype)) for k, v in got.items()} == \
            {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in spec.items()}
+
+
+def test_prefetch_keeps_order_runs_ahead_in_a_thread_and_stops_early():
+    """`prefetch` yields ``fn(item)`` in order, computed in a background thread, at most
+    ``depth`` results (plus the one being made) ahead of the consumer; closing it early
+    stops reading the source; ``depth=0`` computes on demand in the caller's thread."""
+    import threading
+    import time
+
+    from jaxqlora.data import prefetch
+
+    drawn, threads = [], set()
+
+    def source(n):
+        for i in range(n):
+            drawn.append(i)
+            yield i
+
+    def fn(x):
+        threads.add(threading.current_thread().name)
+        return x * 10
+
+    with prefetch(source(100), fn, depth=2) as it:
+        assert next(it) == 0
+        time.sleep(0.3)  # the thread fills its queue, then waits
+        assert 3 <= len(drawn) <= 4, drawn  # 1 taken + 2 queued (+ 1 being put)
+        assert [next(it) for _ in range(4)] == [10, 20, 30, 40]
+    n = len(drawn)
+    time.sleep(0.2)
+    assert len(drawn) == n < 100  # closed: the source is not read further
+    assert threads == {"jaxqlora-prefetch"}
+
+    assert list(prefetch(source(5), fn, depth=3)) == [0, 10, 20, 30, 40]
+    threads.clear()
+    assert list(prefetch(source(3), fn, depth=0)) == [0, 10, 20]
+    assert threads == {threading.current_thread().name}
+    with pytest.raises(ValueError, match="depth"):
+        prefetch(source(1), fn, depth=-1)
+
+
+def test_prefetch_raises_errors_where_they_happen():
+    """An error of the source or of ``fn`` is raised by the consumer's ``next`` at the
+    item where it happened, after the items before it."""
+    from jaxqlora.data import prefetch
+
+    def source():
+        yield from (1, 2)
+        raise DataError("bad row 3")
+
+    it = prefetch(source(), depth=2)
+    assert [next(it), next(it)] == [1, 2]
+    with pytest.raises(DataError, match="bad row 3"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+
+    def fn(x):
+        if x == 2:
+            raise ValueError("cannot place item 2")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="item 2"):
+        for x in prefetch(range(5), fn, depth=1):
+            got.append(x)
+    assert got == [0, 1]

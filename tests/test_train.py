@@ -10,6 +10,7 @@ import torch
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jaxqlora.io import load_pretrained
@@ -202,16 +203,121 @@ def test_compiles_once_per_bucket_and_skips_nonfinite(base_folder):
                 "labels": jnp.asarray(np.array([[0, 1, 1, 0]], np.int32)),
                 "weight": jnp.full((1, 4), weight, jnp.float32)}
 
+    ref = optax.join_schedules([optax.linear_schedule(0.0, 1e-3, 1), optax.constant_schedule(1e-3)], [1])
+    lrs = []
     for i in range(6):
-        trainer.step(batch((16, 32)[i % 2], seed=i))
+        lrs.append(trainer.step(batch((16, 32)[i % 2], seed=i))["lr"])
     assert trainer._step._cache_size() == 2  # one executable per bucket, never again
+    np.testing.assert_allclose(jax.device_get(lrs), [float(ref(i)) for i in range(6)], rtol=1e-6)
 
     before = jax.tree_util.tree_map(np.asarray, trainer.trainable)
-    trainer.step(batch(16, seed=9, weight=float("nan")))  # NaN loss -> NaN gradients
+    m = trainer.step(batch(16, seed=9, weight=float("nan")))  # NaN loss -> NaN gradients
     after = jax.tree_util.tree_map(np.asarray, trainer.trainable)
-    assert nonfinite_steps(trainer.opt_state) == 1
+    assert nonfinite_steps(trainer.opt_state) == 1 and int(m["nonfinite_skipped"]) == 1
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
     assert trainer._step._cache_size() == 2
+    # the skipped step did not advance the schedule: the next step uses step 6's rate
+    assert float(trainer.step(batch(16, seed=10))["lr"]) == pytest.approx(float(ref(6)), rel=1e-6)
+
+
+# ------------------------------------------------ optimizer settings are state
+
+
+def _optax_schedule(lr, total, warmup, kind):
+    """What `make_optimizer` used before its settings moved into the state (optax's own)."""
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), end_value=0.0)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine"])
+@pytest.mark.parametrize("lr,total,warmup_ratio", [(2e-4, 350, 0.03), (1e-3, 7, 0.0), (3e-4, 1154, 0.03),
+                                                   (5e-5, 20, 0.95), (1e-2, 5, 1.0)])
+def test_schedule_is_optax_schedule(kind, lr, total, warmup_ratio):
+    """The learning rate the optimizer computes on device from its state equals optax's
+    ``join_schedules(linear, constant)`` / ``warmup_cosine_decay_schedule`` at every step
+    (to float32 rounding: a few ulp), past the end too; so does the returned schedule."""
+    from jaxqlora.train import learning_rate
+
+    opt, schedule = make_optimizer(lr, total_steps=total, warmup_ratio=warmup_ratio, schedule=kind)
+    warmup = max(1, int(round(warmup_ratio * total)))
+    steps = np.arange(total + 6)
+    ref = np.asarray(jax.vmap(_optax_schedule(lr, total, warmup, kind))(jnp.asarray(steps, jnp.int32)))
+
+    params = {"w": jnp.ones((3,), jnp.float32)}
+
+    @jax.jit
+    def rates(state):  # the rate each update uses, read from the state on device
+        def one(state, _):
+            return opt.update({"w": jnp.full((3,), 0.5, jnp.float32)}, state, params)[1], learning_rate(state)
+
+        return jax.lax.scan(one, state, None, length=len(steps))[1]
+
+    np.testing.assert_allclose(np.asarray(rates(opt.init(params))), ref, rtol=1e-6, atol=1e-7 * lr)
+    np.testing.assert_allclose(np.asarray(jax.vmap(schedule)(jnp.asarray(steps))), ref, rtol=1e-6, atol=1e-7 * lr)
+    assert ref.max() == pytest.approx(lr, rel=1e-6)
+
+
+def test_optimizer_is_optax_adamw_chain():
+    """Fifteen updates (one with a NaN gradient, skipped) of `make_optimizer` equal those
+    of optax's own ``apply_if_finite(chain(clip_by_global_norm, adamw(schedule)))`` with
+    the same non-default settings (rtol 1e-5: betas are float32 state, not Python
+    constants, so 1 - b2 rounds differently)."""
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.asarray(rng.normal(size=(4, 8)), jnp.float32), "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+    for kind in ("constant", "cosine"):
+        lr, total, wd, clip, b1, b2 = 1e-2, 12, 0.1, 0.5, 0.8, 0.99
+        opt, _ = make_optimizer(lr, total_steps=total, warmup_ratio=0.25, schedule=kind, weight_decay=wd,
+                                max_grad_norm=clip, b1=b1, b2=b2)
+        ref = optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(clip), optax.adamw(
+            _optax_schedule(lr, total, 3, kind), b1=b1, b2=b2, weight_decay=wd)), 20)
+        p1 = p2 = params
+        s1, s2 = opt.init(params), ref.init(params)
+        for t in range(15):
+            g = {k: jnp.asarray(rng.normal(size=v.shape) * (3.0 if t % 3 else 0.1), jnp.float32)
+                 for k, v in params.items()}  # every third gradient below the clip norm
+            if t == 5:
+                g["a"] = g["a"].at[0, 0].set(jnp.nan)
+            u1, s1 = jax.jit(opt.update)(g, s1, p1)
+            u2, s2 = jax.jit(ref.update)(g, s2, p2)
+            p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+            for k in params:
+                np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]), rtol=1e-5, atol=1e-7)
+        assert int(s1.total_notfinite) == int(s2.total_notfinite) == 1
+
+
+def _lowered_steps(folder, seed, **opt_kw):
+    """Lowered text of the train and eval steps of a Trainer over the abstract model
+    (LoRA, dropout and head seeded with ``seed``)."""
+    from jaxqlora.compile import abstract
+    from jaxqlora.data import batch_spec
+    from jaxqlora.io import load_config
+    from jaxqlora.model import CausalLM
+
+    cfg = load_config(folder)
+
+    def build():
+        lm = CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+        apply_lora(lm, r=2, alpha=4.0, dropout=0.1, seed=seed)
+        return SequenceClassifier(lm, 2, seed=seed)
+
+    trainer = Trainer(nnx.eval_shape(build), classification_loss, make_optimizer(**opt_kw)[0])
+    state = tuple(abstract(x) for x in (trainer.trainable, trainer.rng_state, trainer.opt_state, trainer.frozen))
+    train = trainer._step.lower(*state, batch_spec(4, 16, causal_lm=False, accum=2)).as_text()
+    evals = trainer._metrics.lower(state[0], state[1], state[3], batch_spec(8, 16, causal_lm=False)).as_text()
+    return train, evals
+
+
+def test_train_step_program_does_not_depend_on_settings_or_seed(base_folder):
+    """Compile once, reuse always: two runs that differ in learning rate, step count,
+    warmup, schedule kind, clipping, weight decay, betas and seed lower to the same
+    programs (so they share compiled executables and persistent-cache entries)."""
+    a = _lowered_steps(base_folder, 0, lr=2e-4, total_steps=350, warmup_ratio=0.03, schedule="cosine",
+                       max_grad_norm=0.3, weight_decay=0.0, b1=0.9, b2=0.999)
+    b = _lowered_steps(base_folder, 7, lr=1e-3, total_steps=20, warmup_ratio=0.5, schedule="constant",
+                       max_grad_norm=1.0, weight_decay=0.01, b1=0.8, b2=0.99)
+    assert a[0] == b[0]
+    assert a[1] == b[1]
 
 
 def test_resume_continues_the_same_loss_curve(base_folder, tmp_path):
