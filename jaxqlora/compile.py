@@ -4,7 +4,8 @@ Every jitted function jaxqlora runs sees inputs of a few fixed shapes: training 
 evaluation batches are padded to a sequence-length bucket (`DEFAULT_BUCKETS`), prompts to
 a prompt-length bucket (`PROMPT_BUCKETS`). `precompile` lowers and compiles each
 (function, bucket) pair once, before the weights fill the device, with
-``jax.jit(f).lower(*abstract_args).compile()``; the returned `Executables` (a dict keyed
+``jax.jit(f).lower(*abstract_args).compile()``, several compiles at once in a thread pool
+(XLA releases the GIL while it compiles); the returned `Executables` (a dict keyed
 by `BucketKey`) are what `jaxqlora.train.Trainer` and `jaxqlora.generate.generate` then
 call. An input that needs a bucket nobody compiled is an error (`BucketError`) unless the
 caller opted in to compiling new buckets (``allow_new_buckets``), so a run never

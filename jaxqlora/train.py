@@ -7,12 +7,16 @@
   the whole accumulated batch, not per micro-batch (transformers issue 34191).
 - `make_optimizer`: optax ``clip_by_global_norm`` + ``adamw`` with warmup then constant or
   cosine, wrapped in ``apply_if_finite`` (non-finite gradients skip the step and are counted).
+  Every setting (learning rate, schedule and its length, clipping, decay, betas) is held in
+  the optimizer state as device scalars (``optax.inject_hyperparams``, `scale_by_lr_schedule`),
+  so runs that differ only in them compile, and cache on disk, the same programs.
 - Metrics (`classification_metrics`, `causal_lm_metrics`) return sums over a batch, so
   evaluation adds them on the host and never runs an uncompiled op.
 - `Trainer`: the model split into trainable (LoRA + head), RNG (dropout) and frozen
   state; `Trainer.step` is one optimizer step over ``[accum, batch, ...]`` arrays,
-  `Trainer.evaluate_batch` the metric sums of one batch. `Trainer.precompile` compiles
-  both for every shape bucket ahead of time (`jaxqlora.compile`); it also works on a
+  `Trainer.evaluate_batch` the metric sums of one batch; the compiled steps take the state
+  as flat lists of arrays, so a call costs the host little. `Trainer.precompile` compiles
+  both for every shape bucket ahead of time, several at once (`jaxqlora.compile`); it also works on a
   Trainer built over an abstract model (``nnx.eval_shape``), before the weights exist,
   which `Trainer.attach` then binds to the real model.
 """
