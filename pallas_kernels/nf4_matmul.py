@@ -137,7 +137,7 @@ def _load_codes(packed_ref, code_ref, n0, byte0, mask_n, *, block_n: int, block_
     return plgpu.load(code_ref.at[nibbles])
 
 
-def _nested_scale(q, block_index, mask, nested_refs, *, nested_blocksize: int):
+def _nested_scale(q, block_index, mask, nested_refs, *, nested_blocksize: int, lead: tuple = ()):
     """Double quantization: the float32 scale of the uint8 absmax codes ``q``.
 
     ``nested_code[q] * nested_absmax[block_index // nested_blocksize] + offset`` for
@@ -146,9 +146,10 @@ def _nested_scale(q, block_index, mask, nested_refs, *, nested_blocksize: int):
     """
     nested_absmax_ref, nested_code_ref, offset_ref = nested_refs
     nested = plgpu.load(
-        nested_absmax_ref.at[lax.div(block_index, jnp.int32(nested_blocksize))],
+        nested_absmax_ref.at[(*lead, lax.div(block_index, jnp.int32(nested_blocksize)))],
         mask=mask, other=_zero(jnp.float32))
-    return plgpu.load(nested_code_ref.at[q.astype(jnp.int32)]) * nested + offset_ref[...]
+    offset = offset_ref[lead] if lead else offset_ref[...]
+    return plgpu.load(nested_code_ref.at[(*lead, q.astype(jnp.int32))]) * nested + offset
 
 
 def _load_scales(absmax_ref, nested_refs, n0, kb0, mask_n, *, block_n: int, nkb: int,
@@ -177,7 +178,7 @@ def _load_scales(absmax_ref, nested_refs, n0, kb0, mask_n, *, block_n: int, nkb:
     if nested_refs is None:
         return q.astype(jnp.float32)
     scale = _nested_scale(q, block_index, mask, nested_refs,
-                          nested_blocksize=nested_blocksize)
+                          nested_blocksize=nested_blocksize, lead=lead)
     return jnp.where(mask, scale, 0.0)
 
 
@@ -211,14 +212,15 @@ def _dequant_tile(packed_ref, absmax_ref, code_ref, nested_refs, n0, k0, mask_n,
 
 
 def _pair_luts(code, dtype) -> tuple[jax.Array, ...]:
-    """Byte -> (code[high nibble], code[low nibble]) lookup tables for the GEMV.
+    """Byte -> (code[high nibble], code[low nibble]) lookup tables for the GEMV
+    (``code [..., 16]`` -> tables ``[..., 256]``).
 
     For 16-bit activations one int32 table ``[256]`` holds both values as bf16
     bit patterns (high value in the upper half-word): one gather per byte. For
     float32 activations two exact float32 tables ``[256]`` (high, low).
     """
     byte = jnp.arange(256, dtype=jnp.int32)
-    hi, lo = code[byte >> 4], code[byte & 15]
+    hi, lo = code[..., byte >> 4], code[..., byte & 15]
     if jnp.dtype(dtype) == jnp.float32:
         return hi, lo
     bits = lambda v: lax.bitcast_convert_type(v.astype(jnp.bfloat16), jnp.uint16).astype(jnp.int32)
@@ -236,8 +238,8 @@ def _load_pairs(packed_ref, lut_refs, n0, byte0, mask_n, *, block_n: int, half: 
                    mask=jnp.broadcast_to(mask_n[:, None], (block_n, half)),
                    other=_zero(packed_ref.dtype)).astype(jnp.int32)
     if len(lut_refs) == 2:
-        return plgpu.load(lut_refs[0].at[p]), plgpu.load(lut_refs[1].at[p])
-    v = plgpu.load(lut_refs[0].at[p])
+        return plgpu.load(lut_refs[0].at[(*lead, p)]), plgpu.load(lut_refs[1].at[(*lead, p)])
+    v = plgpu.load(lut_refs[0].at[(*lead, p)])
     hi = lax.bitcast_convert_type(v & jnp.int32(-65536), jnp.float32)
     lo = lax.bitcast_convert_type(v << 16, jnp.float32)
     return hi, lo
@@ -248,9 +250,10 @@ def nf4_gemv_kernel(layer_ref, xe_ref, xo_ref, packed_ref, absmax_ref, *refs, n_
                     block_m: int, block_n: int, block_k: int, steps: int):
     """Partial ``y`` of one ``block_n`` slice of N over one K split.
 
-    ``packed`` ``[L, N, K//2]`` and ``absmax`` ``[L, N, K//blocksize]`` hold L stacked
-    weights (the decoder's layers; L = 1 for one weight); layer ``layer_ref[0]`` is read
-    in place.
+    Every weight operand holds L stacked weights (the decoder's layers; L = 1 for one
+    weight): ``packed [L, N, K//2]``, ``absmax [L, N, K//blocksize]``, the pair tables
+    ``[L, 256]``, ``nested_absmax [L, n]``, ``nested_code [L, 256]``, ``offset [L]``;
+    layer ``layer_ref[0]`` is read in place.
 
     Program ``(i, s)`` covers rows ``[i*block_n, (i+1)*block_n)`` and the K tiles
     ``[s*steps, (s+1)*steps)`` (tiles past K are masked out) and writes
@@ -401,10 +404,11 @@ def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=Non
                     num_warps: int = 4, num_stages: int = 2, mma: bool | None = None):
     """Split-K GEMV: ``x[M, K] @ W.T -> [M, N]`` for small M (decode, M <= 16).
 
-    With ``layer`` (int32 scalar), ``packed`` is ``[L, N, K//2]`` and ``absmax``
-    ``[L, N, K//blocksize]``: L stacked weights (a scanned decoder's layers), of which
-    layer ``layer`` is multiplied, read in place (no copy of the slice); ``code`` and the
-    nested operands are that layer's.
+    With ``layer`` (int32 scalar) every weight operand carries a leading axis of L
+    stacked weights (``packed [L, N, K//2]``, ``absmax [L, N, K//blocksize]``, ``code
+    [L, 16]``, ``nested_absmax [L, n]``, ``nested_code [L, 256]``, ``offset [L]``; a
+    scanned decoder's layers), of which layer ``layer`` is multiplied, read in place: no
+    copy of the slice, no extra kernel per operand.
 
     Grid ``(cdiv(N, block_n), splits)``: each program streams the packed bytes of
     ``block_n`` rows over ``cdiv(K/block_k, splits)`` K tiles, looks each byte's
@@ -417,7 +421,9 @@ def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=Non
     """
     m, k = x.shape
     if layer is None:
-        packed, absmax, layer = packed[None], absmax[None], 0
+        packed, absmax, code, layer = packed[None], absmax[None], code[None], 0
+        if nested_absmax is not None:
+            nested_absmax, nested_code, offset = nested_absmax[None], nested_code[None], offset[None]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     n = packed.shape[1]
     # Defaults from benchmarks/nf4_tune.py on an H200 (W 4096x11008): M = 1 best with
@@ -571,10 +577,16 @@ def nf4_matmul_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=N
         return nf4_gemv_pallas(x, packed, absmax, code, nested_absmax, nested_code,
                                offset, layer, **kw)
     if layer is not None:
-        packed, absmax = packed[layer], absmax[layer]
+        packed, absmax, code, nested_absmax, nested_code, offset = _layer_of(
+            layer, packed, absmax, code, nested_absmax, nested_code, offset)
     w = nf4_dequantize_pallas(packed, absmax, code, nested_absmax, nested_code, offset,
                               shape=(packed.shape[0], x.shape[1]), dtype=x.dtype, **kw)
     return _dot(x, w, 1).astype(x.dtype)
+
+
+def _layer_of(layer, *operands):
+    """Layer ``layer`` of stacked operands (None stays None)."""
+    return tuple(None if a is None else a[layer] for a in operands)
 
 
 def nf4_matmul_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_code=None,
@@ -585,7 +597,8 @@ def nf4_matmul_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_cod
     `GEMV_MAX_M`, else dequantize + one dense matmul."""
     kw = dict(blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret)
     if layer is not None:
-        packed, absmax = packed[layer], absmax[layer]
+        packed, absmax, code, nested_absmax, nested_code, offset = _layer_of(
+            layer, packed, absmax, code, nested_absmax, nested_code, offset)
     if dy.shape[0] <= GEMV_MAX_M:
         return nf4_gemv_t_pallas(dy, packed, absmax, code, nested_absmax, nested_code,
                                  offset, **kw)
@@ -743,14 +756,16 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
     stacked = None
     if layer is not None:
         layer = jnp.asarray(layer, jnp.int32)
-        pick = (lambda a: None if a is None else jnp.asarray(a)[layer])
-        nested_absmax, nested_code, offset = pick(nested_absmax), pick(nested_code), pick(offset)
-        code = pick(code if code is not None else jnp.broadcast_to(NF4_CODE, (jnp.shape(packed)[0], 16)))
-        if mode == "pallas":  # checked on layer 0's shapes; the kernel reads `layer` in place
-            stacked = (jnp.asarray(packed), jnp.asarray(absmax))
-            packed, absmax = stacked[0][0], stacked[1][0]
+        if code is None:
+            code = jnp.broadcast_to(jnp.asarray(NF4_CODE), (jnp.shape(packed)[0], 16))
+        operands = (packed, absmax, nested_absmax, nested_code, offset, code)
+        operands = tuple(None if a is None else jnp.asarray(a) for a in operands)
+        if mode == "pallas":  # checked on layer 0's shapes; the kernels index `layer`
+            stacked = operands
+            packed, absmax, nested_absmax, nested_code, offset, code = _layer_of(0, *operands)
         else:
-            packed, absmax, layer = pick(packed), pick(absmax), None
+            packed, absmax, nested_absmax, nested_code, offset, code = _layer_of(layer, *operands)
+            layer = None
 
     packed = jnp.asarray(packed)
     if packed.dtype != jnp.uint8:
@@ -814,9 +829,13 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
         raise ValueError(f"code must have shape [16], got {code.shape}")
 
     if mode == "pallas":
-        if stacked is not None:
-            packed, absmax = stacked[0], stacked[1].astype(absmax.dtype)
-        lead = () if stacked is None else packed.shape[:1]
+        lead = ()
+        if stacked is not None:  # the stacked operands, cast and shaped as layer 0's were
+            like = (packed, absmax, nested_absmax, nested_code, offset, code)
+            packed, absmax, nested_absmax, nested_code, offset, code = (
+                None if a is None else a.astype(b.dtype).reshape(a.shape[0], *b.shape)
+                for a, b in zip(stacked, like))
+            lead = packed.shape[:1]
         packed = packed.reshape(*lead, n, k // 2)
         absmax = absmax.reshape(*lead, n, k // blocksize)
     cfg = _Config(mode, (n, k), blocksize, nested_blocksize, bool(interpret))
