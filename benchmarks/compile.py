@@ -19,6 +19,7 @@ Times are `precompile`'s: lowering (tracing to StableHLO, never cached) plus com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -41,6 +42,8 @@ def worker(args) -> dict:
     from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
 
     cfg = common.MODELS[args.model]
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
     optimizer, _ = make_optimizer(2e-4, total_steps=1000)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     trainer = Trainer(common.abstract_nf4_model(cfg, lora=True, remat=args.remat), causal_lm_loss, optimizer)
@@ -61,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--length", type=int)
+    ap.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (compile time vs depth)")
     args = ap.parse_args(argv)
     if args.worker:
         common.emit(worker(args))
@@ -74,14 +78,16 @@ def main(argv=None) -> int:
             continue
         remat = remat or args.remat
         folder = tempfile.mkdtemp(prefix="jaxqlora-compile-bench-")
-        wargs = ["--worker", "--model", model, "--batch", str(batch), "--length", str(length), "--remat", remat]
+        wargs = ["--worker", "--model", model, "--batch", str(batch), "--length", str(length), "--remat", remat,
+                 "--layers", str(args.layers)]
         runs = []
         for _ in ("cold", "warm"):
             left = args.budget - (time.perf_counter() - t_start)
             runs.append(common.run_worker(__file__, wargs, left, dict(env, JAXQLORA_COMPILE_CACHE=folder)))
             print(f"# {model}: {runs[-1]}", file=sys.stderr, flush=True)
         shutil.rmtree(folder, ignore_errors=True)
-        results.append((model, f"{batch}x{length} remat={remat}", *runs))
+        layers = f", {args.layers} layers" if args.layers else ""
+        results.append((model, f"{batch}x{length} remat={remat}{layers}", *runs))
 
     device = next((f"{r['device']} | jax {r['jax']}" for _, _, c, w in results for r in (c, w) if "device" in r), "?")
     print(f"\n# precompile, {time.strftime('%Y-%m-%d')} | {device} | NF4+DQ bf16 LoRA r=16; seconds = lower + compile")
