@@ -19,6 +19,21 @@ subprocess. Cold/warm compile times: benchmarks/compile.py.
 
     python benchmarks/generate.py            # on one GPU, < 10 minutes
     python benchmarks/generate.py --smoke    # tiny shapes on the CPU
+
+Speculative decoding (issue 15; `jaxqlora.speculative`), ``--speculative ngram`` or ``draft``:
+
+- verification cost: one verification step (target forward of the last token + k drafts,
+  acceptance, cache rollback) against one plain decode step, batch 1 at a 512-token prompt,
+  k = 1..8, random NF4 weights (8B- and SmolLM2-shaped); the expected speed-up of a free
+  draft at the acceptance rate of the copy task, ``(1 - a^(k+1)) / (1 - a)`` tokens per step
+  over the cost ratio;
+- copy task, the embedded SmolLM2-135M-Instruct (bf16, greedy): "repeat this passage" over
+  a ~1,000-token passage of the embedded Rotten Tomatoes reviews, 256 new tokens, plain vs
+  speculative (k = 4 and 8): decode tokens/s, speed-up, acceptance rate, identical output.
+  ``draft`` uses the embedded model quantized to NF4 as the draft of the bf16 model.
+
+    python benchmarks/generate.py --speculative ngram            # on one GPU
+    python benchmarks/generate.py --speculative ngram --smoke    # CPU: tiny random model
 """
 
 from __future__ import annotations
@@ -102,6 +117,192 @@ def worker_ours(args) -> dict:
     return out
 
 
+def worker_verify(args) -> dict:
+    """Seconds of one plain decode step and of one verification step per k (batch 1)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxqlora.generate import SamplingConfig, _inference_model, _prefill, _step
+    from jaxqlora.speculative import accept, rollback
+
+    cfg = common.MODELS[args.model]
+    lm = common.random_nf4_model(cfg, seed=args.seed)
+    lm.scan_layers = {"auto": None, "scan": True, "unroll": False}[args.scan_layers]
+    graphdef, state = nnx.split(lm)
+    (batch, length), = args.shapes
+    greedy = SamplingConfig()
+
+    @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+    def verify(graphdef, state, tokens, cache):  # as one step of jaxqlora.speculative._speculative_loop
+        model = _inference_model(graphdef, state)
+        if model.scan_layers is None:
+            model.scan_layers = False
+        start = cache.index
+        hidden, cache = model.hidden_states(tokens, cache=cache)
+        n, nxt = accept(model.logits(hidden), tokens[:, 1:], None, jax.random.key(0), greedy)
+        keep = jnp.arange(tokens.shape[1])[None, :] < (n + 1)[:, None]
+        return nxt, rollback(cache, start, keep)
+
+    @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+    def decode(graphdef, state, token, cache):  # one step of jaxqlora.generate._decode_loop
+        return _step(_inference_model(graphdef, state), token, cache, jax.random.key(0), greedy)
+
+    @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+    def decode(graphdef, state, token, cache):  # one step of jaxqlora.generate._decode_loop
+        return _step(_inference_model(graphdef, state), token, cache, jax.random.key(0), greedy)
+
+    ids = _prompts(cfg, batch, length, args.seed)
+    mask = np.ones_like(ids)
+    steps = 3 * args.rounds + 8
+    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": {}}
+
+    def fresh(extra):
+        return _prefill(graphdef, state, ids, mask, np.int32(0), max_len=length + extra, sampling=greedy)
+
+    tok, cache, _ = fresh(steps * 10)
+    box = {"tok": tok, "cache": cache}
+
+    def step():
+        box["tok"], box["cache"] = decode(graphdef, state, box["tok"], box["cache"])
+        return box["tok"]
+
+    plain = common.bench(step, calls=1, rounds=args.rounds, warmup=2)
+    out["rows"]["plain"] = plain
+    for k in range(1, 9):
+        tok, cache, _ = fresh(steps * (k + 1) + 16)
+        drafts = jnp.asarray(np.random.default_rng(k).integers(1, cfg.vocab_size, (batch, k)), jnp.int32)
+        box = {"tok": tok, "cache": cache}
+
+        def vstep():
+            box["tok"], box["cache"] = verify(graphdef, state, jnp.concatenate([box["tok"][:, None], drafts], 1),
+                                              box["cache"])
+            return box["tok"]
+
+        out["rows"][f"k{k}"] = common.bench(vstep, calls=1, rounds=args.rounds, warmup=2)
+        print(f"# {args.model} verify k={k}: {out['rows'][f'k{k}'] * 1e3:.2f} ms (plain step {plain * 1e3:.2f} ms)",
+              file=sys.stderr, flush=True)
+    return out
+
+
+COPY_INSTRUCTION = "Repeat the following text exactly, word for word:\n\n"
+
+
+def _copy_passage(tokenizer, target_tokens: int) -> str:
+    """About ``target_tokens`` tokens of embedded Rotten Tomatoes reviews, joined."""
+    from jaxqlora import data
+
+    texts = data.load_classification().texts
+    out, n = [], 0
+    for t in texts:
+        out.append(t.strip())
+        n += len(tokenizer.encode(t))
+        if n >= target_tokens:
+            break
+    return " ".join(out)
+
+
+def worker_copy(args) -> dict:
+    """Plain vs speculative greedy decoding of the copy task: seconds, tokens, acceptance."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxqlora.compile import PROMPT_BUCKETS, bucket_for
+    from jaxqlora.generate import _encode_prompts, generate, precompile_generate
+    from jaxqlora.speculative import SpeculativeConfig
+
+    if args.model == "smoke":
+        cfg = common.MODELS["smoke"]
+        lm = common.random_nf4_model(cfg, seed=args.seed)
+        tok = common.TokenIds()
+        prompt = (_prompts(cfg, 1, 24, args.seed)[0].tolist() * 8)[:180]
+        draft = common.random_nf4_model(cfg, seed=args.seed + 1) if args.speculative == "draft" else None
+    else:
+        from jaxqlora.io import load_pretrained
+        from jaxqlora.quantize import quantize_model
+
+        lm, tok = load_pretrained(dtype=jnp.bfloat16)
+        prompt = [{"role": "user", "content": COPY_INSTRUCTION + _copy_passage(tok, args.passage)}]
+        draft = None
+        if args.speculative == "draft":
+            draft, _ = load_pretrained(dtype=jnp.bfloat16)
+            quantize_model(draft)
+    rows = _encode_prompts(tok, [prompt])
+    bucket = bucket_for(len(rows[0]), PROMPT_BUCKETS)
+    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "prompt_tokens": len(rows[0]), "runs": {}}
+    ref = None
+    for k in (0, 4, 8):
+        spec = None if k == 0 else SpeculativeConfig(args.speculative, num_draft=k)
+        kw = dict(max_new_tokens=args.new, return_ids=True)
+        ex = precompile_generate(lm, tok, batch_size=1, prompt_lens=(bucket,), max_new_tokens=args.new,
+                                 speculative=spec, draft_model=draft, log=lambda m: print(m, file=sys.stderr))
+        times, stats = [], None
+        for _ in range(args.rounds + 1):  # the first is a warm-up
+            ids, stats = generate(lm, tok, rows, executables=ex, speculative=spec, draft_model=draft,
+                                  return_stats=True, **kw)
+            times.append(stats["decode_s"])
+        decode_s = sorted(times[1:])[len(times[1:]) // 2]
+        if k == 0:
+            ref = ids
+        out["runs"][str(k)] = {"decode_s": decode_s, "new_tokens": stats["new_tokens"],
+                               "tok_s": (stats["new_tokens"] - 1) / decode_s,
+                               "acceptance": stats.get("acceptance_rate"), "identical": ids == ref,
+                               "tokens_per_step": stats.get("tokens_per_step")}
+        print(f"# copy k={k}: {out['runs'][str(k)]}", file=sys.stderr, flush=True)
+    return out
+
+
+def speculative_main(args) -> int:
+    """``--speculative``: the verification-cost and copy-task tables."""
+    t_start = time.perf_counter()
+    env = {"JAX_PLATFORMS": "cpu"} if args.smoke else {}
+    models = ["smoke"] if args.smoke else [m for m, _, _ in MODELS if args.only in m]
+    shape = "1x32" if args.smoke else "1x512"
+    rounds = 2 if args.smoke else args.rounds
+    common_args = ["--rounds", str(rounds), "--scan-layers", args.scan_layers, "--speculative", args.speculative]
+    copy = common.run_worker(__file__, ["--worker", "copy", "--model", "smoke" if args.smoke else "embedded",
+                                        "--new", str(16 if args.smoke else 256), "--passage", str(args.passage)]
+                             + common_args, args.budget / 2, env)
+    verify = {m: common.run_worker(__file__, ["--worker", "verify", "--model", m, "--shapes", shape] + common_args,
+                                   args.budget - (time.perf_counter() - t_start), env) for m in models}
+    runs = copy.get("runs", {})
+    print(f"\n# speculative decoding ({args.speculative}), {time.strftime('%Y-%m-%d')} | "
+          f"{copy.get('device', '?')} | jax {copy.get('jax', '?')}")
+    if "error" in copy:
+        print(f"copy task: {copy['error']}")
+    else:
+        print(f"\ncopy task: {'tiny random model' if args.smoke else 'embedded SmolLM2-135M-Instruct bf16'}, "
+              f"{copy['prompt_tokens']}-token prompt, greedy, median of {rounds}")
+        print("| k | decode tokens/s | speed-up | acceptance | tokens per target step | identical output | target |")
+        print("|---|---|---|---|---|---|---|")
+        base = runs["0"]["tok_s"]
+        for k, r in runs.items():
+            up = r["tok_s"] / base
+            tgt = "" if k == "0" or args.speculative != "ngram" else (">= 2.0x " + ("met" if up >= 2.0 else "not met"))
+            acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
+            tps = "" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}"
+            print(f"| {k or 'plain'} | {r['tok_s']:,.1f} | {up:.2f}x | {acc} | {tps} | {r['identical']} | {tgt} |")
+    alpha = next((r["acceptance"] for k, r in runs.items() if k == "4" and r["acceptance"] is not None), None)
+    print(f"\nverification cost, batch 1 x {shape.split('x')[1]}, random NF4 weights; expected speed-up of a free "
+          f"draft at acceptance {'?' if alpha is None else f'{alpha:.2f}'} (copy task, k = 4)")
+    print("| model | k | verify ms | plain step ms | ratio | target | expected speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for m, r in verify.items():
+        if "rows" not in r:
+            print(f"| {m} | | {r.get('error', '?')} | | | | |")
+            continue
+        plain = r["rows"]["plain"]
+        for k in range(1, 9):
+            t = r["rows"][f"k{k}"]
+            tgt = "" if k != 4 or m != "llama3-8b" else ("<= 1.3x " + ("met" if t / plain <= 1.3 else "not met"))
+            exp = "" if alpha is None else f"{(1 - alpha ** (k + 1)) / (1 - alpha) / (t / plain) if alpha < 1 else (k + 1) / (t / plain):.2f}x"
+            print(f"| {m} | {k} | {t * 1e3:.2f} | {plain * 1e3:.2f} | {t / plain:.2f}x | {tgt} | {exp} |")
+    return 0
+
+
 def worker_peer(args) -> dict:
     import numpy as np
     import torch
@@ -135,7 +336,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run")
-    ap.add_argument("--worker", choices=["ours", "peer"])
+    ap.add_argument("--worker", choices=["ours", "peer", "verify", "copy"])
+    ap.add_argument("--speculative", choices=["ngram", "draft"], default=None,
+                    help="speculative decoding tables instead: verification cost for k = 1..8 and the copy task")
+    ap.add_argument("--passage", type=int, default=1000, help="--speculative: tokens of the passage to copy")
     ap.add_argument("--model")
     ap.add_argument("--shapes", default="", help="worker: batch x prompt pairs, e.g. 1x512,8x512")
     ap.add_argument("--new", type=int, default=NEW)
@@ -145,9 +349,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.worker:
-        args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        common.emit(worker_ours(args) if args.worker == "ours" else worker_peer(args))
+        args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else []
+        workers = {"ours": worker_ours, "peer": worker_peer, "verify": worker_verify, "copy": worker_copy}
+        common.emit(workers[args.worker](args))
         return 0
+    if args.speculative:
+        return speculative_main(args)
 
     t_start = time.perf_counter()
     models, shapes, new = (SMOKE["models"], SMOKE["shapes"], SMOKE["new"]) if args.smoke else (MODELS, SHAPES, NEW)

@@ -10,6 +10,7 @@
     jaxqlora merge    --adapter DIR --output DIR [--model PATH]
     jaxqlora generate --prompt "What is the capital of France?" [--model PATH] [--adapter DIR]
                       [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                      [--speculative {ngram,draft} [--draft-model PATH] [--num-draft N]]
 
 ``--model`` takes an HF folder or a ``.gguf`` file; without it the embedded
 SmolLM2-135M-Instruct is used, and without ``--data`` the embedded Rotten Tomatoes set.
@@ -203,6 +204,8 @@ def _cmd_generate(args) -> int:
     else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
+    if args.speculative:
+        return _generate_speculative(args, model, tokenizer, prompt, load_s)
     t1 = time.perf_counter()
     first = None
     n = 0
@@ -221,6 +224,40 @@ def _cmd_generate(args) -> int:
         rate = "n/a"
     print(f"[load {load_s:.1f} s | first token {((first or end) - t1):.1f} s (compiles prefill and decode) | "
           f"{n} pieces, {rate} | {jax.default_backend()}]", file=sys.stderr)
+    return 0
+
+
+def _generate_speculative(args, model, tokenizer, prompt, load_s: float) -> int:
+    """``generate --speculative``: compile for the prompt's bucket, generate the whole text, print it and
+    a line of statistics (acceptance rate, tokens/s) to stderr."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxqlora.compile import PROMPT_BUCKETS, bucket_for
+    from jaxqlora.generate import _encode_prompts, generate, precompile_generate
+    from jaxqlora.io import load_pretrained
+    from jaxqlora.speculative import SpeculativeConfig
+
+    t0 = time.perf_counter()
+    draft = None
+    if args.draft_model:
+        draft, _ = load_pretrained(args.draft_model, dtype=getattr(jnp, args.dtype))
+    load_s += time.perf_counter() - t0
+    spec = SpeculativeConfig(args.speculative, num_draft=args.num_draft)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    bucket = bucket_for(len(_encode_prompts(tokenizer, prompt)[0]), PROMPT_BUCKETS, allow_new=True)
+    t1 = time.perf_counter()
+    ex = precompile_generate(model, tokenizer, batch_size=1, prompt_lens=(bucket,), speculative=spec,
+                             draft_model=draft, log=lambda m: None, **kw)
+    compile_s = time.perf_counter() - t1
+    text, st = generate(model, tokenizer, prompt, seed=args.seed, executables=ex, speculative=spec,
+                        draft_model=draft, return_stats=True, **kw)
+    print(text)
+    print(f"[load {load_s:.1f} s | compile {compile_s:.1f} s | prefill {st['prefill_s']:.2f} s | "
+          f"{st['new_tokens']} tokens, {st['tokens_per_s']:.1f} tokens/s after the first | speculative "
+          f"{args.speculative} k={args.num_draft}: acceptance {st['acceptance_rate']:.0%} "
+          f"({st['accepted']}/{st['drafted']} drafts), {st['tokens_per_step']:.2f} tokens per target step | "
+          f"{jax.default_backend()}]", file=sys.stderr)
     return 0
 
 
@@ -402,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=probability, default=1.0,
                    help="nucleus sampling: smallest set of tokens with this total probability, in (0, 1]; 1 = off")
     g.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed")
+    g.add_argument("--speculative", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding: prompt lookup (ngram) or a draft model (draft, needs --draft-model); "
+                        "the text is printed when complete, with the acceptance rate (default: off)")
+    g.add_argument("--draft-model", type=existing_path, default=None, metavar="PATH",
+                   help="HF folder or .gguf file of a draft model sharing the tokenizer (default: none)")
+    g.add_argument("--num-draft", type=positive_int, default=4,
+                   help="--speculative: draft tokens verified per step (k)")
     g.set_defaults(func=_cmd_generate, check=functools.partial(_check_generate, g))
     return parser
 
@@ -432,8 +476,13 @@ def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A classification adapter (PEFT ``task_type`` SEQ_CLS) is refused: its LoRA weights were trained
-    with a score head in place of the LM head, which ``generate`` does not use."""
+    """``--speculative draft`` needs ``--draft-model`` and ``--draft-model`` needs it. A classification
+    adapter (PEFT ``task_type`` SEQ_CLS) is refused: its LoRA weights were trained with a score head in
+    place of the LM head, which ``generate`` does not use."""
+    if args.speculative == "draft" and args.draft_model is None:
+        parser.error("argument --speculative: draft needs --draft-model PATH")
+    if args.draft_model is not None and args.speculative != "draft":
+        parser.error("argument --draft-model: only used with --speculative draft")
     if args.adapter is None:
         return
     import json

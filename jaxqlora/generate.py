@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 import warnings
 from typing import Iterator
 
@@ -188,7 +189,8 @@ def _prompt_bucket(executables: Executables | None, longest: int, prefill_key: B
     return bucket_for(longest, have or PROMPT_BUCKETS, allow_new=executables.allow_new_buckets)
 
 
-def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, executables):
+def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, executables,
+             extra_slots: int = 0):
     rows = _encode_prompts(tokenizer, prompts)
     longest = max(len(r) for r in rows)
     ctx = model.config.max_position_embeddings
@@ -200,7 +202,8 @@ def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_
             f"context of {ctx} tokens (max_position_embeddings)")
     sampling = SamplingConfig(float(temperature), int(top_k or 0), float(top_p))
     graphdef, state = nnx.split(model)
-    prompt_len = _prompt_bucket(executables, longest, _prefill_key(len(rows), 0, max_new_tokens, sampling, graphdef))
+    prompt_len = _prompt_bucket(executables, longest,
+                                _prefill_key(len(rows), 0, max_new_tokens + extra_slots, sampling, graphdef))
     ids, mask = _left_pad(rows, _pad_id(tokenizer), prompt_len)
     return rows, ids, mask, sampling, graphdef, state, np.asarray(seed, np.int32), prompt_len
 
@@ -249,7 +252,7 @@ def _generation_jobs(graphdef, state, model_cfg, dtype, batch, prompt_len, max_n
 def precompile_generate(model: CausalLM, tokenizer, *, batch_size: int = 1, prompt_lens=PROMPT_BUCKETS[:6],
                         max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                         ignore_eos: bool = False, stream: bool = False, allow_new_buckets: bool = False,
-                        log=print) -> Executables:
+                        log=print, speculative=None, draft_model: CausalLM | None = None) -> Executables:
     """Compile generation ahead of time for ``batch_size`` prompts in each bucket of ``prompt_lens``.
 
     Args:
@@ -264,6 +267,8 @@ def precompile_generate(model: CausalLM, tokenizer, *, batch_size: int = 1, prom
       allow_new_buckets: later calls needing another bucket compile it (logged) instead
         of raising `BucketError`.
       log: receives per-executable compile times.
+      speculative, draft_model: compile speculative generation instead (as `generate` takes
+        them; `jaxqlora.speculative.speculative_jobs`); ``draft_model`` may be abstract too.
 
     Returns:
       `Executables` to pass as ``executables=`` to `generate` / `stream`.
@@ -272,6 +277,14 @@ def precompile_generate(model: CausalLM, tokenizer, *, batch_size: int = 1, prom
     graphdef, state = nnx.split(model)
     out = Executables(allow_new_buckets=allow_new_buckets, log=log)
     jobs = {}
+    if speculative is not None or draft_model is not None:
+        from jaxqlora.speculative import speculative_config, speculative_jobs
+
+        spec = speculative_config(speculative, draft_model)
+        for p in sorted(set(prompt_lens)):
+            jobs.update(speculative_jobs(model, draft_model, batch_size, p, max_new_tokens, sampling,
+                                         _eos_ids(tokenizer, ignore_eos), _pad_id(tokenizer), spec))
+        return precompile(jobs, into=out, desc="precompile speculative generate")
     for p in sorted(set(prompt_lens)):
         jobs.update(_generation_jobs(graphdef, state, model.config, model.dtype, batch_size, p, max_new_tokens,
                                      sampling, _eos_ids(tokenizer, ignore_eos), _pad_id(tokenizer),
@@ -288,7 +301,8 @@ def _call(executables: Executables | None, key: BucketKey, jobs, jitted, dynamic
 
 def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, return_ids: bool = False,
-             ignore_eos: bool = False, executables: Executables | None = None):
+             ignore_eos: bool = False, executables: Executables | None = None, speculative=None,
+             draft_model: CausalLM | None = None, return_stats: bool = False):
     """Generate a continuation for one prompt or a batch of prompts.
 
     Args:
@@ -304,32 +318,70 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
       ignore_eos: always make ``max_new_tokens`` tokens (for benchmarks).
       executables: from `precompile_generate` with the same settings; then nothing is
         compiled here. Without them, each prompt bucket compiles on first use.
+      speculative: speculative decoding (`jaxqlora.speculative`): ``"ngram"`` (prompt
+        lookup), ``"draft"`` (needs ``draft_model``) or a
+        `jaxqlora.speculative.SpeculativeConfig` (k = ``num_draft``, default 4). Greedy output
+        equals plain greedy decoding; sampled output has the target's distribution.
+      draft_model: a `CausalLM` sharing the tokenizer (same vocabulary size); alone it means
+        ``speculative="draft"``.
+      return_stats: also return a dict of statistics: ``new_tokens`` (emitted, EOS
+        included), ``prefill_s``, ``decode_s`` (after the first token, read-back included),
+        ``tokens_per_s`` (new tokens after the first over ``decode_s``, all rows), and with
+        speculation ``steps`` (target forwards per row, summed), ``drafted``, ``accepted``,
+        ``acceptance_rate`` (accepted / drafted), ``tokens_per_step`` and
+        ``accept_lengths`` (how often 0..k drafts were accepted).
 
     Returns:
-      The generated text (special tokens and the stop token removed); a list for a batch.
+      The generated text (special tokens and the stop token removed); a list for a batch;
+      ``(that, stats)`` with ``return_stats``.
 
     Raises:
       ContextLengthError: prompt length + max_new_tokens exceeds ``max_position_embeddings``.
       BucketError: ``executables`` lack this batch size, these settings, or a prompt
         bucket long enough (unless they allow new buckets).
-      ValueError: empty prompt, or bad sampling settings.
+      ValueError: empty prompt, bad sampling settings, or bad speculative settings (see
+        `jaxqlora.speculative.speculative_config`, `jaxqlora.speculative.check_draft_model`).
     """
+    spec = None
+    if speculative is not None or draft_model is not None:
+        from jaxqlora.speculative import speculative_config
+
+        spec = speculative_config(speculative, draft_model)
     rows, ids, mask, sampling, graphdef, state, seed, prompt_len = _prepare(
         model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, executables)
     b, max_len = len(rows), prompt_len + max_new_tokens
     eos_ids, pad_id = _eos_ids(tokenizer, ignore_eos), _pad_id(tokenizer)
+    stats = {}
+    t0 = time.perf_counter()
+    if spec is not None:
+        from jaxqlora.speculative import speculative_decode
 
-    def jobs():
-        return _generation_jobs(graphdef, state, model.config, model.dtype, b, prompt_len, max_new_tokens, sampling,
-                                eos_ids, pad_id)
+        res = speculative_decode(model, ids, mask, max_new_tokens=max_new_tokens, spec=spec, draft_model=draft_model,
+                                 sampling=sampling, seed=int(seed), eos_ids=eos_ids, pad_id=pad_id,
+                                 executables=executables, timings=stats if return_stats else None)
+        out, n = res.tokens, res.columns
+        st = res.stats
+        stats.update(steps=int(st.steps.sum()), drafted=int(st.drafted.sum()), accepted=int(st.accepted.sum()),
+                     acceptance_rate=float(st.accepted.sum() / max(int(st.drafted.sum()), 1)),
+                     accept_lengths=[int(v) for v in st.lengths])
+    else:
+        def jobs():
+            return _generation_jobs(graphdef, state, model.config, model.dtype, b, prompt_len, max_new_tokens,
+                                    sampling, eos_ids, pad_id)
 
-    first, cache, key = _call(executables, _prefill_key(b, prompt_len, max_new_tokens, sampling, graphdef), jobs,
-                              _prefill, (state, *jax.device_put((ids, mask)), seed),
-                              dict(max_len=max_len, sampling=sampling), graphdef)
-    out, n = _call(executables, _decode_key(b, max_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef), jobs,
-                   _decode_loop, (state, first, cache, key),
-                   dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id), graphdef)
-    out, n = jax.device_get((out, n))  # one read-back
+        first, cache, key = _call(executables, _prefill_key(b, prompt_len, max_new_tokens, sampling, graphdef), jobs,
+                                  _prefill, (state, *jax.device_put((ids, mask)), seed),
+                                  dict(max_len=max_len, sampling=sampling), graphdef)
+        if return_stats:
+            jax.block_until_ready(first)
+            stats["prefill_s"] = time.perf_counter() - t0
+        out, n = _call(executables, _decode_key(b, max_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef),
+                       jobs, _decode_loop, (state, first, cache, key),
+                       dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id),
+                       graphdef)
+        out, n = jax.device_get((out, n))  # one read-back
+    if return_stats:
+        stats["decode_s"] = time.perf_counter() - t0 - stats["prefill_s"]
     out = out[:, : int(n)]
     results = []
     for row in out:
@@ -340,7 +392,23 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
                 break
         results.append(toks if return_ids else tokenizer.decode(
             [t for t in toks if t not in eos_ids], skip_special_tokens=True))
-    return results[0] if _is_single(prompts) else results
+    results = results[0] if _is_single(prompts) else results
+    if not return_stats:
+        return results
+    made = sum(_emitted(row, eos_ids, pad_id) for row in out)
+    stats["new_tokens"] = made
+    stats["tokens_per_s"] = (made - b) / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
+    if spec is not None:
+        stats["tokens_per_step"] = (made - b) / max(stats["steps"], 1)
+    return results, stats
+
+
+def _emitted(row, eos_ids, pad_id) -> int:
+    """New tokens in one output row: up to and including its first EOS, else the whole row."""
+    for i, t in enumerate(row):
+        if int(t) in eos_ids:
+            return i + 1
+    return len(row)
 
 
 def stream(model: CausalLM, tokenizer, prompt, max_new_tokens: int = 128, temperature: float = 0.0,
