@@ -3,7 +3,7 @@
     jaxqlora finetune [--model PATH] [--data FILE --text-column C --label-column L | --task causal-lm ...]
                       [--rank R --alpha A --targets ...] [--max-steps N --epochs E --batch-size B
                       --grad-accum G --lr LR --max-seq-len T] [--output DIR] [--resume | --overwrite]
-                      [--remat [full|dots]] [--precompile-only]
+                      [--remat [full|dots]] [--precompile-only | --dry-run]
                       [--mesh data=N,fsdp=M] [--distributed [--coordinator-address HOST:PORT
                       --num-processes P --process-id I]]
     jaxqlora eval     --adapter DIR [--model PATH] [--data FILE ...]
@@ -302,12 +302,18 @@ def _cmd_finetune(args) -> int:
 
     cfg = _finetune_config(args)
     process = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID") or 0)
-    if args.overwrite and not args.precompile_only and process == 0:
+    if args.overwrite and not (args.precompile_only or args.dry_run) and process == 0:
         _remove_earlier_run(args.output)
     results = finetune(cfg, log=lambda m: print(m, file=sys.stderr))
     if cfg.precompile_only:
         print(f"precompiled {len(results['precompiled'])} executables in {results['compile_seconds']:.1f} s "
               f"(persistent cache: {jax_cache_dir()})")
+        return 0
+    if cfg.dry_run:
+        from jaxqlora.finetune import format_memory
+
+        print(format_memory(results["memory"], results["capacity_bytes"]))
+        print("fits" if results["fits"] else "does not fit: drop --dry-run to get settings that fit")
         return 0
     if cfg.distributed:
         from jaxqlora.sharding import is_primary
@@ -316,7 +322,8 @@ def _cmd_finetune(args) -> int:
             return 0
     for split in ("validation", "test", "baseline"):
         _print_metrics(split, results[split])
-    print(f"{results['steps']} steps in {results['train_seconds']:.0f} s "
+    print(f"{results['steps']} steps ({results['epochs']:g} epochs of {results['train_rows']} rows) "
+          f"in {results['train_seconds']:.0f} s "
           f"({results['train_seconds'] / max(results['steps'], 1):.2f} s/step incl. compilation); "
           f"total {results['seconds']:.0f} s; adapter in {cfg.output}/adapter")
     return 0
@@ -326,7 +333,7 @@ def _cmd_eval(args) -> int:
     from jaxqlora.finetune import evaluate_adapter
 
     cfg = _finetune_config(args)
-    for split, metrics in evaluate_adapter(cfg, args.adapter).items():
+    for split, metrics in evaluate_adapter(cfg, args.adapter, log=lambda m: print(m, file=sys.stderr)).items():
         _print_metrics(split, metrics)
     return 0
 
@@ -399,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "off without the flag")
     f.add_argument("--precompile-only", action="store_true",
                    help="compile every train/eval step for its shape buckets (warming the on-disk cache) and exit")
+    f.add_argument("--dry-run", action="store_true",
+                   help="compile (shapes only), print the device memory the run needs and the device's, and exit "
+                        "without loading weights")
     f.add_argument("--mesh", type=mesh_spec, default=None, metavar="data=N,fsdp=M",
                    help="train on N x M devices: batch split over all, frozen weights sharded over fsdp "
                         "(default: one device)")
@@ -503,7 +513,7 @@ def _check_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     _check_data(parser, args)
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with --resume")
-    if not (args.resume or args.overwrite or args.precompile_only):
+    if not (args.resume or args.overwrite or args.precompile_only or args.dry_run):
         earlier = _earlier_run(args.output)
         if earlier:
             parser.error(f"argument --output: {args.output} already holds a run ({', '.join(earlier)}); "
@@ -520,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     is loaded (``--help`` returns 0). Errors raised on purpose by jaxqlora (bad checkpoint or
     data file, prompt too long, missing embedded model) and operating-system errors (a disk
     that is full, a folder that cannot be written) print one ``error:`` line to stderr and
-    return 2; ``--debug`` shows their traceback instead. Ctrl-C returns 130.
+    return 2; ``--debug`` shows their traceback instead. Ctrl-C returns 130 (during
+    ``finetune``'s training, after the current step and a checkpoint: ``--resume`` continues).
     """
     from jaxqlora.errors import JaxQLoRAError
 
@@ -539,10 +550,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # finetune's TrainingInterrupted says where it stopped and what was saved
         if getattr(args, "debug", False):
             raise
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

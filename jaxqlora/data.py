@@ -80,19 +80,42 @@ def read_rows(path: str | Path) -> list[dict]:
                 for n, line in enumerate(fh, 1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            row = json.loads(line)
                         except json.JSONDecodeError as e:
                             raise DataError(f"{path}: line {n} is not JSON ({e})") from e
+                        if not isinstance(row, dict):
+                            raise DataError(f"{path}: line {n} is a JSON {type(row).__name__}, not an object "
+                                            "of columns")
+                        rows.append(row)
                 return rows
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: unreadable ({e})") from e
     raise DataError(f"{path}: expected .csv, .jsonl or .json (optionally .bz2/.gz)")
 
 
-def _column(rows: list[dict], name: str, path) -> list[str]:
-    if rows and name not in rows[0]:
-        raise DataError(f"{path}: column {name!r} not found; columns are {sorted(rows[0])}")
-    return ["" if r.get(name) is None else str(r[name]) for r in rows]
+def _columns(rows: list[dict]) -> list[str]:
+    """Every column name of the rows, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        seen.update(dict.fromkeys(k for k in r if k is not None))
+    return list(seen)
+
+
+def _column(rows: list[dict], name: str, path, what: str = "column", required: bool = False) -> list[str]:
+    """The values of column ``name`` as strings (a missing value is ``""``).
+
+    Raises:
+      DataError: no row has the column (the message lists the columns the file has), or,
+        with ``required``, a row lacks a value (named by its row number).
+    """
+    if rows and not any(name in r for r in rows):
+        raise DataError(f"{path}: {what} {name!r} not found; the file's columns are {_columns(rows)}")
+    values = ["" if r.get(name) is None else str(r[name]) for r in rows]
+    if required:
+        for i, v in enumerate(values):
+            if not v.strip():
+                raise DataError(f"{path}: row {i + 1} has no value in {what} {name!r}")
+    return values
 
 
 def load_classification(path: str | Path | None = None, text_column: str = "text",
@@ -120,10 +143,13 @@ def load_classification(path: str | Path | None = None, text_column: str = "text
         rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
-    texts, raw = _column(rows, text_column, path), _column(rows, label_column, path)
+    texts = _column(rows, text_column, path, "text column")
+    raw = _column(rows, label_column, path, "label column", required=True)
     names = tuple(sorted(set(raw)))
     if len(names) < 2:
-        raise DataError(f"{path}: column {label_column!r} has fewer than 2 classes ({names})")
+        raise DataError(f"{path}: label column {label_column!r} has {len(names)} class"
+                        f"{'' if len(names) == 1 else 'es'} ({', '.join(map(repr, names))}); classification "
+                        "needs at least 2")
     index = {n: i for i, n in enumerate(names)}
     return TextDataset(texts, np.array([index[v] for v in raw], np.int32), label_names=names)
 
@@ -133,12 +159,13 @@ def load_prompt_response(path: str | Path, prompt_column: str = "prompt",
     """Prompt/response pairs for causal-LM fine-tuning (a CSV/JSONL file).
 
     Raises:
-      DataError: unreadable file or missing column.
+      DataError: unreadable file or missing column (the message lists the file's columns).
     """
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
-    return TextDataset(_column(rows, prompt_column, path), responses=_column(rows, response_column, path))
+    return TextDataset(_column(rows, prompt_column, path, "prompt column"),
+                       responses=_column(rows, response_column, path, "response column"))
 
 
 def sentiment_as_prompts(ds: TextDataset) -> TextDataset:
@@ -158,14 +185,24 @@ def split(ds: TextDataset, test_size: float = 0.2, val_size: float = 0.1, seed: 
     (Rotten Tomatoes: majority 57.8%, TF-IDF + logistic regression 78.3%); validation is a
     stratified ``val_size`` fraction of the rest. Causal-LM sets without labels are split
     without stratification.
+
+    Raises:
+      DataError: too few rows, or a class with too few rows to appear in every split.
     """
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(ds))
     strat = ds.labels
-    rest, test = train_test_split(idx, test_size=test_size, random_state=seed, stratify=strat)
-    rest_strat = None if strat is None else strat[rest]
-    train, val = train_test_split(rest, test_size=val_size, random_state=seed, stratify=rest_strat)
+    try:
+        rest, test = train_test_split(idx, test_size=test_size, random_state=seed, stratify=strat)
+        rest_strat = None if strat is None else strat[rest]
+        train, val = train_test_split(rest, test_size=val_size, random_state=seed, stratify=rest_strat)
+    except ValueError as e:  # too few rows, or a class too rare to reach every split
+        counts = "" if strat is None else "; rows per class: " + ", ".join(
+            f"{ds.label_names[c] if c < len(ds.label_names) else c!r}: {n}"
+            for c, n in zip(*np.unique(strat, return_counts=True)))
+        raise DataError(f"{len(ds)} rows cannot be split into train, validation ({val_size:g} of the rest) and "
+                        f"test ({test_size:g}){counts} ({e})") from None
     return {"train": ds.subset(train), "validation": ds.subset(val), "test": ds.subset(test)}
 
 

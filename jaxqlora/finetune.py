@@ -14,6 +14,19 @@ its shape buckets over the abstract model (`Trainer.precompile`, cached on disk 
 `jaxqlora.compile`), and only then are the weights loaded; the run itself compiles nothing
 more. ``precompile_only`` stops after compiling (``jaxqlora finetune --precompile-only``
 warms the cache).
+
+Every setting is checked when the `FinetuneConfig` is made (`FinetuneConfig.validate`), and
+the data (columns, classes, split sizes) before the model is loaded; the output folder is
+created only when training starts, so a run that fails earlier leaves none behind.
+
+Kills and interrupts: checkpoints are written to a temporary folder and renamed into place
+(orbax), the adapter folder is written aside and swapped in with one rename, and
+``results.json`` / ``metrics.jsonl`` are rewritten atomically, so a process killed at any
+moment (SIGKILL included) leaves the last complete checkpoint and adapter readable, and
+``resume=True`` continues from that checkpoint to the weights an uninterrupted run gets
+(bit for bit on CPU); ``metrics.jsonl`` is cut back to the resumed step. SIGINT (Ctrl-C)
+or SIGTERM during training finishes the current step, saves a checkpoint and raises
+`TrainingInterrupted`; a second one aborts at once (the checkpoints stay intact).
 """
 
 from __future__ import annotations
@@ -21,7 +34,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,8 +50,10 @@ from flax import nnx
 
 from jaxqlora import data as D
 from jaxqlora import sharding
+from jaxqlora.checkpoint import kill_point
 from jaxqlora.compile import buckets_up_to
-from jaxqlora.io.atomic import atomic_write_json
+from jaxqlora.errors import JaxQLoRAError
+from jaxqlora.io.atomic import atomic_write_bytes, atomic_write_dir, atomic_write_json, remove_leftovers
 from jaxqlora.lora import ALL_TARGETS, apply_lora
 from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, classification_loss, make_optimizer,
                             nonfinite_steps)
@@ -61,7 +80,9 @@ class FinetuneConfig:
       lr, schedule, warmup_ratio, weight_decay, max_grad_norm: optimizer settings.
       max_seq_len: longer texts are truncated; buckets: sequence-length buckets (<= max_seq_len used).
       eval_batch_size: batch size of evaluation.
-      output: output folder; resume: continue from its latest checkpoint.
+      output: output folder; resume: continue from its latest checkpoint; overwrite: delete an
+        earlier run's adapter, checkpoints, metrics and results there when training starts
+        (without ``resume`` or ``overwrite``, an output folder holding a run is refused).
       checkpoint_every: steps between checkpoints (0 = only at the end).
       log_every: steps between metric records.
       seed: data order, LoRA init, dropout.
@@ -70,6 +91,10 @@ class FinetuneConfig:
         (keep matmul outputs, recompute elementwise work); see `jaxqlora.model.remat_policy`.
       precompile_only: compile every step for its buckets (warming the persistent cache)
         and return without loading weights or training (single device only).
+      dry_run: compile (shapes only), estimate the device memory the run needs
+        (`memory_estimate`) and return it without loading weights (single device only).
+      check_memory: before loading the weights, refuse a run whose estimate exceeds the
+        device's memory (`MemoryEstimateError`, with settings that would fit).
       mesh: ``"data=N,fsdp=M"`` (`jaxqlora.sharding.parse_mesh`): train on N x M devices,
         the batch split over all of them, frozen weights sharded over ``fsdp``. None: one
         device, or every device data-parallel with ``distributed``.
@@ -109,17 +134,166 @@ class FinetuneConfig:
     eval_batch_size: int = 64
     output: str = "runs/finetune"
     resume: bool = False
+    overwrite: bool = False
     checkpoint_every: int = 0
     log_every: int = 10
     seed: int = 0
     dtype: str = "bfloat16"
     remat: bool | str = False
     precompile_only: bool = False
+    dry_run: bool = False
+    check_memory: bool = True
     mesh: str | None = None
     distributed: bool = False
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.targets, list):
+            self.targets = tuple(self.targets)
+        if isinstance(self.buckets, list):
+            self.buckets = tuple(self.buckets)
+        self.validate()
+
+    def validate(self) -> "FinetuneConfig":
+        """Check every field (types, ranges, choices, combinations); returns self.
+
+        Called when the config is made and again by `finetune` (fields may have been
+        changed since); touches no file.
+
+        Raises:
+          FinetuneConfigError: the first bad field, named with its value.
+        """
+        bad = FinetuneConfigError
+        for name in ("quantize", "use_rslora", "group_by_length", "resume", "overwrite", "precompile_only",
+                     "dry_run", "check_memory", "distributed"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise bad(name, getattr(self, name), "must be True or False")
+        for name, low in (("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("max_seq_len", 1),
+                          ("eval_batch_size", 1), ("log_every", 1), ("max_steps", 0), ("checkpoint_every", 0),
+                          ("seed", 0)):
+            _check_int(self, name, low)
+        for name, low, high, closed in (("alpha", 0.0, None, False), ("epochs", 0.0, None, False),
+                                        ("lr", 0.0, None, False), ("dropout", 0.0, 1.0, None),
+                                        ("warmup_ratio", 0.0, 1.0, True), ("weight_decay", 0.0, None, True),
+                                        ("max_grad_norm", 0.0, None, False)):
+            _check_float(self, name, low, high, closed)
+        for name, choices in (("task", ("classification", "causal-lm")), ("pooling", ("last", "mean")),
+                              ("schedule", ("cosine", "constant")), ("dtype", ("bfloat16", "float32"))):
+            if getattr(self, name) not in choices:
+                raise bad(name, getattr(self, name), f"must be one of {', '.join(map(repr, choices))}")
+        if self.remat not in (False, True, "none", "full", "dots"):
+            raise bad("remat", self.remat, "must be False, True, 'none', 'full' or 'dots'")
+        for name in ("text_column", "label_column", "prompt_column", "response_column", "output"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+                raise bad(name, value, "must be a non-empty string")
+        for name in ("model", "data"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
+                raise bad(name, value, "must be a path or None")
+        if not isinstance(self.targets, tuple) or not self.targets or not set(self.targets) <= set(ALL_TARGETS):
+            raise bad("targets", self.targets, f"must be a non-empty tuple of {', '.join(ALL_TARGETS)}")
+        if (not isinstance(self.buckets, tuple) or not self.buckets
+                or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1
+                           for b in self.buckets)):
+            raise bad("buckets", self.buckets, "must be a non-empty tuple of positive integers")
+        if self.task == "causal-lm" and self.max_seq_len < 2:
+            raise bad("max_seq_len", self.max_seq_len, "must be at least 2 for task 'causal-lm'")
+        if self.resume and self.overwrite:
+            raise bad("overwrite", self.overwrite, "not allowed with resume=True")
+        if self.mesh is not None:
+            from jaxqlora.sharding import parse_mesh
+
+            try:
+                parse_mesh(self.mesh)
+            except JaxQLoRAError as e:
+                raise bad("mesh", self.mesh, str(e)) from None
+        for name, low in (("num_processes", 1), ("process_id", 0)):
+            if getattr(self, name) is not None:
+                _check_int(self, name, low)
+        if self.num_processes is not None and self.process_id is not None and self.process_id >= self.num_processes:
+            raise bad("process_id", self.process_id, f"must be below num_processes {self.num_processes}")
+        return self
+
+
+class FinetuneConfigError(JaxQLoRAError, ValueError):
+    """A `FinetuneConfig` field has a bad value (``field`` names it), or the output folder
+    cannot take the run."""
+
+    def __init__(self, field: str, value, message: str):
+        self.field, self.value = field, value
+        super().__init__(f"{field}={value!r}: {message}")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped `finetune` after a step; a checkpoint of that step was saved
+    (``resume=True`` continues from it). ``step`` and ``total`` say how far the run got."""
+
+    def __init__(self, message: str, step: int, total: int):
+        super().__init__(message)
+        self.step, self.total = step, total
+
+
+def _check_int(cfg, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+        raise FinetuneConfigError(name, value, "must be an integer")
+    if value < low:
+        raise FinetuneConfigError(name, value, "must be a positive integer (>= 1)" if low == 1 else
+                                  f"must be an integer >= {low}")
+
+
+def _check_float(cfg, name: str, low: float, high: float | None, closed: bool | None) -> None:
+    """``closed``: True [low, high], False (low, high] or (low, inf), None [low, high)."""
+    value = getattr(cfg, name)
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not math.isfinite(value):
+        raise FinetuneConfigError(name, value, "must be a finite number")
+    if closed is False and value <= low:
+        raise FinetuneConfigError(name, value, f"must be > {low:g}")
+    if closed is not False and value < low:
+        raise FinetuneConfigError(name, value, f"must be >= {low:g}")
+    if high is not None and (value > high or (closed is None and value >= high)):
+        raise FinetuneConfigError(name, value, f"must be {'<' if closed is None else '<='} {high:g}")
+
+
+#: What a run writes into its output folder (``overwrite`` removes exactly these).
+RUN_ENTRIES = ("adapter", "checkpoints", "metrics.jsonl", "results.json")
+
+
+def _earlier_run(out: Path) -> list[str]:
+    """The `RUN_ENTRIES` present in ``out`` (an empty ``checkpoints`` folder does not count)."""
+    if not out.is_dir():
+        return []
+    found = []
+    for name in RUN_ENTRIES:
+        path = out / name
+        if name == "checkpoints":
+            if path.is_dir() and any(path.iterdir()):
+                found.append(name)
+        elif path.exists():
+            found.append(name)
+    return found
+
+
+def _check_output(cfg: FinetuneConfig) -> Path:
+    """The output folder, refused when it is a file, or holds a run that neither ``resume``
+    nor ``overwrite`` allows to touch."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise FinetuneConfigError("output", str(cfg.output), "exists and is not a folder")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FinetuneConfigError("output", str(cfg.output), f"{parent} is a file, not a folder")
+            break
+    if not (cfg.resume or cfg.overwrite or cfg.precompile_only or cfg.dry_run):
+        earlier = _earlier_run(out)
+        if earlier:
+            raise FinetuneConfigError("output", str(cfg.output), f"already holds a run ({', '.join(earlier)}); "
+                                      "resume=True continues it, overwrite=True replaces it")
+    return out
 
 
 def _buckets(cfg: FinetuneConfig) -> tuple[int, ...]:
@@ -142,11 +316,13 @@ def _stack(micro: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _train_batches(enc, cfg, pad_id, epoch, start) -> Iterator[dict[str, np.ndarray]]:
+    """Optimizer steps of one epoch: ``grad_accum`` micro-batches stacked (a last group of
+    fewer micro-batches is dropped: its shape was never compiled)."""
     it = D.batches(enc, cfg.batch_size, _buckets(cfg), pad_id=pad_id, shuffle=True, seed=cfg.seed + epoch,
                    start=start * cfg.grad_accum, group_by_length=cfg.group_by_length)
     while True:
         micro = [b for _, b in zip(range(cfg.grad_accum), it)]
-        if not micro:
+        if len(micro) < cfg.grad_accum:
             return
         yield _stack(micro)
 
@@ -155,7 +331,7 @@ def _epoch_batches(enc, cfg, pad_id, epoch, start) -> Iterator[tuple[int, dict[s
     """``(epoch, batch)`` from batch ``start`` of ``epoch`` on, epoch after epoch, without end.
 
     Raises:
-      ValueError: an epoch yields no batch (no training rows).
+      DataError: an epoch yields no batch (no training rows).
     """
     while True:
         empty = True
@@ -163,26 +339,41 @@ def _epoch_batches(enc, cfg, pad_id, epoch, start) -> Iterator[tuple[int, dict[s
             empty = False
             yield epoch, batch
         if empty and start == 0:
-            raise ValueError("the training split yields no batches")
+            raise D.DataError("the training split yields no batches")
         epoch, start = epoch + 1, 0
 
 
+def _progress(total: int, desc: str, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, **kw)
+
+
 def evaluate(eval_batch, enc: D.Encoded, cfg: FinetuneConfig, pad_id: int,
-             label_accuracy: bool = False) -> dict[str, float]:
+             label_accuracy: bool = False, desc: str | None = None) -> dict[str, float]:
     """Accuracy (classification, ``cfg.task``), or loss / perplexity and, with
     ``label_accuracy``, label-word accuracy (causal LM).
 
     ``eval_batch(batch)`` returns the metric sums of one host batch (`Trainer.evaluate_batch`:
-    ``correct`` / ``total``, and ``loss_sum`` / ``count`` for causal LM); they are read back
-    once, after every batch was queued. Label-word accuracy is the share of rows whose
-    greedy first response token is the real one.
+    ``correct`` / ``total``, and ``loss_sum`` / ``count`` for causal LM); one batch is kept in
+    flight while the next is made, and a progress bar labelled ``desc`` (None: no bar)
+    advances as batches finish on the device. Label-word accuracy is the share of rows
+    whose greedy first response token is the real one.
     """
-    per_batch = [eval_batch(b) for b in D.batches(enc, cfg.eval_batch_size, _buckets(cfg), pad_id=pad_id,
-                                                   group_by_length=True)]
+    n = D.num_batches(len(enc.ids), cfg.eval_batch_size)
+    bar = _progress(n, desc or "evaluate", disable=desc is None or not sharding.is_primary(), leave=False)
+    per_batch = []
+    for b in D.batches(enc, cfg.eval_batch_size, _buckets(cfg), pad_id=pad_id, group_by_length=True):
+        per_batch.append(eval_batch(b))
+        if len(per_batch) > 1:
+            jax.block_until_ready(per_batch[-2])  # the previous batch is done: the bar shows device progress
+            bar.update(1)
     sums: dict[str, float] = {}
     for m in jax.device_get(per_batch):
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
+    bar.update(n - bar.n)
+    bar.close()
     accuracy = sums.get("correct", 0.0) / max(sums.get("total", 0.0), 1)
     if cfg.task == "classification":
         return {"accuracy": accuracy}
@@ -193,27 +384,53 @@ def evaluate(eval_batch, enc: D.Encoded, cfg: FinetuneConfig, pad_id: int,
     return out
 
 
-def _prepare(cfg: FinetuneConfig):
-    """Padding id, data splits, encoded splits and label words (no weights loaded)."""
+def _load_data(cfg: FinetuneConfig):
+    """The data set and its label words (no tokenizer, no model).
+
+    Raises:
+      DataError: unreadable file, a named column missing, fewer than two classes.
+    """
+    if cfg.task == "classification":
+        return D.load_classification(cfg.data, cfg.text_column, cfg.label_column), None
+    if cfg.data is None:
+        return D.sentiment_as_prompts(D.load_classification(None)), (" positive", " negative")
+    return D.load_prompt_response(cfg.data, cfg.prompt_column, cfg.response_column), None
+
+
+def _check_splits(parts: dict, cfg: FinetuneConfig, training: bool) -> None:
+    """A training split must fill one optimizer step; evaluation splits must not be empty.
+
+    Raises:
+      DataError: a split is too small (the message gives the sizes and what would fit).
+    """
+    where = cfg.data or "the embedded data set"
+    rows = cfg.batch_size * cfg.grad_accum
+    if training and len(parts["train"]) < rows:
+        raise D.DataError(
+            f"{where}: the training split has {len(parts['train'])} rows, fewer than one optimizer step "
+            f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} = {rows}); use a batch size of at most "
+            f"{max(1, len(parts['train']) // cfg.grad_accum)} or more data")
+    for name in ("validation", "test"):
+        if len(parts[name]) == 0:
+            raise D.DataError(f"{where}: the {name} split is empty ({sum(len(v) for v in parts.values())} rows)")
+
+
+def _prepare(cfg: FinetuneConfig, training: bool = True, log=lambda *_: None):
+    """Padding id, data splits, encoded splits and label words (no weights loaded). The data
+    is read and checked before the tokenizer is loaded."""
     from jaxqlora.io import load_tokenizer
 
+    t0 = time.perf_counter()
+    ds, label_words = _load_data(cfg)
+    parts = D.split(ds, seed=cfg.seed)
+    _check_splits(parts, cfg, training)
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
-        raise ValueError(f"{cfg.model}: the model folder has no tokenizer.json")
-    label_words = None
-    if cfg.task == "classification":
-        ds = D.load_classification(cfg.data, cfg.text_column, cfg.label_column)
-    elif cfg.task == "causal-lm":
-        if cfg.data is None:
-            ds = D.sentiment_as_prompts(D.load_classification(None))
-            label_words = (" positive", " negative")
-        else:
-            ds = D.load_prompt_response(cfg.data, cfg.prompt_column, cfg.response_column)
-    else:
-        raise ValueError(f"task must be 'classification' or 'causal-lm', got {cfg.task!r}")
-    parts = D.split(ds, seed=cfg.seed)
+        raise D.DataError(f"{cfg.model}: the model folder has no tokenizer.json")
     enc = {k: D.encode(tokenizer, v, cfg.max_seq_len) for k, v in parts.items()}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log(f"data: train {len(parts['train'])}, validation {len(parts['validation'])}, test {len(parts['test'])} "
+        f"rows, tokenized in {time.perf_counter() - t0:.1f} s")
     return pad_id, parts, enc, label_words
 
 
@@ -243,24 +460,84 @@ def _abstract_model(cfg: FinetuneConfig, num_labels: int):
     return nnx.eval_shape(lambda: _build(CausalLM(model_cfg, dtype=dtype, rngs=nnx.Rngs(0)), cfg, num_labels)[0])
 
 
+def format_nf4_report(report: dict[str, float]) -> str:
+    """`jaxqlora.quantize.quantize_model`'s report as one readable line."""
+    return (f"NF4: quantized projections {report['linear_mb_before']:,.1f} MB -> {report['linear_mb_after']:,.1f} MB "
+            f"({report['bits_per_param']:.3f} bits per weight); whole model {report['model_mb_before']:,.1f} MB -> "
+            f"{report['model_mb_after']:,.1f} MB")
+
+
+class _StopRequest:
+    """While active (a context manager, main thread only), SIGINT and SIGTERM set
+    ``signum`` instead of raising; a second signal restores the previous handlers and
+    re-raises it (KeyboardInterrupt for SIGINT)."""
+
+    def __init__(self, log):
+        self.signum = None
+        self._log = log
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        self._log(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(again to abort without saving)")
+
+    def _restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+
+
+def _read_metrics(path: Path, up_to: int) -> bytes:
+    """The complete records of ``metrics.jsonl`` with ``step <= up_to`` (a record cut by a kill
+    and the records after the resumed checkpoint are dropped)."""
+    keep = []
+    if path.is_file():
+        for line in path.read_bytes().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= up_to:
+                keep.append(line + b"\n")
+    return b"".join(keep)
+
+
 def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     """Run a fine-tuning job; returns the results dict (also written to ``results.json``).
 
     Raises:
-      CheckpointError / DataError: bad model or data files (named in the message).
-      ValueError: bad settings.
+      FinetuneConfigError: a bad setting, or an output folder that holds a run without
+        ``resume`` / ``overwrite`` (before anything is loaded).
+      CheckpointError / DataError: bad model or data files (named in the message), a
+        missing column, fewer than two classes, a split too small for the batch size
+        (checked before the model is loaded).
+      TrainingInterrupted: SIGINT/SIGTERM during training (a checkpoint was saved first).
     """
     t_start = time.perf_counter()
+    cfg.validate()
+    out = _check_output(cfg)
     mesh = _mesh(cfg)
     primary = sharding.is_primary()
     if not primary:
         log = lambda *_: None  # noqa: E731
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    pad_id, parts, enc, label_words = _prepare(cfg)
-    log(f"data: train {len(parts['train'])}, validation {len(parts['validation'])}, test {len(parts['test'])}")
+    pad_id, parts, enc, label_words = _prepare(cfg, training=True, log=log)
     num_labels = len(parts["train"].label_names)
-    per_epoch = max(1, D.num_batches(len(parts["train"]), cfg.batch_size) // cfg.grad_accum)
+    n_train = len(parts["train"])
+    per_epoch = max(1, D.num_batches(n_train, cfg.batch_size) // cfg.grad_accum)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(round(cfg.epochs * per_epoch)))
     # Every optimizer setting (and the step count) lives in the optimizer state, so the
     # compiled steps (and their persistent-cache entries) do not depend on them.
@@ -279,6 +556,17 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
         if cfg.precompile_only:
             return {"precompiled": {str(k): t._asdict() for k, t in trainer.executables.seconds.items()},
                     "compile_seconds": compile_s, "seconds": time.perf_counter() - t_start}
+        if cfg.dry_run or cfg.check_memory:
+            estimate = memory_estimate(trainer.executables)
+            capacity = device_memory()
+            log(format_memory(estimate, capacity))
+            if cfg.dry_run:
+                return {"memory": estimate, "capacity_bytes": capacity, "compile_seconds": compile_s,
+                        "fits": capacity is None or estimate["peak_bytes"] <= capacity,
+                        "seconds": time.perf_counter() - t_start}
+            if capacity is not None and estimate["peak_bytes"] > capacity:
+                raise MemoryEstimateError(estimate, capacity, _fitting_settings(cfg, num_labels, optimizer, capacity,
+                                                                                log))
         model = _load_model(cfg, num_labels, log)
         try:
             trainer.attach(model)
@@ -289,8 +577,9 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     else:
         # Sharded: the weights are placed on the mesh first (each device keeps its FSDP
         # shard), then every step is compiled for those shardings.
-        if cfg.precompile_only:
-            raise ValueError("precompile_only works on one device; drop mesh/distributed")
+        if cfg.precompile_only or cfg.dry_run:
+            raise FinetuneConfigError("precompile_only" if cfg.precompile_only else "dry_run", True,
+                                      "works on one device; drop mesh/distributed")
         trainer = Trainer(_load_model(cfg, num_labels, log), loss_fn, optimizer, mesh=mesh)
         frozen = max(sharding.bytes_per_device(trainer.frozen).values())
         log(f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es): frozen weights "
@@ -300,22 +589,32 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     model = trainer.model  # the trained module (classifier or LM); ``lm`` is its decoder
     lm = model.lm if cfg.task == "classification" else model
     log(f"trainable parameters: {trainer.num_trainable:,}; {total} steps of {cfg.grad_accum} x {cfg.batch_size}")
+    # The untrained baseline, before any checkpoint is restored.
+    baseline = _baseline(parts, enc, cfg, trainer, pad_id, label_words is not None)
 
+    # Training starts: only now is the output folder created (or an earlier run removed).
     from jaxqlora.checkpoint import TrainCheckpointer
 
+    if primary:
+        if cfg.overwrite:
+            _remove_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out, RUN_ENTRIES)
     ckpt = TrainCheckpointer(out / "checkpoints")
     step, epoch, pos = 0, 0, 0
     if cfg.resume:
-        restored = ckpt.restore_latest(trainer)
+        restored = ckpt.restore_latest(trainer, log=log)
         if restored is not None:
             step, epoch, pos = restored
             log(f"resumed at step {step} (epoch {epoch}, batch {pos})")
+        else:
+            log("no checkpoint to resume from: starting at step 0")
+    metrics_path = out / "metrics.jsonl"
+    if primary:  # a resumed run keeps the records up to its checkpoint; a new run starts the file
+        atomic_write_bytes(metrics_path, _read_metrics(metrics_path, step) if cfg.resume else b"")
+    metrics_file = metrics_path.open("a") if primary else open(os.devnull, "w")
 
-    baseline = _baseline(parts, enc, cfg, trainer, pad_id, label_words is not None)
-    metrics_file = (out / "metrics.jsonl").open("a") if primary else open(os.devnull, "w")
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=step, desc="finetune", dynamic_ncols=True, disable=not primary)
+    bar = _progress(total, "finetune", initial=step, disable=not primary)
     put = jax.device_put if mesh is None else (lambda b: sharding.shard_batch(sharding.local_rows(b, mesh), mesh))
 
     def to_device(item):  # in the prefetch thread: host batch -> device, and its token count
@@ -326,8 +625,9 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     # the device in a background thread while earlier steps run, and step metrics stay on
     # the device until a log step reads the latest ones back (one transfer).
     t_log, tokens = time.perf_counter(), 0
-    with D.prefetch(_epoch_batches(enc["train"], cfg, pad_id, epoch, pos), to_device, depth=2) as batches:
-        while step < total:
+    with _StopRequest(log) as stop, metrics_file, \
+            D.prefetch(_epoch_batches(enc["train"], cfg, pad_id, epoch, pos), to_device, depth=2) as batches:
+        while step < total and stop.signum is None:
             batch_epoch, batch_tokens, batch = next(batches)
             if batch_epoch != epoch:
                 epoch, pos = batch_epoch, 0
@@ -335,7 +635,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
             step, pos = step + 1, pos + 1
             tokens += batch_tokens
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
+            if step % cfg.log_every == 0 or step == total or stop.signum is not None:
                 got = jax.device_get(m)
                 loss = float(got["loss"])
                 dt = time.perf_counter() - t_log
@@ -346,19 +646,27 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
                 metrics_file.flush()
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 t_log, tokens = time.perf_counter(), 0
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            kill_point("after_step", step)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop.signum is not None:
                 ckpt.save(trainer, step, epoch, pos)
-    bar.close()
-    metrics_file.close()
-    ckpt.save(trainer, step, epoch, pos)
-    ckpt.close()
+        bar.close()
+        ckpt.save(trainer, step, epoch, pos)
+        ckpt.close()
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            raise TrainingInterrupted(f"{name}: stopped at step {step} of {total}; checkpoint saved in "
+                                      f"{out / 'checkpoints'}; resume=True (--resume) continues", step, total)
     train_s = time.perf_counter() - t_start
 
-    results = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
-               "steps": step, "baseline": baseline,
-               "nonfinite_skipped": nonfinite_steps(trainer.opt_state)}
+    rows_seen = epoch * n_train + min(pos * cfg.grad_accum * cfg.batch_size, n_train)
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    if cfg.max_steps > 0:
+        config["epochs"] = None  # max_steps set the length; epochs was not used
+    results = {"config": config, "steps": step, "epochs": round(rows_seen / n_train, 4),
+               "train_rows": n_train, "baseline": baseline, "nonfinite_skipped": nonfinite_steps(trainer.opt_state)}
     for split_name in ("validation", "test"):
-        results[split_name] = evaluate(trainer.evaluate_batch, enc[split_name], cfg, pad_id, label_words is not None)
+        results[split_name] = evaluate(trainer.evaluate_batch, enc[split_name], cfg, pad_id, label_words is not None,
+                                       desc=f"evaluate {split_name}")
     results["seconds"] = time.perf_counter() - t_start
     results["train_seconds"] = train_s
 
@@ -368,28 +676,141 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     from jaxqlora.io.peft import save_adapter
 
     head = {"score": model.score[...]} if cfg.task == "classification" else None
-    save_adapter(lm, out / "adapter", base_model_name_or_path=cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
-                 task_type="SEQ_CLS" if head else "CAUSAL_LM", head=head)
-    if head:
-        atomic_write_json(out / "adapter" / "jaxqlora_head.json",
-                          {"pooling": cfg.pooling, "label_names": list(parts["train"].label_names)})
+
+    def write_adapter(folder: Path) -> None:
+        save_adapter(lm, folder, base_model_name_or_path=cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
+                     task_type="SEQ_CLS" if head else "CAUSAL_LM", head=head)
+        if head:
+            atomic_write_json(folder / "jaxqlora_head.json",
+                              {"pooling": cfg.pooling, "label_names": list(parts["train"].label_names)})
+
+    atomic_write_dir(out / "adapter", write_adapter, before_swap=lambda: kill_point("adapter_writing"))
+    kill_point("adapter_written")
     atomic_write_json(out / "results.json", results)
     return results
 
 
+class MemoryEstimateError(JaxQLoRAError, MemoryError):
+    """The run's estimated device memory exceeds the device's; the message gives both and the
+    settings found to fit (``suggestion``; None when none was found)."""
+
+    def __init__(self, estimate: dict, capacity: int, suggestion: dict | None):
+        self.estimate, self.capacity, self.suggestion = estimate, capacity, suggestion
+        fix = ("; fits with " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in suggestion["settings"].items())
+               + f" (estimate {suggestion['peak_bytes'] / 1e9:.2f} GB)") if suggestion else \
+            "; no smaller batch, remat policy or shorter bucket tried fits"
+        super().__init__(f"the run needs about {estimate['peak_bytes'] / 1e9:.2f} GB of device memory "
+                         f"({estimate['worst']}), the device has {capacity / 1e9:.2f} GB{fix}")
+
+
+def memory_estimate(executables) -> dict:
+    """Device memory of a run from XLA's memory analysis of its compiled steps.
+
+    For each executable: arguments (frozen weights, trainable parameters, optimizer state,
+    RNG, the batch) + outputs - the outputs aliasing donated arguments + temporaries
+    (activations, gradients); the run's peak is the largest of them (the steps run one at a
+    time over the same weights). Returns ``{"peak_bytes", "worst": its BucketKey as text,
+    "per_step": {key: {argument, output, alias, temp, total}}}``.
+    """
+    per = {}
+    for key, compiled in executables.items():
+        m = compiled.memory_analysis()
+        if m is None:
+            continue
+        parts = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
+        parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
+        per[str(key)] = parts
+    worst = max(per, key=lambda k: per[k]["total"]) if per else "none"
+    return {"peak_bytes": per[worst]["total"] if per else 0, "worst": worst, "per_step": per}
+
+
+def device_memory(device=None) -> int | None:
+    """Bytes the device can hold: ``memory_stats()["bytes_limit"]`` (GPU/TPU), or on CPU the
+    host memory available now (``SC_AVPHYS_PAGES``); None if unknown."""
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def format_memory(estimate: dict, capacity: int | None) -> str:
+    """One line: the estimate, its largest step and its parts, and the device's memory."""
+    parts = estimate["per_step"].get(estimate["worst"], {})
+    detail = ", ".join(f"{k} {parts[k] / 1e6:,.1f} MB" for k in ("argument", "temp", "output", "alias")
+                       if k in parts)
+    cap = "unknown" if capacity is None else f"{capacity / 1e9:.2f} GB"
+    return (f"memory estimate: {estimate['peak_bytes'] / 1e9:.3f} GB at {estimate['worst']} ({detail}); "
+            f"device memory {cap}")
+
+
+def _fitting_settings(cfg: FinetuneConfig, num_labels: int, optimizer, capacity: int, log) -> dict | None:
+    """The first of these that fits ``capacity``, compiled shapes-only (train and evaluation
+    steps of the longest bucket): remat "dots", remat "full", then (with full remat) the
+    micro-batch and the evaluation batch halved and gradient accumulation doubled (about the
+    same rows per step) down to 1, then the longest bucket halved (at most 8 trials)."""
+    candidates = []
+    if cfg.remat in (False, "none"):
+        candidates.append({"remat": "dots"})
+    if cfg.remat is not True and cfg.remat != "full":
+        candidates.append({"remat": "full"})
+    b, g, e = cfg.batch_size, cfg.grad_accum, cfg.eval_batch_size
+    while b > 1 or e > 1:
+        b, g, e = max(1, b // 2), g * 2 if b > 1 else g, max(1, e // 2)
+        candidates.append({"remat": "full", "batch_size": b, "grad_accum": g, "eval_batch_size": e})
+    t = cfg.max_seq_len
+    while t > 32:
+        t //= 2
+        candidates.append({"remat": "full", "batch_size": b, "grad_accum": g, "eval_batch_size": e, "max_seq_len": t})
+    for settings in candidates[:8]:
+        trial = dataclasses.replace(cfg, **settings)
+        trainer = Trainer(_abstract_model(trial, num_labels), classification_loss if cfg.task == "classification"
+                          else causal_lm_loss, optimizer)
+        trainer.precompile(trial.batch_size, _buckets(trial)[-1:], grad_accum=trial.grad_accum,
+                           eval_batch_size=trial.eval_batch_size, log=lambda *_: None,
+                           desc=f"memory with {settings}")
+        peak = memory_estimate(trainer.executables)["peak_bytes"]
+        log(f"memory estimate with {settings}: {peak / 1e9:.3f} GB")
+        if peak <= capacity:
+            return {"settings": settings, "peak_bytes": peak}
+    return None
+
+
+def _remove_run(out: Path) -> None:
+    """Delete an earlier run's `RUN_ENTRIES` in ``out`` (other files stay)."""
+    for name in RUN_ENTRIES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def _precompile(trainer: Trainer, cfg: FinetuneConfig, log) -> None:
     trainer.precompile(cfg.batch_size, _buckets(cfg), grad_accum=cfg.grad_accum, eval_batch_size=cfg.eval_batch_size,
-                       log=log)
+                       log=log, desc="compile train/eval steps")
 
 
 def _load_model(cfg: FinetuneConfig, num_labels: int, log):
     """The checkpoint loaded and built (`_build`: quantized, LoRA, head) for training."""
     from jaxqlora.io import load_pretrained
 
+    t0 = time.perf_counter()
+    log(f"loading {cfg.model or 'the embedded SmolLM2-135M-Instruct'} ...")
     lm, _ = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))
+    t1 = time.perf_counter()
+    log(f"loaded in {t1 - t0:.1f} s" + ("; quantizing to NF4 ..." if cfg.quantize else ""))
     model, _, report = _build(lm, cfg, num_labels)
     if report is not None:
-        log(f"NF4: {report}")
+        log(format_nf4_report(report) + f" in {time.perf_counter() - t1:.1f} s")
     return model
 
 
@@ -411,21 +832,28 @@ def _baseline(parts, enc, cfg, trainer, pad_id, label_accuracy: bool) -> dict[st
         majority = int(np.argmax(counts))
         return {"majority_class_test_accuracy": float(np.mean(parts["test"].labels == majority))}
     return {f"untrained_validation_{k}": v
-            for k, v in evaluate(trainer.evaluate_batch, enc["validation"], cfg, pad_id, label_accuracy).items()}
+            for k, v in evaluate(trainer.evaluate_batch, enc["validation"], cfg, pad_id, label_accuracy,
+                                 desc="evaluate untrained model").items()}
 
 
-def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path) -> dict[str, dict[str, float]]:
+def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path, log=lambda *_: None) -> dict[str, dict[str, float]]:
     """Evaluate a saved adapter (``jaxqlora eval``) on the validation and test splits of
-    ``cfg``'s data (same fixed split as training)."""
+    ``cfg``'s data (same fixed split as training); ``log`` receives progress lines (progress
+    bars go to stderr)."""
     from jaxqlora.io import load_pretrained
     from jaxqlora.io.peft import load_adapter
 
-    pad_id, parts, enc, label_words = _prepare(cfg)
+    cfg.validate()
+    pad_id, parts, enc, label_words = _prepare(cfg, training=False, log=log)
+    t0 = time.perf_counter()
+    log(f"loading {cfg.model or 'the embedded SmolLM2-135M-Instruct'} ...")
     lm, _ = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))
     if cfg.quantize:
         from jaxqlora.quantize import quantize_model
 
-        quantize_model(lm)
+        report = quantize_model(lm)
+        log(format_nf4_report(report))
+    log(f"loaded in {time.perf_counter() - t0:.1f} s")
     lm, extra = load_adapter(lm, adapter, return_extra=True)
     model, loss_fn = lm, causal_lm_loss
     if cfg.task == "classification":
@@ -437,6 +865,7 @@ def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path) -> dict[str, dict
         model.score[...] = jnp.asarray(extra["score"])
         loss_fn = classification_loss
     evaluator = Trainer(model, loss_fn, None)  # evaluation only
-    evaluator.precompile(cfg.batch_size, _buckets(cfg), eval_batch_size=cfg.eval_batch_size)
-    return {s: evaluate(evaluator.evaluate_batch, enc[s], cfg, pad_id, label_words is not None)
+    evaluator.precompile(cfg.batch_size, _buckets(cfg), eval_batch_size=cfg.eval_batch_size, log=log,
+                         desc="compile evaluation steps")
+    return {s: evaluate(evaluator.evaluate_batch, enc[s], cfg, pad_id, label_words is not None, desc=f"evaluate {s}")
             for s in ("validation", "test")}

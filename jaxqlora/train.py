@@ -542,7 +542,8 @@ class Trainer:
                                  attention_mask)
 
     def precompile(self, batch_size: int, seq_lens, *, grad_accum: int = 1, eval_batch_size: int | None = None,
-                   log: Callable[[str], None] | None = None, max_workers: int | None = None) -> Executables:
+                   log: Callable[[str], None] | None = None, max_workers: int | None = None,
+                   desc: str | None = None) -> Executables:
         """Compile the train step for ``[grad_accum, batch_size, L]`` batches and the
         evaluation step for ``[eval_batch_size, L]`` batches, for every L in ``seq_lens``,
         ahead of time, several at once (`jaxqlora.compile.precompile`; progress bar,
@@ -555,6 +556,8 @@ class Trainer:
           log: receives the compile-time lines (default ``executables.log``).
           max_workers: compiles at once (`jaxqlora.compile.precompile`; None: one per
             CPU core up to the number of executables, 1: serially).
+          desc: the progress bar's label (default ``"precompile train/eval"``, or
+            ``"precompile eval"`` for an evaluation-only Trainer).
 
         Returns:
           ``self.executables``, now holding ``BucketKey("train", (grad_accum, batch_size, L))``
@@ -584,7 +587,9 @@ class Trainer:
                 jobs[BucketKey("eval", (eval_batch_size, length))] = Job(
                     self._metrics.jitted, (trainable, rng_state, frozen, batch))
         with sharding.use_mesh(self.mesh):
-            return precompile(jobs, into=self.executables, log=log, desc="precompile train/eval",
+            if desc is None:
+                desc = "precompile train/eval" if self._step is not None else "precompile eval"
+            return precompile(jobs, into=self.executables, log=log, desc=desc,
                               max_workers=max_workers)
 
     def attach(self, model: nnx.Module) -> "Trainer":

@@ -290,3 +290,136 @@ def test_generate_refuses_a_classification_adapter(tmp_path, capsys):
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
     _refused(["generate", "--prompt", "hi", "--adapter", adapter], capsys, "--adapter", "classification adapter",
              "task_type SEQ_CLS")
+
+
+# --- data and settings checked before any model is loaded (the real finetune, load_pretrained still forbidden)
+
+REAL_FINETUNE = jaxqlora.finetune.finetune
+
+
+def _data_refused(monkeypatch, capsys, tmp_path, name, text, *args, expected=()):
+    monkeypatch.setattr(jaxqlora.finetune, "finetune", REAL_FINETUNE)
+    monkeypatch.setattr(jaxqlora.io, "load_tokenizer", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("the tokenizer was loaded before the data was checked")))
+    data = tmp_path / name
+    data.write_text(text)
+    out = tmp_path / "run"
+    code = main(["finetune", "--data", str(data), "--output", str(out), *map(str, args)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for e in expected:
+        assert e in lines[0], (e, lines[0])
+    assert not out.exists()  # a run that fails before training leaves no output folder
+    return lines[0]
+
+
+def _rows(n, label=lambda i: "ab"[i % 2], text=lambda i: f"row {i}"):
+    return "text,label\n" + "".join(f"{text(i)},{label(i)}\n" for i in range(n))
+
+
+def test_data_without_the_named_column_lists_its_columns(monkeypatch, capsys, tmp_path):
+    _data_refused(monkeypatch, capsys, tmp_path, "d.csv", "sentence,stars\nhello,1\nbye,0\n",
+                  expected=("d.csv", "text column 'text' not found", "['sentence', 'stars']"))
+    _data_refused(monkeypatch, capsys, tmp_path, "d.csv", "text,stars\nhello,1\nbye,0\n",
+                  expected=("label column 'label' not found", "['text', 'stars']"))
+    _data_refused(monkeypatch, capsys, tmp_path, "d.jsonl", '{"q": "a", "a": "b"}\n', "--task", "causal-lm",
+                  expected=("prompt column 'prompt' not found", "['q', 'a']"))
+    _data_refused(monkeypatch, capsys, tmp_path, "d.jsonl", '{"prompt": "a", "a": "b"}\n', "--task", "causal-lm",
+                  expected=("response column 'response' not found", "['prompt', 'a']"))
+
+
+def test_data_with_fewer_than_two_classes(monkeypatch, capsys, tmp_path):
+    _data_refused(monkeypatch, capsys, tmp_path, "d.csv", _rows(50, label=lambda i: "pos"),
+                  expected=("label column 'label' has 1 class ('pos')", "at least 2"))
+
+
+def test_data_with_a_missing_label_or_a_non_object_line(monkeypatch, capsys, tmp_path):
+    _data_refused(monkeypatch, capsys, tmp_path, "d.csv", _rows(50, label=lambda i: "" if i == 7 else "ab"[i % 2]),
+                  expected=("row 8 has no value in label column 'label'",))
+    _data_refused(monkeypatch, capsys, tmp_path, "d.jsonl", '{"text": "a", "label": 1}\n[1, 2]\n',
+                  expected=("line 2 is a JSON list",))
+
+
+def test_split_too_small_for_the_batch_size(monkeypatch, capsys, tmp_path):
+    """100 rows: test 20, validation 8, train 72 (sklearn's stratified split) < 16 x 5."""
+    _data_refused(monkeypatch, capsys, tmp_path, "d.csv", _rows(100), "--batch-size", "16", "--grad-accum", "5",
+                  expected=("training split has 72 rows", "batch_size 16 x grad_accum 5 = 80",
+                            "batch size of at most 14"))
+    _data_refused(monkeypatch, capsys, tmp_path, "d.csv", _rows(4), "--batch-size", "1",
+                  expected=("4 rows cannot be split", "\'a\': 2, \'b\': 2"))
+
+
+def _cfg(**kw):
+    from jaxqlora.finetune import FinetuneConfig
+
+    return FinetuneConfig(**kw)
+
+
+CONFIG_BAD = [
+    (dict(rank=0), "rank=0", "positive integer"), (dict(rank=2.0), "rank=2.0", "integer"),
+    (dict(batch_size=True), "batch_size=True", "integer"), (dict(batch_size=-1), "batch_size", "positive"),
+    (dict(grad_accum=0), "grad_accum", "positive"), (dict(max_steps=-1), "max_steps", ">= 0"),
+    (dict(epochs=0.0), "epochs", "> 0"), (dict(epochs=float("nan")), "epochs", "finite"),
+    (dict(lr=-0.1), "lr=-0.1", "> 0"), (dict(alpha=0), "alpha", "> 0"), (dict(dropout=1.0), "dropout", "< 1"),
+    (dict(dropout=-0.5), "dropout", ">= 0"), (dict(warmup_ratio=1.5), "warmup_ratio", "<= 1"),
+    (dict(weight_decay=-1e-3), "weight_decay", ">= 0"), (dict(max_grad_norm=0.0), "max_grad_norm", "> 0"),
+    (dict(max_seq_len=0), "max_seq_len", "positive"), (dict(task="causal-lm", max_seq_len=1), "max_seq_len", "2"),
+    (dict(eval_batch_size=0), "eval_batch_size", "positive"), (dict(log_every=0), "log_every", "positive"),
+    (dict(checkpoint_every=-2), "checkpoint_every", ">= 0"), (dict(seed=-1), "seed", ">= 0"),
+    (dict(task="regression"), "task='regression'", "'classification'"), (dict(pooling="max"), "pooling", "'mean'"),
+    (dict(schedule="linear"), "schedule", "'cosine'"), (dict(dtype="float16"), "dtype", "'bfloat16'"),
+    (dict(remat="some"), "remat", "'dots'"), (dict(targets=("w_proj",)), "targets", "q_proj"),
+    (dict(targets=()), "targets", "non-empty"), (dict(buckets=(0, 64)), "buckets", "positive"),
+    (dict(quantize="yes"), "quantize", "True or False"), (dict(text_column=""), "text_column", "non-empty"),
+    (dict(output=" "), "output", "non-empty"), (dict(data=3), "data", "path"),
+    (dict(resume=True, overwrite=True), "overwrite", "resume"), (dict(mesh="data=0"), "mesh", "data=0"),
+    (dict(num_processes=2, process_id=2), "process_id", "below num_processes 2"),
+]
+
+
+@pytest.mark.parametrize("kw, expected", [(c[0], c[1:]) for c in CONFIG_BAD], ids=[str(c[0]) for c in CONFIG_BAD])
+def test_finetune_config_refuses_bad_fields(kw, expected):
+    from jaxqlora.finetune import FinetuneConfigError
+
+    with pytest.raises(FinetuneConfigError) as e:
+        _cfg(**kw)
+    assert isinstance(e.value, jaxqlora.errors.JaxQLoRAError)
+    for text in expected:
+        assert text in str(e.value), (text, str(e.value))
+
+
+def test_finetune_config_is_checked_again_by_finetune(tmp_path):
+    """A field changed after the config was made is caught by finetune, before anything loads."""
+    from jaxqlora.finetune import FinetuneConfigError
+
+    cfg = _cfg(output=str(tmp_path / "o"))
+    cfg.batch_size = 0
+    with pytest.raises(FinetuneConfigError, match="batch_size=0"):
+        REAL_FINETUNE(cfg, log=lambda *_: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_library_refuses_an_output_with_a_run_or_a_file(tmp_path):
+    from jaxqlora.finetune import FinetuneConfigError
+
+    out = tmp_path / "run"
+    _finished_run(out)
+    with pytest.raises(FinetuneConfigError, match="already holds a run"):
+        REAL_FINETUNE(_cfg(output=str(out)), log=lambda *_: None)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(FinetuneConfigError, match="not a folder"):
+        REAL_FINETUNE(_cfg(output=str(f)), log=lambda *_: None)
+    assert f.read_text() == "x"
+
+
+def test_nf4_report_is_one_readable_line():
+    from jaxqlora.finetune import format_nf4_report
+
+    line = format_nf4_report({"linear_mb_before": 169.87, "linear_mb_after": 43.8, "model_mb_before": 269.1,
+                              "model_mb_after": 143.03, "bits_per_param": 4.127})
+    assert line == ("NF4: quantized projections 169.9 MB -> 43.8 MB (4.127 bits per weight); "
+                    "whole model 269.1 MB -> 143.0 MB")

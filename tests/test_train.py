@@ -344,6 +344,40 @@ def test_resume_continues_the_same_loss_curve(base_folder, tmp_path):
     np.testing.assert_allclose(resumed[3:], full[3:], rtol=1e-5)
 
 
+def test_eval_progress_and_a_run_that_fails_before_training(base_folder, tmp_path, capfd):
+    """``evaluate_adapter`` labels its bars by what they do (never "precompile train/eval") and
+    gives the accuracy finetune reported; a run whose model file is damaged stops before
+    training and leaves no output folder."""
+    import shutil
+
+    from jaxqlora.errors import CheckpointError
+    from jaxqlora.finetune import FinetuneConfig, evaluate_adapter, finetune
+
+    words = save_word_tokenizer(base_folder, VOCAB)
+    rng = np.random.default_rng(1)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "\n".join(
+        f"{' '.join(rng.choice(words, rng.integers(3, 20)))},{'ab'[i % 2]}" for i in range(120)) + "\n")
+    kw = dict(data=str(data), quantize=False, rank=2, alpha=4.0, max_steps=2, batch_size=8, max_seq_len=32,
+              buckets=(16, 32), eval_batch_size=8, dtype="float32")
+    res = finetune(FinetuneConfig(model=str(base_folder), output=str(tmp_path / "run"), **kw), log=lambda *_: None)
+    capfd.readouterr()
+    got = evaluate_adapter(FinetuneConfig(model=str(base_folder), **kw), tmp_path / "run" / "adapter")
+    err = capfd.readouterr().err
+    assert "evaluate validation" in err and "evaluate test" in err and "compile evaluation steps" in err
+    assert "precompile train/eval" not in err
+    assert got["validation"] == res["validation"] and got["test"] == res["test"]
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(base_folder, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "never"
+    with pytest.raises(CheckpointError):
+        finetune(FinetuneConfig(model=str(damaged), output=str(out), **kw), log=lambda *_: None)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("chunk", [4, 7, 64])
 def test_chunked_cross_entropy_matches_float64(chunk):
     """The chunked masked cross-entropy sum and its gradients (hidden and head) equal the
