@@ -284,7 +284,7 @@ def speculative_main(args) -> int:
             tgt = "" if k == "0" or args.speculative != "ngram" else (">= 2.0x " + ("met" if up >= 2.0 else "not met"))
             acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
             tps = "" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}"
-            print(f"| {k or 'plain'} | {r['tok_s']:,.1f} | {up:.2f}x | {acc} | {tps} | {r['identical']} | {tgt} |")
+            print(f"| {'plain' if k == '0' else k} | {r['tok_s']:,.1f} | {up:.2f}x | {acc} | {tps} | {r['identical']} | {tgt} |")
     alpha = next((r["acceptance"] for k, r in runs.items() if k == "4" and r["acceptance"] is not None), None)
     print(f"\nverification cost, batch 1 x {shape.split('x')[1]}, random NF4 weights; expected speed-up of a free "
           f"draft at acceptance {'?' if alpha is None else f'{alpha:.2f}'} (copy task, k = 4)")
