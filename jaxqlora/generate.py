@@ -348,7 +348,8 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
 
         spec = speculative_config(speculative, draft_model)
     rows, ids, mask, sampling, graphdef, state, seed, prompt_len = _prepare(
-        model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, executables)
+        model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, executables,
+        spec.num_draft if spec else 0)
     b, max_len = len(rows), prompt_len + max_new_tokens
     eos_ids, pad_id = _eos_ids(tokenizer, ignore_eos), _pad_id(tokenizer)
     stats = {}

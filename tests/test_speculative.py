@@ -179,6 +179,36 @@ def test_one_compiled_loop(target, drafts, tok):
     assert counter.count == 0
 
 
+def test_precompiled_executables(target, drafts, tok):
+    """`precompile_generate(speculative=...)` compiles prefills and loop from the shapes; generation
+    then compiles nothing and still equals plain greedy decoding."""
+    from jaxqlora.compile import BucketError
+    from jaxqlora.generate import precompile_generate
+
+    spec = SpeculativeConfig("draft", num_draft=2)
+    prompts = _prompts(5)
+    plain = generate(target, tok, prompts, max_new_tokens=12, ignore_eos=True, return_ids=True)
+    ex = precompile_generate(nnx.eval_shape(lambda: _model(0)), tok, batch_size=3, prompt_lens=(32,),
+                             max_new_tokens=12, ignore_eos=True, speculative=spec,
+                             draft_model=nnx.eval_shape(lambda: _model(1)), log=lambda m: None)
+    assert sorted(k.kind for k in ex) == ["draft_prefill", "prefill", "speculative"]
+    with CompileCounter() as counter:
+        got = generate(target, tok, prompts, max_new_tokens=12, ignore_eos=True, return_ids=True, executables=ex,
+                       speculative=spec, draft_model=drafts["noisy"])
+    assert counter.count == 0 and got == plain
+    with pytest.raises(BucketError):  # another k was not compiled
+        generate(target, tok, prompts, max_new_tokens=12, ignore_eos=True, executables=ex,
+                 speculative=SpeculativeConfig("draft", num_draft=3), draft_model=drafts["noisy"])
+
+
+def test_cli_arguments(tmp_path):
+    from jaxqlora.cli import main
+
+    assert main(["generate", "--prompt", "hi", "--speculative", "draft"]) == 2  # needs --draft-model
+    assert main(["generate", "--prompt", "hi", "--draft-model", str(tmp_path)]) == 2  # needs --speculative draft
+    assert main(["generate", "--prompt", "hi", "--speculative", "ngram", "--num-draft", "0"]) == 2
+
+
 # ------------------------------------------------------------ rejection sampling
 
 N = 60_000
