@@ -113,6 +113,16 @@ def test_greedy_equals_plain(target, drafts, tok, method, k):
         assert st["steps"] < 3 * 23
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_greedy_few_tokens(target, tok, n):
+    """Fewer new tokens than drafts: the first token alone, or one verification step cut short."""
+    prompts = _prompts(6)
+    plain = generate(target, tok, prompts, max_new_tokens=n, ignore_eos=True, return_ids=True)
+    got = generate(target, tok, prompts, max_new_tokens=n, ignore_eos=True, return_ids=True,
+                   speculative=SpeculativeConfig("ngram", num_draft=3))
+    assert got == plain and all(len(r) == n for r in got)
+
+
 def test_greedy_with_eos_inside_accepted_runs(target, drafts):
     prompts = _prompts(1)
     base = generate(target, _Tok(2), prompts, max_new_tokens=24, ignore_eos=True, return_ids=True)
