@@ -4,13 +4,17 @@
   and a draft model (one as deep as the target with noisy weights, one shallower), k in
   {1, 3, 5}, batched prompts of different lengths, with and without an EOS inside accepted
   runs; the target's KV cache after generation equals plain decoding's on the valid slots.
+- Fewer new tokens than drafts (1 and 2) and the embedded SmolLM2-135M-Instruct (float32,
+  prompt lookup and the model drafting for itself) also give plain greedy output.
 - One compiled loop: a second generation with other prompts (other acceptance lengths)
-  compiles nothing.
+  compiles nothing; after `precompile_generate(speculative=...)` (from abstract models)
+  generation compiles nothing, and another k is a `BucketError`.
 - Rejection sampling: the first token after speculation has the target's distribution
   (chi-square at a fixed seed), for `accept` alone (draft model and point-mass drafts) and
   end to end through `generate`; with the residual correction switched off
   (``SpeculativeConfig(residual=False)``) the same test rejects.
-- Prompt lookup drafts, cache compaction and rollback on hand-made inputs.
+- Prompt lookup drafts, cache compaction and rollback on hand-made inputs; configuration and
+  CLI argument errors.
 """
 
 import functools
