@@ -1,12 +1,13 @@
 """Text generation: prefill, then a decode loop compiled once, over a preallocated KV cache.
 
 `generate` runs the whole decode loop as one ``lax.while_loop`` (stopping when every row
-has produced an end-of-sequence token); `stream` yields tokens from the same jitted
-decode step, one call per token, for interactive output. Prompts of different lengths
+has produced an end-of-sequence token); `stream` runs the same loop in chunks of up to
+`STREAM_CHUNK` tokens per compiled call, each queued before the previous one's tokens are
+read, for interactive output. Prompts of different lengths
 are left-padded into one batch, and the batch to a prompt-length bucket
 (`jaxqlora.compile.PROMPT_BUCKETS`); the cache masks the padding.
 
-`precompile_generate` compiles prefill, decode loop (and the per-token step of `stream`)
+`precompile_generate` compiles prefill, decode loop (or the chunked loop of `stream`)
 for each prompt bucket ahead of time, from the model's shapes alone; given those
 executables, `generate` and `stream` compile nothing, and a prompt needing a bucket that
 was not compiled raises `jaxqlora.compile.BucketError`.
@@ -134,6 +135,40 @@ def _decode_loop(graphdef, state, first, cache, key, *, max_new_tokens, sampling
     return out, n
 
 
+STREAM_CHUNK = 32
+"""The most tokens one `_stream_chunk` call makes (its output buffer); calls start with
+fewer (4, 8, 16, then 32) so that the first pieces show quickly. Each call has a fixed
+cost besides its tokens (on CPU the decode program converts every weight once per call,
+about one token's time), which longer chunks spread."""
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids"), donate_argnames=("cache",))
+def _stream_chunk(graphdef, state, token, cache, key, remaining, steps, *, sampling, eos_ids):
+    """Up to ``min(steps, remaining)`` tokens after ``token`` (batch 1) in one compiled loop,
+    stopping after an end-of-sequence token (none if ``token`` is one). ``steps`` and
+    ``remaining`` are int32 scalars (no recompilation for other values; at most
+    `STREAM_CHUNK` steps). Returns ``(tokens [STREAM_CHUNK] (-1 past the end), count, last
+    token, cache, key, remaining - count)``: the last four feed the next call directly,
+    so it can be queued before this one's tokens are read."""
+    model = _inference_model(graphdef, state)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    limit = jnp.minimum(jnp.minimum(steps, remaining), STREAM_CHUNK)
+
+    def cond(c):
+        i, token, _, _, _ = c
+        return (i < limit) & ~jnp.any(jnp.isin(token, eos))
+
+    def body(c):
+        i, token, cache, key, out = c
+        key, sub = jax.random.split(key)
+        nxt, cache = _step(model, token, cache, sub, sampling)
+        return i + 1, nxt, cache, key, out.at[i].set(nxt[0])
+
+    out = jnp.full((STREAM_CHUNK,), -1, jnp.int32)
+    n, token, cache, key, out = jax.lax.while_loop(cond, body, (jnp.int32(0), token, cache, key, out))
+    return out, n, token, cache, key, remaining - n
+
+
 # ------------------------------------------------------------------- public API
 
 
@@ -219,8 +254,8 @@ def _decode_key(batch, max_len, max_new_tokens, sampling, eos_ids, pad_id, graph
     return BucketKey("decode", (batch, max_len), (max_new_tokens, sampling, eos_ids, pad_id, graphdef))
 
 
-def _step_key(batch, max_len, sampling, graphdef) -> BucketKey:
-    return BucketKey("decode_step", (batch, max_len), (sampling, graphdef))
+def _stream_key(max_len, sampling, eos_ids, graphdef) -> BucketKey:
+    return BucketKey("stream", (1, max_len), (sampling, eos_ids, graphdef))
 
 
 def _cache_spec(model_cfg, batch, max_len, dtype) -> KVCache:
@@ -229,7 +264,7 @@ def _cache_spec(model_cfg, batch, max_len, dtype) -> KVCache:
 
 def _generation_jobs(graphdef, state, model_cfg, dtype, batch, prompt_len, max_new_tokens, sampling, eos_ids, pad_id,
                      *, loop: bool = True, step: bool = False) -> dict[BucketKey, Job]:
-    """Jobs compiling prefill, the decode loop and/or the per-token step for one prompt bucket."""
+    """Jobs compiling prefill, the decode loop and/or `stream`'s loop (``step``) for one prompt bucket."""
     state = abstract(state)
     max_len = prompt_len + max_new_tokens
     tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
@@ -244,8 +279,8 @@ def _generation_jobs(graphdef, state, model_cfg, dtype, batch, prompt_len, max_n
             _decode_loop, (graphdef, state, token, cache, key),
             dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id))
     if step:
-        jobs[_step_key(batch, max_len, sampling, graphdef)] = Job(
-            _decode_step, (graphdef, state, token, cache, key), dict(sampling=sampling))
+        jobs[_stream_key(max_len, sampling, eos_ids, graphdef)] = Job(
+            _stream_chunk, (graphdef, state, token, cache, key, seed, seed), dict(sampling=sampling, eos_ids=eos_ids))
     return jobs
 
 
@@ -263,7 +298,7 @@ def precompile_generate(model: CausalLM, tokenizer, *, batch_size: int = 1, prom
         Default 16 ... 512.
       max_new_tokens, temperature, top_k, top_p, ignore_eos: as the later `generate` calls
         will pass them (they are compiled in).
-      stream: compile `stream`'s per-token step instead of `generate`'s decode loop.
+      stream: compile `stream`'s loop instead of `generate`'s decode loop (batch size 1).
       allow_new_buckets: later calls needing another bucket compile it (logged) instead
         of raising `BucketError`.
       log: receives per-executable compile times.
@@ -418,37 +453,55 @@ def stream(model: CausalLM, tokenizer, prompt, max_new_tokens: int = 128, temper
     """Yield the text of one prompt's continuation piece by piece, as tokens are made.
 
     Same arguments and errors as `generate` (one prompt only; ``executables`` from
-    `precompile_generate(..., stream=True)`). Uses the same decode step as `generate`'s
-    loop, called once per token.
+    `precompile_generate(..., stream=True)`), and the same tokens. Decoding runs as a
+    compiled loop of up to `STREAM_CHUNK` tokens per call (4, 8, 16, then 32), and each call
+    is queued before the previous call's tokens are read back, so the device does not wait
+    for the host; the program is the same for every chunk size and prompt of a bucket, and
+    is kept in the persistent compilation cache. A piece is yielded once it decodes to
+    whole characters.
     """
     rows, ids, mask, sampling, graphdef, state, seed, prompt_len = _prepare(
         model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, executables)
     if len(rows) != 1:
         raise ValueError("stream takes one prompt")
     max_len = prompt_len + max_new_tokens
+    eos_ids = _eos_ids(tokenizer, False)
 
     def jobs():
         return _generation_jobs(graphdef, state, model.config, model.dtype, 1, prompt_len, max_new_tokens, sampling,
-                                (), _pad_id(tokenizer), loop=False, step=True)
+                                eos_ids, _pad_id(tokenizer), loop=False, step=True)
 
     token, cache, key = _call(executables, _prefill_key(1, prompt_len, max_new_tokens, sampling, graphdef), jobs,
                               _prefill, (state, *jax.device_put((ids, mask)), seed),
                               dict(max_len=max_len, sampling=sampling), graphdef)
-    step_key = _step_key(1, max_len, sampling, graphdef)
-    eos = tokenizer.eos_token_ids
+    chunk_key = _stream_key(max_len, sampling, eos_ids, graphdef)
+
+    def chunk(token, cache, key, remaining, steps):
+        return _call(executables, chunk_key, jobs, _stream_chunk,
+                     (state, token, cache, key, remaining, np.asarray(steps, np.int32)),
+                     dict(sampling=sampling, eos_ids=eos_ids), graphdef)
+
     toks: list[int] = []
     shown = ""
-    for i in range(max_new_tokens):
-        if i + 1 < max_new_tokens:  # queue the next step before reading this token (overlaps host and device)
-            nxt, cache, key = _call(executables, step_key, jobs, _decode_step, (state, token, cache, key),
-                                    dict(sampling=sampling), graphdef)
-        t = int(np.asarray(token)[0])
-        if t in eos:
-            break
-        toks.append(t)
-        text = tokenizer.decode(toks, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-            yield text[len(shown):]
-            shown = text
-        if i + 1 < max_new_tokens:
-            token = nxt
+    steps = 4
+    # queued at once (it makes no token after an end-of-sequence one or when none is left)
+    queued = chunk(token, cache, key, np.asarray(max_new_tokens - 1, np.int32), steps)
+    pending = [int(np.asarray(token)[0])]
+    while True:
+        for t in pending:
+            if t in eos_ids:
+                return
+            toks.append(t)
+            text = tokenizer.decode(toks, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+                yield text[len(shown):]
+                shown = text
+        if len(toks) >= max_new_tokens:
+            return
+        out, n, token, cache, key, remaining = queued
+        steps = min(2 * steps, STREAM_CHUNK)
+        queued = chunk(token, cache, key, remaining, steps)  # queued before this chunk is read back
+        out, n = jax.device_get((out, n))
+        if int(n) == 0:
+            return
+        pending = [int(t) for t in out[: int(n)]]

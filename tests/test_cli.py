@@ -423,3 +423,84 @@ def test_nf4_report_is_one_readable_line():
                               "model_mb_after": 143.03, "bits_per_param": 4.127})
     assert line == ("NF4: quantized projections 169.9 MB -> 43.8 MB (4.127 bits per weight); "
                     "whole model 269.1 MB -> 143.0 MB")
+
+
+# --- streaming: one compiled loop per chunk of tokens, the tokens of plain greedy decoding
+
+def _tiny_lm_and_tokenizer(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+
+    from jaxqlora.config import ModelConfig
+    from jaxqlora.model import CausalLM
+    from jaxqlora.tokenizer import Tokenizer
+
+    vocab = 40
+    cfg = ModelConfig(arch="llama", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    model = CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    new = [(1.0 + 0.1 * jax.random.normal(k, a.shape)) if a.ndim == 1 else 0.5 * jax.random.normal(k, a.shape)
+           for k, a in zip(keys, leaves)]  # spread-out logits: argmax is not a near tie
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, [x.astype(a.dtype) for x, a in zip(new, leaves)]))
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(vocab - 3)}}
+    backend = Backend(models.WordLevel(words, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return model, Tokenizer(backend, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _greedy_without_cache(model, prompt_ids, n, eos):
+    """Plain greedy decoding: the whole sequence through the model for every new token (no KV
+    cache; right-padded to one length, which a causal model's earlier logits ignore)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))
+    length = len(prompt_ids) + n
+    ids, out = list(prompt_ids), []
+    for _ in range(n):
+        logits = forward(state, jnp.asarray([ids + [0] * (length - len(ids))], jnp.int32))
+        t = int(jnp.argmax(logits[0, len(ids) - 1]))
+        if t == eos:
+            break
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+@pytest.mark.parametrize("n", [3, 70])
+def test_stream_yields_the_tokens_of_greedy_decoding(tmp_path, n):
+    """Pieces of `stream` (chunks of 4, 8, 16, 32 tokens per compiled call) join to the text of
+    greedy decoding computed without a cache, for a length inside the first chunk and one
+    across every chunk size (4 + 8 + 16 + 32 + 10); a sampled stream equals `generate` with
+    the same seed (the PRNG key carried from chunk to chunk)."""
+    from jaxqlora.generate import STREAM_CHUNK, generate, stream
+
+    assert STREAM_CHUNK == 32
+    model, tok = _tiny_lm_and_tokenizer(tmp_path)
+    prompt = "w1 w5 w9 w2"
+    ref = _greedy_without_cache(model, tok.encode(prompt), n, tok.eos_token_id)
+    pieces = list(stream(model, tok, prompt, max_new_tokens=n))
+    assert "".join(pieces) == tok.decode(ref, skip_special_tokens=True)
+    assert len(pieces) == len(ref) and len(ref) >= min(n, 3)
+    if n < STREAM_CHUNK:
+        return
+    kw = dict(max_new_tokens=n, temperature=1.0, top_k=10, seed=7)
+    ids = generate(model, tok, prompt, return_ids=True, **kw)
+    assert "".join(stream(model, tok, prompt, **kw)) == tok.decode([t for t in ids if t != 2], skip_special_tokens=True)
+
+
+def test_stream_closed_early_stops(tmp_path):
+    from jaxqlora.generate import stream
+
+    model, tok = _tiny_lm_and_tokenizer(tmp_path)
+    it = stream(model, tok, "w1 w5", max_new_tokens=70)
+    first = next(it)
+    it.close()  # no thread or loop left behind
+    assert first.strip()
