@@ -557,7 +557,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
             return {"precompiled": {str(k): t._asdict() for k, t in trainer.executables.seconds.items()},
                     "compile_seconds": compile_s, "seconds": time.perf_counter() - t_start}
         if cfg.dry_run or cfg.check_memory:
-            estimate = memory_estimate(trainer.executables)
+            estimate = memory_estimate(trainer.executables, _resident(trainer))
             capacity = device_memory()
             log(format_memory(estimate, capacity))
             if cfg.dry_run:
@@ -703,14 +703,28 @@ class MemoryEstimateError(JaxQLoRAError, MemoryError):
                          f"({estimate['worst']}), the device has {capacity / 1e9:.2f} GB{fix}")
 
 
-def memory_estimate(executables) -> dict:
+def state_bytes(tree) -> int:
+    """Bytes of the arrays (or ``ShapeDtypeStruct``s) of ``tree``; a PRNG key counts as its key data."""
+    total = 0
+    for x in jax.tree_util.tree_leaves(tree):
+        if not hasattr(x, "dtype"):
+            continue
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.eval_shape(jax.random.key_data, x)
+        total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def memory_estimate(executables, resident_bytes: int = 0) -> dict:
     """Device memory of a run from XLA's memory analysis of its compiled steps.
 
     For each executable: arguments (frozen weights, trainable parameters, optimizer state,
     RNG, the batch) + outputs - the outputs aliasing donated arguments + temporaries
-    (activations, gradients); the run's peak is the largest of them (the steps run one at a
-    time over the same weights). Returns ``{"peak_bytes", "worst": its BucketKey as text,
-    "per_step": {key: {argument, output, alias, temp, total}}}``.
+    (activations, gradients), plus ``resident_bytes`` (the state the run keeps on the device,
+    `state_bytes`) beyond the arguments: XLA drops arguments a step does not read (the LM
+    head of a classifier), but they are loaded all the same. The run's peak is the largest
+    (the steps run one at a time over the same weights). Returns ``{"peak_bytes", "worst":
+    its BucketKey as text, "per_step": {key: {argument, output, alias, temp, unread, total}}}``.
     """
     per = {}
     for key, compiled in executables.items():
@@ -718,10 +732,15 @@ def memory_estimate(executables) -> dict:
         if m is None:
             continue
         parts = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
-        parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
+        parts["unread"] = max(0, int(resident_bytes) - parts["argument"])
+        parts["total"] = parts["argument"] + parts["unread"] + parts["output"] - parts["alias"] + parts["temp"]
         per[str(key)] = parts
     worst = max(per, key=lambda k: per[k]["total"]) if per else "none"
     return {"peak_bytes": per[worst]["total"] if per else 0, "worst": worst, "per_step": per}
+
+
+def _resident(trainer: Trainer) -> int:
+    return state_bytes((trainer.trainable, trainer.rng_state, trainer.opt_state, trainer.frozen))
 
 
 def device_memory(device=None) -> int | None:
@@ -745,7 +764,7 @@ def device_memory(device=None) -> int | None:
 def format_memory(estimate: dict, capacity: int | None) -> str:
     """One line: the estimate, its largest step and its parts, and the device's memory."""
     parts = estimate["per_step"].get(estimate["worst"], {})
-    detail = ", ".join(f"{k} {parts[k] / 1e6:,.1f} MB" for k in ("argument", "temp", "output", "alias")
+    detail = ", ".join(f"{k} {parts[k] / 1e6:,.1f} MB" for k in ("argument", "unread", "temp", "output", "alias")
                        if k in parts)
     cap = "unknown" if capacity is None else f"{capacity / 1e9:.2f} GB"
     return (f"memory estimate: {estimate['peak_bytes'] / 1e9:.3f} GB at {estimate['worst']} ({detail}); "
@@ -777,7 +796,7 @@ def _fitting_settings(cfg: FinetuneConfig, num_labels: int, optimizer, capacity:
         trainer.precompile(trial.batch_size, _buckets(trial)[-1:], grad_accum=trial.grad_accum,
                            eval_batch_size=trial.eval_batch_size, log=lambda *_: None,
                            desc=f"memory with {settings}")
-        peak = memory_estimate(trainer.executables)["peak_bytes"]
+        peak = memory_estimate(trainer.executables, _resident(trainer))["peak_bytes"]
         log(f"memory estimate with {settings}: {peak / 1e9:.3f} GB")
         if peak <= capacity:
             return {"settings": settings, "peak_bytes": peak}

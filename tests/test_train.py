@@ -407,3 +407,47 @@ def test_chunked_cross_entropy_matches_float64(chunk):
     np.testing.assert_allclose(np.asarray(dh), dz @ w.astype(np.float64), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dw), np.einsum("btv,bth->vh", dz, h.astype(np.float64)),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_dry_run_memory_estimate_and_refusal(base_folder, tmp_path, monkeypatch):
+    """``dry_run``: the estimate's arguments of the train step are the bytes of the frozen
+    weights, LoRA/head parameters, optimizer state, RNG and one batch (counted here from the
+    arrays); nothing is loaded or written. A device smaller than the estimate is refused
+    before the weights load, with the estimate, the capacity and settings that fit."""
+    import jaxqlora.finetune as F
+    import jaxqlora.io
+    from jaxqlora.data import batch_spec
+    from jaxqlora.finetune import FinetuneConfig, MemoryEstimateError, finetune
+
+    words = save_word_tokenizer(base_folder, VOCAB)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "\n".join(f"{words[i % 50]} {words[(3 * i) % 40]},{'ab'[i % 2]}"
+                                                for i in range(200)) + "\n")
+    kw = dict(model=str(base_folder), data=str(data), quantize=False, rank=2, alpha=4.0, batch_size=8, max_seq_len=32,
+              buckets=(32,), eval_batch_size=16, dtype="float32", output=str(tmp_path / "out"))
+    monkeypatch.setattr(jaxqlora.io, "load_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    res = finetune(FinetuneConfig(dry_run=True, **kw), log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+    train = res["memory"]["per_step"]["train (1, 8, 32)"]
+
+    cfg = FinetuneConfig(**kw)
+    trainer = Trainer(F._abstract_model(cfg, 2), classification_loss, make_optimizer(total_steps=10)[0])
+    leaves = jax.tree_util.tree_leaves((trainer.trainable, trainer.rng_state, trainer.opt_state, trainer.frozen))
+    resident = sum(8 if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)  # a threefry key is 2 x uint32
+                   else int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+    batch = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
+                for s in batch_spec(8, 32, causal_lm=False, accum=1).values())
+    lm_head = VOCAB * 48 * 4  # float32 [vocab, hidden]: loaded, never read by a classifier's step
+    assert abs(train["argument"] - batch - (resident - lm_head)) <= 8  # and a few unread scalars
+    assert train["argument"] + train["unread"] == resident
+    assert train["total"] == resident + train["output"] - train["alias"] + train["temp"] > resident + batch
+    assert res["memory"]["peak_bytes"] == max(p["total"] for p in res["memory"]["per_step"].values())
+
+    capacity = res["memory"]["peak_bytes"] - 1
+    monkeypatch.setattr(F, "device_memory", lambda *a: capacity)
+    with pytest.raises(MemoryEstimateError) as e:
+        finetune(FinetuneConfig(**kw), log=lambda *_: None)
+    assert f"the device has {capacity / 1e9:.2f} GB" in str(e.value)
+    if e.value.suggestion is not None:
+        assert e.value.suggestion["peak_bytes"] <= capacity and "remat" in str(e.value)
+    assert not (tmp_path / "out").exists()
