@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -300,10 +299,7 @@ def _print_metrics(name: str, metrics: dict) -> None:
 def _cmd_finetune(args) -> int:
     from jaxqlora.finetune import finetune
 
-    cfg = _finetune_config(args)
-    process = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID") or 0)
-    if args.overwrite and not (args.precompile_only or args.dry_run) and process == 0:
-        _remove_earlier_run(args.output)
+    cfg = _finetune_config(args)  # --overwrite: finetune removes the earlier run when training starts
     results = finetune(cfg, log=lambda m: print(m, file=sys.stderr))
     if cfg.precompile_only:
         print(f"precompiled {len(results['precompiled'])} executables in {results['compile_seconds']:.1f} s "
@@ -394,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the adapter, metrics, results and checkpoints")
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     f.add_argument("--overwrite", action="store_true",
-                   help="delete an earlier run's adapter, metrics, results and checkpoints in --output first "
-                        "(without it or --resume, an --output that holds a run is refused)")
+                   help="delete an earlier run's adapter, metrics, results and checkpoints in --output when "
+                        "training starts (a run that fails before leaves them; without --overwrite or --resume, "
+                        "an --output that holds a run is refused)")
     f.add_argument("--checkpoint-every", type=nonnegative_int, default=0,
                    help="steps between checkpoints; 0 = only at the end")
     f.add_argument("--log-every", type=positive_int, default=10, help="steps between metrics.jsonl records")
@@ -467,17 +464,6 @@ RUN_ENTRIES = ("adapter", "checkpoints", "metrics.jsonl", "results.json")
 def _earlier_run(output: str) -> list[str]:
     folder = Path(output)
     return [name for name in RUN_ENTRIES if (folder / name).exists()] if folder.is_dir() else []
-
-
-def _remove_earlier_run(output: str) -> None:
-    import shutil
-
-    for name in _earlier_run(output):
-        path = Path(output) / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
 
 
 def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -266,22 +266,25 @@ def test_output_with_a_finished_run_is_refused(tmp_path, capsys):
     _refused(["finetune", "--output", out, "--resume", "--overwrite"], capsys, "--overwrite", "--resume")
 
 
-def test_overwrite_removes_the_first_run_and_resume_keeps_it(monkeypatch, tmp_path, capsys):
+def test_overwrite_and_resume_reach_finetune_with_the_first_run_intact(monkeypatch, tmp_path, capsys):
+    """--resume and --overwrite pass the refusal; the CLI deletes nothing itself (finetune
+    removes the earlier run only when training starts: tests/test_train.py)."""
     seen = []
 
     def fake_finetune(cfg, log=None):
-        seen.append(sorted(p.name for p in Path(cfg.output).iterdir()))
+        seen.append((cfg.resume, cfg.overwrite, sorted(p.name for p in Path(cfg.output).iterdir())))
         raise jaxqlora.data.DataError("stop here")
 
     monkeypatch.setattr(jaxqlora.finetune, "finetune", fake_finetune)
     out = tmp_path / "run"
     _finished_run(out)
     (out / "notes.txt").write_text("the user's own file")
+    everything = ["adapter", "checkpoints", "metrics.jsonl", "notes.txt", "results.json"]
     assert main(["finetune", "--output", str(out), "--resume"]) == 2
-    assert seen[-1] == ["adapter", "checkpoints", "metrics.jsonl", "notes.txt", "results.json"]
+    assert seen[-1] == (True, False, everything)
     assert main(["finetune", "--output", str(out), "--overwrite"]) == 2
-    assert seen[-1] == ["notes.txt"]  # no trace of the first run; other files are left alone
-    assert main(["finetune", "--output", str(out)]) == 2 and "stop here" in capsys.readouterr().err
+    assert seen[-1] == (False, True, everything)  # a run that fails before training leaves the first one
+    assert "stop here" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_classification_adapter(tmp_path, capsys):

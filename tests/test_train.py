@@ -377,6 +377,18 @@ def test_eval_progress_and_a_run_that_fails_before_training(base_folder, tmp_pat
         finetune(FinetuneConfig(model=str(damaged), output=str(out), **kw), log=lambda *_: None)
     assert not out.exists()
 
+    # overwrite: a run failing before training leaves the earlier run; one that trains replaces it all
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError):
+        finetune(FinetuneConfig(model=str(damaged), output=str(run), overwrite=True, **kw), log=lambda *_: None)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    again = dict(kw, max_steps=1)
+    res = finetune(FinetuneConfig(model=str(base_folder), output=str(run), overwrite=True, **again), log=lambda *_: None)
+    assert res["steps"] == 1 and json.loads((run / "results.json").read_text())["steps"] == 1
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1"]
+
 
 @pytest.mark.parametrize("chunk", [4, 7, 64])
 def test_chunked_cross_entropy_matches_float64(chunk):
