@@ -59,11 +59,17 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """Pick one token per row from float32 ``logits [B, vocab]``; returns int32 ``[B]``."""
+def sampling_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """The logits `sample_token` samples from: divided by the temperature, top-k and top-p
+    filtered (removed tokens at ``-inf``). float32 ``[..., vocab]`` in and out.
+
+    Raises:
+      ValueError: greedy settings (temperature 0: no distribution).
+    """
     if cfg.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / cfg.temperature
+        raise ValueError("greedy decoding (temperature 0) has no sampling distribution")
+    shape = logits.shape
+    logits = logits.reshape(-1, shape[-1]) / cfg.temperature
     if cfg.top_k:
         kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -74,7 +80,14 @@ def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.
         before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
         sorted_logits = jnp.where(before >= cfg.top_p, -jnp.inf, sorted_logits)
         logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits.reshape(shape)
+
+
+def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Pick one token per row from float32 ``logits [B, vocab]``; returns int32 ``[B]``."""
+    if cfg.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, sampling_logits(logits, cfg), axis=-1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------- jitted pieces

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxqlora.generate import SamplingConfig, _inference_model
+from jaxqlora.generate import SamplingConfig, _inference_model, sampling_logits
 from jaxqlora.model import CausalLM, KVCache
 
 METHODS = ("ngram", "draft")
@@ -128,30 +128,6 @@ def check_draft_model(model: CausalLM, draft_model: CausalLM) -> None:
 
 
 # ------------------------------------------------------------------ sampling
-
-
-def sampling_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """The logits `jaxqlora.generate.sample_token` samples from: divided by the temperature,
-    top-k and top-p filtered (removed tokens at ``-inf``). float32 ``[..., vocab]`` in and out.
-
-    ``jax.random.categorical(key, sampling_logits(x, cfg))`` is ``sample_token(x, key, cfg)``
-    for ``x [B, vocab]``. Raises ValueError for greedy settings (temperature 0: no distribution).
-    """
-    if cfg.temperature == 0.0:
-        raise ValueError("greedy decoding (temperature 0) has no sampling distribution")
-    shape = logits.shape
-    logits = logits.reshape(-1, shape[-1]) / cfg.temperature
-    if cfg.top_k:
-        kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if cfg.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        sorted_logits = jnp.where(before >= cfg.top_p, -jnp.inf, sorted_logits)
-        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
-    return logits.reshape(shape)
 
 
 def target_probs(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:

@@ -263,11 +263,34 @@ def test_accept_first_token_has_target_distribution(kind):
     assert pvals[False] < 1e-12, pvals
 
 
-def test_sampling_logits_is_sample_token():
-    logits = jnp.asarray(np.random.default_rng(3).normal(0, 2, (64, 30)), jnp.float32)
-    for cfg in (SamplingConfig(0.8), SamplingConfig(1.2, top_k=5), SamplingConfig(1.0, top_p=0.7)):
-        got = jax.random.categorical(jax.random.key(4), sampling_logits(logits, cfg), axis=-1)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(sample_token(logits, jax.random.key(4), cfg)))
+def _numpy_target(x, temperature, top_k=0, top_p=1.0):
+    """float64 NumPy: softmax(x / T) restricted to the top-k tokens, then to the smallest
+    prefix (by descending probability) whose mass before each kept token is < top_p."""
+    z = x.astype(np.float64) / temperature
+    keep = np.ones_like(z, bool)
+    if top_k:
+        kth = np.sort(z, axis=-1)[:, -top_k][:, None]
+        keep &= z >= kth
+    p = np.where(keep, np.exp(z - z.max(-1, keepdims=True)), 0.0)
+    p /= p.sum(-1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sp = np.take_along_axis(p, order, -1)
+        before = np.cumsum(sp, -1) - sp
+        mask = np.zeros_like(keep)
+        np.put_along_axis(mask, order, before < top_p, -1)
+        p = np.where(mask, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    return p
+
+
+def test_target_probs_against_numpy():
+    """The distribution speculative sampling corrects towards (temperature, top-k, top-p)
+    against float64 NumPy written from the definitions."""
+    x = np.random.default_rng(3).normal(0, 2, (64, 30)).astype(np.float32)
+    for t, k, p in ((0.8, 0, 1.0), (1.2, 5, 1.0), (1.0, 0, 0.7), (0.9, 8, 0.5)):
+        got = np.asarray(jax.nn.softmax(sampling_logits(jnp.asarray(x), SamplingConfig(t, top_k=k, top_p=p)), -1))
+        np.testing.assert_allclose(got, _numpy_target(x, t, k, p), atol=2e-6)
 
 
 def test_generate_samples_from_target():
