@@ -317,10 +317,11 @@ def default_scan(tokens: int, cached: bool) -> bool:
     """Whether `CausalLM.hidden_states` scans its layers (True) or unrolls them, when
     ``CausalLM.scan_layers`` is None, for a call over ``tokens`` new tokens with or without a
     cache: ``jax.lax.scan`` for training, evaluation and prefill (compile time independent
-    of depth); unrolled for one-token cached decoding, which measured faster on an H200
-    (SmolLM2-135M NF4, batch 1: 743 vs 632 tokens/s; batch 8: 4,323 vs 3,860; the
-    unrolled decode loop compiles longer, once per generation bucket)."""
-    return not (cached and tokens == 1)
+    of depth); on a GPU, unrolled for one-token cached decoding, which measured faster on an
+    H200 (SmolLM2-135M NF4, batch 1: 743 vs 632 tokens/s; batch 8: 4,323 vs 3,860). On other
+    backends decoding scans too: there the unrolled loop's compile time (once per generation
+    program) outweighs what it saves."""
+    return not (cached and tokens == 1 and jax.default_backend() == "gpu")
 
 
 MATMUL_NAMES = ("q_proj", "k_proj", "v_proj", "attention", "o_proj", "gate_proj", "up_proj", "down_proj", "lora_a")
