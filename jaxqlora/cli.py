@@ -1,6 +1,7 @@
 """The ``jaxqlora`` command.
 
-    jaxqlora finetune [--model PATH] [--data FILE --text-column C --label-column L | --task causal-lm ...]
+    jaxqlora finetune [--model PATH] [--data FILE --text-column C --label-column L | --task causal-lm ...
+                      | --task chat [--messages-column M]] [--packing]
                       [--rank R --alpha A --targets ...] [--max-steps N --epochs E --batch-size B
                       --grad-accum G --lr LR --max-seq-len T] [--output DIR] [--resume | --overwrite]
                       [--remat [full|dots]] [--precompile-only | --dry-run]
@@ -8,7 +9,7 @@
                       --num-processes P --process-id I]]
     jaxqlora eval     --adapter DIR [--model PATH] [--data FILE ...]
     jaxqlora merge    --adapter DIR --output DIR [--model PATH]
-    jaxqlora generate --prompt "What is the capital of France?" [--model PATH] [--adapter DIR]
+    jaxqlora generate --prompt "What is the capital of France?" | --messages JSON|FILE [--model PATH] [--adapter DIR]
                       [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                       [--speculative {ngram,draft} [--draft-model PATH] [--num-draft N]]
 
@@ -110,6 +111,29 @@ def existing_file(text: str) -> str:
     return text
 
 
+def chat_messages(text: str) -> list:
+    """argparse type: a conversation to continue, as JSON text or the path of a JSON file:
+    ``[{"role": "system" | "user" | "assistant", "content": "..."}, ...]``."""
+    import json
+
+    from jaxqlora.chat import ROLES
+
+    source = text
+    if not text.lstrip().startswith("[") and Path(text).is_file():
+        source = Path(text).read_text(encoding="utf-8")
+    try:
+        messages = json.loads(source)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON list of messages, nor a file holding one ({e})") from None
+    if not isinstance(messages, list) or not messages:
+        raise argparse.ArgumentTypeError("must be a non-empty JSON list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise argparse.ArgumentTypeError(f"messages[{i}] must be an object with a role among "
+                                             f"{', '.join(ROLES)} and a string content")
+    return messages
+
+
 def existing_dir(text: str) -> str:
     """argparse type: the path of an existing folder."""
     path = Path(text)
@@ -194,11 +218,19 @@ def _cmd_generate(args) -> int:
         print(f"error: {args.model} has no tokenizer.json", file=sys.stderr)
         return 2
     if args.adapter:
-        from jaxqlora.io.peft import load_adapter
+        from jaxqlora.io.peft import load_adapter, read_task
 
         load_adapter(model, args.adapter)
+        record = read_task(args.adapter)
+        if record and record["chat_template"]:  # prompt with the template the chat fine-tune rendered with
+            tokenizer.chat_template = record["chat_template"]
+        if record and record["task"] == "causal-lm" and not args.no_chat:
+            print("note: the adapter was trained on raw prompt/response text (task causal-lm); --no-chat prompts "
+                  "it the same way", file=sys.stderr)
     load_s = time.perf_counter() - t0
-    if args.no_chat:
+    if args.messages is not None:
+        prompt = args.messages
+    elif args.no_chat:
         prompt = args.prompt
     else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -263,13 +295,16 @@ def _generate_speculative(args, model, tokenizer, prompt, load_s: float) -> int:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=existing_file, default=None, metavar="FILE",
                    help="CSV, JSONL or JSON file, optionally .gz/.bz2 (default: the embedded Rotten Tomatoes set)")
-    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
-                   help="sequence classification head, or next-token loss on the response")
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm", "chat"],
+                   help="sequence classification head, next-token loss on the response, or chat (a messages "
+                        "column rendered with the chat template, loss on the assistant turns)")
     p.add_argument("--text-column", type=nonempty_str, default="text", help="classification: column of the text")
     p.add_argument("--label-column", type=nonempty_str, default="label", help="classification: column of the label")
     p.add_argument("--prompt-column", type=nonempty_str, default="prompt", help="causal-lm: column of the prompt")
     p.add_argument("--response-column", type=nonempty_str, default="response",
                    help="causal-lm: column of the response")
+    p.add_argument("--messages-column", type=nonempty_str, default="messages",
+                   help="chat: column of the conversations (JSONL list, or JSON text in a CSV cell)")
     p.add_argument("--max-seq-len", type=positive_int, default=64, help="tokens per example; longer ones are truncated")
 
 
@@ -384,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps; overrides --epochs (default: 350 without --epochs)")
     f.add_argument("--batch-size", type=positive_int, default=16, help="rows per micro-batch")
     f.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    f.add_argument("--packing", action="store_true",
+                   help="causal-lm / chat: pack training examples into rows of --max-seq-len tokens (first-fit "
+                        "decreasing; attention and positions stay per example)")
     f.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate")
     f.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="learning-rate schedule")
     f.add_argument("--output", type=output_dir, default="runs/finetune", metavar="DIR",
@@ -437,7 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--adapter", type=existing_dir, default=None, metavar="DIR",
                    help="PEFT LoRA adapter folder to apply (default: none)")
-    g.add_argument("--prompt", type=nonempty_str, required=True, help="the user message (or raw text with --no-chat)")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", type=nonempty_str, help="the user message (or raw text with --no-chat)")
+    source.add_argument("--messages", type=chat_messages, metavar="JSON|FILE",
+                        help='a conversation to continue with the chat template, as JSON or a JSON file: '
+                             '[{"role": "system"|"user"|"assistant", "content": "..."}, ...]')
     g.add_argument("--system", default=None, help="optional system message (default: none)")
     g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
     g.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most")
@@ -467,14 +509,17 @@ def _earlier_run(output: str) -> list[str]:
 
 
 def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.task == "causal-lm" and args.max_seq_len < 2:
-        parser.error(f"argument --max-seq-len: must be at least 2 for --task causal-lm, got {args.max_seq_len}")
+    if args.task in ("causal-lm", "chat") and args.max_seq_len < 2:
+        parser.error(f"argument --max-seq-len: must be at least 2 for --task {args.task}, got {args.max_seq_len}")
 
 
 def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--speculative draft`` needs ``--draft-model`` and ``--draft-model`` needs it. A classification
     adapter (PEFT ``task_type`` SEQ_CLS) is refused: its LoRA weights were trained with a score head in
     place of the LM head, which ``generate`` does not use."""
+    if args.messages is not None and (args.no_chat or args.system is not None):
+        parser.error(f"argument --messages: not allowed with {'--no-chat' if args.no_chat else '--system'} (put "
+                     "a system message in the conversation)")
     if args.speculative == "draft" and args.draft_model is None:
         parser.error("argument --speculative: draft needs --draft-model PATH")
     if args.draft_model is not None and args.speculative != "draft":
@@ -497,6 +542,9 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def _check_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks between finetune's arguments (each one alone passed its ``type=``)."""
     _check_data(parser, args)
+    if args.packing and args.task == "classification":
+        parser.error("argument --packing: works for --task causal-lm and chat; classification keeps one example "
+                     "per row")
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with --resume")
     if not (args.resume or args.overwrite or args.precompile_only or args.dry_run):

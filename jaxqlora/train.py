@@ -543,7 +543,7 @@ class Trainer:
 
     def precompile(self, batch_size: int, seq_lens, *, grad_accum: int = 1, eval_batch_size: int | None = None,
                    log: Callable[[str], None] | None = None, max_workers: int | None = None,
-                   desc: str | None = None) -> Executables:
+                   desc: str | None = None, train_seq_lens=None) -> Executables:
         """Compile the train step for ``[grad_accum, batch_size, L]`` batches and the
         evaluation step for ``[eval_batch_size, L]`` batches, for every L in ``seq_lens``,
         ahead of time, several at once (`jaxqlora.compile.precompile`; progress bar,
@@ -558,6 +558,8 @@ class Trainer:
             CPU core up to the number of executables, 1: serially).
           desc: the progress bar's label (default ``"precompile train/eval"``, or
             ``"precompile eval"`` for an evaluation-only Trainer).
+          train_seq_lens: the buckets of the train step, if not ``seq_lens`` (packed
+            training rows all have ``max_seq_len`` tokens; evaluation keeps every bucket).
 
         Returns:
           ``self.executables``, now holding ``BucketKey("train", (grad_accum, batch_size, L))``
@@ -576,13 +578,15 @@ class Trainer:
             eval_sharding = sharding.input_sharding(self.mesh, (eval_batch_size or 0,))
         trainable, rng_state, opt_state, frozen = (abstract(self._leaves[n]) for n in _STATES)
         jobs = {}
-        for length in sorted(set(seq_lens)):
-            if self._step is not None:
+        eval_lens = set(seq_lens)
+        train_lens = eval_lens if train_seq_lens is None else set(train_seq_lens)
+        for length in sorted(eval_lens | train_lens):
+            if self._step is not None and length in train_lens:
                 batch = batch_spec(batch_size, length, causal_lm=causal_lm, accum=grad_accum,
                                    sharding=train_sharding)
                 jobs[BucketKey("train", (grad_accum, batch_size, length))] = Job(
                     self._step.jitted, (trainable, rng_state, opt_state, frozen, batch))
-            if eval_batch_size and self._metrics is not None:
+            if eval_batch_size and self._metrics is not None and length in eval_lens:
                 batch = batch_spec(eval_batch_size, length, causal_lm=causal_lm, sharding=eval_sharding)
                 jobs[BucketKey("eval", (eval_batch_size, length))] = Job(
                     self._metrics.jitted, (trainable, rng_state, frozen, batch))

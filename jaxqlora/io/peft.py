@@ -28,6 +28,9 @@ from jaxqlora.stacked import layer_key, per_layer_items
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+TASK_NAME = "jaxqlora_task.json"
+"""Our own record of the training task, beside PEFT's files (PEFT ignores it)."""
+TASKS = ("classification", "causal-lm", "chat")
 
 
 def adapter_state_dict(model, head: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -44,7 +47,8 @@ def adapter_state_dict(model, head: Mapping[str, Any] | None = None) -> dict[str
 
 
 def save_adapter(model, path: str | Path, *, base_model_name_or_path: str | None = None,
-                 task_type: str = "CAUSAL_LM", head: Mapping[str, Any] | None = None) -> Path:
+                 task_type: str = "CAUSAL_LM", head: Mapping[str, Any] | None = None, task: str | None = None,
+                 chat_template: str | None = None) -> Path:
     """Write a PEFT LoRA adapter folder that ``peft.PeftModel.from_pretrained`` loads.
 
     Args:
@@ -54,15 +58,21 @@ def save_adapter(model, path: str | Path, *, base_model_name_or_path: str | None
       task_type: ``"CAUSAL_LM"`` or ``"SEQ_CLS"``.
       head: extra trainable modules saved in full (``{"score": W [num_labels, hidden]}``);
         their names go to ``modules_to_save``.
+      task: the jaxqlora task the adapter was trained for (``"classification"``,
+        ``"causal-lm"``, ``"chat"``), recorded in ``jaxqlora_task.json`` with
+        ``chat_template`` (the template chat training rendered with), so that generation
+        prompts as training did (`read_task`). None writes no record.
 
     Returns:
       The folder.
 
     Raises:
-      ValueError: the model has no LoRA layers, or task_type is unknown.
+      ValueError: the model has no LoRA layers, or task_type or task is unknown.
     """
     if task_type not in ("CAUSAL_LM", "SEQ_CLS"):
         raise ValueError(f"task_type must be CAUSAL_LM or SEQ_CLS, got {task_type!r}")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     cfg = lora_config(model)
     path = Path(path)
     config = {
@@ -74,7 +84,31 @@ def save_adapter(model, path: str | Path, *, base_model_name_or_path: str | None
     }
     atomic_save_safetensors(path / WEIGHTS_NAME, adapter_state_dict(model, head), metadata={"format": "pt"})
     atomic_write_json(path / CONFIG_NAME, config)
+    if task is not None:
+        atomic_write_json(path / TASK_NAME, {"task": task, "chat_template": chat_template})
     return path
+
+
+def read_task(path: str | Path) -> dict | None:
+    """The ``{"task", "chat_template"}`` record `save_adapter` wrote in an adapter folder, or
+    None when there is none (an adapter from PEFT or an older jaxqlora).
+
+    Raises:
+      CheckpointError: the record is unreadable or names an unknown task.
+    """
+    file = Path(path) / TASK_NAME
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(file, f"unreadable JSON ({e})") from e
+    if not isinstance(record, dict) or record.get("task") not in TASKS:
+        raise CheckpointError(file, f"expected an object with task one of {', '.join(TASKS)}", "task")
+    template = record.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(file, "expected a string or null", "chat_template")
+    return {"task": record["task"], "chat_template": template}
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
