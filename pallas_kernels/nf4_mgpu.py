@@ -1,0 +1,336 @@
+"""NF4 matmul on Hopper through Mosaic GPU: ``y = x @ W.T`` with the NF4 codes looked up in
+registers and the tensor cores (wgmma) doing the products, for every M.
+
+Design (after tokamax's sm90 quantized ragged dot, ``tokamax/_src/ops/ragged_dot/
+pallas_mosaic_gpu_kernel_sm90_quant.py``): the weight sits on wgmma's M side and the
+tokens on its N side, so one kernel serves decoding (M = 1..16 tokens, padded to 8 or 16
+wgmma columns) and larger M (``block_m`` up to 128 token columns per program):
+
+* Grid ``(cdiv(N, 64), cdiv(M, block_m), splits)``. One warpgroup owns 64 rows of W and
+  ``block_m`` tokens; ``splits`` programs share the K range of a row tile (split-K, for
+  decoding shapes with few row tiles) and write float32 partials that XLA sums.
+* `plgpu.emit_pipeline` streams ``[64, block_k]`` tiles of codes, ``[block_k // 64, 64]``
+  tiles of scales and ``[block_m, block_k]`` tiles of ``x`` into shared memory by TMA
+  (zero-filled past the edges, so ragged N, M and K need no masks).
+* The codes are bitsandbytes' packed bytes as they are stored (``packed [N, K//2]``
+  uint8, element ``2i`` in the HIGH nibble), viewed as int4 ``[N, K]``: the int4 view
+  pairs each byte's nibbles the other way round, which `_nf4_dequant` undoes for free in
+  its last byte-permute. It loads 8 codes per thread-register (layout
+  ``WGMMA_UPCAST_4X``) and turns 4 codes into 4 bfloat16 values with 8 ``prmt``
+  byte-permutes over the 16-entry NF4 table held as immediate operands (the table's low
+  and high bytes looked up separately, then interleaved; the scheme of Mosaic GPU's own
+  int4 -> f8e4m3 conversion in ``fragmented_array.py``, after CUTLASS's
+  ``NumericArrayConverter``), and one ``fma.rn.bf16x2`` applies the block scale. No
+  gathers, no per-element table loads.
+* The block scales are the kernel layout `nf4_kernel_scale` derives once per weight
+  (``absmax`` decoded, double quantization included, to one bfloat16 per block,
+  transposed to ``[K // blocksize, N]`` so a K tile's scales are one TMA box); the bnb
+  codes stay the storage and interchange format.
+
+Numerics: each weight element is ``bf16(bf16(code) * bf16(scale))`` (bnb's dequantize to
+bfloat16 rounds ``code * absmax`` once, from float32: the two differ by at most 2**-8
+relative per element), products on the tensor cores with float32 accumulation.
+
+Restrictions (the wrapper checks them): a Hopper GPU (compute capability 9.0), ``K``
+and ``blocksize`` multiples of 64 (one scale per 64-column step), ``N`` a multiple of 8
+(16-byte TMA rows of the scales), 16-bit ``x``. Other cases take
+`pallas_kernels.nf4_matmul`. The kernel has no CPU interpret mode (Mosaic GPU's
+interpreter in jax 0.10/0.11 has no TMA); `nf4_mgpu_reference` at the bottom is the
+oracle its tests (``tests/test_nf4_mgpu.py``, run on the GPU) compare with.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+__all__ = ["nf4_kernel_scale", "nf4_mgpu_matmul", "nf4_mgpu_reference", "nf4_mgpu_supported",
+           "NF4_BF16_BYTES"]
+
+#: bitsandbytes' NF4 codebook (QLoRA App. E), rounded to bfloat16: the byte tables of
+#: `_nf4_dequant` are built from these bit patterns.
+_NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                 -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                 0.7229568362236023, 1.0], np.float32)
+NF4_BF16_BYTES = np.asarray(jnp.asarray(_NF4, jnp.bfloat16).view(jnp.uint16)).astype(np.uint32)
+
+
+def _word(values) -> int:
+    """Four bytes, little-endian, as one 32-bit immediate."""
+    return int(sum(int(v) << (8 * i) for i, v in enumerate(values)))
+
+
+_LO = [_word(NF4_BF16_BYTES[4 * i:4 * i + 4] & 0xFF) for i in range(4)]
+_HI = [_word(NF4_BF16_BYTES[4 * i:4 * i + 4] >> 8) for i in range(4)]
+
+#: Output-pair byte selectors of the last prmt: the int4 view of a bnb byte holds the
+#: odd element in its low nibble, so pair (e0, e1) takes nibbles 1 and 0.
+_PAIR_SEL = (0x4051, 0x6273)
+
+
+def nf4_mgpu_supported(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
+    """True when `nf4_mgpu_matmul` handles these shapes on this machine's GPU (see the
+    module docstring's restrictions)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16),):
+        return False
+    if k % 64 or blocksize % 64 or n % 8 or m < 1:
+        return False
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover
+        return False
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+
+
+def nf4_kernel_scale(absmax_f32: jax.Array, n: int, k: int, blocksize: int) -> jax.Array:
+    """The kernel layout of the block scales: ``absmax`` (float32, flat ``[N*K//blocksize]``
+    or ``[N, K//blocksize]``, already decoded from double quantization) repeated to one
+    scale per 64 columns, rounded to bfloat16 and transposed: ``[K // 64, N]``.
+
+    A leading layer axis (``[L, ...]``) is kept: ``[L, K // 64, N]``.
+    """
+    lead = absmax_f32.shape[:-2] if absmax_f32.ndim >= 2 and absmax_f32.shape[-2:] == (
+        n, k // blocksize) else absmax_f32.shape[:-1]
+    a = absmax_f32.reshape(*lead, n, k // blocksize)
+    a = jnp.repeat(a, blocksize // 64, axis=-1)
+    return jnp.swapaxes(a, -1, -2).astype(jnp.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------
+
+
+def _nf4_dequant(codes, scale_ref, pair_sel=_PAIR_SEL):
+    """bfloat16 ``scale[row] * NF4[code]`` of an int4 ``codes [64, c]`` value in layout
+    ``WGMMA`` (one bnb byte, two codes, per register), ``scale_ref`` a ``[64]`` bfloat16
+    SMEM ref; the result is in layout ``WGMMA`` (one bfloat16 pair per register), ready
+    for `plgpu.wgmma`. Two registers (four codes) go through one `_ASM` block.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+
+    layout = plgpu.Layout.WGMMA
+    asm = _ASM.format(lo=_LO, hi=_HI, p0=pair_sel[0], p1=pair_sel[1])
+
+    @plgpu.inline_mgpu(
+        arg_types=(layout, plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct(codes.shape, jnp.bfloat16, layout),
+    )
+    def dequant(_, w, s_smem):
+        i32 = ir.IntegerType.get_signless(32)
+        i16 = ir.IntegerType.get_signless(16)
+        bf16 = ir.BF16Type.get()
+        c = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))
+        struct = llvm.StructType.get_literal([i32, i32])
+        pair_ty = ir.VectorType.get((2,), bf16)
+
+        def scale2(row):  # the row's bfloat16 scale in both halves of an i32
+            s16 = arith.extui(i32, arith.bitcast(i16, memref.load(s_smem, [row])))
+            return arith.ori(s16, arith.shli(s16, c(16)))
+
+        # Every register of a thread lies in one of a few rows (two per 64x64 tile in
+        # the WGMMA layout): load each row's scale once. A register's row is the
+        # thread's dynamic row plus a static offset, ``tile_lin_idx // columns``.
+        tile_strides = w.layout.tiling.tile_strides(tuple(mgpu.utils.get_contiguous_strides(w.shape)))
+        regs, scales = [], {}
+        for idx, reg_idx in zip(w.layout.thread_idxs(w.shape), np.ndindex(w.registers.shape)):
+            key = sum(i * st for i, st in zip(reg_idx, tile_strides)) // w.shape[1]
+            if key not in scales:
+                scales[key] = scale2(idx[0])
+            regs.append((scales[key], reg_idx))
+        assert len(regs) % 2 == 0, len(regs)
+        new_regs = np.empty_like(w.registers)
+        for (sa, ra), (sb, rb) in zip(regs[0::2], regs[1::2]):
+            bytes_ = [arith.extui(i32, _vec_to_i8(w.registers[r])) for r in (ra, rb)]
+            sel = arith.ori(bytes_[0], arith.shli(bytes_[1], c(8)))
+            res = llvm.inline_asm(struct, [sel, sa, sb], asm, "=r,=r,r,r,r")
+            for j, r in enumerate((ra, rb)):
+                out = llvm.extractvalue(i32, res, ir.DenseI64ArrayAttr.get([j]))
+                new_regs[r] = _i32_to_vec(out, pair_ty)
+        return mgpu.FragmentedArray(_registers=new_regs, _layout=w.layout, _is_signed=None)
+
+    return dequant(codes, scale_ref)
+
+
+def _vec_to_i8(reg):
+    """``vector<2xi4>`` -> ``i8`` (the bnb byte it came from)."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jax._src.lib.mlir import ir
+    return mgpu_utils.bitcast(reg, ir.IntegerType.get_signless(8))
+
+
+def _i32_to_vec(word, vec_ty):
+    """``i32`` -> ``vector<2xbf16>``."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    return mgpu_utils.bitcast(word, vec_ty)
+
+
+#: Four codes (selector nibbles in $2's low 16 bits: register a's byte, then b's) ->
+#: two bfloat16 pairs ($0 for a, $1 for b) scaled by $3 / $4 (bf16x2 splats).
+_ASM = """{{
+.reg .b32 idx, sel, l0, l1, lo, h0, h1, hi, p0, p1, z;
+and.b32 idx, $2, 0x7777;
+and.b32 sel, $2, 0x8888;
+shr.u32 sel, sel, 1;
+or.b32 sel, sel, 0x3210;
+prmt.b32 l0, {lo[0]}, {lo[1]}, idx;
+prmt.b32 l1, {lo[2]}, {lo[3]}, idx;
+prmt.b32 lo, l0, l1, sel;
+prmt.b32 h0, {hi[0]}, {hi[1]}, idx;
+prmt.b32 h1, {hi[2]}, {hi[3]}, idx;
+prmt.b32 hi, h0, h1, sel;
+prmt.b32 p0, lo, hi, {p0:#x};
+prmt.b32 p1, lo, hi, {p1:#x};
+mov.b32 z, 0x80008000;
+fma.rn.bf16x2 $0, p0, $3, z;
+fma.rn.bf16x2 $1, p1, $4, z;
+}}"""
+
+
+def _kernel_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_k: int,
+                 steps: int, stages: int, in_flight: int, pair_sel=_PAIR_SEL):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    ni = lax.axis_index("n")
+    mi = lax.axis_index("m")
+    si = lax.axis_index("s")
+    layer = layer_ref[0]
+    sub = block_k // 64
+    w_swizzle = plgpu.find_swizzle(4 * block_k, "lhs")
+    x_swizzle = plgpu.find_swizzle(16 * 64, "rhs")
+
+    def compute(acc_ref):
+        def step(_, w_smem, x_smem, s_smem):
+            w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            for j in range(sub):
+                wj = plgpu.layout_cast(w[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
+                wj = _nf4_dequant(wj, s_smem.at[j], pair_sel)
+                plgpu.wgmma(acc_ref, wj, x_smem.at[:, j * 64:(j + 1) * 64].T)
+                plgpu.wgmma_wait(in_flight)
+
+        w_spec = plgpu.BlockSpec(
+            (64, block_k), lambda t: (ni, si * steps + t),
+            transforms=(plgpu.TilingTransform((8, w_swizzle * 2)),
+                        plgpu.SwizzleTransform(w_swizzle)))
+        x_spec = plgpu.BlockSpec(
+            (block_m, block_k), lambda t: (mi, si * steps + t),
+            transforms=(plgpu.TilingTransform((8, x_swizzle // 2)),
+                        plgpu.SwizzleTransform(x_swizzle)))
+        s_spec = plgpu.BlockSpec((sub, 64), lambda t: (si * steps + t, ni))
+        plgpu.emit_pipeline(step, grid=(steps,), in_specs=(w_spec, x_spec, s_spec),
+                            max_concurrent_steps=stages)(
+            w_gmem.at[layer], x_gmem, s_gmem.at[layer])
+        return acc_ref[...]
+
+    acc = pl.run_scoped(compute, plgpu.ACC((64, block_m)))
+
+    def store(o_smem):
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, mi, pl.ds(ni * 64, 64)])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM((64, block_m), jnp.float32))
+
+
+#: Shared memory the pipeline buffers may take (the H200 allows 227 KiB per block).
+_SMEM_BUDGET = 200 * 1024
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "splits", "stages",
+                                             "in_flight", "pair_sel"))
+def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
+                    block_m: int | None = None, block_k: int | None = None,
+                    splits: int | None = None, stages: int | None = None, in_flight: int = 0,
+                    pair_sel=_PAIR_SEL) -> jax.Array:
+    """``x @ W.T`` for an NF4 ``W [N, K]`` in bitsandbytes' packed bytes, on Hopper.
+
+    Args:
+      x: ``[M, K]`` bfloat16 activations.
+      packed: ``[N, K // 2]`` uint8 bnb codes (high nibble first), or ``[L, N, K // 2]``
+        stacked layers with ``layer`` given.
+      scale: the kernel layout `nf4_kernel_scale`: ``[K // 64, N]`` bfloat16
+        (``[L, K // 64, N]`` when stacked).
+      layer: int32 scalar, the stacked layer to multiply (read in place), or None.
+      block_m: token columns per program (8..128, a multiple of 8; default: M rounded up
+        to 8 for M <= 64, else 128).
+      block_k: K columns per pipeline step (a multiple of 64 dividing K; default 256).
+      splits: programs sharing one row tile's K range (default: enough programs to fill
+        the GPU's 132 multiprocessors twice).
+      stages: pipeline buffers in flight (default: up to 4 within the shared memory).
+      in_flight: wgmma groups left in flight after each issue (0: wait for each).
+
+    Returns:
+      ``[M, N]`` in ``x.dtype``.
+
+    Raises:
+      ValueError: shapes outside `nf4_mgpu_supported`'s restrictions.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m, k = x.shape
+    if layer is None:
+        packed, scale, layer = packed[None], scale[None], 0
+    n = packed.shape[1]
+    if packed.shape[2] * 2 != k or scale.shape[1:] != (k // 64, n):
+        raise ValueError(f"nf4_mgpu_matmul: x {x.shape}, packed {packed.shape}, scale "
+                         f"{scale.shape} disagree (want packed [.., N, K//2], scale "
+                         f"[.., K//64, N])")
+    if k % 64 or n % 8:
+        raise ValueError(f"nf4_mgpu_matmul: K={k} must be a multiple of 64 and N={n} of 8")
+    block_m = block_m or (max(8, -(-m // 8) * 8) if m <= 64 else 128)
+    if block_k is None:
+        block_k = next(b for b in (256, 128, 64) if k % b == 0)
+    tiles_n, tiles_m, tiles_k = pl.cdiv(n, 64), pl.cdiv(m, block_m), k // block_k
+    if splits is None:
+        splits = 1
+        while tiles_n * tiles_m * splits < 264 and tiles_k % (splits * 2) == 0 \
+                and tiles_k // (splits * 2) >= 2:
+            splits *= 2
+    if tiles_k % splits:
+        raise ValueError(f"nf4_mgpu_matmul: splits={splits} must divide K/block_k={tiles_k}")
+    steps = tiles_k // splits
+    per_stage = 64 * block_k // 2 + block_m * block_k * 2 + (block_k // 64) * 64 * 2
+    stages = stages or max(1, min(4, steps, _SMEM_BUDGET // per_stage))
+    codes = lax.bitcast_convert_type(packed, jnp.int4).reshape(packed.shape[0], n, k)
+    if m > 8 and m % 8:  # TMA boxes of 8-row tiles need M < 8 or a multiple of 8
+        x = jnp.pad(x, ((0, -m % 8), (0, 0)))
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    kernel = plgpu.kernel(
+        functools.partial(_kernel_body, block_m=block_m, block_k=block_k, steps=steps,
+                          stages=stages, in_flight=in_flight, pair_sel=pair_sel),
+        out_type=jax.ShapeDtypeStruct((splits, tiles_m, tiles_n * 64, block_m), jnp.float32),
+        grid=(tiles_n, tiles_m, splits),
+        grid_names=("n", "m", "s"),
+    )
+    out = kernel(layer, x, codes, scale)
+    out = out.sum(axis=0)  # [tiles_m, N_pad, block_m]
+    y = out.transpose(0, 2, 1).reshape(tiles_m * block_m, tiles_n * 64)
+    return y[:m, :n].astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Reference (the oracle): the same function in plain jnp
+# ---------------------------------------------------------------------------
+
+
+def nf4_mgpu_reference(x: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
+    """What `nf4_mgpu_matmul` computes, in float32 jnp: ``W[n, k] = bf16(bf16(NF4[code])
+    * scale[k // 64, n])`` with bnb's nibble order, then ``x @ W.T`` (float32 result)."""
+    n, kh = packed.shape
+    hi, lo = packed >> 4, packed & 15
+    codes = jnp.stack([hi, lo], axis=-1).reshape(n, 2 * kh).astype(jnp.int32)
+    table = jnp.asarray(_NF4, jnp.bfloat16)
+    s = jnp.repeat(scale.T, 64, axis=1)  # [N, K]
+    w = (table[codes] * s).astype(jnp.bfloat16).astype(jnp.float32)
+    return jnp.dot(x.astype(jnp.float32), w.T, precision=lax.Precision.HIGHEST)
