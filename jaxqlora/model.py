@@ -516,12 +516,19 @@ class CausalLM(nnx.Module):
 
     @property
     def head_weight(self) -> jax.Array:
-        """The LM head ``[vocab, hidden]``: ``lm_head.weight``, or the embeddings when tied."""
+        """The LM head ``[vocab, hidden]``: ``lm_head.weight``, or the embeddings when tied
+        (dequantized to the parameter dtype when the head is kept quantized)."""
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        if hasattr(head, "project"):  # a quantized head (jaxqlora.quantize)
+            return head.dequantize(self.dtype)
         return head.weight[...]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """float32 logits ``[..., vocab]`` from hidden states ``[..., hidden]`` (`lm_logits`)."""
+        """float32 logits ``[..., vocab]`` from hidden states ``[..., hidden]`` (`lm_logits`;
+        a quantized head multiplies through its own kernel, ``project``)."""
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        if hasattr(head, "project"):
+            return head.project(hidden)
         return lm_logits(hidden, self.head_weight)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

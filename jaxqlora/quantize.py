@@ -1,29 +1,53 @@
-"""Model-level NF4 quantization (QLoRA, Dettmers et al. 2023, arXiv:2305.14314).
+"""Quantized linear layers: ONE interface for every weight format, and NF4 quantization.
 
+`QuantizedLinear` is the layer the model, generation, LoRA and the kernels' dispatch see
+for any frozen quantized weight: ``in_features``, ``out_features``, ``__call__(x,
+layer=None)``, ``dequantize(dtype)``, like `jaxqlora.model.Linear`. Its weight is a pytree
+of one format, and `FORMATS` maps each format name to what the layer needs (the weight
+type, the matmul, the dequantization):
+
+| format | weight | matmul (kernel file) |
+|---|---|---|
+| ``NF4`` | `jaxqlora.nf4.NF4Weight` | `nf4_linear` (`pallas_kernels.nf4_matmul`) |
+| ``Q4_0`` ``Q4_1`` ``Q8_0`` ``Q4_K`` ``Q5_K`` ``Q6_K`` | `jaxqlora.ggml.GGUFWeight` | `gguf_linear` (`pallas_kernels.gguf_q4_0` ... through `pallas_kernels.gguf_matmul`) |
+
+Dense weights stay `jaxqlora.model.Linear`. Adding a GGUF type means one file under
+``pallas_kernels/`` (layout, in-kernel decode, wrapper, reference) and one entry in
+`jaxqlora.ggml.GGUF_FORMATS`; another kind of format adds its weight type and an entry here.
+`QuantizedEmbedding` keeps a GGUF token embedding quantized (a lookup dequantizes only the
+rows it reads; as a tied LM head it multiplies through the same kernels).
+
+Model-level NF4 quantization (QLoRA, Dettmers et al. 2023, arXiv:2305.14314):
 `quantize_model` replaces every linear projection of the decoder (``q_proj`` ...
-``down_proj``) by an `NF4Linear`; embeddings, norms and the LM head stay in their dtype.
-`NF4Linear` keeps the bitsandbytes-format `jaxqlora.nf4.NF4Weight` in a frozen variable
-(`NF4Param`, never trained) and multiplies through `pallas_kernels.nf4_matmul`: a Pallas
-kernel on GPU that dequantizes tiles on the fly (its ``custom_vjp`` backward gives the
-input gradient through the transposed kernel), the XLA reference path elsewhere.
+``down_proj``) by an `NF4Linear` (the `QuantizedLinear` of an NF4 weight, bitsandbytes
+format); embeddings, norms and the LM head stay in their dtype. NF4 multiplies through
+`pallas_kernels.nf4_matmul`: a Pallas kernel on GPU that dequantizes tiles on the fly (its
+``custom_vjp`` backward gives the input gradient through the transposed kernel), the XLA
+reference path elsewhere.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import dataclasses
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxqlora.ggml import GGUF_FORMATS, GGUFWeight
 from jaxqlora.lora import ALL_TARGETS, LoRALinear, projection_owner
 from jaxqlora.model import Linear
 from jaxqlora.stacked import layer_slice, stack_trees
-from jaxqlora.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from jaxqlora.nf4 import NF4Weight, dequantize_nf4, quantize_nf4, with_kernel_layout
 from jaxqlora.sharding import per_device, sharding_active
 
 
-class NF4Param(nnx.Variable):
+class QuantParam(nnx.Variable):
+    """A frozen quantized weight (a format's weight pytree); excluded from training."""
+
+
+class NF4Param(QuantParam):
     """A frozen NF4-quantized weight (`NF4Weight` pytree); excluded from training."""
 
 
@@ -54,7 +78,8 @@ def _nf4_linear_local(x: jax.Array, q: NF4Weight, layer=None) -> jax.Array:
     if k % q.blocksize == 0:
         return nf4_matmul(x, q.packed.reshape(*lead, n, k // 2), q.absmax.reshape(*lead, n, k // q.blocksize),
                           q.nested_absmax, q.nested_code, q.offset, code=q.code, blocksize=q.blocksize,
-                          nested_blocksize=q.nested_blocksize or 256, layer=layer)
+                          nested_blocksize=q.nested_blocksize or 256, layer=layer,
+                          kernel_scale=q.kernel_scale)
     if layer is not None:
         q = layer_slice(q, layer)
     w = jax.lax.stop_gradient(dequantize_nf4(q, x.dtype))
@@ -62,26 +87,139 @@ def _nf4_linear_local(x: jax.Array, q: NF4Weight, layer=None) -> jax.Array:
                                preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-class NF4Linear(nnx.Module):
-    """A linear layer with an NF4 weight: same interface as `jaxqlora.model.Linear`.
+def gguf_linear(x: jax.Array, w: GGUFWeight, layer=None) -> jax.Array:
+    """``x @ W.T`` for a GGUF-format weight ``W [out, in]``; ``x [..., in]`` -> ``[..., out]``
+    in x.dtype (`pallas_kernels.gguf_matmul.gguf_matmul`: the Pallas kernel on GPU, which
+    reads the blocks in place, the jnp reference elsewhere).
+
+    ``layer`` (int or int32 scalar): ``w`` is stacked over layers and layer ``layer`` is
+    multiplied, read in place by the kernel. Under a device mesh the product runs on each
+    device's rows (`jaxqlora.sharding.per_device`).
+    """
+    from pallas_kernels.gguf_matmul import gguf_matmul
+
+    if layer is not None and sharding_active():
+        w, layer = layer_slice(w, layer), None
+
+    def local(x, w):
+        return gguf_matmul(x, w.planes, w.kind, fmts=w.modules, layer=layer)
+
+    return local(x, w) if layer is not None else per_device(local, x, w)
+
+
+def _nf4_dequantize(q: NF4Weight, dtype: Any = None) -> jax.Array:
+    if q.packed.ndim == 2:
+        return jnp.stack([dequantize_nf4(layer_slice(q, i), dtype) for i in range(q.packed.shape[0])])
+    return dequantize_nf4(q, dtype)
+
+
+def _gguf_dequantize(w: GGUFWeight, dtype: Any = None) -> jax.Array:
+    return w.dequantize(jnp.float32 if dtype is None else dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantFormat:
+    """One entry of `FORMATS`: what a `QuantizedLinear` of this format calls.
+
+    Attributes:
+      name: the format's name.
+      weight_type: its weight pytree class.
+      linear: ``linear(x [..., in], weight, layer=None) -> [..., out]`` in x.dtype.
+      dequantize: ``dequantize(weight, dtype=None) -> [(L,) out, in]``.
+      stacked: ``stacked(weight) -> bool``: the weight carries a leading layer axis.
+    """
+
+    name: str
+    weight_type: type
+    linear: Callable
+    dequantize: Callable
+    stacked: Callable
+
+
+#: The format table: format name -> `QuantFormat`.
+FORMATS: dict[str, QuantFormat] = {
+    "NF4": QuantFormat("NF4", NF4Weight, nf4_linear, _nf4_dequantize, lambda q: q.packed.ndim == 2),
+    **{name: QuantFormat(name, GGUFWeight, gguf_linear, _gguf_dequantize, lambda w: w.stacked)
+       for name in GGUF_FORMATS},
+}
+
+
+def format_of(weight) -> QuantFormat:
+    """The `FORMATS` entry of a weight pytree (a mixed GGUF stack: its first format, whose
+    entry serves them all).
+
+    Raises:
+      TypeError: not a weight of any format in `FORMATS`.
+    """
+    if isinstance(weight, NF4Weight):
+        return FORMATS["NF4"]
+    if isinstance(weight, GGUFWeight):
+        return FORMATS[weight.formats[0]]
+    raise TypeError(f"no quantized format for {type(weight).__name__}")
+
+
+class QuantizedLinear(nnx.Module):
+    """A linear layer with a frozen quantized weight of any format in `FORMATS`: the same
+    interface as `jaxqlora.model.Linear`.
 
     Args:
-      weight: the quantized ``[out_features, in_features]`` weight; in the stacked decoder
-        layers every array field carries a leading layer axis (``weight.shape`` stays the
-        per-layer shape), and each layer's call sees its slice.
+      weight: the quantized ``[out_features, in_features]`` weight (`NF4Weight`,
+        `GGUFWeight`); in the stacked decoder layers every array of it carries a leading
+        layer axis (``weight.shape`` stays the per-layer shape), and each layer's call sees
+        its slice.
       bias: optional ``[out_features]`` bias (``[layers, out_features]`` when stacked;
         kept in its dtype, frozen).
     """
 
-    def __init__(self, weight: NF4Weight, bias: jax.Array | None = None):
+    def __init__(self, weight: Any, bias: jax.Array | None = None):
+        format_of(weight)
+        if isinstance(weight, NF4Weight):  # the Hopper kernels' scale layout, where they run
+            weight = with_kernel_layout(weight)
         self.out_features, self.in_features = weight.shape
-        self.weight = NF4Param(weight)
+        self.weight = self._param(weight)
         self.bias = nnx.Param(bias) if bias is not None else None
+
+    _param = QuantParam
+
+    @property
+    def format(self) -> QuantFormat:
+        """The weight's `FORMATS` entry."""
+        return format_of(self.weight.get_value())
 
     @property
     def stacked(self) -> bool:
         """True when the weight carries a leading layer axis (see the class docstring)."""
-        return self.weight.get_value().packed.ndim == 2
+        return self.format.stacked(self.weight.get_value())
+
+    @property
+    def num_layers(self) -> int:
+        """Layers of a stacked weight (0 for one weight)."""
+        if not self.stacked:
+            return 0
+        return int(jax.tree_util.tree_leaves(self.weight.get_value())[0].shape[0])
+
+    def __call__(self, x: jax.Array, layer=None) -> jax.Array:
+        """``x [..., in]`` -> ``[..., out]`` in x's dtype; ``layer`` as in `jaxqlora.model.Linear`."""
+        y = self.format.linear(x, self.weight.get_value(), layer)
+        if self.bias is not None:
+            bias = self.bias[...] if layer is None else self.bias[layer]
+            y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+        return y
+
+    def project(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits ``hidden [..., in] @ W.T`` (as an LM head: float32 activations)."""
+        return self(hidden.astype(jnp.float32)).astype(jnp.float32)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The dequantized weight ``[out, in]`` (``[layers, out, in]`` when stacked; the
+        format's natural dtype by default: NF4's original dtype, float32 for GGUF)."""
+        return self.format.dequantize(self.weight.get_value(), dtype)
+
+
+class NF4Linear(QuantizedLinear):
+    """The `QuantizedLinear` of an NF4 weight (bitsandbytes layout), with `from_linear`."""
+
+    _param = NF4Param
 
     @classmethod
     def from_linear(cls, linear: Linear, *, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
@@ -95,21 +233,96 @@ class NF4Linear(nnx.Module):
             q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
         return cls(q, None if linear.bias is None else linear.bias[...])
 
-    def __call__(self, x: jax.Array, layer=None) -> jax.Array:
-        """``x [..., in]`` -> ``[..., out]`` in x's dtype; ``layer`` as in `jaxqlora.model.Linear`."""
-        y = nf4_linear(x, self.weight.get_value(), layer)
-        if self.bias is not None:
-            bias = self.bias[...] if layer is None else self.bias[layer]
-            y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-        return y
+
+class QuantizedEmbedding(nnx.Module):
+    """A token embedding ``[vocab, hidden]`` kept in a GGUF format (HF ``embed_tokens``).
+
+    A lookup gathers the blocks of the looked-up rows and dequantizes only those; as a tied
+    LM head (`project`) it multiplies through `gguf_linear`.
+
+    Args:
+      weight: a one-layer `GGUFWeight` ``[vocab, hidden]``.
+      dtype: the dtype of the looked-up rows (the model's parameter dtype).
+    """
+
+    def __init__(self, weight: GGUFWeight, dtype: Any = jnp.bfloat16):
+        self.num_embeddings, self.features = weight.shape
+        self.weight = QuantParam(weight)
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """Rows ``ids [...]`` -> ``[..., hidden]`` in ``dtype``."""
+        return self.weight.get_value().rows(ids, self.dtype)
+
+    def project(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits ``hidden [..., hidden] @ weight.T`` (the tied LM head)."""
+        return gguf_linear(hidden.astype(jnp.float32), self.weight.get_value()).astype(jnp.float32)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
-        """The dequantized weight ``[out, in]`` (``[layers, out, in]`` when stacked; original
-        dtype by default)."""
-        q = self.weight.get_value()
-        if self.stacked:
-            return jnp.stack([dequantize_nf4(layer_slice(q, i), dtype) for i in range(q.packed.shape[0])])
-        return dequantize_nf4(q, dtype)
+        """The whole table ``[vocab, hidden]`` (float32 by default)."""
+        return self.weight.get_value().dequantize(jnp.float32 if dtype is None else dtype)
+
+
+def place_quantized(model: nnx.Module, weights: dict, source: str, dtype: Any = jnp.bfloat16) -> None:
+    """Put weights that arrive quantized into ``model`` (a `jaxqlora.model.CausalLM`, maybe
+    abstract), in place: per-layer projections (``model.layers.3.mlp.up_proj``) are stacked
+    (`jaxqlora.ggml.stack_weights`) into one `QuantizedLinear` per projection, ``lm_head``
+    becomes a `QuantizedLinear`, ``model.embed_tokens`` a `QuantizedEmbedding`. A layer's
+    bias still comes from the checkpoint's tensors.
+
+    Raises:
+      UnexpectedTensorError: a name with no place in the model.
+      MissingTensorError: some layers of a projection arrive quantized and others do not.
+      TensorShapeError: a weight whose shape disagrees with the config.
+    """
+    from jaxqlora.errors import MissingTensorError, TensorShapeError, UnexpectedTensorError
+    from jaxqlora.ggml import stack_weights, to_device
+    from jaxqlora.stacked import layer_key, split_layer_key
+
+    layers = model.config.num_hidden_layers
+    groups: dict[str, list] = {}
+    for prefix, w in weights.items():
+        stacked, layer = split_layer_key(prefix)
+        if layer is None:
+            groups[prefix] = w
+        elif layer < layers:
+            groups.setdefault(stacked, [None] * layers)[layer] = w
+        else:
+            raise UnexpectedTensorError(source, "quantized weight has no place in the model", f"{prefix}.weight")
+    for name, parts in groups.items():
+        *owner_path, attr = name.split(".")
+        owner = model
+        try:
+            for p in owner_path:
+                owner = getattr(owner, p)
+            old = getattr(owner, attr)
+        except AttributeError:
+            raise UnexpectedTensorError(source, "quantized weight has no place in the model", f"{name}.weight") from None
+        if name == "model.embed_tokens":
+            want = tuple(old.weight.get_value().shape)
+        elif isinstance(old, Linear):
+            want = (old.out_features, old.in_features)
+        else:
+            raise UnexpectedTensorError(source, "quantized weight has no place in the model", f"{name}.weight")
+        if isinstance(parts, list):
+            for i, w in enumerate(parts):
+                if w is None:
+                    raise MissingTensorError(source, "weight of this layer is not quantized (the other layers of "
+                                             "this projection are)", f"{layer_key(name, i)}.weight")
+            checked = [(f"{layer_key(name, i)}.weight", w) for i, w in enumerate(parts)]
+        else:
+            checked = [(f"{name}.weight", parts)]
+        for key, w in checked:
+            if tuple(w.shape) != want:
+                raise TensorShapeError(source, f"quantized weight of shape {tuple(w.shape)}, the config implies {want}",
+                                       key)
+        if name == "model.embed_tokens":
+            setattr(owner, attr, QuantizedEmbedding(to_device(parts), dtype))
+            continue
+        new = QuantizedLinear(stack_weights(parts) if isinstance(parts, list) else to_device(parts))
+        if old.bias is not None:  # the bias still comes from the tensors
+            new.bias = old.bias
+        setattr(owner, attr, new)
 
 
 def _nbytes(tree) -> int:
@@ -141,7 +354,7 @@ def quantize_model(model: nnx.Module, *, blocksize: int = 64, double_quant: bool
         mod = getattr(owner, name)
         holder, attr = (mod, "base_layer") if isinstance(mod, LoRALinear) else (owner, name)
         base = getattr(holder, attr)
-        if isinstance(base, NF4Linear):
+        if isinstance(base, QuantizedLinear):  # NF4 already, or kept in a GGUF format
             continue
         if not isinstance(base, Linear):
             raise TypeError(f"cannot quantize {type(base).__name__} at {name}")

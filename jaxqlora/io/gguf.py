@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from jaxqlora.config import ARCHITECTURES, ModelConfig
+from jaxqlora.stacked import split_layer_key
 from jaxqlora.errors import (CheckpointError, ConfigError, TensorShapeError, UnsupportedArchitectureError,
                              UnsupportedTensorTypeError)
 
@@ -225,6 +226,13 @@ def check_gguf_header(path: str | Path) -> None:
                 if end > size:
                     scan.fail(name, f"tensor data ends at byte {end} but the file has {size} bytes "
                                     "(truncated, or a damaged offset or shape)")
+            # A tensor's type and shape fix its byte size; its data must end before the next tensor's begins.
+            ordered = sorted(infos, key=lambda i: i[1])
+            for (name, data_offs, n_bytes), (other, next_offs, _) in zip(ordered, ordered[1:]):
+                if data_offs + n_bytes > next_offs:
+                    scan.fail(name, f"type and shape need {n_bytes} bytes of data but only {next_offs - data_offs} "
+                                    f"lie before the next tensor ({other!r}): the stored size disagrees with the "
+                                    "type and shape")
 
 
 def open_gguf(path: str | Path):
@@ -394,14 +402,88 @@ class GGUFCheckpoint:
             w = unpermute_qk(w, n)
         return w
 
-    def iter_hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield ``(hf_name, float32 array)`` for every model tensor, one at a time.
+    def read_blocks(self, name: str):
+        """One tensor kept in its GGUF block format: a one-layer `jaxqlora.ggml.GGUFWeight`
+        (host planes, the stored bytes split by field) in HF layout ``[out, in]``
+        (llama.cpp's q/k row permutation undone on whole rows of blocks: exact).
+
+        Raises:
+          CheckpointError: the type is not kept quantized (`jaxqlora.ggml.GGUF_FORMATS`),
+            the tensor is not 2-D, or its data is not exactly the bytes its type and shape
+            need (``out * in / block * type_size``); names the file and tensor.
+        """
+        from jaxqlora.ggml import GGUF_FORMATS, from_blocks
+
+        t = self.tensors[name]
+        qtype = t.tensor_type.name
+        if qtype not in GGUF_FORMATS:
+            raise CheckpointError(self.path, f"tensor type {qtype} is not kept quantized "
+                                  f"({', '.join(GGUF_FORMATS)})", name)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if len(shape) != 2:
+            raise TensorShapeError(self.path, f"a quantized weight must be 2-D, got shape {shape}", name)
+        try:
+            raw = np.asarray(t.data)
+            w = from_blocks(raw, qtype, shape)
+        except ValueError as e:
+            raise CheckpointError(self.path, f"tensor data disagrees with its type and shape ({e})", name) from e
+        if self.arch == "llama" and name.startswith("blk.") and name.endswith(("attn_q.weight", "attn_k.weight")):
+            n = self.config.num_attention_heads if "attn_q" in name else self.config.num_key_value_heads
+            if shape[0] != n * self.config.head_dim:
+                raise TensorShapeError(self.path, f"shape {shape} does not have {n} heads x head_dim "
+                                       f"{self.config.head_dim} = {n * self.config.head_dim} rows", name)
+            w = w.replace(planes={k: unpermute_qk(v, n) for k, v in w.planes.items()})
+        return w
+
+    def quantized_weights(self, embeddings: bool = True) -> tuple[dict, list[str]]:
+        """The weights to keep in their GGUF formats, and those that fall back.
+
+        The seven projections of every layer, ``output.weight`` and (with ``embeddings``)
+        ``token_embd.weight`` are kept when stored in a type of `jaxqlora.ggml.GGUF_FORMATS`;
+        a projection is kept only if all its layers are, in formats of one block size
+        (Q4_K with Q6_K, not Q8_0 with Q4_K), so that its layers stack.
+
+        Returns:
+          ``({hf prefix: GGUFWeight}, [GGUF names of weights that will be dequantized on
+          load instead])``; the fallback list has only quantizable weights in other
+          types (F16, BF16, F32 projections, mixed block sizes).
+
+        Raises:
+          CheckpointError: see `read_blocks`.
+        """
+        from jaxqlora.ggml import GGUF_FORMATS, family_ok
+
+        candidates: dict[str, list[str]] = {}
+        for name in self.tensors:
+            target = hf_name(name)
+            if target is None or not target.endswith(".weight"):
+                continue
+            prefix = target.removesuffix(".weight")
+            if name in ("output.weight",) or (embeddings and name == "token_embd.weight"):
+                candidates[prefix] = [name]
+            elif name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                   "ffn_gate", "ffn_up", "ffn_down"):
+                stacked, _ = split_layer_key(prefix)
+                candidates.setdefault(stacked, []).append(name)
+        kept, fallback = {}, []
+        for prefix, names in candidates.items():
+            types = [self.tensors[n].tensor_type.name for n in names]
+            if all(q in GGUF_FORMATS for q in types) and family_ok(types):
+                for n in names:
+                    kept[hf_name(n).removesuffix(".weight")] = self.read_blocks(n)
+            else:
+                fallback.extend(names)
+        return kept, sorted(fallback)
+
+    def iter_hf_tensors(self, skip: set[str] | frozenset = frozenset()) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(hf_name, float32 array)`` for every model tensor, one at a time,
+        except those whose HF name is in ``skip`` (weights kept quantized).
 
         Raises:
           CheckpointError: a tensor name that maps to no model parameter.
         """
         for name in self.tensors:
-            if name == "rope_freqs.weight":
+            if name == "rope_freqs.weight" or hf_name(name) in skip:
                 continue
             target = hf_name(name)
             if target is None:

