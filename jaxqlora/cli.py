@@ -46,36 +46,29 @@ def _number(text: str, kind: type, what: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
-    return value
+def _bounded_number(kind: type, minimum: int, inclusive: bool):
+    """An argparse type: a ``kind`` (an int, or a finite float) >= ``minimum`` (``inclusive``)
+    or > ``minimum``; its messages call it "a positive ..." or "a non-negative ..." and give
+    the bound, e.g. ``must be a positive integer (>= 1), got 0``."""
+    sign = "non-negative" if inclusive and minimum == 0 else "positive"
+    what = f"a {sign} {'integer' if kind is int else 'number'}"
+    bound = f"{'>=' if inclusive else '>'} {minimum}"
+
+    def check(text: str):
+        value = _number(text, kind, what)
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {what} ({bound}), got {value if kind is int else f'{value:g}'}")
+        return value
+
+    check.__name__ = check.__qualname__ = f"{sign.replace('-', '')}_{kind.__name__}"
+    check.__doc__ = f"argparse type: {'an integer' if kind is int else 'a finite number'} {bound}."
+    return check
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = _number(text, int, "a non-negative integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer (>= 0), got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    value = _number(text, float, "a positive number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number (> 0), got {value:g}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    value = _number(text, float, "a non-negative number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number (>= 0), got {value:g}")
-    return value
+positive_int = _bounded_number(int, 1, inclusive=True)
+nonnegative_int = _bounded_number(int, 0, inclusive=True)
+positive_float = _bounded_number(float, 0, inclusive=False)
+nonnegative_float = _bounded_number(float, 0, inclusive=True)
 
 
 def probability(text: str) -> float:
