@@ -226,6 +226,11 @@ class NF4Weight:
       nested_code: float32 [256], the signed dynamic map, or None.
       offset: float32 [] (scalar), mean of the float32 absmax, or None.
       code: float32 [16], the NF4 codebook (`NF4_CODE`).
+      kernel_scale: None, or the Hopper kernels' layout of the block scales derived by
+        `with_kernel_layout`: bfloat16 ``[K // 64, N]`` (the float32 absmax, double
+        quantization decoded, one per 64 columns, transposed). Derived, never stored
+        in a checkpoint; `pallas_kernels.nf4_mgpu` reads it with the bnb ``packed``
+        bytes as they are.
 
     Static fields (pytree metadata, hashable):
       shape: (out_features, in_features).
@@ -247,6 +252,7 @@ class NF4Weight:
     blocksize: int = struct.field(pytree_node=False, default=64)
     nested_blocksize: int | None = struct.field(pytree_node=False, default=None)
     dtype: str = struct.field(pytree_node=False, default="float32")
+    kernel_scale: jax.Array | None = None
 
     @property
     def double_quant(self) -> bool:
@@ -267,7 +273,8 @@ class NF4Weight:
     def nbytes(self) -> int:
         """Bytes held by all array fields (packed, absmax, nested state, offset, code tables)."""
         total = 0
-        for a in (self.packed, self.absmax, self.nested_absmax, self.nested_code, self.offset, self.code):
+        for a in (self.packed, self.absmax, self.nested_absmax, self.nested_code, self.offset, self.code,
+                  self.kernel_scale):
             if a is not None:
                 total += int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
         return total
@@ -595,6 +602,37 @@ def absmax_float32(q: NF4Weight) -> jax.Array:
     # XLA on CPU would otherwise contract `a * b + c` into one FMA. The sign
     # bit of `scale` (a max of |x|, so >= +0) is the opaque zero used.
     return _opaque_f32(prod, scale) + q.offset
+
+
+def with_kernel_layout(q: NF4Weight, *, force: bool = False) -> NF4Weight:
+    """``q`` with `NF4Weight.kernel_scale` derived, when the Mosaic GPU kernels
+    (`pallas_kernels.nf4_mgpu`) can use it, else ``q`` unchanged.
+
+    They can when this machine's GPU is a Hopper (``force=True`` skips that check, for
+    tests), ``K`` and ``blocksize`` are multiples of 64, ``N`` of 8, and ``code`` is the NF4
+    codebook (the kernels hold it as immediates). A stacked weight (leading layer axis on
+    every array) gets ``kernel_scale [L, K // 64, N]``. Costs ``N * K / 32`` bytes per
+    weight (1/16 of its packed codes); works on abstract (``jax.eval_shape``) weights too.
+
+    Source: the kernel layout is this project's (issue 13); the scales are bnb's
+    ``dequantize_4bit`` absmax (`absmax_float32`) rounded once to bfloat16.
+    """
+    from pallas_kernels.nf4_mgpu import nf4_kernel_scale, nf4_mgpu_supported
+
+    n, k = q.shape
+    if q.kernel_scale is not None or k % 64 or q.blocksize % 64 or n % 8:
+        return q
+    if not (force or nf4_mgpu_supported(1, n, k, q.blocksize, jnp.bfloat16)):
+        return q
+    if isinstance(q.code, (np.ndarray, jax.Array)) and not isinstance(q.code, jax.core.Tracer):
+        code = np.asarray(q.code, np.float32).reshape(-1, 16)
+        if not (code == np.asarray(NF4_CODE, np.float32)).all():
+            return q
+    if q.packed.ndim == 2:  # stacked layers
+        scale = jax.vmap(lambda one: nf4_kernel_scale(absmax_float32(one), n, k, one.blocksize))(q)
+    else:
+        scale = nf4_kernel_scale(absmax_float32(q), n, k, q.blocksize)
+    return q.replace(kernel_scale=scale)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))

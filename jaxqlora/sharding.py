@@ -197,7 +197,8 @@ def _nf4_shardings(name: str, q: NF4Weight, mesh: Mesh, notes: list[str], lead: 
         nested = whole if whole is not rep and (q.num_blocks // f) % q.nested_blocksize == 0 else rep
     return q.replace(packed=whole, absmax=whole, nested_absmax=nested,
                      nested_code=None if q.nested_code is None else rep,
-                     offset=None if q.offset is None else rep, code=rep)
+                     offset=None if q.offset is None else rep, code=rep,
+                     kernel_scale=None if q.kernel_scale is None else rep)
 
 
 def _path_name(path) -> str:

@@ -70,6 +70,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.nf4_mgpu import nf4_mgpu_matmul, nf4_mgpu_supported
 from pallas_kernels.dispatch import (
     check_float_dtype,
     dot_f32 as _dot,
@@ -553,6 +554,11 @@ def nf4_dequantize_pallas(packed, absmax, code, nested_absmax=None, nested_code=
 # The two paths by M
 # ---------------------------------------------------------------------------
 
+#: Largest M (rows of ``x``) that takes the Mosaic GPU kernel when ``kernel_scale`` is
+#: given (H200, 2026-11-30: W 11008x4096 at M = 64 in 33.5-38.8 us against 33.3 us for the
+#: dense bf16 matmul and 66.8 us for the Triton GEMV; at M = 4096 it took 2x the dense time).
+MGPU_MAX_M = 64
+
 #: Largest M (rows of x or dy) that takes the GEMV kernels; above it W is
 #: dequantized once by `nf4_dequantize_pallas` and multiplied on the matrix units.
 GEMV_MAX_M = 16
@@ -614,20 +620,25 @@ def nf4_matmul_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_cod
 
 
 class _Config(NamedTuple):
-    impl: str  # 'pallas' or 'xla'
+    impl: str  # 'pallas' or 'xla' ('pallas' takes `nf4_mgpu_matmul` when kernel_scale is given)
     shape: tuple[int, int]  # (N, K)
     blocksize: int
     nested_blocksize: int
     interpret: bool
 
 
-def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset, code, layer):
+def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
+             kernel_scale):
     n, k = cfg.shape
     batch = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return jnp.zeros((*batch, n), x.dtype)
-    if cfg.impl == "xla":
+    if (cfg.impl == "pallas" and kernel_scale is not None and not cfg.interpret
+            and x2.shape[0] <= MGPU_MAX_M
+            and nf4_mgpu_supported(x2.shape[0], n, k, cfg.blocksize, x2.dtype)):
+        y = nf4_mgpu_matmul(x2, packed, kernel_scale, layer)
+    elif cfg.impl == "xla":
         y = nf4_matmul_reference(x2, packed, absmax, nested_absmax, nested_code, offset,
                                  code=code, blocksize=cfg.blocksize,
                                  nested_blocksize=cfg.nested_blocksize, shape=cfg.shape)
@@ -640,7 +651,7 @@ def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset
 
 
 def _backward_dx(cfg: _Config, dy, packed, absmax, nested_absmax, nested_code, offset,
-                 code, layer):
+                 code, layer, kernel_scale=None):
     n, k = cfg.shape
     batch = dy.shape[:-1]
     dy2 = dy.reshape(-1, n)
@@ -661,13 +672,17 @@ def _backward_dx(cfg: _Config, dy, packed, absmax, nested_absmax, nested_code, o
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _nf4_matmul_vjp(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer):
-    return _forward(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer)
+def _nf4_matmul_vjp(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
+                    kernel_scale):
+    return _forward(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
+                    kernel_scale)
 
 
-def _nf4_matmul_fwd(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer):
-    y = _forward(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer)
-    return y, (packed, absmax, nested_absmax, nested_code, offset, code, layer)
+def _nf4_matmul_fwd(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
+                    kernel_scale):
+    y = _forward(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
+                 kernel_scale)
+    return y, (packed, absmax, nested_absmax, nested_code, offset, code, layer, kernel_scale)
 
 
 def _zero_cotangent(a):
@@ -695,7 +710,8 @@ def _as_f32(name: str, a, shape_hint: str) -> jax.Array:
 
 def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=None, *,
                code=None, blocksize: int = 64, nested_blocksize: int = 256,
-               impl: str | None = None, interpret: bool = False, layer=None) -> jax.Array:
+               impl: str | None = None, interpret: bool = False, layer=None,
+               kernel_scale=None) -> jax.Array:
     """``y = x @ W.T`` for an NF4-quantized, frozen weight ``W[N, K]`` (bnb layout).
 
     Args:
@@ -724,6 +740,12 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
         ``nested_code [L, 256]``, ``offset [L]``, ``code [L, 16]``), and weight
         ``layer`` is used: the GEMV kernel (M <= `GEMV_MAX_M`) reads it in place, the
         other paths slice it. Used by a scanned decoder's cached decoding.
+      kernel_scale: optional bfloat16 ``[K // 64, N]`` (``[L, K // 64, N]`` with
+        ``layer``), the Hopper kernel layout of the decoded block scales
+        (`pallas_kernels.nf4_mgpu.nf4_kernel_scale`; ``jaxqlora.nf4.with_kernel_layout``).
+        With it, on a Hopper GPU, bfloat16 ``x`` with at most `MGPU_MAX_M` rows takes the
+        Mosaic GPU kernel `pallas_kernels.nf4_mgpu.nf4_mgpu_matmul` (NF4 codebook only;
+        about 2**-8 relative difference per weight element from the bnb bf16 dequantize).
 
     Returns:
       ``[..., N]`` array of ``x.dtype`` (float32 accumulation). Differentiable in
@@ -838,8 +860,17 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
             lead = packed.shape[:1]
         packed = packed.reshape(*lead, n, k // 2)
         absmax = absmax.reshape(*lead, n, k // blocksize)
+    if kernel_scale is not None:
+        kernel_scale = jnp.asarray(kernel_scale)
+        want = (k // 64, n) if layer is None or mode != "pallas" else (packed.shape[0], k // 64, n)
+        if mode != "pallas":
+            kernel_scale = None  # the reference path computes from absmax
+        elif kernel_scale.shape != want or kernel_scale.dtype != jnp.bfloat16:
+            raise ValueError(f"kernel_scale must be bfloat16 {list(want)}, got "
+                             f"{kernel_scale.dtype} {list(kernel_scale.shape)}")
     cfg = _Config(mode, (n, k), blocksize, nested_blocksize, bool(interpret))
-    return _nf4_matmul_vjp(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer)
+    return _nf4_matmul_vjp(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
+                           kernel_scale)
 
 
 # ---------------------------------------------------------------------------

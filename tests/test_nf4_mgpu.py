@@ -99,3 +99,25 @@ def test_matches_float64(m, n, k, layers):
     y = np.asarray(y.astype(jnp.float32), np.float64)
     assert np.isfinite(y).all()
     assert np.linalg.norm(y - want) / np.linalg.norm(want) < 1e-2
+
+
+def test_with_kernel_layout_matches_bnb_absmax():
+    """`with_kernel_layout` derives the kernel scales from bnb's decoded absmax (double
+    quantization included), per layer for a stacked weight."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    import torch
+
+    from jaxqlora.nf4 import quantize_nf4, with_kernel_layout
+    from jaxqlora.stacked import stack_trees
+
+    n, k = 48, 256
+    ws = [np.random.default_rng().standard_normal((n, k)).astype(np.float32) for _ in range(2)]
+    qs = [with_kernel_layout(quantize_nf4(jnp.asarray(w)), force=True) for w in ws]
+    stacked = with_kernel_layout(stack_trees([quantize_nf4(jnp.asarray(w)) for w in ws]), force=True)
+    for i, (w, q) in enumerate(zip(ws, qs)):
+        _, state = bnbf.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4",
+                                      compress_statistics=True)
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        want = absmax.numpy().reshape(n, k // 64).T  # [K // 64, N], blocksize 64
+        for got in (q.kernel_scale, stacked.kernel_scale[i]):
+            np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=2 ** -8)
