@@ -95,7 +95,7 @@ def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.
 
 def _inference_model(graphdef, state) -> CausalLM:
     """The model inside a jitted function, with dropout (LoRA) switched off."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state, copy=True)  # fresh Variables at this trace level (see _decode_loop)
     model.eval()
     return model
 
@@ -126,7 +126,6 @@ def _decode_step(graphdef, state, token, cache, key, *, sampling):
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"),
                    donate_argnames=("cache",))
 def _decode_loop(graphdef, state, first, cache, key, *, max_new_tokens, sampling, eos_ids, pad_id):
-    model = _inference_model(graphdef, state)
     b = first.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -139,7 +138,9 @@ def _decode_loop(graphdef, state, first, cache, key, *, max_new_tokens, sampling
     def body(c):
         i, token, cache, done, out, key = c
         key, sub = jax.random.split(key)
-        nxt, cache = _step(model, token, cache, sub, sampling)
+        # the model is merged inside the loop body: the layers write their (LoRA dropout) RNG
+        # state back, which must happen at the body's trace level
+        nxt, cache = _step(_inference_model(graphdef, state), token, cache, sub, sampling)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
         return i + 1, nxt, cache, done | jnp.isin(nxt, eos), out, key
@@ -163,7 +164,6 @@ def _stream_chunk(graphdef, state, token, cache, key, remaining, steps, *, sampl
     `STREAM_CHUNK` steps). Returns ``(tokens [STREAM_CHUNK] (-1 past the end), count, last
     token, cache, key, remaining - count)``: the last four feed the next call directly,
     so it can be queued before this one's tokens are read."""
-    model = _inference_model(graphdef, state)
     eos = jnp.asarray(eos_ids, jnp.int32)
     limit = jnp.minimum(jnp.minimum(steps, remaining), STREAM_CHUNK)
 
@@ -174,7 +174,7 @@ def _stream_chunk(graphdef, state, token, cache, key, remaining, steps, *, sampl
     def body(c):
         i, token, cache, key, out = c
         key, sub = jax.random.split(key)
-        nxt, cache = _step(model, token, cache, sub, sampling)
+        nxt, cache = _step(_inference_model(graphdef, state), token, cache, sub, sampling)  # as in _decode_loop
         return i + 1, nxt, cache, key, out.at[i].set(nxt[0])
 
     out = jnp.full((STREAM_CHUNK,), -1, jnp.int32)
