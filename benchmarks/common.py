@@ -94,6 +94,7 @@ def random_nf4_model(cfg: ModelConfig, *, seed: int = 0, dtype=None):
             out.append(jnp.broadcast_to(jnp.asarray(NF4_CODE), x.shape))
         else:
             kind = ("offset" if name.endswith(".offset") else "nested_absmax" if name.endswith(".nested_absmax")
+                    else "scale" if name.endswith(".kernel_scale")
                     else "bits" if x.dtype == jnp.uint8 else "ones" if "norm']" in name else "normal")
             out.append(fill(kind, tuple(x.shape), jnp.dtype(x.dtype), jax.random.key(seed * 100003 + i)))
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, out))
@@ -111,6 +112,8 @@ def _fill(kind, shape, dtype, key):
         return jax.random.uniform(key, shape, dtype, 0.008, 0.012)
     if kind == "ones":
         return jnp.ones(shape, dtype)
+    if kind == "scale":  # NF4Weight.kernel_scale: decoded absmax, as the nested values give
+        return jax.random.uniform(key, shape, jnp.float32, 0.03, 0.05).astype(dtype)
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
