@@ -34,6 +34,19 @@ Speculative decoding (issue 15; `jaxqlora.speculative`), ``--speculative ngram``
 
     python benchmarks/generate.py --speculative ngram            # on one GPU
     python benchmarks/generate.py --speculative ngram --smoke    # CPU: tiny random model
+
+GGUF weights kept in their block formats (issue 14), ``--keep-quantized``:
+
+- an 8B-shaped Q4_K_M-shaped model built in memory from random k-quant blocks (q/k/o/gate/up
+  Q4_K; attn_v and ffn_down Q6_K in llama.cpp's ``use_more_bits`` layers, Q4_K elsewhere;
+  token embedding Q4_K, output head Q6_K), bf16 activations: device memory in use after
+  loading (bytes of the weights and JAX's count), time to first token and decode tokens/s
+  at batch 1 with a 512-token prompt (targets: <= 5.5 GB, >= 500 tokens/s);
+- the embedded SmolLM2-135M-Instruct Q4_1 file served quantized
+  (``load_pretrained(keep_quantized=True)``, bf16): the same figures (target >= 3,000 tokens/s).
+
+    python benchmarks/generate.py --keep-quantized            # on one GPU
+    python benchmarks/generate.py --keep-quantized --smoke    # CPU: tiny k-quant model and the embedded file
 """
 
 from __future__ import annotations
@@ -115,6 +128,169 @@ def worker_ours(args) -> dict:
                                             "bound_tok_s": bound}
         print(f"# {args.model} {batch}x{length}: {out['rows'][f'{batch}x{length}']}", file=sys.stderr, flush=True)
     return out
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp ``use_more_bits``: the layers whose attn_v / ffn_down a Q4_K_M file stores as Q6_K."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def random_gguf_model(cfg, *, seed: int = 0):
+    """A `CausalLM` of ``cfg`` whose projections, output head and embedding are kept in GGUF
+    k-quant formats with Q4_K_M's type choice, from random block bytes (f16 scales small and
+    finite), built layer by layer; norms are ones. Needs hidden and FFN sizes that are
+    multiples of 256."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxqlora.ggml import GGUF_FORMATS, GGUFWeight
+    from jaxqlora.model import CausalLM
+    from jaxqlora.quantize import place_quantized
+    from pallas_kernels.gguf_matmul import F16
+
+    rng = np.random.default_rng(seed)
+
+    def blocks(qtype, n, k):
+        fmt = GGUF_FORMATS[qtype]
+        nb = k // fmt.BLOCK
+        planes = {}
+        for name, kind in fmt.LAYOUT:
+            if kind == F16:
+                planes[name] = rng.uniform(-1e-4, 1e-4, (n, nb)).astype(np.float16)
+            else:
+                planes[name] = np.frombuffer(rng.bytes(n * nb * kind), np.uint8).reshape(n, nb, kind)
+        return GGUFWeight(planes, np.zeros((), np.int32), (qtype,), (n, k))
+
+    h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, q), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    n = cfg.num_hidden_layers
+    for name, (rows, cols) in shapes.items():  # one projection at a time: host memory stays near one stack
+        more = name in ("self_attn.v_proj", "mlp.down_proj")
+        place_quantized(abstract, {f"model.layers.{i}.{name}": blocks("Q6_K" if more and _use_more_bits(i, n)
+                                                                       else "Q4_K", rows, cols)
+                                   for i in range(n)}, "<random>", jnp.bfloat16)
+    heads = {"model.embed_tokens": blocks("Q4_K", cfg.vocab_size, h)}
+    if not cfg.tie_word_embeddings:
+        heads["lm_head"] = blocks("Q6_K", cfg.vocab_size, h)
+    place_quantized(abstract, heads, "<random>", jnp.bfloat16)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    params = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), params)
+    return nnx.merge(graphdef, params, rest)
+
+
+def worker_gguf(args) -> dict:
+    """Device memory, time to first token and decode tokens/s of a model kept in GGUF formats."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxqlora.compile import PROMPT_BUCKETS, bucket_for
+    from jaxqlora.generate import _left_pad, generate, precompile_generate
+
+    t0 = time.perf_counter()
+    if args.model == "embedded":
+        from jaxqlora.io import load_pretrained
+
+        lm, _ = load_pretrained(dtype=jnp.bfloat16, keep_quantized=True)
+        cfg = lm.config
+    else:
+        cfg = common.MODELS[args.model] if args.model != "smoke" else dataclasses.replace(
+            common.MODELS["smoke"], hidden_size=256, intermediate_size=512, head_dim=64)
+        lm = random_gguf_model(cfg, seed=args.seed)
+    lm.scan_layers = {"auto": None, "scan": True, "unroll": False}[args.scan_layers]
+    load_s = time.perf_counter() - t0
+    tok = common.TokenIds()
+    state = nnx.split(lm)[1]
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
+    stats = jax.local_devices()[0].memory_stats() or {}
+    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": {}, "load_s": load_s,
+           "weight_bytes": weights, "bytes_in_use": stats.get("bytes_in_use"), "compile_s": 0.0}
+    bw = common.copy_bandwidth(1 << 26 if args.smoke else 1 << 30)
+    out["copy_gbs"] = bw / 1e9
+    for batch, length in args.shapes:
+        bucket = bucket_for(length, PROMPT_BUCKETS)
+        ex = precompile_generate(lm, tok, batch_size=batch, prompt_lens=(bucket,), max_new_tokens=args.new,
+                                 ignore_eos=True, log=lambda m: print(m, file=sys.stderr))
+        out["compile_s"] += ex.total()
+        ids = _prompts(cfg, batch, length, args.seed)
+        padded, mask = _left_pad(np.asarray(ids).tolist(), 0, bucket)
+        prefill = next(c for k, c in ex.items() if k.kind == "prefill")
+        dev = jax.device_put((padded, mask))
+        ttft = common.bench(lambda: prefill(state, *dev, np.int32(0))[0], calls=1, rounds=args.rounds, warmup=1)
+        rows = ids.tolist()
+        total = common.bench(lambda: generate(lm, tok, rows, max_new_tokens=args.new, ignore_eos=True,
+                                              return_ids=True, executables=ex), calls=1, rounds=args.rounds, warmup=1)
+        bound = batch * bw / _decode_bytes_gguf(lm, cfg, weights, batch, length + args.new // 2)
+        out["rows"][f"{batch}x{length}"] = {"ttft_s": ttft, "tok_s": _rate(batch, args.new, total, ttft),
+                                            "bound_tok_s": bound}
+        print(f"# gguf {args.model} {batch}x{length}: {out['rows'][f'{batch}x{length}']}", file=sys.stderr,
+              flush=True)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    out["peak_bytes"] = stats.get("peak_bytes_in_use")
+    return out
+
+
+def _decode_bytes_gguf(lm, cfg, weights: int, batch: int, context: int) -> int:
+    """Bytes one decode step reads with GGUF weights: all weights but the embedding table
+    (one row per sequence; a tied table is read whole as the head), plus the KV cache."""
+    import jax
+
+    emb = lm.model.embed_tokens
+    table = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(emb.weight.get_value()))
+    total = weights - (0 if cfg.tie_word_embeddings else table)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    return total + batch * context * kv
+
+
+def gguf_main(args) -> int:
+    """``--keep-quantized``: device memory and decode speed of GGUF-kept models."""
+    t_start = time.perf_counter()
+    env = {"JAX_PLATFORMS": "cpu"} if args.smoke else {}
+    runs = [("smoke", None, None), ("embedded", 3000, None)] if args.smoke else [
+        ("llama3-8b", 500, 5.5e9), ("embedded", 3000, None)]
+    runs = [r for r in runs if args.only in r[0]]
+    shape = "1x32" if args.smoke else "1x512"
+    new = 8 if args.smoke else NEW
+    rounds = 2 if args.smoke else args.rounds
+    results = {}
+    for model, _, _ in runs:
+        wargs = ["--worker", "gguf", "--model", model, "--shapes", shape, "--new", str(new), "--rounds",
+                 str(rounds), "--scan-layers", args.scan_layers] + (["--smoke"] if args.smoke else [])
+        results[model] = common.run_worker(__file__, wargs, args.budget - (time.perf_counter() - t_start), env)
+    first = next((r for r in results.values() if "device" in r), {})
+    print(f"\n# GGUF kept quantized, {time.strftime('%Y-%m-%d')} | {first.get('device', '?')} | jax "
+          f"{first.get('jax', '?')} | copy {first.get('copy_gbs', 0):.0f} GB/s | bf16 activations, greedy, "
+          f"{new} new tokens, median of {rounds}")
+    print("| model | weights GB | device GB in use (peak) | batch x prompt | first token ms | decode tokens/s | "
+          "bound tokens/s | of bound | targets |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    names = {"llama3-8b": "8B-shaped Q4_K_M (random)", "embedded": "SmolLM2-135M Q4_1 (embedded file)",
+             "smoke": "tiny Q4_K_M-shaped (random)"}
+    for model, tok_target, mem_target in runs:
+        r = results[model]
+        if "rows" not in r:
+            print(f"| {names[model]} | {r.get('error', '?')} | | | | | | | |")
+            continue
+        gbs = lambda b: "n/a" if b is None else f"{b / 1e9:.2f}"
+        for key, row in r["rows"].items():
+            tgts = []
+            if mem_target:
+                used = r["bytes_in_use"] if r["bytes_in_use"] is not None else r["weight_bytes"]
+                tgts.append(f"memory <= {mem_target / 1e9:.1f} GB " + ("met" if used <= mem_target else "not met"))
+            if tok_target and not args.smoke:
+                tgts.append(f">= {tok_target} tok/s " + ("met" if row["tok_s"] >= tok_target else "not met"))
+            print(f"| {names[model]} | {r['weight_bytes'] / 1e9:.2f} | {gbs(r['bytes_in_use'])} "
+                  f"({gbs(r.get('peak_bytes'))}) | {key} | {row['ttft_s'] * 1e3:.1f} | {row['tok_s']:,.1f} | "
+                  f"{row['bound_tok_s']:,.0f} | {row['tok_s'] / row['bound_tok_s']:.0%} | {'; '.join(tgts)} |")
+    return 0
 
 
 def worker_verify(args) -> dict:
@@ -336,7 +512,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run")
-    ap.add_argument("--worker", choices=["ours", "peer", "verify", "copy"])
+    ap.add_argument("--worker", choices=["ours", "peer", "verify", "copy", "gguf"])
+    ap.add_argument("--keep-quantized", action="store_true",
+                    help="GGUF weights kept in their block formats: 8B-shaped Q4_K_M-shaped model and the embedded "
+                         "SmolLM2 Q4_1 file (device memory, decode tokens/s)")
     ap.add_argument("--speculative", choices=["ngram", "draft"], default=None,
                     help="speculative decoding tables instead: verification cost for k = 1..8 and the copy task")
     ap.add_argument("--passage", type=int, default=1000, help="--speculative: tokens of the passage to copy")
@@ -350,11 +529,14 @@ def main(argv=None) -> int:
 
     if args.worker:
         args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else []
-        workers = {"ours": worker_ours, "peer": worker_peer, "verify": worker_verify, "copy": worker_copy}
+        workers = {"ours": worker_ours, "peer": worker_peer, "verify": worker_verify, "copy": worker_copy,
+                   "gguf": worker_gguf}
         common.emit(workers[args.worker](args))
         return 0
     if args.speculative:
         return speculative_main(args)
+    if args.keep_quantized:
+        return gguf_main(args)
 
     t_start = time.perf_counter()
     models, shapes, new = (SMOKE["models"], SMOKE["shapes"], SMOKE["new"]) if args.smoke else (MODELS, SHAPES, NEW)

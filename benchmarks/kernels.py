@@ -10,7 +10,10 @@ Shapes (issue 4): NF4 (blocksize 64, double quantization) W [N, K] = 4096x11008,
 11008x4096 and 4096x4096 with M = 1, 16, 512, 4096 (forward) and M = 1, 16,
 4096 (transposed, ``dy @ W``); RMSNorm 16384x4096 (forward, backward, fused
 residual add); SwiGLU 16384x11008 (forward, backward); GQA decode with 32 query /
-8 KV heads, head_dim 128, context 4k and 32k, batch 1 and 8.
+8 KV heads, head_dim 128, context 4k and 32k, batch 1 and 8. GGUF (issue 14, ``--only gguf``):
+Q4_K, Q6_K, Q4_0, Q8_0 W [N, K] = 14336x4096 and 4096x14336 at M = 1 (and Q4_K at M = 16),
+each with its byte floor (the weight's bytes at the measured copy bandwidth) and the ratio
+to it, and a dense bf16 GEMV of the same shape in the same run as the baseline.
 
 Timing: every kernel runs on ``R`` distinct input sets inside ONE jitted call
 (``R`` back-to-back kernels; distinct weights so that nothing is served from the
@@ -21,7 +24,8 @@ inputs (relative error in norm, printed as ``err``).
 
 Usage (GPU, repository root)::
 
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 python benchmarks/kernels.py [--only nf4,norm,swiglu,decode]
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 python benchmarks/kernels.py [--only nf4,norm,swiglu,decode,gguf]
+    python benchmarks/kernels.py --only gguf --smoke    # CPU check: small shapes, interpret mode
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from pallas_kernels.nf4_matmul import (  # noqa: E402
     nf4_matmul_t_pallas,
 )
 from pallas_kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from pallas_kernels.gguf_matmul import gguf_matmul  # noqa: E402
 from pallas_kernels.swiglu import swiglu  # noqa: E402
 
 BLOCKSIZE, NESTED = 64, 256
@@ -73,9 +78,9 @@ def rel_err(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def record(kernel, shape, impl, t, *, nbytes=0, flops=0, err=None, xla=None, bnb=None):
+def record(kernel, shape, impl, t, *, nbytes=0, flops=0, err=None, xla=None, bnb=None, floor=None):
     ROWS.append(dict(kernel=kernel, shape=shape, impl=impl, t=t, nbytes=nbytes, flops=flops,
-                     err=err, xla=xla, bnb=bnb))
+                     err=err, xla=xla, bnb=bnb, floor=floor))
 
 
 def random_nf4(key, n, k):
@@ -258,9 +263,62 @@ def suite_decode(key, calls, rounds):
             del sets
 
 
+def random_gguf(key, qtype, n, k):
+    """Random GGUF planes of a ``[n, k]`` ``qtype`` weight (uniform bytes; f16 fields finite,
+    small), on the device."""
+    from jaxqlora.ggml import GGUF_FORMATS
+    from pallas_kernels.gguf_matmul import F16
+
+    fmt = GGUF_FORMATS[qtype]
+    nb = k // fmt.BLOCK
+    planes = {}
+    for i, (name, kind) in enumerate(fmt.LAYOUT):
+        kk = jax.random.fold_in(key, i)
+        if kind == F16:
+            planes[name] = jax.random.uniform(kk, (n, nb), jnp.float32, -1e-3, 1e-3).astype(jnp.float16)
+        else:
+            planes[name] = jax.random.randint(kk, (n, nb, kind), 0, 256, jnp.int32).astype(jnp.uint8)
+    return planes, fmt
+
+
+def suite_gguf(key, calls, rounds, smoke=False):
+    """GGUF GEMV rows (issue 14): Pallas kernel vs byte floor and vs a dense bf16 GEMV."""
+    interpret = jax.default_backend() != "gpu"
+    shapes = ((256, 512), (512, 256)) if smoke else ((14336, 4096), (4096, 14336))
+    cases = [(q, 1) for q in ("Q4_K", "Q6_K", "Q4_0", "Q8_0")] + [("Q4_K", 16)]
+    for n, k in shapes:
+        reps = 2 if smoke else 8
+        xs = [jax.random.normal(jax.random.fold_in(key, 900 + r), (16, k), jnp.bfloat16) for r in range(reps)]
+        dense = [(x[:1], jax.random.normal(jax.random.fold_in(key, 950 + r), (n, k), jnp.bfloat16))
+                 for r, x in enumerate(xs)]
+        t_d, _ = bench_sets(lambda x, w: x @ w.T, dense, calls=calls, rounds=rounds)
+        shape = f"W{n}x{k} M=1"
+        record("dense bf16 GEMV", shape, "xla (baseline)", t_d, nbytes=2 * n * k + 2 * (n + k))
+        del dense
+        for qtype, m in cases:
+            sets = []
+            for r in range(reps):
+                planes, fmt = random_gguf(jax.random.fold_in(key, hash((qtype, n, r)) % 2**31), qtype, n, k)
+                sets.append((xs[r][:m], planes))
+            fmts = (fmt,)
+            fp = lambda x, p: gguf_matmul(x, p, 0, fmts=fmts, impl="pallas", interpret=interpret)
+            fx = lambda x, p: gguf_matmul(x, p, 0, fmts=fmts, impl="xla")
+            t_p, y_p = bench_sets(fp, sets, calls=calls, rounds=rounds)
+            t_x, y_x = bench_sets(fx, sets, calls=calls, rounds=rounds)
+            b = nbytes(*sets[0][1].values()) + 2 * m * (k + n)
+            shape = f"W{n}x{k} M={m}"
+            record(f"gguf {qtype}", shape, "pallas", t_p, nbytes=b, flops=2 * m * n * k, err=rel_err(y_p, y_x),
+                   xla=t_x, floor=b)
+            record(f"gguf {qtype}", shape, "xla dequant+dot", t_x, nbytes=b, flops=2 * m * n * k, xla=t_x)
+            print(f"# done gguf {qtype} {shape}", flush=True)
+            del sets
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="nf4,norm,swiglu,decode")
+    ap.add_argument("--only", default="nf4,norm,swiglu,decode,gguf")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny ceilings and shapes (the gguf suite only runs at small size; CPU: interpret mode)")
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-bnb", action="store_true")
@@ -269,15 +327,16 @@ def main(argv=None) -> int:
     print(f"# pallas_kernels benchmark {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# device: {dev.device_kind}, jax {jax.__version__}, backend {jax.default_backend()}")
     key = jax.random.PRNGKey(0)
-    big = jax.random.normal(key, (256 * 1024 * 1024,), jnp.float32)
+    big = jax.random.normal(key, ((1 if a.smoke else 256) * 1024 * 1024,), jnp.float32)
     t_copy, _ = bench_sets(lambda v: v + 1.0, [(big,), (big * 3,)], calls=a.calls,
                            rounds=a.rounds)
     copy_bw = 2 * big.nbytes / t_copy
     del big
-    mm = [(jax.random.normal(jax.random.fold_in(key, i), (8192, 8192), jnp.bfloat16),) * 2
+    size = 512 if a.smoke else 8192
+    mm = [(jax.random.normal(jax.random.fold_in(key, i), (size, size), jnp.bfloat16),) * 2
           for i in range(2)]
     t_mm, _ = bench_sets(lambda x, y: x @ y, mm, calls=a.calls, rounds=a.rounds)
-    mm_rate = 2 * 8192**3 / t_mm
+    mm_rate = 2 * size**3 / t_mm
     del mm
     print(f"# ceilings: copy {copy_bw / 1e9:.0f} GB/s (1 GiB float32 x + 1, read+write, {t_copy * 1e6:.0f} us); "
           f"bf16 matmul 8192^3 {mm_rate / 1e12:.0f} TFLOP/s ({t_mm * 1e6:.0f} us)", flush=True)
@@ -290,9 +349,11 @@ def main(argv=None) -> int:
         suite_swiglu(key, a.calls, a.rounds)
     if "decode" in only:
         suite_decode(key, a.calls, a.rounds)
+    if "gguf" in only:
+        suite_gguf(key, a.calls, a.rounds, smoke=a.smoke)
     print("\n| kernel | shape | impl | time us | GB/s | TFLOP/s | % copy | % matmul | "
-          "x faster than XLA | x faster than bnb | err vs XLA |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "x faster than XLA | x faster than bnb | err vs XLA | x byte floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         gbs = r["nbytes"] / r["t"] / 1e9 if r["nbytes"] else None
         tfs = r["flops"] / r["t"] / 1e12 if r["flops"] else None
@@ -302,7 +363,8 @@ def main(argv=None) -> int:
                  f"{100 * tfs * 1e12 / mm_rate:.0f}" if tfs else "",
                  f"{r['xla'] / r['t']:.2f}" if r["xla"] else "",
                  f"{r['bnb'] / r['t']:.2f}" if r["bnb"] else "",
-                 f"{r['err']:.1e}" if r["err"] is not None else ""]
+                 f"{r['err']:.1e}" if r["err"] is not None else "",
+                 f"{r['t'] / (r['floor'] / copy_bw):.2f}" if r.get("floor") else ""]
         print("| " + " | ".join(cells) + " |")
     return 0
 

@@ -198,6 +198,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
+def _add_keep_quantized(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="a .gguf --model: keep its weights in their GGUF formats on the device (Q4_0, Q4_1, Q8_0, "
+                        "Q4_K, Q5_K, Q6_K; others are dequantized with a notice) instead of dequantizing to --dtype")
+
+
 def _cmd_generate(args) -> int:
     import jax
     import jax.numpy as jnp
@@ -206,7 +212,7 @@ def _cmd_generate(args) -> int:
     from jaxqlora.io import load_pretrained
 
     t0 = time.perf_counter()
-    model, tokenizer = load_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+    model, tokenizer = load_pretrained(args.model, dtype=getattr(jnp, args.dtype), keep_quantized=args.keep_quantized)
     if tokenizer is None:
         print(f"error: {args.model} has no tokenizer.json", file=sys.stderr)
         return 2
@@ -357,7 +363,8 @@ def _cmd_eval(args) -> int:
     from jaxqlora.finetune import evaluate_adapter
 
     cfg = _finetune_config(args)
-    for split, metrics in evaluate_adapter(cfg, args.adapter, log=lambda m: print(m, file=sys.stderr)).items():
+    for split, metrics in evaluate_adapter(cfg, args.adapter, log=lambda m: print(m, file=sys.stderr),
+                                           keep_quantized=args.keep_quantized).items():
         _print_metrics(split, metrics)
     return 0
 
@@ -456,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", type=existing_dir, required=True, metavar="DIR", help="PEFT adapter folder (from finetune)")
     e.add_argument("--no-quantize", dest="quantize", action="store_false",
                    help="keep the base weights in --dtype instead of NF4 (as the adapter was trained)")
+    _add_keep_quantized(e)
     e.set_defaults(func=_cmd_eval, check=functools.partial(_check_data, e))
 
     m = command("merge", "fold an adapter into the base and write an HF folder")
@@ -468,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--adapter", type=existing_dir, default=None, metavar="DIR",
                    help="PEFT LoRA adapter folder to apply (default: none)")
+    _add_keep_quantized(g)
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", type=nonempty_str, help="the user message (or raw text with --no-chat)")
     source.add_argument("--messages", type=chat_messages, metavar="JSON|FILE",

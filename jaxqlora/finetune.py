@@ -901,10 +901,12 @@ def _baseline(parts, enc, cfg, trainer, pad_id, label_accuracy: bool) -> dict[st
                                  desc="evaluate untrained model").items()}
 
 
-def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path, log=lambda *_: None) -> dict[str, dict[str, float]]:
+def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path, log=lambda *_: None,
+                     keep_quantized: bool = False) -> dict[str, dict[str, float]]:
     """Evaluate a saved adapter (``jaxqlora eval``) on the validation and test splits of
     ``cfg``'s data (same fixed split as training); ``log`` receives progress lines (progress
-    bars go to stderr)."""
+    bars go to stderr). ``keep_quantized``: a GGUF base stays in its block formats
+    (`jaxqlora.io.load_pretrained`; those projections are not re-quantized to NF4)."""
     from jaxqlora.io import load_pretrained
     from jaxqlora.io.peft import load_adapter
 
@@ -912,7 +914,7 @@ def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path, log=lambda *_: No
     pad_id, parts, enc, label_words, _ = _prepare(cfg, training=False, log=log)
     t0 = time.perf_counter()
     log(f"loading {cfg.model or 'the embedded SmolLM2-135M-Instruct'} ...")
-    lm, _ = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype))
+    lm, _ = load_pretrained(cfg.model, dtype=getattr(jnp, cfg.dtype), keep_quantized=keep_quantized)
     if cfg.quantize:
         from jaxqlora.quantize import quantize_model
 

@@ -191,6 +191,21 @@ def test_kernel_mixed_stack_by_layer():
             _check(ref, want, f"xla layer {layer} M={m}")
 
 
+@pytest.mark.parametrize("types,m", [(("Q4_K", "Q6_K"), 1), (("Q4_K", "Q6_K"), 5), (("Q4_0",), 1),
+                                     (("Q4_1",), 20), (("Q8_0",), 1), (("Q5_K",), 3)])
+def test_kernel_lowers_for_triton(types, m):
+    """The Pallas kernel is lowered to Triton for CUDA without a GPU (every op has a Triton
+    lowering; tile shapes are powers of two): M = 1, MMA, the large-M tiles, a mixed stack."""
+    rng = np.random.default_rng(4)
+    w = stack_weights([from_blocks(random_blocks(rng, q, 40, 512), q, (40, 512)) for q in types])
+    x = jax.ShapeDtypeStruct((m, 512), jnp.bfloat16)
+    from pallas_kernels.gguf_matmul import gguf_matmul_pallas
+
+    text = jax.jit(lambda x, p, k, i: gguf_matmul_pallas(x, p, k, i, fmts=w.modules)).trace(
+        x, w.planes, w.kind, jnp.int32(0)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower() and "gguf_matmul_" in text
+
+
 # --------------------------------------------------------------- embedded model
 
 
@@ -296,6 +311,13 @@ def test_tiny_k_quant_model_and_lora(tiny_path, tmp_path):
     np.testing.assert_allclose(float(lq), float(ld), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(gq), jax.tree_util.tree_leaves(gd)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6 * float(np.abs(b).max()))
+    from jaxqlora.io.export import merged_tensors
+
+    merged = dict(merged_tensors(mq))  # LoRA folded into the dequantized GGUF weights
+    dense = dict(merged_tensors(md))
+    assert merged.keys() == dense.keys()
+    for key in ("model.layers.0.mlp.down_proj.weight", "lm_head.weight", "model.layers.1.self_attn.v_proj.weight"):
+        np.testing.assert_array_equal(np.asarray(merged[key]), np.asarray(dense[key]), err_msg=key)
     out = save_adapter(mq, tmp_path / "adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))

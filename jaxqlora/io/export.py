@@ -23,13 +23,13 @@ from jaxqlora.stacked import layer_key, per_layer_items
 
 
 def _dense_weight(layer) -> jax.Array:
-    """float32 ``[out, in]`` weight of a Linear, NF4Linear or LoRALinear (LoRA folded in);
-    ``[layers, out, in]`` for the stacked decoder layers."""
-    from jaxqlora.quantize import NF4Linear
+    """float32 ``[out, in]`` weight of a Linear, QuantizedLinear (NF4, GGUF) or LoRALinear
+    (LoRA folded in); ``[layers, out, in]`` for the stacked decoder layers."""
+    from jaxqlora.quantize import QuantizedLinear
 
     if isinstance(layer, LoRALinear):
         return _dense_weight(layer.base_layer) + layer.delta_weight()
-    if isinstance(layer, NF4Linear):
+    if isinstance(layer, QuantizedLinear):
         return layer.dequantize(jnp.float32)
     return layer.weight[...].astype(jnp.float32)
 
@@ -40,12 +40,12 @@ def merged_tensors(model: CausalLM, skip_weights: Container[str] = ()) -> Iterat
     The weights of the linears named in ``skip_weights`` (e.g. ``"model.layers.0.mlp.up_proj"``) are left out
     (and not computed); their biases are still yielded.
     """
-    from jaxqlora.quantize import NF4Linear
+    from jaxqlora.quantize import QuantizedLinear
 
     linears = {}
     for path, node in nnx.iter_graph(model):
         name = ".".join(str(p) for p in path)
-        if isinstance(node, (LoRALinear, NF4Linear, Linear)) and ".base_layer" not in f".{name}":
+        if isinstance(node, (LoRALinear, QuantizedLinear, Linear)) and ".base_layer" not in f".{name}":
             linears[name] = node
     for name, node in linears.items():
         keys = [layer_key(name, i) for i in range(_layers(node))] or [name]
@@ -57,6 +57,11 @@ def merged_tensors(model: CausalLM, skip_weights: Container[str] = ()) -> Iterat
         base = node.base_layer if isinstance(node, LoRALinear) else node
         if base.bias is not None:
             yield from per_layer_items(f"{name}.bias", base.bias[...].astype(jnp.float32))
+    from jaxqlora.quantize import QuantizedEmbedding
+
+    for path, node in nnx.iter_graph(model):  # a token embedding kept in a GGUF format
+        if isinstance(node, QuantizedEmbedding):
+            yield ".".join(str(p) for p in path) + ".weight", node.dequantize(jnp.float32)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = ".".join(str(p) for p in path)
         if isinstance(var, nnx.LoRAParam) or any(name.startswith(f"{lin}.") for lin in linears):
@@ -66,11 +71,11 @@ def merged_tensors(model: CausalLM, skip_weights: Container[str] = ()) -> Iterat
 
 def _layers(node) -> int:
     """The layer count of a stacked linear (0 for a single one)."""
-    from jaxqlora.quantize import NF4Linear
+    from jaxqlora.quantize import QuantizedLinear
 
     base = node.base_layer if isinstance(node, LoRALinear) else node
-    if isinstance(base, NF4Linear):
-        return base.weight.get_value().packed.shape[0] if base.stacked else 0
+    if isinstance(base, QuantizedLinear):
+        return base.num_layers
     w = base.weight[...]
     return w.shape[0] if w.ndim == 3 else 0
 
