@@ -1,7 +1,7 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685) on any of the seven projections.
 
-`LoRALinear` wraps a base linear (bf16 `jaxqlora.model.Linear` or NF4
-`jaxqlora.quantize.NF4Linear`) as PEFT does: the base is kept as ``base_layer`` and
+`LoRALinear` wraps a base linear (bf16 `jaxqlora.model.Linear`, or any
+`jaxqlora.quantize.QuantizedLinear`: NF4, or a GGUF format kept from a ``.gguf`` file) as PEFT does: the base is kept as ``base_layer`` and
 the adapter adds ``lora_B(lora_A(dropout(x))) * scaling``. The rank-r intermediate is
 named ``"lora_a"`` for rematerialisation policies (`jaxqlora.model.remat_policy`). The factors keep PEFT's
 layout, ``lora_A [r, in_features]`` and ``lora_B [out_features, r]`` (Flax's `nnx.LoRA`
