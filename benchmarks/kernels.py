@@ -49,6 +49,12 @@ from pallas_kernels.nf4_matmul import (  # noqa: E402
     nf4_matmul,
     nf4_matmul_t_pallas,
 )
+from pallas_kernels.nf4_matmul import MGPU_MAX_M  # noqa: E402
+from pallas_kernels.nf4_mgpu import (  # noqa: E402
+    nf4_kernel_scale,
+    nf4_mgpu_matmul,
+    nf4_mgpu_supported,
+)
 from pallas_kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from pallas_kernels.gguf_matmul import gguf_matmul  # noqa: E402
 from pallas_kernels.swiglu import swiglu  # noqa: E402
@@ -170,6 +176,16 @@ def suite_nf4(key, calls, rounds, use_bnb):
                    flops=f, xla=t_x, bnb=t_b)
             if t_b is not None:
                 record("nf4 fwd", shape, "bitsandbytes", t_b, nbytes=b, flops=f, xla=t_x, bnb=t_b)
+            if m <= MGPU_MAX_M and nf4_mgpu_supported(m, n, k, BLOCKSIZE, jnp.bfloat16):
+                msets = [(x, p, nf4_kernel_scale(ncode[a.astype(jnp.int32)] * na[
+                    jnp.arange(a.size).reshape(a.shape) // NESTED] + off, n, k, BLOCKSIZE))
+                         for x, p, a, na, ncode, off in sets]
+                t_m, y_m = bench_sets(lambda x, p, s: nf4_mgpu_matmul(x, p, s), msets,
+                                      calls=calls, rounds=rounds)
+                del msets
+                record("nf4 fwd", shape, "mosaic gpu (kernel layout)", t_m,
+                       nbytes=nbytes(*sets[0][1:3]) + n * k // 32 + 2 * m * (k + n), flops=f,
+                       err=rel_err(y_m, y_d), xla=t_x, bnb=t_b)
             if m in (1, 16, 4096):
                 tsets = [(jax.random.normal(jax.random.fold_in(key, 7 + r), (m, n), jnp.bfloat16),
                           *wsets[r]) for r in range(reps)]

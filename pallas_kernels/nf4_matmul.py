@@ -559,6 +559,12 @@ def nf4_dequantize_pallas(packed, absmax, code, nested_absmax=None, nested_code=
 #: dense bf16 matmul and 66.8 us for the Triton GEMV; at M = 4096 it took 2x the dense time).
 MGPU_MAX_M = 64
 
+#: Smallest weight (N*K elements) that takes the Mosaic GPU kernel: below it the launch of
+#: its output reduction costs more than the kernel saves (H200, 2026-11-30: SmolLM2-135M,
+#: whose largest projection is 1536x576, decoded 590 tokens/s through it against 731-743
+#: through the Triton GEMV; Llama-3-8B shapes, >= 4096x4096, went from 155-163 to 245).
+MGPU_MIN_WEIGHT = 1 << 22
+
 #: Largest M (rows of x or dy) that takes the GEMV kernels; above it W is
 #: dequantized once by `nf4_dequantize_pallas` and multiplied on the matrix units.
 GEMV_MAX_M = 16
@@ -635,7 +641,7 @@ def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset
     if x2.shape[0] == 0:
         return jnp.zeros((*batch, n), x.dtype)
     if (cfg.impl == "pallas" and kernel_scale is not None and not cfg.interpret
-            and x2.shape[0] <= MGPU_MAX_M
+            and x2.shape[0] <= MGPU_MAX_M and n * k >= MGPU_MIN_WEIGHT
             and nf4_mgpu_supported(x2.shape[0], n, k, cfg.blocksize, x2.dtype)):
         y = nf4_mgpu_matmul(x2, packed, kernel_scale, layer)
     elif cfg.impl == "xla":
@@ -743,8 +749,8 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
       kernel_scale: optional bfloat16 ``[K // 64, N]`` (``[L, K // 64, N]`` with
         ``layer``), the Hopper kernel layout of the decoded block scales
         (`pallas_kernels.nf4_mgpu.nf4_kernel_scale`; ``jaxqlora.nf4.with_kernel_layout``).
-        With it, on a Hopper GPU, bfloat16 ``x`` with at most `MGPU_MAX_M` rows takes the
-        Mosaic GPU kernel `pallas_kernels.nf4_mgpu.nf4_mgpu_matmul` (NF4 codebook only;
+        With it, on a Hopper GPU, bfloat16 ``x`` with at most `MGPU_MAX_M` rows and a
+        weight of at least `MGPU_MIN_WEIGHT` elements takes the Mosaic GPU kernel `pallas_kernels.nf4_mgpu.nf4_mgpu_matmul` (NF4 codebook only;
         about 2**-8 relative difference per weight element from the bnb bf16 dequantize).
 
     Returns:
