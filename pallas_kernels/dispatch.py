@@ -41,12 +41,15 @@ KERNELS_ENV = "JAXQLORA_KERNELS"
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
-def resolve_impl(impl: str | None = "auto", interpret: bool = False) -> str:
+def resolve_impl(impl: str | None = "auto", interpret: bool = False,
+                 gpu_default: str = "pallas") -> str:
     """'pallas' or 'xla' from ``impl``, ``$JAXQLORA_KERNELS`` and the default backend.
 
     Args:
       impl: None or 'auto' (choose), 'pallas' or 'xla' (forced).
       interpret: the caller runs Pallas in interpret mode (then 'auto' means 'pallas').
+      gpu_default: what 'auto' picks on a GPU: 'pallas', or 'xla' for an op whose kernel
+        measured slower than XLA's fusion (`pallas_kernels.rms_norm.rms_norm`).
 
     Raises:
       ValueError: ``impl`` or ``$JAXQLORA_KERNELS`` is not one of the names above.
@@ -60,8 +63,10 @@ def resolve_impl(impl: str | None = "auto", interpret: bool = False) -> str:
         if env not in ("pallas", "xla"):
             raise ValueError(f"${KERNELS_ENV} must be 'pallas' or 'xla', got {env!r}")
         return env
-    if interpret or jax.default_backend() == "gpu":
+    if interpret:
         return "pallas"
+    if jax.default_backend() == "gpu":
+        return gpu_default
     return "xla"
 
 

@@ -310,6 +310,14 @@ def _check_weight(weight, hidden: int) -> jax.Array:
     return weight
 
 
+#: What ``impl='auto'`` picks for `rms_norm` on a GPU: 'xla'. On the H200 the Pallas
+#: kernel ran forward + backward at 0.91x the speed of XLA's fusion (16384x4096 bf16,
+#: 262.4 vs 239.6 us; forward alone 0.98x, 119.2 vs 116.4 us; benchmarks/RESULTS.md,
+#: 2026-11-21), so the default path is XLA's (issue 13: never slower than XLA). The fused
+#: `add_rms_norm` (1.18x XLA) keeps its kernel.
+RMS_NORM_GPU_DEFAULT = "xla"
+
+
 def rms_norm(x, weight, eps: float = 1e-6, *, impl: str | None = "auto",
              interpret: bool = False) -> jax.Array:
     """RMSNorm over the last axis: ``weight * cast(x * rsqrt(mean(x^2) + eps), weight.dtype)``.
@@ -323,9 +331,10 @@ def rms_norm(x, weight, eps: float = 1e-6, *, impl: str | None = "auto",
         ragged edge of its power-of-two row tile).
       weight: ``[H]`` bfloat16, float16 or float32.
       eps: added to the mean square (a Python float; static).
-      impl: None/'auto' -> the Pallas kernel when ``jax.default_backend() == 'gpu'`` (or
-        ``interpret=True``), else the plain-jnp `rms_norm_reference`;
-        ``$JAXQLORA_KERNELS`` ('pallas'/'xla') overrides auto; 'pallas'/'xla' force one.
+      impl: None/'auto' -> `RMS_NORM_GPU_DEFAULT` on a GPU (XLA's fusion: the kernel
+        measured slower there), the Pallas kernel with ``interpret=True``, else the
+        plain-jnp `rms_norm_reference`; ``$JAXQLORA_KERNELS`` ('pallas'/'xla') overrides
+        auto; 'pallas'/'xla' force one.
       interpret: run the Pallas kernels in interpret mode (CPU testing).
 
     Returns:
@@ -339,7 +348,7 @@ def rms_norm(x, weight, eps: float = 1e-6, *, impl: str | None = "auto",
       ValueError: ``weight`` not ``[H]``; a bad ``impl``; 'pallas' without a GPU and
         without ``interpret``.
     """
-    mode = resolve_impl(impl, interpret)
+    mode = resolve_impl(impl, interpret, gpu_default=RMS_NORM_GPU_DEFAULT)
     x = _check("x", x)
     weight = _check_weight(weight, x.shape[-1])
     if mode == "xla" or x.size == 0:

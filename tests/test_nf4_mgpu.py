@@ -121,3 +121,37 @@ def test_with_kernel_layout_matches_bnb_absmax():
         want = absmax.numpy().reshape(n, k // 64).T  # [K // 64, N], blocksize 64
         for got in (q.kernel_scale, stacked.kernel_scale[i]):
             np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=2 ** -8)
+
+
+class _FakeDevice:
+    platform = "gpu"
+
+    def __init__(self, cc):
+        self.compute_capability = cc
+
+
+@pytest.mark.parametrize("cc,args,want", [
+    ("9.0", (1, 4096, 4096, 64, jnp.bfloat16), True),
+    ("9.0", (64, 576, 1536, 64, jnp.bfloat16), True),
+    ("8.0", (1, 4096, 4096, 64, jnp.bfloat16), False),   # Ampere: the Triton kernels
+    ("9.0", (1, 4096, 4000, 64, jnp.bfloat16), False),   # K not a multiple of 64
+    ("9.0", (1, 4100, 4096, 64, jnp.bfloat16), False),   # N not a multiple of 8
+    ("9.0", (1, 4096, 4096, 32, jnp.bfloat16), False),   # blocksize 32
+    ("9.0", (1, 4096, 4096, 64, jnp.float32), False),    # float32 activations
+])
+def test_dispatch_by_capability(monkeypatch, cc, args, want):
+    monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice(cc)])
+    assert nf4_mgpu_supported(*args) is want
+
+
+def test_rms_norm_auto_picks_xla_on_gpu(monkeypatch):
+    from pallas_kernels import dispatch
+    from pallas_kernels.rms_norm import RMS_NORM_GPU_DEFAULT
+
+    monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert dispatch.resolve_impl("auto") == "pallas"
+    assert dispatch.resolve_impl("auto", gpu_default=RMS_NORM_GPU_DEFAULT) == "xla"
+    assert dispatch.resolve_impl("pallas", gpu_default="xla") == "pallas"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert dispatch.resolve_impl("auto") == "xla"
