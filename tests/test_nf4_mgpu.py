@@ -79,9 +79,9 @@ def test_lowers_for_cuda():
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU NF4 kernel needs a Hopper GPU")
-@pytest.mark.parametrize("m,n,k,layers", [(1, 200, 320, None), (5, 136, 512, 3),
-                                          (16, 1024, 1024, None), (37, 264, 256, 2),
-                                          (200, 512, 768, None)])
+@pytest.mark.parametrize("m,n,k,layers", [(1, 200, 320, None), (3, 136, 512, 3),
+                                          (16, 1024, 1024, None), (17, 264, 256, 2),
+                                          (64, 520, 768, None), (200, 512, 768, None)])
 def test_matches_float64(m, n, k, layers):
     rng = np.random.default_rng()
     packed, absmax = random_weight(rng, n, k, layers=layers)
@@ -155,3 +155,28 @@ def test_rms_norm_auto_picks_xla_on_gpu(monkeypatch):
     assert dispatch.resolve_impl("pallas", gpu_default="xla") == "pallas"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert dispatch.resolve_impl("auto") == "xla"
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU NF4 kernel needs a Hopper GPU")
+def test_nf4_matmul_takes_mosaic_path_and_differentiates():
+    """`nf4_matmul` with ``kernel_scale`` (a weight >= MGPU_MIN_WEIGHT): forward through the
+    Mosaic kernel, ``dx`` through the custom VJP's transposed kernel, both against float64."""
+    from pallas_kernels.nf4_matmul import MGPU_MIN_WEIGHT, nf4_matmul
+
+    rng = np.random.default_rng()
+    m, n, k = 3, 2048, 2048 + 64
+    assert n * k >= MGPU_MIN_WEIGHT
+    packed, absmax = random_weight(rng, n, k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    scale = nf4_kernel_scale(jnp.asarray(absmax), n, k, 64)
+    f = lambda x: nf4_matmul(x, jnp.asarray(packed), jnp.asarray(absmax), blocksize=64,
+                             kernel_scale=scale)
+    assert "mosaic_gpu" in jax.jit(f).lower(x).as_text()
+    y, vjp = jax.vjp(f, x)
+    (dx,) = vjp(dy)
+    w = dense64(packed, absmax)
+    for got, want in ((y, np.asarray(x.astype(jnp.float32), np.float64) @ w.T),
+                      (dx, np.asarray(dy.astype(jnp.float32), np.float64) @ w)):
+        got = np.asarray(got.astype(jnp.float32), np.float64)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
