@@ -34,16 +34,18 @@ The kernel (Pallas Triton backend; ``interpret=True`` runs it on a CPU). Grid
 GGUF blocks of ``block_n`` rows per step over its share of K (split-K), decodes each
 block's scales once, and for each sub-block
 
-* ``M == 1`` (decode, CUDA cores): ``acc[n, b] += scale * sum(q * x_sub) + bias * sum(x_sub)``
-  (the partial sums of x per sub-block are computed once by XLA), so scales and offsets
-  multiply per-sub-block sums, not elements; no table lookups (the values are arithmetic);
+* ``M == 1`` (decode, CUDA cores): an elementwise float32 accumulator ``acc += q * x_sub *
+  scale`` (summed once at the end, as the NF4 GEMV does) and ``bias * sum(x_sub)`` per
+  sub-block for the offsets (Q4_1's ``m``, the k-quants' ``dmin * m``); no table lookups:
+  the values are arithmetic;
 * ``M > 1``: ``acc[m, n] += x_sub @ (scale * q + bias).T`` on the matrix units (M padded
   to 16 rows for M <= 16; tiles of 64 rows above: the weight is dequantized tile by tile
   into the matmul and never written out).
 
 A mixed-format projection runs every format's decode with its loads masked by ``kind ==
 format`` (masked lanes issue no memory traffic), so one kernel serves every layer without
-a host-side branch. Float32 partials ``[splits, M, N]`` are summed by XLA.
+a host-side branch. Float32 partials ``[splits, M, N]`` are summed by XLA (with one split the
+kernel writes ``y`` in ``x.dtype`` directly).
 
 Backward: the weight is frozen; ``dx = dy @ W`` dequantizes ``W`` with the reference and
 multiplies with XLA (zero cotangents for the planes).
@@ -175,17 +177,19 @@ def gguf_matmul_kernel(layer_ref, kind_ref, *refs, fmts, fields, sizes, block_m:
                        block_n: int, blocks: int, steps: int):
     """Partial ``y`` of one ``[block_m, block_n]`` tile of the output over one K split.
 
-    Refs: ``layer [1]`` int32, ``kind [L]`` int32; for each sub-block size ``S`` in
-    ``sizes`` an x view ``[M, nb, BLOCK // S, S]``, then for each the per-sub-block sums of
-    x (float32 ``[M, nb, BLOCK // S]``); the field planes ``[L, N, nb(, nbytes)]`` in the
+    Refs: ``layer [1]`` int32, ``kind [L]`` int32; for each sub-block size ``S`` in ``sizes``
+    an x view ``[M, nb, BLOCK // S, S]``; the field planes ``[L, N, nb(, nbytes)]`` in the
     order of ``fields``; the output ``[splits, M, N]``.
 
     Program ``(i, j, s)`` covers rows ``i*block_m ...`` of x, rows ``j*block_n ...`` of W
-    and the block tiles ``[s*steps, (s+1)*steps)`` of K (tiles past K masked).
+    and the block tiles ``[s*steps, (s+1)*steps)`` of K (tiles past K masked). With
+    ``block_m == 1`` the products accumulate elementwise (``acc[S] += q * x * scale``, one
+    float32 accumulator per sub-block size, the offsets' ``bias * sum(x)`` in another), summed
+    once at the end; otherwise each sub-block is one MMA.
     """
     nx = len(sizes)
-    x_refs, xs_refs = refs[:nx], refs[nx:2 * nx]
-    planes = dict(zip(fields, refs[2 * nx:2 * nx + len(fields)]))
+    x_refs = refs[:nx]
+    planes = dict(zip(fields, refs[nx:nx + len(fields)]))
     o_ref = refs[-1]
     m = x_refs[0].shape[0]
     first = planes[fields[0]]
@@ -201,6 +205,7 @@ def gguf_matmul_kernel(layer_ref, kind_ref, *refs, fmts, fields, sizes, block_m:
     def body(t, acc):
         b0 = (split * steps + t) * blocks
         mask_b = b0 + jnp.arange(blocks, dtype=jnp.int32) < nb
+        acc = list(acc)
         for index, fmt in enumerate(fmts):
             mask2 = mask_n[:, None] & mask_b[None, :]
             if len(fmts) > 1:
@@ -228,12 +233,9 @@ def gguf_matmul_kernel(layer_ref, kind_ref, *refs, fmts, fields, sizes, block_m:
                     xj = plgpu.load(x_refs[xi].at[m0, pl.ds(b0, blocks), jnp.int32(j), :],
                                     mask=jnp.broadcast_to(mask_b[:, None], (blocks, s)),
                                     other=jnp.zeros((), x_refs[xi].dtype)).astype(jnp.float32)
-                    part = jnp.sum(q * xj[None], axis=-1) * scale
+                    acc[xi] = acc[xi] + q * xj[None] * scale[:, :, None]
                     if bias is not None:
-                        xs = plgpu.load(xs_refs[xi].at[m0, pl.ds(b0, blocks), jnp.int32(j)], mask=mask_b,
-                                        other=jnp.zeros((), jnp.float32))
-                        part = part + bias * xs[None, :]
-                    acc = acc + part
+                        acc[-1] = acc[-1] + bias * jnp.sum(xj, axis=-1)[None, :]
                 else:
                     w = q * scale[:, :, None]
                     if bias is not None:
@@ -243,15 +245,20 @@ def gguf_matmul_kernel(layer_ref, kind_ref, *refs, fmts, fields, sizes, block_m:
                                     mask=jnp.broadcast_to(xmask, (block_m, blocks, s)),
                                     other=jnp.zeros((), x_refs[xi].dtype))
                     dt = x_refs[xi].dtype
-                    acc = acc + _dot(xj.reshape(block_m, blocks * s),
-                                     w.reshape(block_n, blocks * s).astype(dt), 1)
-        return acc
+                    acc[0] = acc[0] + _dot(xj.reshape(block_m, blocks * s),
+                                           w.reshape(block_n, blocks * s).astype(dt), 1)
+        return tuple(acc)
 
     if block_m == 1:
-        acc = lax.fori_loop(0, steps, body, jnp.zeros((block_n, blocks), jnp.float32))
-        out = jnp.sum(acc, axis=1)[None, :]
+        init = tuple(jnp.zeros((block_n, blocks, s), jnp.float32) for s in sizes) + (
+            jnp.zeros((block_n, blocks), jnp.float32),)
+        acc = lax.fori_loop(0, steps, body, init)
+        out = jnp.sum(acc[-1], axis=1)
+        for a in acc[:-1]:
+            out = out + jnp.sum(jnp.sum(a, axis=2), axis=1)
+        out = out[None, :]
     else:
-        out = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
+        (out,) = lax.fori_loop(0, steps, body, (jnp.zeros((block_m, block_n), jnp.float32),))
     plgpu.store(o_ref.at[split, pl.ds(m0, block_m), pl.ds(n0, block_n)], out.astype(o_ref.dtype),
                 mask=mask_m[:, None] & mask_n[None, :])
 
@@ -291,12 +298,9 @@ def plan(m: int, n: int, nb: int, block: int, *, block_n=None, blocks=None, spli
 
 
 def _x_views(x, block: int, sizes):
-    """x ``[M, K]`` as ``[M, nb, BLOCK // S, S]`` per sub-block size, and the float32
-    sums of each sub-block ``[M, nb, BLOCK // S]``."""
+    """x ``[M, K]`` as ``[M, nb, BLOCK // S, S]`` per sub-block size (free reshapes)."""
     m, k = x.shape
-    views = tuple(x.reshape(m, k // block, block // s, s) for s in sizes)
-    sums = tuple(v.astype(jnp.float32).sum(-1) for v in views)
-    return views, sums
+    return tuple(x.reshape(m, k // block, block // s, s) for s in sizes)
 
 
 @functools.partial(jax.jit, static_argnames=("fmts", "interpret", "block_n", "blocks", "splits",
@@ -329,18 +333,18 @@ def gguf_matmul_pallas(x, planes, kind, layer=None, *, fmts: tuple, interpret: b
     t = plan(m, n, nb, block, block_n=block_n, blocks=blocks, splits=splits, num_warps=num_warps,
              num_stages=num_stages)
     sizes = tuple(sorted({f.SUB for f in fmts}))
-    views, sums = _x_views(x, block, sizes)
+    views = _x_views(x, block, sizes)
     kernel = functools.partial(gguf_matmul_kernel, fmts=fmts, fields=fields, sizes=sizes,
                                block_m=t.block_m, block_n=t.block_n, blocks=t.blocks, steps=t.steps)
     out = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(m, t.block_m), pl.cdiv(n, t.block_n), t.splits),
-        out_shape=jax.ShapeDtypeStruct((t.splits, m, n), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((t.splits, m, n), x.dtype if t.splits == 1 else jnp.float32),
         compiler_params=_compiler_params(t.num_warps, t.num_stages),
         interpret=interpret,
         name="gguf_matmul_" + "_".join(f.NAME.lower() for f in fmts),
-    )(layer, kind, *views, *sums, *(planes[f] for f in fields))
-    return out.sum(axis=0).astype(x.dtype)
+    )(layer, kind, *views, *(planes[f] for f in fields))
+    return out[0] if t.splits == 1 else out.sum(axis=0).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------

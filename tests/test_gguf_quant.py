@@ -187,7 +187,8 @@ def test_kernel_mixed_stack_by_layer():
             got = gguf_matmul(jnp.asarray(x), w.planes, w.kind, fmts=w.modules, layer=jnp.int32(layer),
                               impl="pallas", interpret=INTERPRET)
             _check(got, want, f"layer {layer} M={m}")
-            ref = gguf_matmul(jnp.asarray(x), w.planes, w.kind, fmts=w.modules, layer=layer, impl="xla")
+            ref = jax.jit(lambda x, w, i: gguf_matmul(x, w.planes, w.kind, fmts=w.modules, layer=i, impl="xla"))(
+                jnp.asarray(x), w, jnp.int32(layer))
             _check(ref, want, f"xla layer {layer} M={m}")
 
 
@@ -275,9 +276,11 @@ def tiny_path(tmp_path_factory):
 
 
 def test_tiny_k_quant_model_and_lora(tiny_path, tmp_path):
+
     """Kept-quantized model (mixed Q4_K/Q6_K stacks, Q6_K head) against the model
-    dequantized on load: logits, and LoRA on top: same loss and LoRA gradients as LoRA on
-    the dense model; save_adapter writes PEFT's adapter."""
+    dequantized on load: the dequantized stack bit for bit; with LoRA on top: same logits, and through the mixed
+    down_proj stack the same gradients of the LoRA factors and the input as LoRA on the dense
+    weights; merge folds LoRA into the same dense weights; save_adapter writes PEFT's adapter."""
     from jaxqlora.io.peft import save_adapter
     from jaxqlora.lora import apply_lora
     from jaxqlora.quantize import QuantizedLinear
@@ -289,35 +292,41 @@ def test_tiny_k_quant_model_and_lora(tiny_path, tmp_path):
     assert isinstance(down, QuantizedLinear) and down.weight.get_value().formats == ("Q4_K", "Q6_K")
     assert isinstance(mq.lm_head, QuantizedLinear)
     np.testing.assert_array_equal(np.asarray(down.weight.get_value().kind), [1, 0])
-    np.testing.assert_array_equal(np.asarray(down.dequantize()), np.asarray(md.model.layers.mlp.down_proj.weight[...]))
+    np.testing.assert_array_equal(np.asarray(nnx.jit(lambda d: d.dequantize())(down)),
+                                  np.asarray(md.model.layers.mlp.down_proj.weight[...]))
     ids = jnp.asarray(np.random.default_rng(6).integers(0, 64, (2, 9)), jnp.int32)
     forward = nnx.jit(lambda m, ids: m(ids))
-    np.testing.assert_allclose(np.asarray(forward(mq, ids)), np.asarray(forward(md, ids)), rtol=0, atol=1e-4)
 
-    grads = []
+    from jaxqlora.lora import LoRALinear
+
+    # the whole model with LoRA (a non-zero adapter on every projection): same logits
     for model in (mq, md):
         apply_lora(model, r=4, alpha=8, seed=0)
-        for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):  # a non-zero adapter
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
             if path[-1] == "lora_B":
                 var.set_value(jnp.full(var.get_value().shape, 0.01, jnp.float32))
-        graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    np.testing.assert_allclose(np.asarray(forward(mq, ids)), np.asarray(forward(md, ids)), rtol=0, atol=1e-4)
 
-        def loss(lora, graphdef=graphdef, rest=rest):
-            logits = nnx.merge(graphdef, lora, rest)(ids)
-            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+    # gradients through the mixed Q4_K/Q6_K down_proj stack, each layer: LoRA factors and input
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((3, 512)), jnp.float32)
+    lq, ld = mq.model.layers.mlp.down_proj, md.model.layers.mlp.down_proj
+    assert isinstance(lq, LoRALinear) and isinstance(lq.base_layer, QuantizedLinear)
+    for layer in (0, 1):
+        grads = []
+        for lin in (lq, ld):
+            g, lora, rest = nnx.split(lin, nnx.LoRAParam, ...)
 
-        grads.append(jax.jit(jax.value_and_grad(loss))(lora))
-    (lq, gq), (ld, gd) = grads
-    np.testing.assert_allclose(float(lq), float(ld), rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(gq), jax.tree_util.tree_leaves(gd)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6 * float(np.abs(b).max()))
-    from jaxqlora.io.export import merged_tensors
+            def loss(lora, x, g=g, rest=rest, layer=layer):
+                return jnp.sum(jnp.sin(nnx.merge(g, lora, rest)(x, layer)))
 
-    merged = dict(merged_tensors(mq))  # LoRA folded into the dequantized GGUF weights
-    dense = dict(merged_tensors(md))
-    assert merged.keys() == dense.keys()
-    for key in ("model.layers.0.mlp.down_proj.weight", "lm_head.weight", "model.layers.1.self_attn.v_proj.weight"):
-        np.testing.assert_array_equal(np.asarray(merged[key]), np.asarray(dense[key]), err_msg=key)
+            grads.append(jax.jit(jax.grad(loss, argnums=(0, 1)))(lora, x))
+        for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+            assert np.abs(np.asarray(b)).max() > 0
+    from jaxqlora.io.export import _dense_weight
+
+    merged = nnx.jit(_dense_weight)(lq)  # what merge_lora folds: dequantized base + scaling * B @ A
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(nnx.jit(_dense_weight)(ld)), rtol=0, atol=1e-6)
     out = save_adapter(mq, tmp_path / "adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
