@@ -26,6 +26,7 @@ Usage (GPU, repository root)::
 
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 python benchmarks/kernels.py [--only nf4,norm,swiglu,decode,gguf]
     python benchmarks/kernels.py --only gguf --smoke    # CPU check: small shapes, interpret mode
+    python benchmarks/kernels.py --gguf-sweep            # GGUF kernel tile sizes (Q4_K GEMV)
 """
 
 from __future__ import annotations
@@ -330,8 +331,48 @@ def suite_gguf(key, calls, rounds, smoke=False):
             del sets
 
 
+def gguf_sweep(key, calls, rounds, smoke=False):
+    """Tile sizes of the GGUF kernel for Q4_K W 14336x4096 and 4096x14336 at M = 1 (48 settings):
+    one line per setting, best first per shape (feed the winner into
+    `pallas_kernels.gguf_matmul.plan`)."""
+    import itertools
+
+    from pallas_kernels.gguf_matmul import gguf_matmul_pallas
+
+    interpret = jax.default_backend() != "gpu"
+    shapes = ((256, 512),) if smoke else ((14336, 4096), (4096, 14336))
+    grid = list(itertools.product((32, 64, 128), (1, 2), (None, 1, 4, 16), (4, 8)))
+    if smoke:
+        grid = grid[:4]
+    for qtype in ("Q4_K",):
+        for n, k in shapes:
+            reps = 2 if smoke else 8
+            sets = []
+            for r in range(reps):
+                planes, fmt = random_gguf(jax.random.fold_in(key, 77 + r), qtype, n, k)
+                sets.append((jax.random.normal(jax.random.fold_in(key, 99 + r), (1, k), jnp.bfloat16), planes))
+            b = nbytes(*sets[0][1].values())
+            res = []
+            for bn, blocks, splits, warps in grid:
+                f = lambda x, p: gguf_matmul_pallas(x, p, jnp.zeros((), jnp.int32), fmts=(fmt,), interpret=interpret,
+                                                    block_n=bn, blocks=blocks, splits=splits, num_warps=warps)
+                try:
+                    t_p, _ = bench_sets(f, sets, calls=calls, rounds=rounds)
+                except Exception as e:  # noqa: BLE001 - a setting Triton refuses
+                    print(f"# sweep {qtype} W{n}x{k} bn={bn} blocks={blocks} splits={splits} warps={warps}: "
+                          f"{type(e).__name__}", flush=True)
+                    continue
+                res.append((t_p, bn, blocks, splits, warps))
+            res.sort()
+            for t_p, bn, blocks, splits, warps in res:
+                print(f"sweep {qtype} W{n}x{k} M=1 block_n={bn} blocks={blocks} splits={splits} warps={warps}: "
+                      f"{t_p * 1e6:.1f} us, {b / t_p / 1e9:.0f} GB/s", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gguf-sweep", action="store_true",
+                    help="only: sweep the GGUF kernel's tile sizes (Q4_K GEMV at M = 1)")
     ap.add_argument("--only", default="nf4,norm,swiglu,decode,gguf")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny ceilings and shapes (the gguf suite only runs at small size; CPU: interpret mode)")
@@ -356,6 +397,9 @@ def main(argv=None) -> int:
     del mm
     print(f"# ceilings: copy {copy_bw / 1e9:.0f} GB/s (1 GiB float32 x + 1, read+write, {t_copy * 1e6:.0f} us); "
           f"bf16 matmul 8192^3 {mm_rate / 1e12:.0f} TFLOP/s ({t_mm * 1e6:.0f} us)", flush=True)
+    if a.gguf_sweep:
+        gguf_sweep(key, a.calls, a.rounds, smoke=a.smoke)
+        return 0
     only = set(a.only.split(","))
     if "nf4" in only:
         suite_nf4(key, a.calls, a.rounds, not a.no_bnb)
