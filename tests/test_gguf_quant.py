@@ -421,3 +421,30 @@ def test_bad_input_truncated_block(tmp_path):
         load_pretrained(cut, keep_quantized=True)
     last = gguf.GGUFReader(str(full)).tensors[-1].name
     assert e.value.name == last and "cut.gguf" in str(e.value)
+
+
+def test_cli_keep_quantized_reaches_the_loader(monkeypatch, tiny_path, tmp_path, capsys):
+    """``generate --keep-quantized`` and ``eval --keep-quantized`` load the GGUF file kept
+    quantized (and only with the flag)."""
+    import jaxqlora.finetune
+    import jaxqlora.io
+    from jaxqlora.cli import main
+
+    seen = []
+
+    def fake_load(path=None, dtype=None, keep_quantized=False):
+        seen.append(keep_quantized)
+        raise CheckpointError(path, "stop here")
+
+    monkeypatch.setattr(jaxqlora.io, "load_pretrained", fake_load)
+    assert main(["generate", "--model", str(tiny_path), "--prompt", "hi", "--keep-quantized"]) == 2
+    assert main(["generate", "--model", str(tiny_path), "--prompt", "hi"]) == 2
+    assert seen == [True, False]
+    calls = []
+    monkeypatch.setattr(jaxqlora.finetune, "evaluate_adapter",
+                        lambda cfg, adapter, log=None, keep_quantized=False: calls.append(keep_quantized) or {})
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert main(["eval", "--adapter", str(adapter), "--model", str(tiny_path), "--keep-quantized"]) == 0
+    assert calls == [True]
+    assert "stop here" in capsys.readouterr().err
