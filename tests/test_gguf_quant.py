@@ -336,9 +336,13 @@ def test_tiny_k_quant_model_and_lora(tiny_path, tmp_path):
 
 
 def test_fallback_notice_names_tensors(tmp_path, capsys):
-    """A projection whose layers mix block sizes (Q8_0 with Q4_K) or is stored F16 is
-    dequantized on load, with one notice line naming it."""
+    """A projection whose layers mix block sizes (Q8_0 with Q4_K) or are stored in a type that
+    is read but not kept (Q5_0) is dequantized on load (bit for bit as gguf.quants), with one
+    notice line naming its tensors."""
     def mutate(name, raw, q):
+        if name == "blk.0.attn_q.weight":  # Q5_0: read, not kept
+            rng = np.random.default_rng(1)
+            return gguf.quants.quantize(rng.standard_normal((256, 256)).astype(np.float32) * 1e-2, T.Q5_0), "Q5_0"
         if name == "blk.1.ffn_up.weight":
             rng = np.random.default_rng(0)
             return gguf.quants.quantize(rng.standard_normal((512, 256)).astype(np.float32) * 1e-2, T.Q8_0), "Q8_0"
@@ -349,10 +353,18 @@ def test_fallback_notice_names_tensors(tmp_path, capsys):
     model, _ = load_pretrained(path, dtype=jnp.float32, keep_quantized=True)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "blk.0.ffn_up.weight" in err[0] and "blk.1.ffn_up.weight" in err[0], err
-    assert "mixed.gguf" in err[0]
+    assert "blk.0.attn_q.weight" in err[0] and "blk.1.attn_q.weight" in err[0] and "mixed.gguf" in err[0]
     from jaxqlora.model import Linear
+    from jaxqlora.quantize import QuantizedLinear
 
-    assert type(model.model.layers.mlp.up_proj) is Linear
+    assert type(model.model.layers.mlp.up_proj) is Linear and type(model.model.layers.self_attn.q_proj) is Linear
+    assert isinstance(model.model.layers.mlp.gate_proj, QuantizedLinear)
+    reader = gguf.GGUFReader(str(path))
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    from jaxqlora.io.gguf import unpermute_qk
+
+    want = unpermute_qk(gguf.quants.dequantize(np.asarray(t.data), T.Q5_0).reshape(256, 256), 4)
+    assert same_bits(model.model.layers.self_attn.q_proj.weight[...][0], want)
 
 
 # -------------------------------------------------------------------- bad input

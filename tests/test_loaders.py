@@ -197,12 +197,12 @@ def test_gguf_f32_matches_transformers(tmp_path, arch):
 
 def test_gguf_unsupported_tensor_type(tmp_path):
     model = _hf_model("llama", seed=5)
-    path = tmp_path / "q2k.gguf"
-    q2k_bytes = np.random.default_rng(0).integers(0, 255, (4, 84), dtype=np.uint8)  # 4 rows x 256 values
-    _write_gguf(path, model, "llama", extra_tensor=("blk.0.extra.weight", q2k_bytes, gguf.GGMLQuantizationType.Q2_K))
+    path = tmp_path / "q8k.gguf"  # Q8_K: llama.cpp's intermediate type, which gguf.quants does not dequantize
+    q8k_bytes = np.random.default_rng(0).integers(0, 255, (4, 292), dtype=np.uint8)  # 4 rows x 256 values
+    _write_gguf(path, model, "llama", extra_tensor=("blk.0.extra.weight", q8k_bytes, gguf.GGMLQuantizationType.Q8_K))
     with pytest.raises(UnsupportedTensorTypeError) as e:
         GGUFCheckpoint(path)
-    assert e.value.name == "blk.0.extra.weight" and "Q2_K" in str(e.value) and "q2k.gguf" in str(e.value)
+    assert e.value.name == "blk.0.extra.weight" and "Q8_K" in str(e.value) and "q8k.gguf" in str(e.value)
 
 
 def test_gguf_unknown_architecture(tmp_path):

@@ -23,7 +23,10 @@ from jaxqlora.stacked import split_layer_key
 from jaxqlora.errors import (CheckpointError, ConfigError, TensorShapeError, UnsupportedArchitectureError,
                              UnsupportedTensorTypeError)
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
+"""Tensor types read (dequantized with ``gguf.quants``); `jaxqlora.ggml.GGUF_FORMATS` lists
+those that ``keep_quantized`` keeps in their block format (the others are dequantized)."""
 
 _GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
