@@ -145,10 +145,10 @@ def bnb_time(n, k, m, *, rounds, reps):
 # --------------------------------------------------------------------------- suites
 
 
-def suite_nf4(key, calls, rounds, use_bnb):
+def suite_nf4(key, calls, rounds, use_bnb, ms=(1, 16, 512, 4096)):
     code = jnp.asarray(NF4_CODE)
     for n, k in ((4096, 11008), (11008, 4096), (4096, 4096)):
-        for m in (1, 16, 512, 4096):
+        for m in ms:
             reps = 8 if m <= 16 else 2
             sets, wsets = [], []
             for r in range(reps):
@@ -379,6 +379,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-bnb", action="store_true")
+    ap.add_argument("--nf4-m", default="1,16,512,4096", help="rows M of the nf4 suite's shapes")
     a = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"# pallas_kernels benchmark {datetime.datetime.now().isoformat(timespec='seconds')}")
@@ -402,7 +403,7 @@ def main(argv=None) -> int:
         return 0
     only = set(a.only.split(","))
     if "nf4" in only:
-        suite_nf4(key, a.calls, a.rounds, not a.no_bnb)
+        suite_nf4(key, a.calls, a.rounds, not a.no_bnb, tuple(int(v) for v in a.nf4_m.split(",")))
     if "norm" in only:
         suite_norm(key, a.calls, a.rounds)
     if "swiglu" in only:
