@@ -11,7 +11,8 @@ Shapes (issue 4): NF4 (blocksize 64, double quantization) W [N, K] = 4096x11008,
 4096 (transposed, ``dy @ W``); RMSNorm 16384x4096 (forward, backward, fused
 residual add); SwiGLU 16384x11008 (forward, backward); GQA decode with 32 query /
 8 KV heads, head_dim 128, context 4k and 32k, batch 1 and 8. GGUF (issue 14, ``--only gguf``):
-Q4_K, Q6_K, Q4_0, Q8_0 W [N, K] = 14336x4096 and 4096x14336 at M = 1 (and Q4_K at M = 16),
+Q4_K, Q6_K, Q4_0, Q8_0 W [N, K] = 14336x4096 and 4096x14336 at M = 1 (and Q4_K at M = 16 and
+512: the tile-dequantizing MMA against XLA's dequantize + dot),
 each with its byte floor (the weight's bytes at the measured copy bandwidth) and the ratio
 to it, and a dense bf16 GEMV of the same shape in the same run as the baseline.
 
@@ -302,10 +303,10 @@ def suite_gguf(key, calls, rounds, smoke=False):
     """GGUF GEMV rows (issue 14): Pallas kernel vs byte floor and vs a dense bf16 GEMV."""
     interpret = jax.default_backend() != "gpu"
     shapes = ((256, 512), (512, 256)) if smoke else ((14336, 4096), (4096, 14336))
-    cases = [(q, 1) for q in ("Q4_K", "Q6_K", "Q4_0", "Q8_0")] + [("Q4_K", 16)]
+    cases = [(q, 1) for q in ("Q4_K", "Q6_K", "Q4_0", "Q8_0")] + [("Q4_K", 16), ("Q4_K", 64 if smoke else 512)]
     for n, k in shapes:
         reps = 2 if smoke else 8
-        xs = [jax.random.normal(jax.random.fold_in(key, 900 + r), (16, k), jnp.bfloat16) for r in range(reps)]
+        xs = [jax.random.normal(jax.random.fold_in(key, 900 + r), (512, k), jnp.bfloat16) for r in range(reps)]
         dense = [(x[:1], jax.random.normal(jax.random.fold_in(key, 950 + r), (n, k), jnp.bfloat16))
                  for r, x in enumerate(xs)]
         t_d, _ = bench_sets(lambda x, w: x @ w.T, dense, calls=calls, rounds=rounds)

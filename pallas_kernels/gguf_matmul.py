@@ -277,16 +277,19 @@ class Tiling(NamedTuple):
 def plan(m: int, n: int, nb: int, block: int, *, block_n=None, blocks=None, splits=None,
          num_warps=None, num_stages=None) -> Tiling:
     """Tile sizes from the shape: M = 1 on the CUDA cores (64 rows x 256 values a step,
-    split-K to about 1024 programs); 1 < M <= 16 on the MMA with M padded to 16; larger
-    M in 64-row tiles without split-K. Any argument given overrides its default."""
+    split-K to about 1024 programs); 1 < M <= 16 on the MMA with M padded to 16 (32 rows x
+    256 values); larger M in 64 x 64 tiles over 1024 values a step (MMAs of K = 64..256),
+    8 warps, without split-K. Any argument given overrides its default."""
     if m == 1:
         bm = 1
     elif m <= GEMV_MAX_M:
         bm = 16
     else:
         bm = 64
-    block_n = block_n or (64 if m == 1 else 32)
-    blocks = blocks or max(1, 256 // block)
+    block_n = block_n or (32 if 1 < m <= GEMV_MAX_M else 64)
+    blocks = blocks or (max(1, 1024 // block) if m > GEMV_MAX_M and block > 32 else
+                        8 if m > GEMV_MAX_M else max(1, 256 // block))
+    num_warps = num_warps or (8 if m > GEMV_MAX_M else 4)
     tiles = pl.cdiv(nb, blocks)
     grid_mn = pl.cdiv(m, bm) * pl.cdiv(n, block_n)
     if splits is None:
