@@ -39,7 +39,8 @@ def load_pretrained(path: str | Path | None = None, dtype: Any = jnp.bfloat16, k
       ``(model, tokenizer)``: a `jaxqlora.model.CausalLM` and a `jaxqlora.tokenizer.Tokenizer`.
 
     Tensors are read and converted one at a time (host memory stays near one tensor plus
-    the model in ``dtype``), and nothing is returned unless every tensor loaded.
+    the model in ``dtype``; with ``keep_quantized`` the kept weights are first all read into
+    host memory, about the file's size), and nothing is returned unless every tensor loaded.
 
     Raises:
       EmbeddedModelMissingError: ``path`` is None and the embedded model is not installed.
