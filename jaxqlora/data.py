@@ -242,12 +242,19 @@ def sentiment_as_chat(ds: TextDataset) -> TextDataset:
     """Frame a polarity set as chat: the user asks for the sentiment of a review, the
     assistant answers with one sentence that starts with the label (`SENTIMENT_CHAT`:
     ``"Positive. The reviewer liked the film."`` / ``"Negative. ..."``; ``fresh`` = positive).
-    Keeps ``labels``."""
+    Keeps ``labels``.
+
+    Raises:
+      DataError: a label name that is not a polarity (fresh/rotten, positive/negative, pos/neg, 1/0).
+    """
     words = {"fresh": "positive", "rotten": "negative", "positive": "positive", "negative": "negative",
              "pos": "positive", "neg": "negative", "1": "positive", "0": "negative"}
+    unknown = [n for n in ds.label_names if n not in words]
+    if unknown:
+        raise DataError(f"label names {unknown} are not polarities ({', '.join(words)})")
     chats = []
     for t, y in zip(ds.texts, ds.labels):
-        word = words.get(ds.label_names[int(y)], "positive")
+        word = words[ds.label_names[int(y)]]
         chats.append([{"role": "user", "content": SENTIMENT_CHAT["question"].format(text=t)},
                       {"role": "assistant", "content": SENTIMENT_CHAT[word]}])
     return TextDataset([c[0]["content"] for c in chats], ds.labels, label_names=ds.label_names, messages=chats,
