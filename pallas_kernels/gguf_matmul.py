@@ -368,13 +368,20 @@ def _layer_planes(planes, kind, layer):
     return {k: v[layer] for k, v in planes.items()}, kind[layer]
 
 
+#: Largest M (rows of ``x``) that takes the Pallas kernel on a GPU; larger M dequantizes
+#: with XLA and multiplies on cuBLAS (H200, 2026-11-30, Q4_K 14336x4096 / 4096x14336 at
+#: M = 512: the tile-dequantizing kernel 983 / 977 us against 272 / 252 us for XLA's
+#: dequantize + dot; at M = 16 the kernel was faster, 73 against 201 us).
+PALLAS_MAX_M = 16
+
+
 def _forward(cfg: _Config, x, planes, kind, layer):
     n, k = cfg.shape
     batch = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return jnp.zeros((*batch, n), x.dtype)
-    if cfg.impl == "xla":
+    if cfg.impl == "xla" or (x2.shape[0] > PALLAS_MAX_M and not cfg.interpret):
         p, kd = _layer_planes(planes, kind, layer)
         y = gguf_matmul_reference(x2, p, kd, fmts=cfg.fmts)
     else:
