@@ -287,13 +287,18 @@ def plan(m: int, n: int, nb: int, block: int, *, block_n=None, blocks=None, spli
     else:
         bm = 64
     block_n = block_n or (32 if 1 < m <= GEMV_MAX_M else 64)
+    # M = 1 with 256-value k-quant blocks: two blocks a step and 16 splits, the best of 48
+    # settings of `benchmarks/kernels.py --gguf-sweep` on the H200 (2026-11-30, Q4_K
+    # 14336x4096 / 4096x14336: 47.3 / 49.5 us against 50.8 / 52.4 us for one block, 4 splits).
+    kquant_gemv = m == 1 and block == 256
     blocks = blocks or (max(1, 1024 // block) if m > GEMV_MAX_M and block > 32 else
-                        8 if m > GEMV_MAX_M else max(1, 256 // block))
+                        8 if m > GEMV_MAX_M else 2 if kquant_gemv else max(1, 256 // block))
     num_warps = num_warps or (8 if m > GEMV_MAX_M else 4)
     tiles = pl.cdiv(nb, blocks)
     grid_mn = pl.cdiv(m, bm) * pl.cdiv(n, block_n)
     if splits is None:
-        splits = 1 if m > GEMV_MAX_M else max(1, min(16, 1024 // grid_mn))
+        splits = (1 if m > GEMV_MAX_M else 16 if kquant_gemv else
+                  max(1, min(16, 1024 // grid_mn)))
     splits = max(1, min(splits, tiles))
     steps = pl.cdiv(tiles, splits)
     splits = pl.cdiv(tiles, steps)
