@@ -2,8 +2,10 @@
 
 - Greedy: speculative output equals plain greedy decoding token for token, for prompt lookup
   and a draft model (one as deep as the target with noisy weights, one shallower), k in
-  {1, 3, 5}, batched prompts of different lengths, with and without an EOS inside accepted
+  {1, 2, 3, 5}, batched prompts of different lengths, with and without an EOS inside accepted
   runs; the target's KV cache after generation equals plain decoding's on the valid slots.
+  (Most tests share one shape, 3 prompts in the 32-token bucket, 24 new tokens and k = 5, so
+  that they share compiled programs: compilation is most of this file's time.)
 - Fewer new tokens than drafts (1 and 2) and the embedded SmolLM2-135M-Instruct (float32,
   prompt lookup and the model drafting for itself) also give plain greedy output.
 - One compiled loop: a second generation with other prompts (other acceptance lengths)
@@ -38,6 +40,7 @@ from jaxqlora.tokenizer import Tokenizer
 from tiny_models import save_word_tokenizer
 
 VOCAB = 48
+NEW, K = 24, 5  # the shared shape: new tokens per row and drafts per step
 
 
 def _cfg(vocab=VOCAB, layers=2):
@@ -101,20 +104,21 @@ class _Tok:
 # ------------------------------------------------------------------ greedy
 
 
-@pytest.mark.parametrize("method,k", [("ngram", 1), ("ngram", 3), ("ngram", 5), ("noisy", 1), ("noisy", 3),
-                                      ("noisy", 5), ("shallow", 3)])
+@pytest.mark.parametrize("method,k", [("ngram", 1), ("ngram", K), ("noisy", 1), ("noisy", K), ("shallow", 3)])
 def test_greedy_equals_plain(target, drafts, tok, method, k):
+    """Other k: 3 with the shallow draft here and with prompt lookup in test_greedy_few_tokens, 2 with
+    a draft model in test_precompiled_executables, 4 on the embedded model."""
     prompts = _prompts()
-    plain = generate(target, tok, prompts, max_new_tokens=24, ignore_eos=True, return_ids=True)
+    plain = generate(target, tok, prompts, max_new_tokens=NEW, ignore_eos=True, return_ids=True)
     spec = SpeculativeConfig("ngram" if method == "ngram" else "draft", num_draft=k)
-    got, st = generate(target, tok, prompts, max_new_tokens=24, ignore_eos=True, return_ids=True, speculative=spec,
+    got, st = generate(target, tok, prompts, max_new_tokens=NEW, ignore_eos=True, return_ids=True, speculative=spec,
                        draft_model=None if method == "ngram" else drafts[method], return_stats=True)
     assert got == plain
-    assert st["new_tokens"] == 3 * 24 and st["drafted"] == k * st["steps"]
+    assert st["new_tokens"] == 3 * NEW and st["drafted"] == k * st["steps"]
     assert sum(st["accept_lengths"]) == st["steps"] and st["accepted"] <= st["drafted"]
     if method != "shallow":  # drafts were accepted and rejected, rows got ahead of plain decoding
         assert st["accepted"] > 0 and st["accept_lengths"][0] > 0
-        assert st["steps"] < 3 * 23
+        assert st["steps"] < 3 * (NEW - 1)
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -129,14 +133,23 @@ def test_greedy_few_tokens(target, tok, n):
 
 def test_greedy_with_eos_inside_accepted_runs(target, drafts):
     prompts = _prompts(1)
-    base = generate(target, _Tok(2), prompts, max_new_tokens=24, ignore_eos=True, return_ids=True)
+    base = generate(target, _Tok(2), prompts, max_new_tokens=NEW, ignore_eos=True, return_ids=True)
     eos = base[1][9]  # a token that row 1 makes mid-way (and maybe others too)
-    plain = generate(target, _Tok(eos), prompts, max_new_tokens=24, return_ids=True)
-    assert any(len(r) < 24 for r in plain)
+    plain = generate(target, _Tok(eos), prompts, max_new_tokens=NEW, return_ids=True)
+    assert any(len(r) < NEW for r in plain)
     for method, draft in (("ngram", None), ("draft", drafts["noisy"])):
-        got = generate(target, _Tok(eos), prompts, max_new_tokens=24, return_ids=True,
-                       speculative=SpeculativeConfig(method, num_draft=4), draft_model=draft)
+        got = generate(target, _Tok(eos), prompts, max_new_tokens=NEW, return_ids=True,
+                       speculative=SpeculativeConfig(method, num_draft=K), draft_model=draft)
         assert got == plain, method
+
+
+@nnx.jit
+def _forward(model, ids, cache=None):
+    """``model(ids, cache=cache)``, compiled (eager calls compile every operation of the model)."""
+    return model(ids, cache=cache)
+
+
+_rollback, _compact = jax.jit(rollback), jax.jit(compact_cache)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -166,10 +179,10 @@ def _valid_kv(cache: KVCache, row: int, count: int):
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_cache_equals_plain_cache(target, drafts, method):
     prompts = _prompts(2, lengths=(4, 13, 9))
-    n = 20
-    ids, mask = _left_pad(prompts, 0, 16)
+    n = NEW
+    ids, mask = _left_pad(prompts, 0, 32)  # the bucket generate pads these prompts to
     want, plain = _plain_cache(target, ids, mask, n)
-    res = speculative_decode(target, ids, mask, max_new_tokens=n, spec=SpeculativeConfig(method, num_draft=3),
+    res = speculative_decode(target, ids, mask, max_new_tokens=n, spec=SpeculativeConfig(method, num_draft=K),
                              draft_model=drafts["noisy"] if method == "draft" else None)
     np.testing.assert_array_equal(res.tokens, want)
     assert res.stats.accepted.sum() > 0
@@ -183,11 +196,11 @@ def test_cache_equals_plain_cache(target, drafts, method):
 
 
 def test_one_compiled_loop(target, drafts, tok):
-    spec = SpeculativeConfig("draft", num_draft=3)
-    generate(target, tok, _prompts(3), max_new_tokens=16, ignore_eos=True, speculative=spec,
+    spec = SpeculativeConfig("draft", num_draft=K)
+    generate(target, tok, _prompts(3), max_new_tokens=NEW, ignore_eos=True, speculative=spec,
              draft_model=drafts["noisy"])
     with CompileCounter() as counter:
-        _, st = generate(target, tok, _prompts(4), max_new_tokens=16, ignore_eos=True, speculative=spec,
+        _, st = generate(target, tok, _prompts(4), max_new_tokens=NEW, ignore_eos=True, speculative=spec,
                          draft_model=drafts["noisy"], return_stats=True)
     assert sum(v > 0 for v in st["accept_lengths"]) >= 2  # several acceptance lengths ran
     assert counter.count == 0
@@ -201,17 +214,17 @@ def test_precompiled_executables(target, drafts, tok):
 
     spec = SpeculativeConfig("draft", num_draft=2)
     prompts = _prompts(5)
-    plain = generate(target, tok, prompts, max_new_tokens=12, ignore_eos=True, return_ids=True)
+    plain = generate(target, tok, prompts, max_new_tokens=NEW, ignore_eos=True, return_ids=True)
     ex = precompile_generate(nnx.eval_shape(lambda: _model(0)), tok, batch_size=3, prompt_lens=(32,),
-                             max_new_tokens=12, ignore_eos=True, speculative=spec,
+                             max_new_tokens=NEW, ignore_eos=True, speculative=spec,
                              draft_model=nnx.eval_shape(lambda: _model(1)), log=lambda m: None)
     assert sorted(k.kind for k in ex) == ["draft_prefill", "prefill", "speculative"]
     with CompileCounter() as counter:
-        got = generate(target, tok, prompts, max_new_tokens=12, ignore_eos=True, return_ids=True, executables=ex,
+        got = generate(target, tok, prompts, max_new_tokens=NEW, ignore_eos=True, return_ids=True, executables=ex,
                        speculative=spec, draft_model=drafts["noisy"])
     assert counter.count == 0 and got == plain
     with pytest.raises(BucketError):  # another k was not compiled
-        generate(target, tok, prompts, max_new_tokens=12, ignore_eos=True, executables=ex,
+        generate(target, tok, prompts, max_new_tokens=NEW, ignore_eos=True, executables=ex,
                  speculative=SpeculativeConfig("draft", num_draft=3), draft_model=drafts["noisy"])
 
 
@@ -239,6 +252,9 @@ def _chi2(counts, probs):
     return sstats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
+_accept = jax.jit(accept, static_argnames=("sampling", "residual"))
+
+
 @pytest.mark.parametrize("kind", ["draft", "point"])
 def test_accept_first_token_has_target_distribution(kind):
     v, k = 12, 3
@@ -256,7 +272,7 @@ def test_accept_first_token_has_target_distribution(kind):
     want = np.asarray(target_probs(p_logits[0], sampling))
     pvals = {}
     for residual in (True, False):
-        n, nxt = accept(logits, d, q, jax.random.key(2), sampling, residual=residual)
+        n, nxt = _accept(logits, d, q, jax.random.key(2), sampling, residual=residual)
         first = np.where(np.asarray(n) >= 1, np.asarray(d[:, 0]), np.asarray(nxt))
         pvals[residual] = _chi2(np.bincount(first, minlength=v), want)
     assert pvals[True] > 1e-3, pvals
@@ -301,11 +317,9 @@ def test_generate_samples_from_target():
     draft = _model(6, vocab=v, noise_from=tgt, noise=1.0)  # overlaps p without being it
     prompt = [3, 7, 5, 9, 4]
     tok = _Tok(2)
-    graphdef, state = nnx.split(tgt)
-    cond = {}
-    for t in range(v):  # p(second | prompt, first = t)
-        logits = tgt(jnp.asarray([prompt + [t]]))[0, -1]
-        cond[t] = np.asarray(target_probs(logits, SamplingConfig(1.0)), np.float64)
+    # p(second | prompt, first = t) for every t: one forward without a cache over the v continuations
+    logits = _forward(tgt, jnp.asarray([prompt + [t] for t in range(v)]))[:, -1]
+    cond = np.asarray(target_probs(logits, SamplingConfig(1.0)), np.float64)
     pvals = {}
     for residual in (True, False):
         spec = SpeculativeConfig("draft", num_draft=2, residual=residual)
@@ -336,21 +350,22 @@ def test_rollback_and_compaction(target):
     """Rows that keep different numbers of a step's tokens (a hole in row 1) give the next
     token's logits of a forward without cache, before and after compaction."""
     cache = KVCache.init(target.config, 2, 12, jnp.float32)
-    _, cache = target(jnp.asarray([[5, 6], [9, 10]]), cache=cache)
+    _, cache = _forward(target, jnp.asarray([[5, 6], [9, 10]]), cache=cache)
     start = cache.index
-    _, cache = target(jnp.asarray([[7, 8, 30], [11, 31, 32]]), cache=cache)
-    cache = rollback(cache, start, jnp.asarray([[True, True, False], [True, False, False]]))
+    _, cache = _forward(target, jnp.asarray([[7, 8, 30], [11, 31, 32]]), cache=cache)
+    cache = _rollback(cache, start, jnp.asarray([[True, True, False], [True, False, False]]))
     assert int(cache.index) == 4
     np.testing.assert_array_equal(np.asarray(cache.valid[:, :6]), [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
-    want = jnp.stack([target(jnp.asarray([[5, 6, 7, 8, 13]]))[0, -1], target(jnp.asarray([[9, 10, 11, 12]]))[0, -1]])
-    packed = compact_cache(cache)
+    want = jnp.stack([_forward(target, jnp.asarray([[5, 6, 7, 8, 13]]))[0, -1],
+                      _forward(target, jnp.asarray([[9, 10, 11, 12]]))[0, -1]])
+    packed = _compact(cache)
     assert int(packed.index) == 4
     np.testing.assert_array_equal(np.asarray(packed.valid[:, :6]), [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
     for c in (cache, packed):
-        got, _ = target(jnp.asarray([[13], [12]]), cache=c)
+        got, _ = _forward(target, jnp.asarray([[13], [12]]), cache=c)
         np.testing.assert_allclose(np.asarray(got[:, 0]), np.asarray(want), rtol=1e-4, atol=1e-4)
     holes = cache.replace(valid=cache.valid.at[0, 1].set(False))  # a hole inside row 0 moves its slots
-    packed = compact_cache(holes)
+    packed = _compact(holes)
     np.testing.assert_array_equal(np.asarray(packed.k[:, 0, :3]), np.asarray(holes.k[:, 0, jnp.asarray([0, 2, 3])]))
     assert int(packed.index) == 3
 
