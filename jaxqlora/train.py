@@ -144,7 +144,9 @@ def chunked_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Arr
 def causal_lm_loss(model: CausalLM, batch) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token cross-entropies over ``loss_mask`` positions (response tokens) and
     their count. ``loss_mask[b, t] = 1`` means the logits at t must predict token t+1.
-    The logits are computed in chunks (`chunked_cross_entropy`)."""
+    The logits are computed in chunks (`chunked_cross_entropy`). ``attention_mask`` may
+    hold the segment ids of packed rows (`jaxqlora.data.pack`): the model then keeps
+    attention and positions per example, and the sums are those of the examples unpacked."""
     return _causal_lm_sums(model, batch, model.hidden_states(batch["input_ids"], batch["attention_mask"]))
 
 
