@@ -154,20 +154,25 @@ def test_truncation_at_turn_boundary(smol):
     np.testing.assert_array_equal(cut.targets, whole.targets[:ends[1]])
     inside = encode_conversation(smol, conv, ends[0] - 2)  # not even the first turn fits
     assert inside.truncated and inside.cut_inside_turn and len(inside.ids) == ends[0] - 2
-    # counted over a data set
-    rows = [{"messages": c} for c in CONVERSATIONS]
-    ds = sentiment_as_chat(_rt_two())
-    assert ds.messages[0][1]["content"].startswith("Positive.")
+    # counted over a data set: only the third conversation is longer
     from jaxqlora.data import TextDataset
 
-    enc = encode(smol, TextDataset(["x"] * 3, messages=[r["messages"] for r in rows], source="f"), ends[1] + 3)
-    assert enc.truncated >= 1 and len(enc.ids) == 3
+    enc = encode(smol, TextDataset(["x"] * 3, messages=CONVERSATIONS, source="f"), ends[1] + 3)
+    assert (enc.truncated, enc.cut_inside_turn) == (1, 0) and enc.ids[2] == whole.ids[:ends[1]]
 
 
-def _rt_two():
+def test_sentiment_as_chat():
     from jaxqlora.data import TextDataset
 
-    return TextDataset(["Great fun.", "Dull."], np.array([0, 1], np.int32), label_names=("fresh", "rotten"))
+    ds = sentiment_as_chat(TextDataset(["Great fun.", "Dull."], np.array([0, 1], np.int32),
+                                       label_names=("fresh", "rotten")))
+    assert ds.messages == [
+        [{"role": "user", "content": "What is the sentiment of this movie review?\n\nGreat fun."},
+         {"role": "assistant", "content": "Positive. The reviewer liked the film."}],
+        [{"role": "user", "content": "What is the sentiment of this movie review?\n\nDull."},
+         {"role": "assistant", "content": "Negative. The reviewer did not like the film."}]]
+    with pytest.raises(DataError, match="not polarities"):
+        sentiment_as_chat(TextDataset(["a", "b"], np.array([0, 1], np.int32), label_names=("cat", "dog")))
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(smol):
