@@ -107,7 +107,7 @@ class _Tok:
 @pytest.mark.parametrize("method,k", [("ngram", 1), ("ngram", K), ("noisy", 1), ("noisy", K), ("shallow", 3)])
 def test_greedy_equals_plain(target, drafts, tok, method, k):
     """Other k: 3 with the shallow draft here and with prompt lookup in test_greedy_few_tokens, 2 with
-    a draft model in test_precompiled_executables, 4 on the embedded model."""
+    a draft model in test_precompiled_executables, 4 and 3 on the embedded model."""
     prompts = _prompts()
     plain = generate(target, tok, prompts, max_new_tokens=NEW, ignore_eos=True, return_ids=True)
     spec = SpeculativeConfig("ngram" if method == "ngram" else "draft", num_draft=k)
