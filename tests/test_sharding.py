@@ -90,11 +90,11 @@ def test_data_parallel_step_with_pallas_kernels_has_no_all_gather(mesh_runs):
     assert ops["all-reduce"] >= 1, ops
 
 
-def test_checkpoint_from_2x4_resumes_on_one_device_and_8x1(mesh_runs):
-    """A checkpoint saved by the (2, 4) run after step 2 restores on one device (no mesh) and
-    on an (8, 1) mesh, and step 3 there gives the (2, 4) run's step 3 (loss and LoRA factors)."""
+def test_checkpoint_from_2x4_resumes_on_1x1_and_8x1(mesh_runs):
+    """A checkpoint saved by the (2, 4) run after step 2 restores on a (1, 1) and an (8, 1)
+    mesh, and step 3 there gives the (2, 4) run's step 3 (loss and LoRA factors)."""
     base = mesh_runs["(2, 4)"]
-    for name in ("one device", "(8, 1)"):
+    for name in ("(1, 1)", "(8, 1)"):
         r = mesh_runs["resumed"][name]
         assert r["restored"] == [2, 0, 2]
         np.testing.assert_allclose(r["loss"], base["loss"][2:], rtol=1e-6, atol=2e-6)
