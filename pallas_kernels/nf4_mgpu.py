@@ -45,6 +45,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
@@ -59,7 +60,9 @@ _NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098
                  0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
                  0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                  0.7229568362236023, 1.0], np.float32)
-NF4_BF16_BYTES = np.asarray(jnp.asarray(_NF4, jnp.bfloat16).view(jnp.uint16)).astype(np.uint32)
+# NumPy (ml_dtypes) only: importing this module must not start a JAX backend (a
+# multi-process run calls jax.distributed.initialize() after its imports).
+NF4_BF16_BYTES = _NF4.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
 
 
 def _word(values) -> int:
