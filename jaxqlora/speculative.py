@@ -359,10 +359,15 @@ def _speculative_loop(graphdef, state, draft_state, first, cache, draft_cache, h
                       draft_graphdef, max_new_tokens, sampling, eos_ids, pad_id, spec):
     """The speculative decode loop, one ``lax.while_loop``; returns ``(out [B, max_new_tokens],
     columns used, SpeculativeStats, cache, draft_cache)``."""
-    model = _inference_model(graphdef, state)
-    if model.scan_layers is None:  # k + 1 rows read the weights as one-token decoding does: unrolled
-        model.scan_layers = False
-    draft = None if draft_graphdef is None else _inference_model(draft_graphdef, draft_state)
+    def models():
+        # merged inside the loop body, as `jaxqlora.generate._decode_loop` does: the layers
+        # write their (LoRA dropout) RNG state back, which must happen at the body's trace level
+        model = _inference_model(graphdef, state)
+        if model.scan_layers is None:  # k + 1 rows read the weights as one-token decoding does: unrolled
+            model.scan_layers = False
+        draft = None if draft_graphdef is None else _inference_model(draft_graphdef, draft_state)
+        return model, draft
+
     k = spec.num_draft
     m = k + 1
     b = first.shape[0]
@@ -381,6 +386,7 @@ def _speculative_loop(graphdef, state, draft_state, first, cache, draft_cache, h
 
     def body(c):
         i, token, cache, dcache, pending, pending_tok, hist, hlen, out, n_out, done, key, stats = c
+        model, draft = models()
         active = ~done
         key, k_draft, k_accept = jax.random.split(key, 3)
         cache = _fit(cache, m)

@@ -405,3 +405,18 @@ def test_embedded_model_greedy(ours_f32):
         assert st["acceptance_rate"] > 0.9, st  # the target drafting for itself
     finally:
         model.scan_layers = None
+
+
+def test_lora_dropout_adapter(tok):
+    """A model with LoRA dropout (every finetune adapter has 0.05) decodes speculatively: the
+    loop merges the model inside its body (it crashed with TraceContextError before), and
+    dropout is off, so greedy output is plain greedy output."""
+    from jaxqlora.lora import apply_lora
+
+    lm = _model(0)
+    apply_lora(lm, r=4, alpha=8.0, dropout=0.05)
+    prompts = _prompts()
+    plain = generate(lm, tok, prompts, max_new_tokens=NEW, ignore_eos=True, return_ids=True)
+    got = generate(lm, tok, prompts, max_new_tokens=NEW, ignore_eos=True, return_ids=True,
+                   speculative=SpeculativeConfig("ngram", num_draft=5))
+    assert got == plain
