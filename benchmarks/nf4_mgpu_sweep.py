@@ -16,11 +16,10 @@ This is the script of the exploration rows in RESULTS.md (issue 13); `benchmarks
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -28,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.nf4_matmul import NF4_CODE, nf4_matmul  # noqa: E402
 from pallas_kernels.nf4_mgpu import nf4_kernel_scale, nf4_mgpu_matmul, nf4_mgpu_reference  # noqa: E402
+from kernels import bench_sets  # noqa: E402
 
 CONFIGS = {"base": {}, "if1": dict(in_flight=1), "bk512": dict(block_k=512),
            "bk512if1": dict(block_k=512, in_flight=1), "bk128": dict(block_k=128),
@@ -46,18 +46,8 @@ def weight(n, k):
 
 
 def bench(fn, sets, calls=20, rounds=5):
-    """Median seconds per kernel over the distinct argument tuples ``sets``."""
-    f = jax.jit(lambda ss: [fn(*a) for a in ss])
-    jax.block_until_ready(f(sets))
-    jax.block_until_ready(f(sets))
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            r = f(sets)
-        jax.block_until_ready(r)
-        times.append((time.perf_counter() - t0) / calls / len(sets))
-    return statistics.median(times)
+    """Median seconds per kernel over the distinct argument tuples ``sets`` (kernels.py's timer)."""
+    return bench_sets(fn, sets, calls=calls, rounds=rounds)[0]
 
 
 def dense(p, a, n, k):

@@ -24,6 +24,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 try:  # The Triton-specific Pallas API (``plgpu`` in jax's own GPU ops).
@@ -32,7 +33,8 @@ except ImportError:  # pragma: no cover - very old / unusual jax builds.
     plgpu = None
 
 __all__ = ["KERNELS_ENV", "FLOAT_DTYPES", "resolve_impl", "require_pallas_backend",
-           "check_float_dtype", "dot_f32", "triton_compiler_params", "plgpu", "zero"]
+           "check_float_dtype", "dot_f32", "triton_compiler_params", "plgpu", "zero",
+           "zero_cotangent"]
 
 #: Environment variable that overrides ``impl=None``/``'auto'``: 'pallas' or 'xla'.
 KERNELS_ENV = "JAXQLORA_KERNELS"
@@ -108,3 +110,13 @@ def triton_compiler_params(num_warps: int, num_stages: int):
 def zero(dtype) -> jax.Array:
     """A 0-d zero of ``dtype``, for ``other=`` of masked loads (Triton wants matching types)."""
     return jnp.zeros((), dtype)
+
+
+def zero_cotangent(a):
+    """The cotangent of a frozen operand: zeros of its shape and dtype for a floating array,
+    ``float0`` zeros for an integer one, None for None (a ``custom_vjp`` backward's return)."""
+    if a is None:
+        return None
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros(a.shape, a.dtype)
+    return np.zeros(a.shape, dtype=jax.dtypes.float0)

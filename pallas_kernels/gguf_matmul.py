@@ -66,6 +66,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.dispatch import (
+    zero_cotangent,
     check_float_dtype,
     dot_f32 as _dot,
     plgpu,
@@ -403,21 +404,13 @@ def _fwd(cfg, x, planes, kind, layer):
     return _forward(cfg, x, planes, kind, layer), (planes, kind, layer)
 
 
-def _zero_cotangent(a):
-    if a is None:
-        return None
-    if jnp.issubdtype(a.dtype, jnp.inexact):
-        return jnp.zeros(a.shape, a.dtype)
-    return np.zeros(a.shape, dtype=jax.dtypes.float0)
-
-
 def _bwd(cfg, residuals, dy):
     planes, kind, layer = residuals
     p, kd = _layer_planes(planes, kind, layer)
     w = gguf_dequantize_reference(p, kd, fmts=cfg.fmts).astype(dy.dtype)
     dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
                          preferred_element_type=jnp.float32).astype(dy.dtype)
-    return (dx, jax.tree_util.tree_map(_zero_cotangent, planes), _zero_cotangent(kind), _zero_cotangent(layer))
+    return (dx, jax.tree_util.tree_map(zero_cotangent, planes), zero_cotangent(kind), zero_cotangent(layer))
 
 
 _gguf_matmul_vjp.defvjp(_fwd, _bwd)

@@ -72,6 +72,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.nf4_mgpu import nf4_mgpu_matmul, nf4_mgpu_supported
 from pallas_kernels.dispatch import (
+    zero_cotangent,
     check_float_dtype,
     dot_f32 as _dot,
     plgpu,
@@ -691,17 +692,9 @@ def _nf4_matmul_fwd(cfg, x, packed, absmax, nested_absmax, nested_code, offset, 
     return y, (packed, absmax, nested_absmax, nested_code, offset, code, layer, kernel_scale)
 
 
-def _zero_cotangent(a):
-    if a is None:
-        return None
-    if jnp.issubdtype(a.dtype, jnp.inexact):
-        return jnp.zeros(a.shape, a.dtype)
-    return np.zeros(a.shape, dtype=jax.dtypes.float0)
-
-
 def _nf4_matmul_bwd(cfg, residuals, dy):
     dx = _backward_dx(cfg, dy, *residuals)
-    return (dx, *(_zero_cotangent(a) for a in residuals))
+    return (dx, *(zero_cotangent(a) for a in residuals))
 
 
 _nf4_matmul_vjp.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)
