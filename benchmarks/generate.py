@@ -93,7 +93,11 @@ def _decode_bytes(lm, cfg, batch, context) -> int:
     return total + batch * (context * kv + cfg.hidden_size * emb.dtype.itemsize)
 
 
-def worker_ours(args) -> dict:
+def _time_rows(lm, tok, cfg, args, out: dict, decode_bytes, *, label: str) -> None:
+    """For each ``args.shapes`` (batch, prompt length): time to first token and decode tokens/s
+    of ``lm`` through precompiled executables, and the bandwidth bound from
+    ``decode_bytes(batch, context)``, into ``out["rows"]`` (``out["copy_gbs"]`` set, compile
+    seconds added to ``out["compile_s"]``)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -101,14 +105,8 @@ def worker_ours(args) -> dict:
     from jaxqlora.compile import PROMPT_BUCKETS, bucket_for
     from jaxqlora.generate import _left_pad, generate, precompile_generate
 
-    cfg = common.MODELS[args.model]
-    lm = common.random_nf4_model(cfg, seed=args.seed)
-    lm.scan_layers = {"auto": None, "scan": True, "unroll": False}[args.scan_layers]
-    tok = common.TokenIds()
     state = nnx.split(lm)[1]
-    bw = common.copy_bandwidth(1 << 26 if args.model == "smoke" else 1 << 30)
-    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw / 1e9, "rows": {},
-           "compile_s": 0.0}
+    bw = out["copy_gbs"] * 1e9
     for batch, length in args.shapes:
         bucket = bucket_for(length, PROMPT_BUCKETS)
         ex = precompile_generate(lm, tok, batch_size=batch, prompt_lens=(bucket,), max_new_tokens=args.new,
@@ -122,11 +120,24 @@ def worker_ours(args) -> dict:
         rows = ids.tolist()
         total = common.bench(lambda: generate(lm, tok, rows, max_new_tokens=args.new, ignore_eos=True,
                                               return_ids=True, executables=ex), calls=1, rounds=args.rounds, warmup=1)
-        context = length + args.new // 2
-        bound = batch * bw / _decode_bytes(lm, cfg, batch, context)
+        bound = batch * bw / decode_bytes(batch, length + args.new // 2)
         out["rows"][f"{batch}x{length}"] = {"ttft_s": ttft, "tok_s": _rate(batch, args.new, total, ttft),
                                             "bound_tok_s": bound}
-        print(f"# {args.model} {batch}x{length}: {out['rows'][f'{batch}x{length}']}", file=sys.stderr, flush=True)
+        print(f"# {label} {batch}x{length}: {out['rows'][f'{batch}x{length}']}", file=sys.stderr, flush=True)
+
+
+def worker_ours(args) -> dict:
+    import jax
+
+    cfg = common.MODELS[args.model]
+    lm = common.random_nf4_model(cfg, seed=args.seed)
+    lm.scan_layers = {"auto": None, "scan": True, "unroll": False}[args.scan_layers]
+    tok = common.TokenIds()
+    bw = common.copy_bandwidth(1 << 26 if args.model == "smoke" else 1 << 30)
+    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw / 1e9, "rows": {},
+           "compile_s": 0.0}
+    _time_rows(lm, tok, cfg, args, out, lambda batch, context: _decode_bytes(lm, cfg, batch, context),
+               label=args.model)
     return out
 
 
@@ -189,11 +200,7 @@ def worker_gguf(args) -> dict:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
-
-    from jaxqlora.compile import PROMPT_BUCKETS, bucket_for
-    from jaxqlora.generate import _left_pad, generate, precompile_generate
 
     t0 = time.perf_counter()
     if args.model == "embedded":
@@ -213,26 +220,10 @@ def worker_gguf(args) -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": {}, "load_s": load_s,
            "weight_bytes": weights, "bytes_in_use": stats.get("bytes_in_use"), "compile_s": 0.0}
-    bw = common.copy_bandwidth(1 << 26 if args.smoke else 1 << 30)
-    out["copy_gbs"] = bw / 1e9
-    for batch, length in args.shapes:
-        bucket = bucket_for(length, PROMPT_BUCKETS)
-        ex = precompile_generate(lm, tok, batch_size=batch, prompt_lens=(bucket,), max_new_tokens=args.new,
-                                 ignore_eos=True, log=lambda m: print(m, file=sys.stderr))
-        out["compile_s"] += ex.total()
-        ids = _prompts(cfg, batch, length, args.seed)
-        padded, mask = _left_pad(np.asarray(ids).tolist(), 0, bucket)
-        prefill = next(c for k, c in ex.items() if k.kind == "prefill")
-        dev = jax.device_put((padded, mask))
-        ttft = common.bench(lambda: prefill(state, *dev, np.int32(0))[0], calls=1, rounds=args.rounds, warmup=1)
-        rows = ids.tolist()
-        total = common.bench(lambda: generate(lm, tok, rows, max_new_tokens=args.new, ignore_eos=True,
-                                              return_ids=True, executables=ex), calls=1, rounds=args.rounds, warmup=1)
-        bound = batch * bw / _decode_bytes_gguf(lm, cfg, weights, batch, length + args.new // 2)
-        out["rows"][f"{batch}x{length}"] = {"ttft_s": ttft, "tok_s": _rate(batch, args.new, total, ttft),
-                                            "bound_tok_s": bound}
-        print(f"# gguf {args.model} {batch}x{length}: {out['rows'][f'{batch}x{length}']}", file=sys.stderr,
-              flush=True)
+    out["copy_gbs"] = common.copy_bandwidth(1 << 26 if args.smoke else 1 << 30) / 1e9
+    _time_rows(lm, tok, cfg, args, out,
+               lambda batch, context: _decode_bytes_gguf(lm, cfg, weights, batch, context),
+               label=f"gguf {args.model}")
     stats = jax.local_devices()[0].memory_stats() or {}
     out["peak_bytes"] = stats.get("peak_bytes_in_use")
     return out
