@@ -111,7 +111,7 @@ def nf4_kernel_scale(absmax_f32: jax.Array, n: int, k: int, blocksize: int) -> j
 # ---------------------------------------------------------------------------
 
 
-def _nf4_dequant(codes, scale_ref, pair_sel=_PAIR_SEL):
+def _nf4_dequant(codes, scale_ref):
     """bfloat16 ``scale[row] * NF4[code]`` of an int4 ``codes [64, c]`` value in layout
     ``WGMMA`` (one bnb byte, two codes, per register), ``scale_ref`` a ``[64]`` bfloat16
     SMEM ref; the result is in layout ``WGMMA`` (one bfloat16 pair per register), ready
@@ -123,7 +123,7 @@ def _nf4_dequant(codes, scale_ref, pair_sel=_PAIR_SEL):
     from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
 
     layout = plgpu.Layout.WGMMA
-    asm = _ASM.format(lo=_LO, hi=_HI, p0=pair_sel[0], p1=pair_sel[1])
+    asm = _ASM.format(lo=_LO, hi=_HI, p0=_PAIR_SEL[0], p1=_PAIR_SEL[1])
 
     @plgpu.inline_mgpu(
         arg_types=(layout, plgpu.RefType()),
@@ -201,7 +201,7 @@ fma.rn.bf16x2 $1, p1, $4, z;
 
 
 def _kernel_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_k: int,
-                 steps: int, stages: int, in_flight: int, pair_sel=_PAIR_SEL):
+                 steps: int, stages: int, in_flight: int):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     ni = lax.axis_index("n")
@@ -217,10 +217,7 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, blo
             w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
             for j in range(sub):
                 wj = plgpu.layout_cast(w[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
-                if pair_sel is None:  # timing probe only: Mosaic's int4 cast, no lookup
-                    wj = wj.astype(jnp.bfloat16)
-                else:
-                    wj = _nf4_dequant(wj, s_smem.at[j], pair_sel)
+                wj = _nf4_dequant(wj, s_smem.at[j])
                 plgpu.wgmma(acc_ref, wj, x_smem.at[:, j * 64:(j + 1) * 64].T)
                 plgpu.wgmma_wait(in_flight)
 
@@ -254,11 +251,11 @@ _SMEM_BUDGET = 200 * 1024
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_k", "splits", "stages",
-                                             "in_flight", "pair_sel"))
+                                             "in_flight"))
 def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
                     block_m: int | None = None, block_k: int | None = None,
-                    splits: int | None = None, stages: int | None = None, in_flight: int = 0,
-                    pair_sel=_PAIR_SEL) -> jax.Array:
+                    splits: int | None = None, stages: int | None = None,
+                    in_flight: int = 0) -> jax.Array:
     """``x @ W.T`` for an NF4 ``W [N, K]`` in bitsandbytes' packed bytes, on Hopper.
 
     Args:
@@ -314,7 +311,7 @@ def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=Non
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     kernel = plgpu.kernel(
         functools.partial(_kernel_body, block_m=block_m, block_k=block_k, steps=steps,
-                          stages=stages, in_flight=in_flight, pair_sel=pair_sel),
+                          stages=stages, in_flight=in_flight),
         out_type=jax.ShapeDtypeStruct((splits, tiles_m, tiles_n * 64, block_m), jnp.float32),
         grid=(tiles_n, tiles_m, splits),
         grid_names=("n", "m", "s"),
