@@ -70,7 +70,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.nf4_mgpu import nf4_mgpu_matmul, nf4_mgpu_supported
+from pallas_kernels.nf4_mgpu import nf4_mgpu_matmul, nf4_mgpu_matmul_multi, nf4_mgpu_supported
 from pallas_kernels.dispatch import (
     zero_cotangent,
     check_float_dtype,
@@ -85,6 +85,7 @@ from pallas_kernels.dispatch import (
 __all__ = [
     "NF4_CODE",
     "nf4_matmul",
+    "nf4_matmul_multi",
     "nf4_dequantize_reference",
     "nf4_matmul_reference",
 ]
@@ -634,6 +635,17 @@ class _Config(NamedTuple):
     interpret: bool
 
 
+def _mgpu_applies(cfg: _Config, x2, kernel_scale) -> bool:
+    """Whether the Mosaic GPU kernel takes this product of ``x2 [M, K]`` (the weight size
+    `MGPU_MIN_WEIGHT` is the caller's test): the 'pallas' path, not interpreted, with
+    ``kernel_scale``, ``1 <= M <=`` `MGPU_MAX_M` and `nf4_mgpu_supported` shapes."""
+    n, k = cfg.shape
+    m = x2.shape[0]
+    return (cfg.impl == "pallas" and kernel_scale is not None and not cfg.interpret
+            and 1 <= m <= MGPU_MAX_M
+            and nf4_mgpu_supported(m, n, k, cfg.blocksize, x2.dtype))
+
+
 def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
              kernel_scale):
     n, k = cfg.shape
@@ -641,9 +653,7 @@ def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return jnp.zeros((*batch, n), x.dtype)
-    if (cfg.impl == "pallas" and kernel_scale is not None and not cfg.interpret
-            and x2.shape[0] <= MGPU_MAX_M and n * k >= MGPU_MIN_WEIGHT
-            and nf4_mgpu_supported(x2.shape[0], n, k, cfg.blocksize, x2.dtype)):
+    if _mgpu_applies(cfg, x2, kernel_scale) and n * k >= MGPU_MIN_WEIGHT:
         y = nf4_mgpu_matmul(x2, packed, kernel_scale, layer)
     elif cfg.impl == "xla":
         y = nf4_matmul_reference(x2, packed, absmax, nested_absmax, nested_code, offset,
@@ -761,6 +771,21 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
         backend and without ``interpret``; on the 'pallas' path
         ``K % blocksize != 0`` or ``blocksize`` not a power of two >= 32.
     """
+    cfg, x, operands = _prepare(x, packed, absmax, nested_absmax, nested_code, offset,
+                                code=code, blocksize=blocksize,
+                                nested_blocksize=nested_blocksize, impl=impl,
+                                interpret=interpret, layer=layer,
+                                kernel_scale=kernel_scale)
+    return _nf4_matmul_vjp(cfg, x, *operands)
+
+
+def _prepare(x, packed, absmax, nested_absmax=None, nested_code=None, offset=None, *,
+             code=None, blocksize: int = 64, nested_blocksize: int = 256,
+             impl: str | None = None, interpret: bool = False, layer=None,
+             kernel_scale=None):
+    """`nf4_matmul`'s checks and normalisation: ``(cfg, x, operands)`` with ``operands =
+    (packed, absmax, nested_absmax, nested_code, offset, code, layer, kernel_scale)``
+    as `_forward` and `_backward_dx` take them (errors as `nf4_matmul` documents)."""
     mode = resolve_impl(impl, interpret)
     x = jnp.asarray(x)
     check_float_dtype("x", x)
@@ -868,8 +893,119 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
             raise ValueError(f"kernel_scale must be bfloat16 {list(want)}, got "
                              f"{kernel_scale.dtype} {list(kernel_scale.shape)}")
     cfg = _Config(mode, (n, k), blocksize, nested_blocksize, bool(interpret))
-    return _nf4_matmul_vjp(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
-                           kernel_scale)
+    return cfg, x, (packed, absmax, nested_absmax, nested_code, offset, code, layer,
+                    kernel_scale)
+
+
+# ---------------------------------------------------------------------------
+# Several weights, one x: the multi-weight op (q/k/v, gate/up)
+# ---------------------------------------------------------------------------
+
+#: The keys of one weight in `nf4_matmul_multi` (`nf4_matmul`'s weight arguments).
+WEIGHT_KEYS = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "code",
+               "blocksize", "nested_blocksize", "kernel_scale")
+
+
+def _multi_applies(cfgs, x, operands) -> bool:
+    """Whether `nf4_mgpu_matmul_multi` takes every product at once: more than one weight,
+    each of which the Mosaic kernel would take (`_mgpu_applies`: the 'pallas' path, not
+    interpreted, bfloat16 ``x`` of at most `MGPU_MAX_M` rows, Hopper, ``kernel_scale``
+    given, supported shapes), together at least `MGPU_MIN_WEIGHT` elements (the fixed cost
+    of one launch is what fusing saves; see `nf4_matmul_multi`)."""
+    if len(cfgs) < 2:
+        return False
+    x2 = x.reshape(-1, x.shape[-1])
+    return (all(_mgpu_applies(c, x2, ops[7]) for c, ops in zip(cfgs, operands))
+            and sum(c.shape[0] * c.shape[1] for c in cfgs) >= MGPU_MIN_WEIGHT)
+
+
+def _multi_forward(cfgs, x, operands):
+    k = cfgs[0].shape[1]
+    batch = x.shape[:-1]
+    layer = operands[0][6]
+    ys = nf4_mgpu_matmul_multi(x.reshape(-1, k), tuple(ops[0] for ops in operands),
+                               tuple(ops[7] for ops in operands), layer)
+    return tuple(y.reshape(*batch, c.shape[0]) for y, c in zip(ys, cfgs))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _nf4_multi_vjp(cfgs, x, operands):
+    return _multi_forward(cfgs, x, operands)
+
+
+def _nf4_multi_fwd(cfgs, x, operands):
+    return _multi_forward(cfgs, x, operands), operands
+
+
+def _nf4_multi_bwd(cfgs, operands, dys):
+    dx = sum(_backward_dx(c, dy, *ops).astype(jnp.float32)
+             for c, dy, ops in zip(cfgs, dys, operands))
+    return dx.astype(dys[0].dtype), jax.tree.map(zero_cotangent, operands)
+
+
+_nf4_multi_vjp.defvjp(_nf4_multi_fwd, _nf4_multi_bwd)
+
+
+def nf4_matmul_multi(x, weights, *, impl: str | None = None, interpret: bool = False,
+                     layer=None, return_fused: bool = False):
+    """``(x @ W_0.T, x @ W_1.T, ...)`` for several frozen NF4 weights of one ``K`` (a
+    decoder layer's q/k/v projections, or gate/up), in ONE kernel launch where it can.
+
+    On a Hopper GPU, bfloat16 ``x`` with at most `MGPU_MAX_M` rows and weights that all
+    carry ``kernel_scale`` (together at least `MGPU_MIN_WEIGHT` elements) run
+    `pallas_kernels.nf4_mgpu.nf4_mgpu_matmul_multi`: one Mosaic GPU launch over every
+    weight's row tiles, each weight read in place from its own arrays (nothing is
+    concatenated or copied; the design of tokamax's sm90 quantized kernel, codes in
+    bitsandbytes' NF4 layout). Decoding pays a fixed cost per launch (H200: ~16 us of
+    the 20.5 us a 4096x4096 GEMV takes at M = 1), which this pays once. Everything else
+    (CPU, the XLA path, ``interpret``, not Hopper, not bfloat16, M > `MGPU_MAX_M`, small
+    weights, a weight without ``kernel_scale``, one weight) is exactly one `nf4_matmul`
+    per weight.
+
+    Args:
+      x: ``[..., K]`` bfloat16, float16 or float32 activations, shared by every weight.
+      weights: a sequence of mappings, one per weight, with `nf4_matmul`'s weight
+        arguments as keys (`WEIGHT_KEYS`: ``packed`` and ``absmax`` required;
+        ``nested_absmax``, ``nested_code``, ``offset``, ``code``, ``blocksize`` (default
+        64), ``nested_blocksize`` (256), ``kernel_scale`` optional), shapes and dtypes as
+        `nf4_matmul` documents; each weight has its own ``N_i`` and blocksize.
+      impl, interpret: as in `nf4_matmul`, for every weight.
+      layer: optional int32 scalar: every weight's operands are stacked over layers and
+        layer ``layer`` of each is multiplied (read in place by the kernels).
+      return_fused: also return whether the one fused kernel ran.
+
+    Returns:
+      A tuple of ``[..., N_i]`` arrays of ``x.dtype``, one per weight (float32
+      accumulation); with ``return_fused``, ``(that tuple, fused: bool)``.
+      Differentiable in ``x``: the fused op's custom VJP computes each ``dy_i @ W_i``
+      with `nf4_matmul`'s transposed path and sums them in float32 (one rounding to
+      ``x.dtype``); every weight operand gets a zero cotangent (frozen weights).
+
+    Raises:
+      TypeError: a weight mapping with keys outside `WEIGHT_KEYS`, or missing ``packed``
+        / ``absmax``; and every TypeError of `nf4_matmul`.
+      ValueError: no weights; and every ValueError of `nf4_matmul` (per weight).
+    """
+    weights = tuple(weights)
+    if not weights:
+        raise ValueError("nf4_matmul_multi: weights is empty")
+    prepared = []
+    for i, w in enumerate(weights):
+        w = dict(w)
+        unknown = sorted(set(w) - set(WEIGHT_KEYS))
+        if unknown or "packed" not in w or "absmax" not in w:
+            raise TypeError(f"nf4_matmul_multi: weights[{i}] must have keys among "
+                            f"{WEIGHT_KEYS} including packed and absmax; got {sorted(w)}")
+        prepared.append(_prepare(x, **w, impl=impl, interpret=interpret, layer=layer))
+    cfgs = tuple(p[0] for p in prepared)
+    x = prepared[0][1]
+    operands = tuple(p[2] for p in prepared)
+    fused = _multi_applies(cfgs, x, operands)
+    if fused:
+        ys = _nf4_multi_vjp(cfgs, x, operands)
+    else:
+        ys = tuple(_nf4_matmul_vjp(c, x, *ops) for c, ops in zip(cfgs, operands))
+    return (ys, fused) if return_fused else ys
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,14 @@ wgmma columns) and larger M (``block_m`` up to 128 token columns per program):
 * Grid ``(cdiv(N, 64), cdiv(M, block_m), splits)``. One warpgroup owns 64 rows of W and
   ``block_m`` tokens; ``splits`` programs share the K range of a row tile (split-K, for
   decoding shapes with few row tiles) and write float32 partials that XLA sums.
+* Several weights of one ``K`` (a layer's q/k/v, or gate/up) run in ONE launch
+  (`nf4_mgpu_matmul_multi`; `nf4_mgpu_matmul` is its one-weight case): the row-tile axis
+  covers ``sum_i cdiv(N_i, 64)`` tiles, and a program runs the pipeline below on the
+  weight its tile falls in, chosen by a static chain of `pl.when` branches (Mosaic GPU
+  lowers each to an ``scf.index_switch``; the branches share their shared memory and
+  barriers), each weight read from its own operands (nothing concatenated or copied).
+  Decoding pays a fixed cost per launch (H200: about 16 us of the 20.5 us a 4096x4096
+  weight takes at M = 1), which this pays once per group.
 * `plgpu.emit_pipeline` streams ``[64, block_k]`` tiles of codes, ``[block_k // 64, 64]``
   tiles of scales and ``[block_m, block_k]`` tiles of ``x`` into shared memory by TMA
   (zero-filled past the edges, so ragged N, M and K need no masks).
@@ -50,8 +58,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["nf4_kernel_scale", "nf4_mgpu_matmul", "nf4_mgpu_reference", "nf4_mgpu_supported",
-           "NF4_BF16_BYTES"]
+__all__ = ["nf4_kernel_scale", "nf4_mgpu_matmul", "nf4_mgpu_matmul_multi", "nf4_mgpu_reference",
+           "nf4_mgpu_supported", "NF4_BF16_BYTES"]
 
 #: bitsandbytes' NF4 codebook (QLoRA App. E), rounded to bfloat16: the byte tables of
 #: `_nf4_dequant` are built from these bit patterns.
@@ -200,11 +208,13 @@ fma.rn.bf16x2 $1, p1, $4, z;
 }}"""
 
 
-def _kernel_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_k: int,
-                 steps: int, stages: int, in_flight: int):
+def _row_tile(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, tile, row_tile, *, block_m: int,
+              block_k: int, steps: int, stages: int, in_flight: int):
+    """One program's work: rows ``[64 * tile, 64 * tile + 64)`` of the weight ``w_gmem``
+    (its scales ``s_gmem``) times ``block_m`` tokens over this program's K split, written
+    to rows ``[64 * row_tile, ...)`` of the float32 partials ``o_gmem``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    ni = lax.axis_index("n")
     mi = lax.axis_index("m")
     si = lax.axis_index("s")
     layer = layer_ref[0]
@@ -222,14 +232,14 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, blo
                 plgpu.wgmma_wait(in_flight)
 
         w_spec = plgpu.BlockSpec(
-            (64, block_k), lambda t: (ni, si * steps + t),
+            (64, block_k), lambda t: (tile, si * steps + t),
             transforms=(plgpu.TilingTransform((8, w_swizzle * 2)),
                         plgpu.SwizzleTransform(w_swizzle)))
         x_spec = plgpu.BlockSpec(
             (block_m, block_k), lambda t: (mi, si * steps + t),
             transforms=(plgpu.TilingTransform((8, x_swizzle // 2)),
                         plgpu.SwizzleTransform(x_swizzle)))
-        s_spec = plgpu.BlockSpec((sub, 64), lambda t: (si * steps + t, ni))
+        s_spec = plgpu.BlockSpec((sub, 64), lambda t: (si * steps + t, tile))
         plgpu.emit_pipeline(step, grid=(steps,), in_specs=(w_spec, x_spec, s_spec),
                             max_concurrent_steps=stages)(
             w_gmem.at[layer], x_gmem, s_gmem.at[layer])
@@ -240,10 +250,33 @@ def _kernel_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, blo
     def store(o_smem):
         o_smem[...] = acc
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, mi, pl.ds(ni * 64, 64)])
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, mi, pl.ds(row_tile * 64, 64)])
         plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(store, plgpu.SMEM((64, block_m), jnp.float32))
+
+
+def _kernel_body(layer_ref, x_gmem, *refs, tiles: tuple[int, ...], **kw):
+    """The kernel: ``refs`` are ``(codes_0, scale_0, codes_1, scale_1, ..., out)``, one
+    pair per weight, and ``tiles[i]`` the 64-row tiles of weight ``i``. The grid's row-tile
+    axis ``n`` runs over all weights' tiles in order; a program picks its weight by a
+    static chain of `pl.when` on its tile index (each branch the same `_row_tile` over its
+    own refs: no weight is copied or concatenated) and writes its rows at its tile index
+    of the one output."""
+    *weights, o_gmem = refs
+    ni = lax.axis_index("n")
+    if len(tiles) == 1:
+        _row_tile(layer_ref, x_gmem, *weights, o_gmem, ni, ni, **kw)
+        return
+    start = 0
+    for i, count in enumerate(tiles):
+        w_gmem, s_gmem = weights[2 * i], weights[2 * i + 1]
+
+        def branch(w_gmem=w_gmem, s_gmem=s_gmem, start=start):
+            _row_tile(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, ni - start, ni, **kw)
+
+        pl.when((ni >= start) & (ni < start + count))(branch)
+        start += count
 
 
 #: Shared memory the pipeline buffers may take (the H200 allows 227 KiB per block).
@@ -257,6 +290,8 @@ def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=Non
                     splits: int | None = None, stages: int | None = None,
                     in_flight: int = 0) -> jax.Array:
     """``x @ W.T`` for an NF4 ``W [N, K]`` in bitsandbytes' packed bytes, on Hopper.
+
+    The one-weight case of `nf4_mgpu_matmul_multi`.
 
     Args:
       x: ``[M, K]`` bfloat16 activations.
@@ -279,47 +314,109 @@ def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=Non
     Raises:
       ValueError: shapes outside `nf4_mgpu_supported`'s restrictions.
     """
+    return _mgpu_multi(x, (packed,), (scale,), layer, block_m=block_m, block_k=block_k,
+                       splits=splits, stages=stages, in_flight=in_flight,
+                       name="nf4_mgpu_matmul")[0]
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "splits", "stages",
+                                             "in_flight"))
+def nf4_mgpu_matmul_multi(x: jax.Array, packed: tuple, scale: tuple, layer=None, *,
+                          block_m: int | None = None, block_k: int | None = None,
+                          splits: int | None = None, stages: int | None = None,
+                          in_flight: int = 0) -> tuple[jax.Array, ...]:
+    """``(x @ W_0.T, x @ W_1.T, ...)`` for several NF4 weights ``W_i [N_i, K]`` of one
+    ``K``, in ONE kernel launch (a decoder layer's q/k/v, or gate/up).
+
+    The weights stay separate operands, read in place: nothing is concatenated or
+    copied. The grid's row-tile axis covers ``sum_i cdiv(N_i, 64)`` tiles; a program
+    runs the same pipeline as `nf4_mgpu_matmul` on the weight its tile falls in and
+    writes its 64 rows into one float32 output of ``sum_i cdiv(N_i, 64) * 64`` rows.
+    The split-K sum and the cut into the ``N_i`` columns of each result are XLA ops
+    after the kernel (a caller's elementwise epilogue, e.g. SwiGLU of gate/up, can fuse
+    with them). Design after tokamax's sm90 quantized ragged dot (one launch over
+    several row groups; ``tokamax/_src/ops/ragged_dot/
+    pallas_mosaic_gpu_kernel_sm90_quant.py``); NF4 codes as bitsandbytes stores them.
+
+    Args:
+      x: ``[M, K]`` bfloat16 activations, shared by every weight.
+      packed: tuple of uint8 ``[N_i, K // 2]`` bnb codes (``[L, N_i, K // 2]`` each
+        with ``layer``).
+      scale: tuple of the matching `nf4_kernel_scale` layouts, bfloat16
+        ``[K // 64, N_i]`` (``[L, K // 64, N_i]`` with ``layer``).
+      layer: int32 scalar, the stacked layer of every weight (read in place), or None.
+      block_m, block_k, splits, stages, in_flight: as in `nf4_mgpu_matmul` (the default
+        ``splits`` counts all weights' row tiles).
+
+    Returns:
+      A tuple of ``[M, N_i]`` arrays in ``x.dtype``.
+
+    Raises:
+      ValueError: ``packed`` and ``scale`` of different lengths or empty, a weight whose
+        ``K`` differs from ``x``'s, or shapes outside `nf4_mgpu_supported`'s
+        restrictions.
+    """
+    return _mgpu_multi(x, tuple(packed), tuple(scale), layer, block_m=block_m,
+                       block_k=block_k, splits=splits, stages=stages, in_flight=in_flight,
+                       name="nf4_mgpu_matmul_multi")
+
+
+def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, splits, stages,
+                in_flight, name: str) -> tuple[jax.Array, ...]:
+    """The kernel launch behind `nf4_mgpu_matmul` and `nf4_mgpu_matmul_multi`."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    if not packed or len(packed) != len(scale):
+        raise ValueError(f"{name}: {len(packed)} packed and {len(scale)} scale operands "
+                         "(want one of each per weight, at least one)")
     m, k = x.shape
     if layer is None:
-        packed, scale, layer = packed[None], scale[None], 0
-    n = packed.shape[1]
-    if packed.shape[2] * 2 != k or scale.shape[1:] != (k // 64, n):
-        raise ValueError(f"nf4_mgpu_matmul: x {x.shape}, packed {packed.shape}, scale "
-                         f"{scale.shape} disagree (want packed [.., N, K//2], scale "
-                         f"[.., K//64, N])")
-    if k % 64 or n % 8:
-        raise ValueError(f"nf4_mgpu_matmul: K={k} must be a multiple of 64 and N={n} of 8")
+        packed, scale, layer = tuple(p[None] for p in packed), tuple(s[None] for s in scale), 0
+    ns = []
+    for p, s in zip(packed, scale):
+        n = p.shape[1]
+        if p.ndim != 3 or s.ndim != 3 or p.shape[2] * 2 != k or s.shape[1:] != (k // 64, n):
+            raise ValueError(f"{name}: x {x.shape}, packed {p.shape}, scale {s.shape} "
+                             f"disagree (want packed [.., N, K//2], scale [.., K//64, N])")
+        if k % 64 or n % 8:
+            raise ValueError(f"{name}: K={k} must be a multiple of 64 and N={n} of 8")
+        ns.append(n)
     block_m = block_m or (max(8, -(-m // 8) * 8) if m <= 64 else 128)
     if block_k is None:
         block_k = next(b for b in (256, 128, 64) if k % b == 0)
-    tiles_n, tiles_m, tiles_k = pl.cdiv(n, 64), pl.cdiv(m, block_m), k // block_k
+    tiles = tuple(pl.cdiv(n, 64) for n in ns)
+    tiles_n, tiles_m, tiles_k = sum(tiles), pl.cdiv(m, block_m), k // block_k
     if splits is None:  # H200, W 11008x4096, M = 1: 29.3 us unsplit, 22.2 with 2, 20.1 with 8
         splits = 1
         while tiles_n * tiles_m * splits < 800 and tiles_k % (splits * 2) == 0 \
                 and tiles_k // (splits * 2) >= 2:
             splits *= 2
     if tiles_k % splits:
-        raise ValueError(f"nf4_mgpu_matmul: splits={splits} must divide K/block_k={tiles_k}")
+        raise ValueError(f"{name}: splits={splits} must divide K/block_k={tiles_k}")
     steps = tiles_k // splits
     per_stage = 64 * block_k // 2 + block_m * block_k * 2 + (block_k // 64) * 64 * 2
     stages = stages or max(1, min(4, steps, _SMEM_BUDGET // per_stage))
-    codes = lax.bitcast_convert_type(packed, jnp.int4).reshape(packed.shape[0], n, k)
+    operands = []
+    for p, s, n in zip(packed, scale, ns):
+        operands += [lax.bitcast_convert_type(p, jnp.int4).reshape(p.shape[0], n, k), s]
     if m > 8 and m % 8:  # TMA boxes of 8-row tiles need M < 8 or a multiple of 8
         x = jnp.pad(x, ((0, -m % 8), (0, 0)))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     kernel = plgpu.kernel(
-        functools.partial(_kernel_body, block_m=block_m, block_k=block_k, steps=steps,
-                          stages=stages, in_flight=in_flight),
+        functools.partial(_kernel_body, tiles=tiles, block_m=block_m, block_k=block_k,
+                          steps=steps, stages=stages, in_flight=in_flight),
         out_type=jax.ShapeDtypeStruct((splits, tiles_m, tiles_n * 64, block_m), jnp.float32),
         grid=(tiles_n, tiles_m, splits),
         grid_names=("n", "m", "s"),
     )
-    out = kernel(layer, x, codes, scale)
+    out = kernel(layer, x, *operands)
     out = out.sum(axis=0)  # [tiles_m, N_pad, block_m]
-    y = out.transpose(0, 2, 1).reshape(tiles_m * block_m, tiles_n * 64)
-    return y[:m, :n].astype(x.dtype)
+    y = out.transpose(0, 2, 1).reshape(tiles_m * block_m, tiles_n * 64)[:m]
+    ys, row = [], 0
+    for n, t in zip(ns, tiles):
+        ys.append(y[:, row:row + n].astype(x.dtype))
+        row += 64 * t
+    return tuple(ys)
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ scales, the plain-jnp reference and the kernel's lowering for CUDA are checked.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 from pallas_kernels.nf4_mgpu import (
     nf4_kernel_scale,
     nf4_mgpu_matmul,
+    nf4_mgpu_matmul_multi,
     nf4_mgpu_reference,
     nf4_mgpu_supported,
 )
@@ -180,3 +183,255 @@ def test_nf4_matmul_takes_mosaic_path_and_differentiates():
                       (dx, np.asarray(dy.astype(jnp.float32), np.float64) @ w)):
         got = np.asarray(got.astype(jnp.float32), np.float64)
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+# ---------------------------------------------------------------------------
+# Several weights in one launch: nf4_mgpu_matmul_multi and nf4_matmul_multi
+# ---------------------------------------------------------------------------
+
+
+def _mosaic_calls(text: str) -> int:
+    return len(re.findall(r"custom_call @mosaic_gpu", text))
+
+
+def test_multi_lowers_for_cuda():
+    """Three weights (q/k/v-like rows, N not a multiple of 64, stacked over layers) lower
+    to ONE Mosaic GPU kernel for CUDA without a GPU (each weight's pipeline under its own
+    branch of the row-tile index)."""
+    x = jax.ShapeDtypeStruct((5, 320), jnp.bfloat16)
+    ns = (200, 64, 136)
+    ps = tuple(jax.ShapeDtypeStruct((3, n, 160), jnp.uint8) for n in ns)
+    ss = tuple(jax.ShapeDtypeStruct((3, 5, n), jnp.bfloat16) for n in ns)
+    text = jax.jit(nf4_mgpu_matmul_multi).trace(x, ps, ss, jnp.int32(1)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_calls(text) == 1
+    out = jax.eval_shape(nf4_mgpu_matmul_multi, x, ps, ss, jnp.int32(1))
+    assert [o.shape for o in out] == [(5, n) for n in ns]
+    assert all(o.dtype == jnp.bfloat16 for o in out)
+
+
+def test_multi_rejects_mismatched_operands():
+    x = jnp.zeros((1, 128), jnp.bfloat16)
+    p, s = jnp.zeros((64, 64), jnp.uint8), jnp.zeros((2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="one of each per weight"):
+        nf4_mgpu_matmul_multi(x, (p, p), (s,))
+    with pytest.raises(ValueError, match="disagree"):
+        nf4_mgpu_matmul_multi(x, (p, jnp.zeros((64, 32), jnp.uint8)), (s, s))
+
+
+def _fake_hopper(monkeypatch):
+    """Make `nf4_matmul_multi` take its Mosaic path on this machine (for tracing and CUDA
+    lowering only): a GPU default backend and a Hopper for `nf4_mgpu_supported`."""
+    from pallas_kernels import dispatch, nf4_matmul as op
+
+    monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    real = op.nf4_mgpu_supported
+
+    def on_hopper(*args):  # the real shape and dtype checks, on a faked compute capability
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(jax, "devices", lambda *a: [_FakeDevice("9.0")])
+            return real(*args)
+
+    monkeypatch.setattr(op, "nf4_mgpu_supported", on_hopper)
+
+
+def _weights(rng, ns, k, *, layers=None, kernel_scale=True, blocksize=64, double_quant=False):
+    """``nf4_matmul_multi`` weight mappings (NumPy random codes) and their float64 dense
+    weights (layer ``layers - 1`` when stacked)."""
+    from jaxqlora.nf4 import absmax_float32, quantize_nf4
+
+    ws, dense = [], []
+    for n in ns:
+        if double_quant:  # a real bnb double-quantized weight, per layer
+            qs = [quantize_nf4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32),
+                               blocksize=blocksize) for _ in range(layers or 1)]
+            stack = lambda f: jnp.stack([f(q) for q in qs]) if layers else f(qs[0])
+            w = dict(packed=stack(lambda q: q.packed.reshape(n, k // 2)),
+                     absmax=stack(lambda q: q.absmax.reshape(n, k // blocksize)),
+                     nested_absmax=stack(lambda q: q.nested_absmax),
+                     nested_code=stack(lambda q: q.nested_code), offset=stack(lambda q: q.offset),
+                     blocksize=blocksize)
+            last = qs[-1]
+            p64 = np.asarray(last.packed).reshape(n, k // 2)
+            a64 = np.asarray(absmax_float32(last)).reshape(n, k // blocksize)
+            absmax = np.stack([np.asarray(absmax_float32(q)).reshape(n, k // blocksize) for q in qs])
+            absmax = absmax if layers else absmax[0]
+        else:
+            packed, absmax = random_weight(rng, n, k, blocksize, layers=layers)
+            w = dict(packed=jnp.asarray(packed), absmax=jnp.asarray(absmax), blocksize=blocksize)
+            p64, a64 = (packed, absmax) if layers is None else (packed[-1], absmax[-1])
+        if kernel_scale:
+            w["kernel_scale"] = nf4_kernel_scale(jnp.asarray(absmax), n, k, blocksize)
+        ws.append(w)
+        dense.append(dense64(p64, a64, blocksize))
+    return ws, dense
+
+
+def test_multi_dispatch_lowers_one_kernel_for_cuda(monkeypatch):
+    """On a (faked) Hopper, Llama-8B's q/k/v and gate/up at M = 1 and 16 take ONE Mosaic
+    launch each; a weight without kernel_scale, M > MGPU_MAX_M or float32 x take the
+    separate path (no Mosaic multi kernel)."""
+    from pallas_kernels.nf4_matmul import MGPU_MAX_M, nf4_matmul_multi
+
+    _fake_hopper(monkeypatch)
+
+    def spec(n, k, ks=True):  # the arrays of one weight (blocksize 64, the default)
+        w = dict(packed=jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+                 absmax=jax.ShapeDtypeStruct((n, k // 64), jnp.float32))
+        if ks:
+            w["kernel_scale"] = jax.ShapeDtypeStruct((k // 64, n), jnp.bfloat16)
+        return w
+
+    def lowered(m, shapes, dtype=jnp.bfloat16, ks=True):
+        ws = [spec(n, k, ks) for n, k in shapes]
+
+        def f(x, ws):
+            ys, fused = nf4_matmul_multi(x, ws, return_fused=True)
+            assert [y.shape for y in ys] == [(m, n) for n, _ in shapes]
+            return ys, fused
+
+        fused = []
+        text = jax.jit(lambda x, ws: f(x, ws)[0]).trace(
+            jax.ShapeDtypeStruct((m, shapes[0][1]), dtype), ws).lower(
+            lowering_platforms=("cuda",)).as_text()
+        jax.eval_shape(lambda x, ws: fused.append(f(x, ws)[1]),
+                       jax.ShapeDtypeStruct((m, shapes[0][1]), dtype), ws)
+        return text, fused[0]
+
+    qkv, gate_up = ((4096, 4096), (1024, 4096), (1024, 4096)), ((14336, 4096),) * 2
+    for m in (1, 16):
+        for shapes in (qkv, gate_up):
+            text, fused = lowered(m, shapes)
+            assert fused and _mosaic_calls(text) == 1, (m, shapes)
+    # training through it: the custom VJP's backward (three transposed Triton GEMVs) lowers
+    ws = [spec(n, k) for n, k in qkv]
+    loss = lambda x, ws: sum(jnp.sum(y.astype(jnp.float32)) for y in nf4_matmul_multi(x, ws))
+    text = jax.jit(jax.value_and_grad(loss)).trace(
+        jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16), ws).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_calls(text) == 1 and "nf4_gemv_t" in text
+    _, fused = lowered(1, qkv, ks=False)
+    assert not fused
+    _, fused = lowered(MGPU_MAX_M + 1, qkv)
+    assert not fused
+    _, fused = lowered(1, qkv, dtype=jnp.float32)
+    assert not fused
+
+
+@pytest.mark.parametrize("layers,double_quant", [(None, False), (3, True)])
+def test_multi_fallback_equals_separate_calls_on_cpu(layers, double_quant):
+    """Where the Mosaic kernel does not apply (here: the CPU), `nf4_matmul_multi` is one
+    `nf4_matmul` per weight: the same outputs and the same input gradient."""
+    from pallas_kernels.nf4_matmul import nf4_matmul, nf4_matmul_multi
+
+    rng = np.random.default_rng(0)
+    ns, k = (192, 64, 72), 256
+    ws, dense = _weights(rng, ns, k, layers=layers, double_quant=double_quant)
+    layer = None if layers is None else jnp.int32(layers - 1)
+    x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.bfloat16)
+    dys = [jnp.asarray(rng.standard_normal((2, 3, n)), jnp.bfloat16) for n in ns]
+
+    def multi(x):
+        ys, fused = nf4_matmul_multi(x, ws, layer=layer, return_fused=True)
+        assert not fused
+        return ys
+
+    def separate(x):
+        return tuple(nf4_matmul(x, **w, layer=layer) for w in ws)
+
+    got, vjp_got = jax.vjp(multi, x)
+    want, vjp_want = jax.vjp(separate, x)
+    for g, w, d in zip(got, want, dense):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        ref = np.asarray(x.astype(jnp.float32), np.float64) @ d.T
+        assert np.linalg.norm(np.asarray(g, np.float64) - ref) / np.linalg.norm(ref) < 1e-2
+    np.testing.assert_array_equal(np.asarray(vjp_got(tuple(dys))[0]),
+                                  np.asarray(vjp_want(tuple(dys))[0]))
+
+
+def test_multi_fallback_interpret_mode():
+    """``interpret=True`` (the Pallas GEMV kernels on the CPU) never takes the Mosaic
+    kernel: one interpreted GEMV per weight, equal to the separate calls."""
+    from pallas_kernels.nf4_matmul import nf4_matmul, nf4_matmul_multi
+
+    rng = np.random.default_rng(1)
+    ws, _ = _weights(rng, (64, 40), 128)
+    x = jnp.asarray(rng.standard_normal((1, 128)), jnp.bfloat16)
+    ys, fused = nf4_matmul_multi(x, ws, interpret=True, return_fused=True)
+    assert not fused
+    for y, w in zip(ys, ws):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(nf4_matmul(x, **w, interpret=True)))
+
+
+def test_multi_rejects_bad_weights():
+    from pallas_kernels.nf4_matmul import nf4_matmul_multi
+
+    rng = np.random.default_rng(2)
+    ws, _ = _weights(rng, (64,), 128)
+    x = jnp.zeros((1, 128), jnp.float32)
+    with pytest.raises(ValueError, match="empty"):
+        nf4_matmul_multi(x, [])
+    with pytest.raises(TypeError, match="keys"):
+        nf4_matmul_multi(x, [dict(ws[0], bias=1.0)])
+    with pytest.raises(TypeError, match="keys"):
+        nf4_matmul_multi(x, [dict(packed=ws[0]["packed"])])
+    with pytest.raises(ValueError, match="absmax"):  # K of x disagrees with the weight's
+        nf4_matmul_multi(jnp.zeros((1, 64), jnp.float32), ws)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU NF4 kernel needs a Hopper GPU")
+@pytest.mark.parametrize("m", [1, 3, 16, 17])
+@pytest.mark.parametrize("ns,k,layers", [((512, 128, 128), 256, None),
+                                         ((512, 128, 128), 1024, 3),
+                                         ((200, 264), 512, None),
+                                         ((136, 64, 72), 768, 2)])
+def test_multi_matches_float64(m, ns, k, layers):
+    """`nf4_mgpu_matmul_multi` (2 and 3 weights of different N, N not a multiple of 64,
+    stacked layers read at an index) against float64 NumPy, weight by weight."""
+    rng = np.random.default_rng()
+    ws, dense = _weights(rng, ns, k, layers=layers)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    layer = None if layers is None else jnp.int32(layers - 1)
+    ys = nf4_mgpu_matmul_multi(x, tuple(w["packed"] for w in ws),
+                               tuple(w["kernel_scale"] for w in ws), layer)
+    assert len(ys) == len(ns)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    for y, n, d in zip(ys, ns, dense):
+        assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+        y = np.asarray(y.astype(jnp.float32), np.float64)
+        want = x64 @ d.T
+        assert np.isfinite(y).all()
+        assert np.linalg.norm(y - want) / np.linalg.norm(want) < 1e-2
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU NF4 kernel needs a Hopper GPU")
+@pytest.mark.parametrize("m,layers", [(1, None), (16, 2)])
+def test_multi_op_fuses_and_differentiates(monkeypatch, m, layers):
+    """`nf4_matmul_multi` on the GPU: ONE Mosaic launch forward (the op says it fused),
+    outputs and ``dx`` (the custom VJP's transposed kernels, summed) against the separate
+    `nf4_matmul` calls and float64."""
+    from pallas_kernels import nf4_matmul as op
+
+    monkeypatch.setattr(op, "MGPU_MIN_WEIGHT", 0)  # small test weights still fuse
+    rng = np.random.default_rng()
+    ns, k = (512, 128, 192), 1024
+    ws, dense = _weights(rng, ns, k, layers=layers, double_quant=layers is not None)
+    layer = None if layers is None else jnp.int32(layers - 1)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    dys = tuple(jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16) for n in ns)
+    multi = lambda x: op.nf4_matmul_multi(x, ws, layer=layer)
+    separate = lambda x: tuple(op.nf4_matmul(x, **w, layer=layer) for w in ws)
+    assert op.nf4_matmul_multi(x, ws, layer=layer, return_fused=True)[1]
+    assert _mosaic_calls(jax.jit(multi).lower(x).as_text()) == 1
+    got, vjp_got = jax.vjp(multi, x)
+    want, vjp_want = jax.vjp(separate, x)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    rel = lambda a, b: np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+    for g, w, d in zip(got, want, dense):
+        assert rel(g.astype(jnp.float32), x64 @ d.T) < 1e-2
+        assert rel(g.astype(jnp.float32), np.asarray(w.astype(jnp.float32), np.float64)) < 1e-2
+    (dx,), (dx_sep,) = vjp_got(dys), vjp_want(dys)
+    dx64 = sum(np.asarray(dy.astype(jnp.float32), np.float64) @ d for dy, d in zip(dys, dense))
+    assert rel(dx.astype(jnp.float32), dx64) < 1e-2
+    assert rel(dx.astype(jnp.float32), np.asarray(dx_sep.astype(jnp.float32), np.float64)) < 1e-2
