@@ -31,6 +31,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 # --- argument types: each refuses a bad value with argparse's "error: argument --x: ..." and exit code 2,
 # before anything is imported, loaded or compiled.
@@ -208,25 +209,23 @@ def _cmd_generate(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxqlora.generate import stream
-    from jaxqlora.io import load_pretrained
+    from jaxqlora.io import load_pretrained, load_tokenizer
 
     t0 = time.perf_counter()
-    model, tokenizer = load_pretrained(args.model, dtype=getattr(jnp, args.dtype), keep_quantized=args.keep_quantized)
+    tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         print(f"error: {args.model} has no tokenizer.json", file=sys.stderr)
         return 2
+    record = None
     if args.adapter:
-        from jaxqlora.io.peft import load_adapter, read_task
+        from jaxqlora.io.peft import read_task
 
-        load_adapter(model, args.adapter)
         record = read_task(args.adapter)
         if record and record["chat_template"]:  # prompt with the template the chat fine-tune rendered with
             tokenizer.chat_template = record["chat_template"]
         if record and record["task"] == "causal-lm" and not args.no_chat:
             print("note: the adapter was trained on raw prompt/response text (task causal-lm); --no-chat prompts "
                   "it the same way", file=sys.stderr)
-    load_s = time.perf_counter() - t0
     if args.messages is not None:
         prompt = args.messages
     elif args.no_chat:
@@ -234,13 +233,33 @@ def _cmd_generate(args) -> int:
     else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
+    executables = None
+    if not args.speculative:  # the device memory it needs, before the weights are placed
+        executables = _generation_check(args, tokenizer, prompt)
+        if executables is None:
+            return 0  # --dry-run
+    model, tokenizer = load_pretrained(args.model, dtype=getattr(jnp, args.dtype), keep_quantized=args.keep_quantized)
+    if args.adapter:
+        from jaxqlora.io.peft import load_adapter
+
+        load_adapter(model, args.adapter)
+        if record and record["chat_template"]:
+            tokenizer.chat_template = record["chat_template"]
+    load_s = time.perf_counter() - t0
     if args.speculative:
         return _generate_speculative(args, model, tokenizer, prompt, load_s)
     t1 = time.perf_counter()
     first = None
     n = 0
+    from flax import nnx
+
+    from jaxqlora.generate import stream
+
+    if executables is not None and nnx.graphdef(model) != executables.graphdef:
+        executables = None  # compiled for the dense twin (quantized weights or an adapter): stream compiles its own
     for piece in stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        executables=None if executables is None else executables.compiled):
         if first is None:
             first = time.perf_counter()
         n += 1
@@ -252,9 +271,48 @@ def _cmd_generate(args) -> int:
         rate = f"{(n - 1) / (end - first):.1f} tokens/s after the first"
     else:
         rate = "n/a"
-    print(f"[load {load_s:.1f} s | first token {((first or end) - t1):.1f} s (compiles prefill and decode) | "
+    print(f"[load {load_s:.1f} s | first token {((first or end) - t1):.1f} s{'' if executables else ' (compiles prefill and decode)'} | "
           f"{n} pieces, {rate} | {jax.default_backend()}]", file=sys.stderr)
     return 0
+
+
+class _Estimated(NamedTuple):
+    compiled: Any  # jaxqlora.compile.Executables
+    graphdef: Any
+
+
+def _generation_check(args, tokenizer, prompt) -> _Estimated | None:
+    """``generate``'s memory check before loading: compile `stream` over the model's shapes,
+    estimate (`jaxqlora.generate.generation_memory`), print it; None after ``--dry-run``.
+
+    Raises:
+      MemoryEstimateError: the estimate exceeds the device's memory.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxqlora.generate import generation_memory
+    from jaxqlora.io import load_config
+    from jaxqlora.memory import (MemoryEstimateError, checkpoint_device_bytes, device_memory, format_memory,
+                                 state_bytes)
+    from jaxqlora.model import CausalLM
+
+    dtype = getattr(jnp, args.dtype)
+    cfg = load_config(args.model)
+    dense = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    weights = checkpoint_device_bytes(args.model, dtype, keep_quantized=args.keep_quantized)
+    own = state_bytes(nnx.state(dense))
+    estimate, ex = generation_memory(dense, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                     args.top_p, stream=True, weight_bytes=None if weights == own else weights)
+    capacity = device_memory()
+    print(format_memory(estimate, capacity), file=sys.stderr)
+    fits = capacity is None or estimate["peak_bytes"] <= capacity
+    if args.dry_run:
+        print("fits" if fits else "does not fit")
+        return None
+    if not fits:
+        raise MemoryEstimateError(estimate, capacity, None, what="generation")
+    return _Estimated(ex, nnx.graphdef(dense))
 
 
 def _generate_speculative(args, model, tokenizer, prompt, load_s: float) -> int:
@@ -340,7 +398,7 @@ def _cmd_finetune(args) -> int:
               f"(persistent cache: {jax_cache_dir()})")
         return 0
     if cfg.dry_run:
-        from jaxqlora.finetune import format_memory
+        from jaxqlora.memory import format_memory
 
         print(format_memory(results["memory"], results["capacity_bytes"]))
         print("fits" if results["fits"] else "does not fit: drop --dry-run to get settings that fit")
@@ -497,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF folder or .gguf file of a draft model sharing the tokenizer (default: none)")
     g.add_argument("--num-draft", type=positive_int, default=4,
                    help="--speculative: draft tokens verified per step (k)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="compile from shapes, print the device memory generation needs (weights, KV cache, "
+                        "temporaries) and the device's, and exit without loading weights")
     g.set_defaults(func=_cmd_generate, check=functools.partial(_check_generate, g))
     return parser
 

@@ -55,6 +55,8 @@ from jaxqlora.compile import buckets_up_to
 from jaxqlora.errors import JaxQLoRAError
 from jaxqlora.io.atomic import atomic_write_bytes, atomic_write_dir, atomic_write_json, remove_leftovers
 from jaxqlora.lora import ALL_TARGETS, apply_lora
+from jaxqlora.memory import (MemoryEstimateError, device_memory, format_memory, memory_estimate,  # noqa: F401
+                             trainer_bytes)
 from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, classification_loss, make_optimizer,
                             nonfinite_steps)
 
@@ -598,7 +600,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
             return {"precompiled": {str(k): t._asdict() for k, t in trainer.executables.seconds.items()},
                     "compile_seconds": compile_s, "seconds": time.perf_counter() - t_start}
         if cfg.dry_run or cfg.check_memory:
-            estimate = memory_estimate(trainer.executables, _resident(trainer))
+            estimate = memory_estimate(trainer.executables, trainer_bytes(trainer))
             capacity = device_memory()
             log(format_memory(estimate, capacity))
             if cfg.dry_run:
@@ -736,87 +738,6 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     return results
 
 
-class MemoryEstimateError(JaxQLoRAError, MemoryError):
-    """The run's estimated device memory exceeds the device's; the message gives both and the
-    settings found to fit (``suggestion``; None when none was found)."""
-
-    def __init__(self, estimate: dict, capacity: int, suggestion: dict | None):
-        self.estimate, self.capacity, self.suggestion = estimate, capacity, suggestion
-        fix = ("; fits with " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in suggestion["settings"].items())
-               + f" (estimate {suggestion['peak_bytes'] / 1e9:.2f} GB)") if suggestion else \
-            "; no smaller batch, remat policy or shorter bucket tried fits"
-        super().__init__(f"the run needs about {estimate['peak_bytes'] / 1e9:.2f} GB of device memory "
-                         f"({estimate['worst']}), the device has {capacity / 1e9:.2f} GB{fix}")
-
-
-def state_bytes(tree) -> int:
-    """Bytes of the arrays (or ``ShapeDtypeStruct``s) of ``tree``; a PRNG key counts as its key data."""
-    total = 0
-    for x in jax.tree_util.tree_leaves(tree):
-        if not hasattr(x, "dtype"):
-            continue
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x = jax.eval_shape(jax.random.key_data, x)
-        total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-    return total
-
-
-def memory_estimate(executables, resident_bytes: int = 0) -> dict:
-    """Device memory of a run from XLA's memory analysis of its compiled steps.
-
-    For each executable: arguments (frozen weights, trainable parameters, optimizer state,
-    RNG, the batch) + outputs - the outputs aliasing donated arguments + temporaries
-    (activations, gradients), plus ``resident_bytes`` (the state the run keeps on the device,
-    `state_bytes`) beyond the arguments: XLA drops arguments a step does not read (the LM
-    head of a classifier), but they are loaded all the same. The run's peak is the largest
-    (the steps run one at a time over the same weights). Returns ``{"peak_bytes", "worst":
-    its BucketKey as text, "per_step": {key: {argument, output, alias, temp, unread, total}}}``.
-    """
-    per = {}
-    for key, compiled in executables.items():
-        m = compiled.memory_analysis()
-        if m is None:
-            continue
-        parts = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
-        parts["unread"] = max(0, int(resident_bytes) - parts["argument"])
-        parts["total"] = parts["argument"] + parts["unread"] + parts["output"] - parts["alias"] + parts["temp"]
-        per[str(key)] = parts
-    worst = max(per, key=lambda k: per[k]["total"]) if per else "none"
-    return {"peak_bytes": per[worst]["total"] if per else 0, "worst": worst, "per_step": per}
-
-
-def _resident(trainer: Trainer) -> int:
-    return state_bytes((trainer.trainable, trainer.rng_state, trainer.opt_state, trainer.frozen))
-
-
-def device_memory(device=None) -> int | None:
-    """Bytes the device can hold: ``memory_stats()["bytes_limit"]`` (GPU/TPU), or on CPU the
-    host memory available now (``SC_AVPHYS_PAGES``); None if unknown."""
-    device = device or jax.local_devices()[0]
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory statistics
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    if device.platform == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
-
-
-def format_memory(estimate: dict, capacity: int | None) -> str:
-    """One line: the estimate, its largest step and its parts, and the device's memory."""
-    parts = estimate["per_step"].get(estimate["worst"], {})
-    detail = ", ".join(f"{k} {parts[k] / 1e6:,.1f} MB" for k in ("argument", "unread", "temp", "output", "alias")
-                       if k in parts)
-    cap = "unknown" if capacity is None else f"{capacity / 1e9:.2f} GB"
-    return (f"memory estimate: {estimate['peak_bytes'] / 1e9:.3f} GB at {estimate['worst']} ({detail}); "
-            f"device memory {cap}")
-
-
 def _fitting_settings(cfg: FinetuneConfig, num_labels: int, optimizer, capacity: int, log) -> dict | None:
     """The first of these that fits ``capacity``, compiled shapes-only (train and evaluation
     steps of the longest bucket): remat "dots", remat "full", then (with full remat) the
@@ -842,7 +763,7 @@ def _fitting_settings(cfg: FinetuneConfig, num_labels: int, optimizer, capacity:
         trainer.precompile(trial.batch_size, _buckets(trial)[-1:], grad_accum=trial.grad_accum,
                            eval_batch_size=trial.eval_batch_size, log=lambda *_: None,
                            desc=f"memory with {settings}")
-        peak = memory_estimate(trainer.executables, _resident(trainer))["peak_bytes"]
+        peak = memory_estimate(trainer.executables, trainer_bytes(trainer))["peak_bytes"]
         log(f"memory estimate with {settings}: {peak / 1e9:.3f} GB")
         if peak <= capacity:
             return {"settings": settings, "peak_bytes": peak}

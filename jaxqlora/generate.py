@@ -340,6 +340,42 @@ def precompile_generate(model: CausalLM, tokenizer, *, batch_size: int = 1, prom
     return precompile(jobs, into=out, desc="precompile generate")
 
 
+def generation_memory(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, *, stream: bool = False, weight_bytes: int | None = None,
+                      log=lambda *_: None) -> tuple[dict, Executables]:
+    """The device memory `generate` (or `stream`) needs for ``prompts``, before any weight is placed.
+
+    Compiles prefill and the decode loop (``stream``: `stream`'s chunked loop) for the
+    prompts' batch size and bucket from the model's shapes (``model`` may be abstract,
+    ``nnx.eval_shape``) and reads XLA's memory analysis (`jaxqlora.memory.memory_estimate`):
+    weights + KV cache (``2 x layers x batch x (bucket + max_new_tokens) x kv_heads x
+    head_dim`` in the model's dtype) + the step's temporaries.
+
+    Args:
+      model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p: as `generate`.
+      stream: estimate `stream` (one prompt) instead of `generate`.
+      weight_bytes: the bytes the weights will really take (`jaxqlora.memory.
+        checkpoint_device_bytes`) when ``model`` is a dense twin of a model kept quantized;
+        None: the model's own state.
+      log: receives compile times.
+
+    Returns:
+      ``(estimate, executables)``: the estimate (bytes; keys as `memory_estimate`), and the
+      executables, which `generate` / `stream` can take when the real model has the same
+      structure as ``model`` (`nnx.graphdef` equal; a plain checkpoint loaded with the dtype).
+    """
+    from jaxqlora.memory import memory_estimate, state_bytes
+
+    rows = _encode_prompts(tokenizer, prompts)
+    bucket = bucket_for(max(len(r) for r in rows), PROMPT_BUCKETS, allow_new=True)
+    ex = precompile_generate(model, tokenizer, batch_size=len(rows), prompt_lens=(bucket,),
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             stream=stream, allow_new_buckets=True, log=log)
+    own = state_bytes(nnx.state(model))
+    return memory_estimate(ex, own if weight_bytes is None else weight_bytes,
+                           None if weight_bytes is None else (own, weight_bytes)), ex
+
+
 def _call(executables: Executables | None, key: BucketKey, jobs, jitted, dynamic_args, static_kwargs, graphdef):
     """Run a precompiled executable (looked up by ``key``) or, without executables, the jitted function."""
     if not executables:

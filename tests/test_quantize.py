@@ -136,3 +136,16 @@ def test_lora_on_nf4_trains_only_lora(folders):
     fd = (with_delta(eps) - with_delta(-eps)) / (2 * eps)
     g = float(dict(nnx.to_flat_state(grads))[path].get_value()[0, 0, 0])
     assert abs(fd - g) <= 2e-2 * max(1.0, abs(g))
+
+
+def test_device_bytes_from_the_headers_of_a_bnb_folder(folders):
+    """`checkpoint_device_bytes` reads a bitsandbytes folder's headers only; the arrays a load
+    allocates (NF4 codes, absmax, nested state; dense norms and embeddings) add up to it."""
+    from flax import nnx
+
+    from jaxqlora.memory import checkpoint_device_bytes
+
+    _, four = folders
+    ours, _ = load_pretrained(four, dtype=jnp.float32)
+    leaves = jax.tree_util.tree_leaves(nnx.state(ours))
+    assert checkpoint_device_bytes(four, jnp.float32) == sum(x.size * x.dtype.itemsize for x in leaves)
