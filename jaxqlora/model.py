@@ -1,7 +1,8 @@
 """The decoder: Llama / Qwen2 / Qwen3 in one Flax NNX module tree.
 
-Read top to bottom: RoPE helpers, `Linear`, `RMSNorm`, `Attention` (with its KV cache
-update), `MLP`, `DecoderLayer`, the stacked-layer key mapping, `Decoder`, `CausalLM`.
+Read top to bottom: RoPE helpers, `Linear`, `RMSNorm`, `project_together` (q/k/v and
+gate/up of an NF4 base in one kernel launch), `Attention` (with its KV cache update),
+`MLP`, `DecoderLayer`, the stacked-layer key mapping, `Decoder`, `CausalLM`.
 Module attribute names follow Hugging Face transformers.
 
 Stacked layers: `Decoder.layers` is ONE `DecoderLayer` whose every parameter carries a
@@ -33,6 +34,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxqlora.config import ModelConfig
+from jaxqlora.lora import LoRALinear
 from jaxqlora.sharding import rowwise
 from jaxqlora.stacked import layer_slice, stack_trees
 from pallas_kernels.decode_attention import decode_attention
@@ -187,6 +189,66 @@ class KVCache:
         return self.valid.shape[1]
 
 
+# ------------------------------------------------------- projections of one input
+
+
+def _nf4_base(module: nnx.Module):
+    """The NF4 `jaxqlora.quantize.QuantizedLinear` that computes ``module``'s base product
+    (``module`` itself, or a `LoRALinear`'s ``base_layer``), else None."""
+    from jaxqlora.nf4 import NF4Weight
+    from jaxqlora.quantize import QuantizedLinear
+
+    base = module.base_layer if isinstance(module, LoRALinear) else module
+    if isinstance(base, QuantizedLinear) and isinstance(base.weight.get_value(), NF4Weight):
+        return base
+    return None
+
+
+def _lora_update(lora: LoRALinear, x: jax.Array, y: jax.Array, layer=None) -> jax.Array:
+    """What `LoRALinear.__call__` returns given its base product ``y`` of ``x``: ``y +
+    scaling * (dropout(x) @ lora_A.T) @ lora_B.T`` in float32, rounded to x's dtype, the
+    rank-r intermediate tagged ``"lora_a"`` (the same operations, in the same order, so
+    the results and the dropout's RNG stream are those of calling the module)."""
+    h = x if lora.dropout is None else lora.dropout(x)
+    dims = (((h.ndim - 1,), (1,)), ((), ()))
+    a, b = (v[...] if layer is None else v[layer] for v in (lora.lora_A, lora.lora_B))
+    h = checkpoint_name(jax.lax.dot_general(h.astype(jnp.float32), a, dims), "lora_a")
+    h = jax.lax.dot_general(h, b, dims)
+    return (y.astype(jnp.float32) + lora.scaling * h).astype(x.dtype)
+
+
+def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None) -> tuple[list[jax.Array], bool]:
+    """``[m(x, layer) for m in modules]`` for projections of one input (q/k/v, gate/up),
+    with the NF4 base products in one kernel launch where possible.
+
+    When every module is an NF4 `jaxqlora.quantize.QuantizedLinear`, or a `LoRALinear`
+    whose ``base_layer`` is one, the base products go through
+    `jaxqlora.quantize.nf4_linear_multi` (ONE Mosaic GPU kernel for all of them when
+    decoding on a Hopper GPU, one NF4 matmul each elsewhere), then each module's bias and
+    LoRA term are added exactly as its own call would (dropout included). Any other mix
+    calls the modules one by one.
+
+    Args:
+      modules: projections with the `Linear` interface and one ``in_features``.
+      x: ``[..., in]`` activations; ``layer`` as in `Linear`.
+
+    Returns:
+      ``(outputs, fused)``: one ``[..., out_i]`` array per module in x's dtype, and
+      whether the one fused kernel computed the base products.
+    """
+    bases = [_nf4_base(m) for m in modules]
+    if any(b is None for b in bases):
+        return [m(x, layer) for m in modules], False
+    from jaxqlora.quantize import nf4_linear_multi
+
+    ys, fused = nf4_linear_multi(x, [b.weight.get_value() for b in bases], layer)
+    out = []
+    for m, b, y in zip(modules, bases, ys):
+        y = b.add_bias(y, x, layer)
+        out.append(_lora_update(m, x, y, layer) if isinstance(m, LoRALinear) else y)
+    return out, fused
+
+
 # ------------------------------------------------------------------- the blocks
 
 
@@ -223,9 +285,10 @@ class Attention(nnx.Module):
         ``(out, (k_cache, v_cache))``. ``layer`` as in `Linear`.
         """
         b, t, _ = x.shape
-        q = checkpoint_name(self.q_proj(x, layer), "q_proj").reshape(b, t, self.num_heads, self.head_dim)
-        k = checkpoint_name(self.k_proj(x, layer), "k_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = checkpoint_name(self.v_proj(x, layer), "v_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        (q, k, v), _ = project_together((self.q_proj, self.k_proj, self.v_proj), x, layer)
+        q = checkpoint_name(q, "q_proj").reshape(b, t, self.num_heads, self.head_dim)
+        k = checkpoint_name(k, "k_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = checkpoint_name(v, "v_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q, layer), self.k_norm(k, layer)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -271,9 +334,19 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, h, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, layer=None):
-        gate = checkpoint_name(self.gate_proj(x, layer), "gate_proj")
-        up = checkpoint_name(self.up_proj(x, layer), "up_proj")
-        return checkpoint_name(self.down_proj(rowwise(swiglu, (gate, up)), layer), "down_proj")
+        (gate, up), fused = project_together((self.gate_proj, self.up_proj), x, layer)
+        gate, up = checkpoint_name(gate, "gate_proj"), checkpoint_name(up, "up_proj")
+        # After the one fused NF4 kernel (decoding on Hopper) the SwiGLU is jnp, for XLA to
+        # fuse with the kernel's output reduction; otherwise the SwiGLU kernel.
+        h = _swiglu_f32(gate, up) if fused else rowwise(swiglu, (gate, up))
+        return checkpoint_name(self.down_proj(h, layer), "down_proj")
+
+
+def _swiglu_f32(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` computed in float32 and rounded once to gate's dtype (the
+    numerics of `pallas_kernels.swiglu`'s kernel), in jnp."""
+    g, u = gate.astype(jnp.float32), up.astype(jnp.float32)
+    return (jax.nn.silu(g) * u).astype(gate.dtype)
 
 
 class DecoderLayer(nnx.Module):

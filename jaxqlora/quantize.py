@@ -70,16 +70,50 @@ def nf4_linear(x: jax.Array, q: NF4Weight, layer=None) -> jax.Array:
     return per_device(_nf4_linear_local, x, q)
 
 
+def nf4_linear_multi(x: jax.Array, qs, layer=None) -> tuple[tuple[jax.Array, ...], bool]:
+    """``(x @ W_0.T, x @ W_1.T, ...)`` for NF4 weights of one ``in_features`` (a decoder
+    layer's q/k/v, or gate/up) and whether ONE fused kernel computed them.
+
+    On a Hopper GPU at decoding sizes the products run in one Mosaic GPU launch
+    (`pallas_kernels.nf4_matmul.nf4_matmul_multi`, each weight read in place); elsewhere,
+    and under a device mesh, or for weights whose ``in_features`` is not a multiple of
+    their blocksize, this is one `nf4_linear` per weight.
+
+    Args:
+      x: ``[..., in]`` activations.
+      qs: a sequence of `NF4Weight` ``[out_i, in]`` (stacked over layers with ``layer``).
+      layer: as in `nf4_linear`.
+
+    Returns:
+      ``(ys, fused)``: ``ys`` a tuple of ``[..., out_i]`` in x.dtype, ``fused`` True when
+      the one multi-weight kernel ran (a caller may then fuse its elementwise epilogue
+      with the kernel's output reduction).
+    """
+    from pallas_kernels.nf4_matmul import nf4_matmul_multi
+
+    qs = tuple(qs)
+    if (sharding_active() or len({q.shape[1] for q in qs}) != 1
+            or any(q.shape[1] % q.blocksize for q in qs)):
+        return tuple(nf4_linear(x, q, layer) for q in qs), False
+    return nf4_matmul_multi(x, [_nf4_operands(q, layer) for q in qs], layer=layer, return_fused=True)
+
+
+def _nf4_operands(q: NF4Weight, layer=None) -> dict:
+    """`pallas_kernels.nf4_matmul.nf4_matmul`'s weight arguments for ``q`` (``in_features``
+    a multiple of the blocksize; stacked over layers when ``layer`` is given)."""
+    n, k = q.shape
+    lead = () if layer is None else q.packed.shape[:1]
+    return dict(packed=q.packed.reshape(*lead, n, k // 2), absmax=q.absmax.reshape(*lead, n, k // q.blocksize),
+                nested_absmax=q.nested_absmax, nested_code=q.nested_code, offset=q.offset, code=q.code,
+                blocksize=q.blocksize, nested_blocksize=q.nested_blocksize or 256, kernel_scale=q.kernel_scale)
+
+
 def _nf4_linear_local(x: jax.Array, q: NF4Weight, layer=None) -> jax.Array:
     from pallas_kernels.nf4_matmul import nf4_matmul
 
     n, k = q.shape
-    lead = () if layer is None else q.packed.shape[:1]
     if k % q.blocksize == 0:
-        return nf4_matmul(x, q.packed.reshape(*lead, n, k // 2), q.absmax.reshape(*lead, n, k // q.blocksize),
-                          q.nested_absmax, q.nested_code, q.offset, code=q.code, blocksize=q.blocksize,
-                          nested_blocksize=q.nested_blocksize or 256, layer=layer,
-                          kernel_scale=q.kernel_scale)
+        return nf4_matmul(x, **_nf4_operands(q, layer), layer=layer)
     if layer is not None:
         q = layer_slice(q, layer)
     w = jax.lax.stop_gradient(dequantize_nf4(q, x.dtype))
@@ -200,11 +234,15 @@ class QuantizedLinear(nnx.Module):
 
     def __call__(self, x: jax.Array, layer=None) -> jax.Array:
         """``x [..., in]`` -> ``[..., out]`` in x's dtype; ``layer`` as in `jaxqlora.model.Linear`."""
-        y = self.format.linear(x, self.weight.get_value(), layer)
-        if self.bias is not None:
-            bias = self.bias[...] if layer is None else self.bias[layer]
-            y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-        return y
+        return self.add_bias(self.format.linear(x, self.weight.get_value(), layer), x, layer)
+
+    def add_bias(self, y: jax.Array, x: jax.Array, layer=None) -> jax.Array:
+        """``y + bias`` (float32 add, rounded to x's dtype), or ``y`` without a bias: what
+        `__call__` adds to the product ``y`` of ``x``; ``layer`` as there."""
+        if self.bias is None:
+            return y
+        bias = self.bias[...] if layer is None else self.bias[layer]
+        return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
     def project(self, hidden: jax.Array) -> jax.Array:
         """float32 logits ``hidden [..., in] @ W.T`` (as an LM head: float32 activations)."""

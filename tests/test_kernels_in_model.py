@@ -8,6 +8,11 @@ with ``JAXQLORA_KERNELS=xla`` (plain jnp and jax.nn.dot_product_attention). Both
 see the same bf16 weights; they differ by bf16 roundings only, so the logits must agree
 to bf16 tolerance. Skipped without a GPU (the kernels themselves are tested in interpret
 mode on CPU by test_rms_norm.py, test_swiglu.py and test_decode_attention.py).
+
+On the CPU: the fused projections (`jaxqlora.model.project_together`: q/k/v and gate/up
+of an NF4 base through `nf4_matmul_multi`, LoRA and biases added after) give the logits,
+cache and LoRA gradients of calling the modules one by one; and on a faked Hopper a
+decode step traces to one multi-weight Mosaic kernel per q/k/v and per gate/up.
 """
 
 from __future__ import annotations
@@ -21,8 +26,7 @@ from flax import nnx
 from jaxqlora.config import ModelConfig
 from jaxqlora.model import CausalLM, KVCache
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
-                                reason="Pallas Triton kernels need a GPU")
+gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas Triton kernels need a GPU")
 
 CFG = ModelConfig(arch="qwen3", vocab_size=101, hidden_size=96, intermediate_size=200,
                   num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
@@ -71,6 +75,7 @@ def _run(model, mode, monkeypatch):
     return out, [np.asarray(g, np.float32) for g in grads]
 
 
+@gpu
 def test_pallas_kernels_match_reference_path_in_the_model(monkeypatch):
     model = _random_model()
     ref_logits, ref_grads = _run(model, "xla", monkeypatch)
@@ -84,6 +89,7 @@ def test_pallas_kernels_match_reference_path_in_the_model(monkeypatch):
         assert np.linalg.norm(a - b) <= GRAD_TOL * np.linalg.norm(b), f"gradient leaf {i}"
 
 
+@gpu
 def test_decode_step_runs_the_decode_kernel(monkeypatch):
     """With the kernels on, a one-token cached step lowers to the decode_attention kernel."""
     model = _random_model()
@@ -101,3 +107,150 @@ def test_decode_step_runs_the_decode_kernel(monkeypatch):
 
     assert "decode_attention" in jaxpr_text("pallas")
     assert "decode_attention" not in jaxpr_text("xla")
+
+
+# ---------------------------------------------------------------------------
+# Fused projections (q/k/v, gate/up) of an NF4 base
+# ---------------------------------------------------------------------------
+
+SMALL = dict(vocab_size=61, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+             rms_norm_eps=1e-5)
+
+
+def _nf4_lora_model(cfg, dropout: float) -> CausalLM:
+    from jaxqlora.lora import apply_lora, lora_layers
+    from jaxqlora.quantize import quantize_model
+
+    model = CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    state = jax.tree.unflatten(treedef, [  # random biases and norms (stacked: 2-D) too
+        a + 0.1 * jax.random.normal(k, a.shape, a.dtype) if a.ndim <= 2 else a
+        for k, a in zip(keys, leaves)])
+    model = nnx.merge(graphdef, state)
+    quantize_model(model)
+    apply_lora(model, r=4, alpha=8.0, dropout=dropout, seed=0)
+    rng = np.random.default_rng(1)
+    for layer in lora_layers(model).values():  # non-zero B so the adapters matter
+        layer.lora_B[...] = jnp.asarray(0.05 * rng.standard_normal(layer.lora_B[...].shape), jnp.float32)
+    return model
+
+
+def _one_by_one(modules, x, layer=None):
+    return [m(x, layer) for m in modules], False
+
+
+def _model_outputs(model, ids, mask):
+    """Training-mode logits and LoRA gradients (dropout on), then a cached prefill and two
+    decode steps (weights read in place by layer), from one copy of the model state."""
+    from jaxqlora.train import TRAINABLE
+
+    graphdef, trainable, rest = nnx.split(model, TRAINABLE, ...)
+
+    def loss(tr):
+        logits = nnx.merge(graphdef, tr, rest, copy=True)(ids, mask)
+        return jnp.sum(jnp.sin(logits) * mask[..., None]), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
+    infer = nnx.merge(graphdef, trainable, rest, copy=True)
+    infer.eval()
+    cache = KVCache.init(infer.config, ids.shape[0], 16, jnp.float32)
+    out, cache = infer(ids, mask, cache=cache)
+    steps = [out]
+    for tok in ([[5], [7]], [[11], [13]]):
+        out, cache = infer(jnp.asarray(tok, jnp.int32), cache=cache)
+        steps.append(out)
+    return logits, jax.tree.leaves(grads), steps, cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_projections_match_module_calls(monkeypatch, arch):
+    """NF4 + LoRA (dropout 0.1; Qwen2 with q/k/v biases): the fused projection path gives
+    the logits and cached decoding of calling each module exactly, and their LoRA
+    gradients to float32 rounding (1e-5 of the largest entry)."""
+    import jaxqlora.model as model_mod
+    import jaxqlora.quantize as quantize_mod
+
+    cfg = ModelConfig(arch=arch, attention_bias=arch == "qwen2", **SMALL)
+    model = _nf4_lora_model(cfg, dropout=0.1)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
+    mask = jnp.asarray([[0, 1, 1, 1, 1, 1], [1] * 6], jnp.int32)
+    groups = []
+    real = quantize_mod.nf4_linear_multi
+    monkeypatch.setattr(quantize_mod, "nf4_linear_multi",
+                        lambda x, qs, layer=None: groups.append(len(qs)) or real(x, qs, layer))
+    got = _model_outputs(model, ids, mask)
+    assert groups and set(groups) == {2, 3}  # q/k/v and gate/up went through the multi op
+    monkeypatch.setattr(model_mod, "project_together", _one_by_one)
+    want = _model_outputs(model, ids, mask)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    assert len(got[1]) == 2 * 7
+    for g, w in zip(got[1], want[1]):  # the cotangents of x add up in another order
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0,
+                                   atol=1e-5 * float(np.abs(np.asarray(w)).max()))
+    for g, w in zip(got[2], want[2]):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    for g, w in zip(jax.tree.leaves(got[3]), jax.tree.leaves(want[3])):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_mixed_bases_call_modules_one_by_one(monkeypatch):
+    """Only some projections NF4 (here q/k/v bf16, gate/up NF4): q/k/v are called one by
+    one, gate/up fused."""
+    import jaxqlora.quantize as quantize_mod
+    from jaxqlora.quantize import quantize_model
+
+    cfg = ModelConfig(arch="llama", **SMALL)
+    model = CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    quantize_model(model, targets=("gate_proj", "up_proj", "down_proj"))
+    groups = []
+    real = quantize_mod.nf4_linear_multi
+    monkeypatch.setattr(quantize_mod, "nf4_linear_multi",
+                        lambda x, qs, layer=None: groups.append(len(qs)) or real(x, qs, layer))
+    model(jnp.ones((1, 3), jnp.int32))
+    assert groups and set(groups) == {2}
+
+
+def test_decode_step_fuses_on_hopper(monkeypatch):
+    """On a (faked) Hopper a one-token decode step over the cache traces to ONE multi-weight
+    Mosaic kernel for q/k/v and one for gate/up per layer, the SwiGLU in XLA after it (no
+    SwiGLU kernel); a prefill of more than MGPU_MAX_M tokens does not."""
+    from jaxqlora.nf4 import with_kernel_layout
+    from jaxqlora.quantize import QuantizedLinear, quantize_model
+    from pallas_kernels import dispatch, nf4_matmul as op
+    from pallas_kernels.nf4_mgpu import nf4_mgpu_supported
+
+    cfg = ModelConfig(arch="qwen2", attention_bias=True, **SMALL)
+    model = CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    quantize_model(model)
+    for _, node in nnx.iter_graph(model):  # the kernel scales a Hopper would derive
+        if isinstance(node, QuantizedLinear):
+            node.weight.set_value(with_kernel_layout(node.weight.get_value(), force=True))
+
+    def on_hopper(*args):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(jax, "devices", lambda *a: [type("D", (), {"platform": "gpu",
+                                                                  "compute_capability": "9.0"})()])
+            return nf4_mgpu_supported(*args)
+
+    monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(op, "nf4_mgpu_supported", on_hopper)
+    monkeypatch.setattr(op, "MGPU_MIN_WEIGHT", 0)  # the tiny weights count as large
+    graphdef, state = nnx.split(model)
+
+    def step(s, t, c):
+        return nnx.merge(graphdef, s)(t, cache=c)[0]
+
+    cache = KVCache.init(cfg, 1, 8, jnp.bfloat16)
+    text = str(jax.make_jaxpr(step)(state, jnp.ones((1, 1), jnp.int32), cache))
+    assert text.count("name=nf4_mgpu_matmul_multi") == 2 * cfg.num_hidden_layers
+    assert text.count("name=nf4_mgpu_matmul\n") + text.count("name=nf4_mgpu_matmul ") \
+        == 2 * cfg.num_hidden_layers  # o_proj and down_proj, one weight each
+    assert "swiglu" not in text
+    prefill = str(jax.make_jaxpr(step)(state, jnp.ones((2, 40), jnp.int32),
+                                       KVCache.init(cfg, 2, 48, jnp.bfloat16)))
+    assert "nf4_mgpu_matmul" not in prefill  # 80 rows > MGPU_MAX_M: the Triton kernels
