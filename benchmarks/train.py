@@ -55,6 +55,7 @@ def worker_ours(args) -> dict:
     import jax
 
     from jaxqlora.lora import apply_lora
+    from jaxqlora.memory import memory_estimate, trainer_bytes
     from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
 
     cfg = common.MODELS[args.model]
@@ -72,6 +73,8 @@ def worker_ours(args) -> dict:
     mem = compiled.memory_analysis()
     memory = {k: getattr(mem, k + "_in_bytes", None) for k in ("temp_size", "argument_size", "output_size",
                                                                "alias_size", "host_temp_size")}
+    # what `jaxqlora finetune --dry-run` prints for this step, before any weight exists
+    memory["estimate"] = memory_estimate(ex, trainer_bytes(trainer))["peak_bytes"]
     if args.precompile_only:
         return {"compile_s": ex.total(), "compile_cache_hits": step_hits, "memory_analysis": memory}
     t0 = time.perf_counter()
@@ -182,12 +185,13 @@ def main(argv=None) -> int:
     print(f"\n# QLoRA train step, {time.strftime('%Y-%m-%d')} | {device} | NF4+DQ bf16, LoRA r=16 a=32 all 7 "
           f"projections, dropout {args.dropout}, AdamW | median of {args.rounds} x {args.calls} steps"
           + ("" if peer_reason is None else f" | peer not run: {peer_reason}"))
-    print("| config | run | tokens/s | peak GB | compile s | vs peer (same run) | vs peer (issue) | target |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | run | tokens/s | peak GB | estimate GB (dry-run) / peak | compile s | vs peer (same run) | "
+          "vs peer (issue) | target |")
+    print("|---|---|---|---|---|---|---|---|---|")
     peer_now = {name: r for name, run, r, _, _ in results if run.startswith("transformers") and "tok_s" in r}
     for name, run, r, (ref_tok, ref_gb), (tgt_tok, tgt_gb) in results:
         if "tok_s" not in r:
-            print(f"| {name} | {run} | {r.get('error', '?')} | | | | | |")
+            print(f"| {name} | {run} | {r.get('error', '?')} | | | | | | |")
             continue
         same = peer_now.get(name)
         vs_now = f"{r['tok_s'] / same['tok_s']:.2f}x" if same and not run.startswith("transformers") else ""
@@ -197,8 +201,10 @@ def main(argv=None) -> int:
             ok = r["tok_s"] >= tgt_tok and (tgt_gb is None or (r["peak"] is not None and r["peak"] / 1e9 <= tgt_gb))
             target += " met" if ok else " not met"
         comp = f"{r['compile_s']:.1f}" + (" (cache)" if r.get("compile_cache_hits") else "") if "compile_s" in r else ""
-        print(f"| {name} | {run} | {r['tok_s']:,.0f} | {common.gb(r['peak'])} | {comp} | {vs_now} | {vs_issue} | "
-              f"{target} |")
+        est = (r.get("memory_analysis") or {}).get("estimate")
+        est = "" if est is None else f"{est / 1e9:.2f}" + (f" / {est / r['peak']:.3f}" if r.get("peak") else "")
+        print(f"| {name} | {run} | {r['tok_s']:,.0f} | {common.gb(r['peak'])} | {est} | {comp} | {vs_now} | "
+              f"{vs_issue} | {target} |")
     return 0
 
 
