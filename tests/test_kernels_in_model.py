@@ -168,8 +168,8 @@ def _model_outputs(model, ids, mask):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fused_projections_match_module_calls(monkeypatch, arch):
     """NF4 + LoRA (dropout 0.1; Qwen2 with q/k/v biases): the fused projection path gives
-    the logits and cached decoding of calling each module exactly, and their LoRA
-    gradients to float32 rounding (1e-5 of the largest entry)."""
+    the logits, cached decoding (logits and cache) and LoRA gradients of calling each
+    module (to float32 rounding: 1e-6, gradients 1e-5, of the largest entry)."""
     import jaxqlora.model as model_mod
     import jaxqlora.quantize as quantize_mod
 
@@ -186,15 +186,15 @@ def test_fused_projections_match_module_calls(monkeypatch, arch):
     assert groups and set(groups) == {2, 3}  # q/k/v and gate/up went through the multi op
     monkeypatch.setattr(model_mod, "project_together", _one_by_one)
     want = _model_outputs(model, ids, mask)
-    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     assert len(got[1]) == 2 * 7
-    for g, w in zip(got[1], want[1]):  # the cotangents of x add up in another order
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0,
-                                   atol=1e-5 * float(np.abs(np.asarray(w)).max()))
-    for g, w in zip(got[2], want[2]):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-    for g, w in zip(jax.tree.leaves(got[3]), jax.tree.leaves(want[3])):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # The same operations: equal on the CPU (XLA may fuse the two graphs differently on a
+    # GPU, hence float32-rounding tolerances); the cotangents of x add up in another order.
+    pairs = [(got[0], want[0], 1e-6), *((g, w, 1e-5) for g, w in zip(got[1], want[1])),
+             *((g, w, 1e-6) for g, w in zip(got[2], want[2])),
+             *((g, w, 1e-6) for g, w in zip(jax.tree.leaves(got[3]), jax.tree.leaves(want[3])))]
+    for g, w, tol in pairs:
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        np.testing.assert_allclose(g, w, rtol=0, atol=tol * float(np.abs(w).max()))
 
 
 def test_mixed_bases_call_modules_one_by_one(monkeypatch):
