@@ -4,7 +4,8 @@ For each row (model, batch x prompt length, 128 new tokens, greedy), in its own 
 `jaxqlora.generate.generation_memory` compiles prefill and the decode loop over the
 abstract NF4 model (random-weight twin of `benchmarks/common.py`, blocksize 64, double
 quantization, bf16) and estimates its memory, as ``jaxqlora generate`` does before loading;
-then the weights are made on the device, `jaxqlora.generate` runs with those executables,
+then the weights are placed (made on the host, one leaf at a time, so that building them
+adds no device temporaries), `jaxqlora.generate` runs with those executables,
 and JAX's ``peak_bytes_in_use`` is read. The training estimate (``finetune --dry-run``)
 is the "estimate" column of `benchmarks/train.py`.
 
@@ -30,6 +31,7 @@ SMOKE_ROWS = [("smoke", 2, 32)]
 
 def worker(args) -> dict:
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -38,8 +40,15 @@ def worker(args) -> dict:
     cfg = common.MODELS[args.model]
     tok = common.TokenIds()
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.length)).tolist()
-    est, ex = generation_memory(common.abstract_nf4_model(cfg), tok, prompts, max_new_tokens=args.new)
-    lm = common.random_nf4_model(cfg)
+    abstract = common.abstract_nf4_model(cfg)
+    est, ex = generation_memory(abstract, tok, prompts, max_new_tokens=args.new)
+    # weights made on the host and placed leaf by leaf: no device temporaries (common.random_nf4_model's
+    # on-device RNG would set the peak for the small model); constant values (memory only, not timed)
+    graphdef, state = nnx.split(abstract)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    lm = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, [
+        jax.device_put(np.full(x.shape, 0.01 if jnp.issubdtype(x.dtype, jnp.floating) else 1, x.dtype))
+        for x in leaves]))
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(nnx.state(lm)))
     ids = generate(lm, tok, prompts, max_new_tokens=args.new, return_ids=True, executables=ex)
     jax.block_until_ready(ids)
