@@ -35,16 +35,24 @@ wgmma columns) and larger M (``block_m`` up to 128 token columns per program):
   transposed to ``[K // blocksize, N]`` so a K tile's scales are one TMA box); the bnb
   codes stay the storage and interchange format.
 
+* The backward ``dx = dy @ W`` (`nf4_mgpu_matmul_t`) keeps the weight on wgmma's M side
+  with K as the output rows: grid ``(K // 64, cdiv(M, block_m), splits)``, split over N.
+  Each step decodes a ``[block_n, 64]`` tile of the same int4 view (N rows, one scale
+  per row from the same kernel layout, the same `_nf4_dequant`), stores it as bfloat16
+  to a swizzled SMEM tile and multiplies it transposed (wgmma reads a 16-bit A from
+  SMEM either way round) against ``dy.T``; float32 split-N partials summed by XLA.
+
 Numerics: each weight element is ``bf16(bf16(code) * bf16(scale))`` (bnb's dequantize to
 bfloat16 rounds ``code * absmax`` once, from float32: the two differ by at most 2**-8
 relative per element), products on the tensor cores with float32 accumulation.
 
 Restrictions (the wrapper checks them): a Hopper GPU (compute capability 9.0), ``K``
 and ``blocksize`` multiples of 64 (one scale per 64-column step), ``N`` a multiple of 8
-(16-byte TMA rows of the scales), 16-bit ``x``. Other cases take
+(16-byte TMA rows of the scales), bfloat16 ``x`` (``dy``). Other cases take
 `pallas_kernels.nf4_matmul`. The kernel has no CPU interpret mode (Mosaic GPU's
-interpreter in jax 0.10/0.11 has no TMA); `nf4_mgpu_reference` at the bottom is the
-oracle its tests (``tests/test_nf4_mgpu.py``, run on the GPU) compare with.
+interpreter in jax 0.10/0.11 has no TMA); `nf4_mgpu_reference` and
+`nf4_mgpu_reference_t` at the bottom are the oracles its tests
+(``tests/test_nf4_mgpu.py``, run on the GPU) compare with.
 """
 
 from __future__ import annotations
@@ -58,8 +66,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["nf4_kernel_scale", "nf4_mgpu_matmul", "nf4_mgpu_matmul_multi", "nf4_mgpu_reference",
-           "nf4_mgpu_supported", "NF4_BF16_BYTES"]
+__all__ = ["nf4_kernel_scale", "nf4_mgpu_matmul", "nf4_mgpu_matmul_multi", "nf4_mgpu_matmul_t",
+           "nf4_mgpu_reference", "nf4_mgpu_reference_t", "nf4_mgpu_supported", "NF4_BF16_BYTES"]
 
 #: bitsandbytes' NF4 codebook (QLoRA App. E), rounded to bfloat16: the byte tables of
 #: `_nf4_dequant` are built from these bit patterns.
@@ -208,6 +216,31 @@ fma.rn.bf16x2 $1, p1, $4, z;
 }}"""
 
 
+def _swizzled(swizzle: int, bits: int) -> tuple:
+    """The SMEM transforms of a tile whose rows are ``swizzle`` bytes of ``bits``-bit
+    elements: 8-row tiles one swizzle wide, swizzled (what TMA writes, what `plgpu.wgmma`
+    and the tiled loads and stores read)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return (plgpu.TilingTransform((8, 8 * swizzle // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def _store_rows(acc, o_gmem, row_tile):
+    """Write a program's float32 ``acc [64, block_m]`` to rows ``[64 * row_tile, ...)`` of
+    its split's and M tile's slice of the partials ``o_gmem [splits, tiles_m, rows,
+    block_m]`` (through SMEM, by TMA)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    si, mi = lax.axis_index("s"), lax.axis_index("m")
+
+    def store(o_smem):
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, mi, pl.ds(row_tile * 64, 64)])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM(acc.shape, jnp.float32))
+
+
 def _row_tile(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, tile, row_tile, *, block_m: int,
               block_k: int, steps: int, stages: int, in_flight: int):
     """One program's work: rows ``[64 * tile, 64 * tile + 64)`` of the weight ``w_gmem``
@@ -231,14 +264,10 @@ def _row_tile(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, tile, row_tile, *, bloc
                 plgpu.wgmma(acc_ref, wj, x_smem.at[:, j * 64:(j + 1) * 64].T)
                 plgpu.wgmma_wait(in_flight)
 
-        w_spec = plgpu.BlockSpec(
-            (64, block_k), lambda t: (tile, si * steps + t),
-            transforms=(plgpu.TilingTransform((8, w_swizzle * 2)),
-                        plgpu.SwizzleTransform(w_swizzle)))
-        x_spec = plgpu.BlockSpec(
-            (block_m, block_k), lambda t: (mi, si * steps + t),
-            transforms=(plgpu.TilingTransform((8, x_swizzle // 2)),
-                        plgpu.SwizzleTransform(x_swizzle)))
+        w_spec = plgpu.BlockSpec((64, block_k), lambda t: (tile, si * steps + t),
+                                 transforms=_swizzled(w_swizzle, 4))
+        x_spec = plgpu.BlockSpec((block_m, block_k), lambda t: (mi, si * steps + t),
+                                 transforms=_swizzled(x_swizzle, 16))
         s_spec = plgpu.BlockSpec((sub, 64), lambda t: (si * steps + t, tile))
         plgpu.emit_pipeline(step, grid=(steps,), in_specs=(w_spec, x_spec, s_spec),
                             max_concurrent_steps=stages)(
@@ -246,14 +275,7 @@ def _row_tile(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, tile, row_tile, *, bloc
         return acc_ref[...]
 
     acc = pl.run_scoped(compute, plgpu.ACC((64, block_m)))
-
-    def store(o_smem):
-        o_smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, mi, pl.ds(row_tile * 64, 64)])
-        plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(store, plgpu.SMEM((64, block_m), jnp.float32))
+    _store_rows(acc, o_gmem, row_tile)
 
 
 def _kernel_body(layer_ref, x_gmem, *refs, tiles: tuple[int, ...], **kw):
@@ -281,6 +303,46 @@ def _kernel_body(layer_ref, x_gmem, *refs, tiles: tuple[int, ...], **kw):
 
 #: Shared memory the pipeline buffers may take (the H200 allows 227 KiB per block).
 _SMEM_BUDGET = 200 * 1024
+
+#: Programs the default split count aims for (split-K forward, split-N transposed).
+_SPLIT_PROGRAMS = 800
+
+
+def _default_block_m(m: int) -> int:
+    """Token columns per program (wgmma's N): M rounded up to 8 for M <= 64, else 128."""
+    return max(8, -(-m // 8) * 8) if m <= 64 else 128
+
+
+def _default_splits(programs: int, steps: int) -> int:
+    """Programs sharing one output tile's reduction range of ``steps`` pipeline steps: the
+    largest power of two that divides ``steps``, leaves each split at least two steps and
+    keeps ``programs * splits`` (``programs``: the output tiles) under `_SPLIT_PROGRAMS`."""
+    splits = 1
+    while programs * splits < _SPLIT_PROGRAMS and steps % (splits * 2) == 0 \
+            and steps // (splits * 2) >= 2:
+        splits *= 2
+    return splits
+
+
+def _int4_view(packed, n: int, k: int):
+    """bnb's packed bytes ``[L, N, K // 2]`` uint8 as int4 ``[L, N, K]`` (a bitcast: each
+    byte's two nibbles, the odd element first; `_nf4_dequant` swaps them back)."""
+    return lax.bitcast_convert_type(packed, jnp.int4).reshape(packed.shape[0], n, k)
+
+
+def _pad_rows(a):
+    """``a [M, C]`` with M padded to a multiple of 8 when M > 8: TMA boxes of 8-row tiles
+    need M < 8 or a multiple of 8."""
+    m = a.shape[0]
+    return jnp.pad(a, ((0, -m % 8), (0, 0))) if m > 8 and m % 8 else a
+
+
+def _sum_partials(out, m: int):
+    """The kernels' float32 partials ``[splits, tiles_m, rows, block_m]`` summed over the
+    splits and laid out ``[M, rows]`` (float32; XLA ops after the kernel)."""
+    _, tiles_m, rows, block_m = out.shape
+    out = out.sum(axis=0)  # [tiles_m, rows, block_m]
+    return out.transpose(0, 2, 1).reshape(tiles_m * block_m, rows)[:m]
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_k", "splits", "stages",
@@ -381,16 +443,13 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
         if k % 64 or n % 8:
             raise ValueError(f"{name}: K={k} must be a multiple of 64 and N={n} of 8")
         ns.append(n)
-    block_m = block_m or (max(8, -(-m // 8) * 8) if m <= 64 else 128)
+    block_m = block_m or _default_block_m(m)
     if block_k is None:
         block_k = next(b for b in (256, 128, 64) if k % b == 0)
     tiles = tuple(pl.cdiv(n, 64) for n in ns)
     tiles_n, tiles_m, tiles_k = sum(tiles), pl.cdiv(m, block_m), k // block_k
     if splits is None:  # H200, W 11008x4096, M = 1: 29.3 us unsplit, 22.2 with 2, 20.1 with 8
-        splits = 1
-        while tiles_n * tiles_m * splits < 800 and tiles_k % (splits * 2) == 0 \
-                and tiles_k // (splits * 2) >= 2:
-            splits *= 2
+        splits = _default_splits(tiles_n * tiles_m, tiles_k)
     if tiles_k % splits:
         raise ValueError(f"{name}: splits={splits} must divide K/block_k={tiles_k}")
     steps = tiles_k // splits
@@ -398,9 +457,7 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
     stages = stages or max(1, min(4, steps, _SMEM_BUDGET // per_stage))
     operands = []
     for p, s, n in zip(packed, scale, ns):
-        operands += [lax.bitcast_convert_type(p, jnp.int4).reshape(p.shape[0], n, k), s]
-    if m > 8 and m % 8:  # TMA boxes of 8-row tiles need M < 8 or a multiple of 8
-        x = jnp.pad(x, ((0, -m % 8), (0, 0)))
+        operands += [_int4_view(p, n, k), s]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     kernel = plgpu.kernel(
         functools.partial(_kernel_body, tiles=tiles, block_m=block_m, block_k=block_k,
@@ -409,9 +466,7 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
         grid=(tiles_n, tiles_m, splits),
         grid_names=("n", "m", "s"),
     )
-    out = kernel(layer, x, *operands)
-    out = out.sum(axis=0)  # [tiles_m, N_pad, block_m]
-    y = out.transpose(0, 2, 1).reshape(tiles_m * block_m, tiles_n * 64)[:m]
+    y = _sum_partials(kernel(layer, _pad_rows(x), *operands), m)
     ys, row = [], 0
     for n, t in zip(ns, tiles):
         ys.append(y[:, row:row + n].astype(x.dtype))
@@ -420,17 +475,200 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
 
 
 # ---------------------------------------------------------------------------
+# The transposed kernel: dx = dy @ W (the backward of y = x @ W.T)
+# ---------------------------------------------------------------------------
+
+#: Programs the default ``block_n`` of `nf4_mgpu_matmul_t` wants at least (two per SM of
+#: a 132-SM H200): the largest N step (256, 128, 64) whose split count reaches it.
+_T_MIN_PROGRAMS = 256
+
+
+def _default_block_n(n: int, programs: int) -> int:
+    """N rows per pipeline step of the transposed kernel: the largest of 256 and 128 (not
+    past N rounded up to 64) that, with `_default_splits`, gives ``programs`` output tiles
+    at least `_T_MIN_PROGRAMS` programs in all; else 64 (the most steps to split)."""
+    for block_n in (256, 128):
+        steps = pl.cdiv(n, block_n)
+        if block_n <= -(-n // 64) * 64 and \
+                programs * _default_splits(programs, steps) >= _T_MIN_PROGRAMS:
+            return block_n
+    return 64
+
+
+def _t_kernel_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_n: int,
+                   steps: int, stages: int, in_flight: int):
+    """One program of the transposed kernel: the 64 columns ``[64 * k, 64 * k + 64)`` of
+    ``dx`` (wgmma's M side: rows of ``W.T``) for ``block_m`` rows of ``dy``, over this
+    program's range of N (``steps`` steps of ``block_n`` rows of W).
+
+    Per step: the int4 codes ``[block_n, 64]`` (N rows, this K tile's columns), their
+    scales ``kernel_scale[k, n0:n0 + block_n]`` (one per N row, this K block) and
+    ``dy[:, n0:n0 + block_n]`` arrive by TMA; the codes are decoded in registers
+    (`_nf4_dequant`, a scale per row as in the forward) and stored as bfloat16 to a
+    swizzled SMEM tile, which wgmma reads transposed (``W.T [64, block_n]``, allowed from
+    SMEM for 16-bit types) against ``dy.T [block_n, block_m]``. With ``in_flight`` = 1 two
+    such tiles alternate, so decoding step t+1 overlaps step t's wgmma, and the pipeline
+    buffers are released one step late (wgmma t may still read ``dy`` t)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    ki, mi, si = lax.axis_index("k"), lax.axis_index("m"), lax.axis_index("s")
+    layer = layer_ref[0]
+    c_swizzle = plgpu.find_swizzle(4 * 64, "codes")  # 32 bytes: a 64-column row of int4
+    swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes, A and B alike
+    bufs = 2 if in_flight else 1
+
+    def compute(acc_ref, w_smem):
+        def step(idx, c_smem, dy_smem, s_smem):
+            codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            w = _nf4_dequant(plgpu.layout_cast(codes, plgpu.Layout.WGMMA), s_smem.at[0])
+            buf = w_smem.at[lax.rem(idx[0], bufs)] if bufs > 1 else w_smem.at[0]
+            buf[...] = w
+            plgpu.commit_smem()  # the stores, visible to wgmma (async proxy), all threads
+            plgpu.wgmma(acc_ref, plgpu.transpose_ref(buf, (1, 0)), dy_smem.T)
+            plgpu.wgmma_wait(in_flight)
+
+        nt = lambda t: si * steps + t
+        c_spec = plgpu.BlockSpec((block_n, 64), lambda t: (nt(t), ki),
+                                 transforms=_swizzled(c_swizzle, 4), delay_release=in_flight)
+        dy_spec = plgpu.BlockSpec((block_m, block_n), lambda t: (mi, nt(t)),
+                                  transforms=_swizzled(swizzle, 16), delay_release=in_flight)
+        s_spec = plgpu.BlockSpec((1, block_n), lambda t: (ki, nt(t)), delay_release=in_flight)
+        plgpu.emit_pipeline(step, grid=(steps,), in_specs=(c_spec, dy_spec, s_spec),
+                            max_concurrent_steps=stages)(
+            w_gmem.at[layer], dy_gmem, s_gmem.at[layer])
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+    acc = pl.run_scoped(compute, plgpu.ACC((64, block_m)),
+                        plgpu.SMEM((bufs, block_n, 64), jnp.bfloat16,
+                                   transforms=_swizzled(swizzle, 16)))
+    _store_rows(acc, o_gmem, ki)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "splits", "stages",
+                                             "in_flight"))
+def nf4_mgpu_matmul_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
+                      block_m: int | None = None, block_n: int | None = None,
+                      splits: int | None = None, stages: int | None = None,
+                      in_flight: int = 1) -> jax.Array:
+    """``dx = dy @ W`` for an NF4 ``W [N, K]`` in bitsandbytes' packed bytes, on Hopper:
+    the backward (input gradient) of `nf4_mgpu_matmul`'s ``y = x @ W.T``.
+
+    The weight stays on wgmma's M side, now with K as the output rows: grid
+    ``(K // 64, cdiv(M, block_m), splits)``; each program accumulates
+    ``dx.T[64 K rows, block_m] += W.T[64, block_n] @ dy.T[block_n, block_m]`` in float32
+    over its share of N, pipelined (`plgpu.emit_pipeline`) in steps of ``block_n`` rows of
+    W; ``splits`` programs share one K tile's N range (split-N) and XLA sums their float32
+    partials. Each step decodes a ``[block_n, 64]`` tile of codes in registers with the
+    forward's `_nf4_dequant` (one scale per N row), stores it as bfloat16 to SMEM and
+    multiplies it transposed (see `_t_kernel_body`). Design after tokamax's sm90
+    quantized ragged dot (``tokamax/_src/ops/ragged_dot/
+    pallas_mosaic_gpu_kernel_sm90_quant.py``; its transposed case reads the quantized
+    operand from SMEM the same way), NF4 codes as bitsandbytes stores them
+    (``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``). Numerics as the
+    forward's: each weight element ``bf16(bf16(code) * bf16(scale))``, float32
+    accumulation.
+
+    Args:
+      dy: ``[M, N]`` bfloat16 output cotangent.
+      packed: ``[N, K // 2]`` uint8 bnb codes (high nibble first), or ``[L, N, K // 2]``
+        stacked layers with ``layer`` given.
+      scale: the kernel layout `nf4_kernel_scale`: ``[K // 64, N]`` bfloat16
+        (``[L, K // 64, N]`` when stacked), the same operand the forward takes.
+      layer: int32 scalar, the stacked layer to multiply (read in place), or None.
+      block_m: rows of ``dy`` per program (wgmma's N: 8..256, a multiple of 8; default:
+        M rounded up to 8 for M <= 64, else 128).
+      block_n: rows of W (columns of ``dy``) per pipeline step (64, 128 or 256; default
+        `_default_block_n`: the largest that still gives about 256 programs).
+      splits: programs sharing one K tile's N range (must divide ``cdiv(N, block_n)``;
+        default `_default_splits`, the forward's rule: the most, up to 800 programs,
+        that leave each at least two steps).
+      stages: pipeline buffers in flight (default: up to 4 within the shared memory; at
+        least 2 with ``in_flight``).
+      in_flight: 1 (default): two bfloat16 tiles alternate and one wgmma group stays in
+        flight while the next tile is decoded; 0: wait for each wgmma (one tile). A
+        single-step pipeline uses 0.
+
+    Returns:
+      ``[M, K]`` in ``dy.dtype``.
+
+    Raises:
+      ValueError: ``dy``, ``packed`` and ``scale`` of disagreeing shapes, ``K`` not a
+        multiple of 64 or ``N`` not of 8 (`nf4_mgpu_supported`'s restrictions), or a bad
+        ``block_m``, ``block_n``, ``splits``, ``stages`` or ``in_flight``.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    name = "nf4_mgpu_matmul_t"
+    if layer is None:
+        packed, scale, layer = packed[None], scale[None], 0
+    m, n = dy.shape
+    k = 2 * packed.shape[-1]
+    if packed.ndim != 3 or scale.ndim != 3 or packed.shape[1] != n \
+            or scale.shape[1:] != (k // 64, n) or scale.shape[0] != packed.shape[0]:
+        raise ValueError(f"{name}: dy {dy.shape}, packed {packed.shape}, scale {scale.shape} "
+                         "disagree (want dy [M, N], packed [.., N, K//2], scale [.., K//64, N])")
+    if k % 64 or n % 8:
+        raise ValueError(f"{name}: K={k} must be a multiple of 64 and N={n} of 8")
+    if in_flight not in (0, 1):
+        raise ValueError(f"{name}: in_flight={in_flight} must be 0 or 1")
+    block_m = block_m or _default_block_m(m)
+    if block_m % 8 or not 8 <= block_m <= 256:
+        raise ValueError(f"{name}: block_m={block_m} must be a multiple of 8 in [8, 256]")
+    tiles_k, tiles_m = k // 64, pl.cdiv(m, block_m)
+    block_n = block_n or _default_block_n(n, tiles_k * tiles_m)
+    if block_n not in (64, 128, 256):
+        raise ValueError(f"{name}: block_n={block_n} must be 64, 128 or 256")
+    total = pl.cdiv(n, block_n)
+    splits = splits or _default_splits(tiles_k * tiles_m, total)
+    if total % splits:
+        raise ValueError(f"{name}: splits={splits} must divide cdiv(N, block_n)={total}")
+    steps = total // splits
+    in_flight = in_flight if steps > 1 else 0
+    scratch = (2 if in_flight else 1) * block_n * 64 * 2
+    per_stage = block_n * 64 // 2 + block_m * block_n * 2 + block_n * 2
+    stages = stages or max(1, min(4, steps, (_SMEM_BUDGET - scratch) // per_stage))
+    stages = max(stages, 2) if in_flight else stages
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    kernel = plgpu.kernel(
+        functools.partial(_t_kernel_body, block_m=block_m, block_n=block_n, steps=steps,
+                          stages=stages, in_flight=in_flight),
+        out_type=jax.ShapeDtypeStruct((splits, tiles_m, k, block_m), jnp.float32),
+        grid=(tiles_k, tiles_m, splits),
+        grid_names=("k", "m", "s"),
+    )
+    dy_in = _pad_rows(dy)
+    if n % 64:  # dy's rows are tiled by 64 columns in SMEM: TMA needs N % 64 == 0 in GMEM
+        dy_in = jnp.pad(dy_in, ((0, 0), (0, -n % 64)))  # zeros, as TMA fills past N
+    out = kernel(layer, dy_in, _int4_view(packed, n, k), scale)
+    return _sum_partials(out, m).astype(dy.dtype)
+
+
+# ---------------------------------------------------------------------------
 # Reference (the oracle): the same function in plain jnp
 # ---------------------------------------------------------------------------
 
 
-def nf4_mgpu_reference(x: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
-    """What `nf4_mgpu_matmul` computes, in float32 jnp: ``W[n, k] = bf16(bf16(NF4[code])
-    * scale[k // 64, n])`` with bnb's nibble order, then ``x @ W.T`` (float32 result)."""
+def _reference_weight(packed: jax.Array, scale: jax.Array) -> jax.Array:
+    """float32 ``W[n, k] = bf16(bf16(NF4[code]) * scale[k // 64, n])`` with bnb's nibble
+    order (what the kernels' `_nf4_dequant` computes), ``[N, K]``."""
     n, kh = packed.shape
     hi, lo = packed >> 4, packed & 15
     codes = jnp.stack([hi, lo], axis=-1).reshape(n, 2 * kh).astype(jnp.int32)
     table = jnp.asarray(_NF4, jnp.bfloat16)
     s = jnp.repeat(scale.T, 64, axis=1)  # [N, K]
-    w = (table[codes] * s).astype(jnp.bfloat16).astype(jnp.float32)
+    return (table[codes] * s).astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def nf4_mgpu_reference(x: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
+    """What `nf4_mgpu_matmul` computes, in float32 jnp: ``W[n, k] = bf16(bf16(NF4[code])
+    * scale[k // 64, n])`` with bnb's nibble order, then ``x @ W.T`` (float32 result)."""
+    w = _reference_weight(packed, scale)
     return jnp.dot(x.astype(jnp.float32), w.T, precision=lax.Precision.HIGHEST)
+
+
+def nf4_mgpu_reference_t(dy: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
+    """What `nf4_mgpu_matmul_t` computes, in float32 jnp: ``dy [M, N] @ W [N, K]`` with
+    ``W`` as in `nf4_mgpu_reference` (float32 result)."""
+    w = _reference_weight(packed, scale)
+    return jnp.dot(dy.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
