@@ -44,6 +44,10 @@ with ``interpret=True``):
   ``benchmarks/nf4_tune.py``; ``benchmarks/RESULTS.md``): the
   per-element dequantization of every W tile by every M tile costs more CUDA-core
   time than the transient bf16 W costs bandwidth.
+* With ``kernel_scale`` on a Hopper GPU, bfloat16 M <= `MGPU_MAX_M` and a weight of
+  at least `MGPU_MIN_WEIGHT` elements (`_mgpu_takes`): the Mosaic GPU kernels of
+  `pallas_kernels.nf4_mgpu` instead, ``nf4_mgpu_matmul`` forward and
+  ``nf4_mgpu_matmul_t`` for ``dx = dy @ W``.
 * Double quantization is dequantized INSIDE the kernels: the uint8 absmax codes
   are looked up in the 256-entry ``nested_code`` table by a gather and combined
   with the gathered ``nested_absmax[i // nested_blocksize]`` and ``offset``.
@@ -70,7 +74,12 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.nf4_mgpu import nf4_mgpu_matmul, nf4_mgpu_matmul_multi, nf4_mgpu_supported
+from pallas_kernels.nf4_mgpu import (
+    nf4_mgpu_matmul,
+    nf4_mgpu_matmul_multi,
+    nf4_mgpu_matmul_t,
+    nf4_mgpu_supported,
+)
 from pallas_kernels.dispatch import (
     zero_cotangent,
     check_float_dtype,
@@ -646,6 +655,15 @@ def _mgpu_applies(cfg: _Config, x2, kernel_scale) -> bool:
             and nf4_mgpu_supported(m, n, k, cfg.blocksize, x2.dtype))
 
 
+def _mgpu_takes(cfg: _Config, a2, kernel_scale) -> bool:
+    """Whether ONE product takes a Mosaic GPU kernel: the forward ``x2 [M, K] @ W.T``
+    (`nf4_mgpu_matmul`) and the backward ``dy2 [M, N] @ W`` (`nf4_mgpu_matmul_t`) alike
+    (``a2`` is ``x2`` or ``dy2``: its rows and dtype count): `_mgpu_applies` and a
+    weight of at least `MGPU_MIN_WEIGHT` elements."""
+    n, k = cfg.shape
+    return _mgpu_applies(cfg, a2, kernel_scale) and n * k >= MGPU_MIN_WEIGHT
+
+
 def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
              kernel_scale):
     n, k = cfg.shape
@@ -653,7 +671,7 @@ def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return jnp.zeros((*batch, n), x.dtype)
-    if _mgpu_applies(cfg, x2, kernel_scale) and n * k >= MGPU_MIN_WEIGHT:
+    if _mgpu_takes(cfg, x2, kernel_scale):
         y = nf4_mgpu_matmul(x2, packed, kernel_scale, layer)
     elif cfg.impl == "xla":
         y = nf4_matmul_reference(x2, packed, absmax, nested_absmax, nested_code, offset,
@@ -669,12 +687,18 @@ def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset
 
 def _backward_dx(cfg: _Config, dy, packed, absmax, nested_absmax, nested_code, offset,
                  code, layer, kernel_scale=None):
+    """``dx = dy @ W`` (the custom VJP's input gradient; also each weight's term of
+    `nf4_matmul_multi`'s): the Mosaic GPU transposed kernel `nf4_mgpu_matmul_t` where the
+    forward would take the Mosaic kernel (`_mgpu_takes`, judged on ``dy``'s rows and
+    dtype), else the XLA reference or `nf4_matmul_t_pallas` as ``cfg.impl`` says."""
     n, k = cfg.shape
     batch = dy.shape[:-1]
     dy2 = dy.reshape(-1, n)
     if dy2.shape[0] == 0:
         return jnp.zeros((*batch, k), dy.dtype)
-    if cfg.impl == "xla":
+    if _mgpu_takes(cfg, dy2, kernel_scale):
+        dx = nf4_mgpu_matmul_t(dy2, packed, kernel_scale, layer)
+    elif cfg.impl == "xla":
         w = nf4_dequantize_reference(packed, absmax, nested_absmax, nested_code, offset,
                                      code=code, blocksize=cfg.blocksize,
                                      nested_blocksize=cfg.nested_blocksize,
@@ -753,13 +777,17 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
         ``layer``), the Hopper kernel layout of the decoded block scales
         (`pallas_kernels.nf4_mgpu.nf4_kernel_scale`; ``jaxqlora.nf4.with_kernel_layout``).
         With it, on a Hopper GPU, bfloat16 ``x`` with at most `MGPU_MAX_M` rows and a
-        weight of at least `MGPU_MIN_WEIGHT` elements takes the Mosaic GPU kernel `pallas_kernels.nf4_mgpu.nf4_mgpu_matmul` (NF4 codebook only;
-        about 2**-8 relative difference per weight element from the bnb bf16 dequantize).
+        weight of at least `MGPU_MIN_WEIGHT` elements takes the Mosaic GPU kernel
+        `pallas_kernels.nf4_mgpu.nf4_mgpu_matmul`, and its backward (bfloat16 ``dy``, the
+        same conditions) the transposed `pallas_kernels.nf4_mgpu.nf4_mgpu_matmul_t` (NF4
+        codebook only; about 2**-8 relative difference per weight element from the bnb
+        bf16 dequantize).
 
     Returns:
       ``[..., N]`` array of ``x.dtype`` (float32 accumulation). Differentiable in
-      ``x`` only (``dx = dy @ W`` through the transposed NF4 kernel on the 'pallas'
-      path); every quantization operand gets a zero cotangent (``float0`` for the
+      ``x`` only (``dx = dy @ W`` through a transposed NF4 kernel on the 'pallas'
+      path: the Mosaic GPU one with ``kernel_scale`` as above, else
+      `nf4_matmul_t_pallas`); every quantization operand gets a zero cotangent (``float0`` for the
       integer ones): the weight is frozen.
 
     Raises:
@@ -978,7 +1006,9 @@ def nf4_matmul_multi(x, weights, *, impl: str | None = None, interpret: bool = F
       A tuple of ``[..., N_i]`` arrays of ``x.dtype``, one per weight (float32
       accumulation); with ``return_fused``, ``(that tuple, fused: bool)``.
       Differentiable in ``x``: the fused op's custom VJP computes each ``dy_i @ W_i``
-      with `nf4_matmul`'s transposed path and sums them in float32 (one rounding to
+      with `nf4_matmul`'s transposed path, chosen per weight (on a Hopper the Mosaic GPU
+      `pallas_kernels.nf4_mgpu.nf4_mgpu_matmul_t` for a weight that would take the
+      Mosaic forward on its own), and sums them in float32 (one rounding to
       ``x.dtype``); every weight operand gets a zero cotangent (frozen weights).
 
     Raises:

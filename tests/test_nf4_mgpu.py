@@ -163,7 +163,8 @@ def test_rms_norm_auto_picks_xla_on_gpu(monkeypatch):
 @pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU NF4 kernel needs a Hopper GPU")
 def test_nf4_matmul_takes_mosaic_path_and_differentiates():
     """`nf4_matmul` with ``kernel_scale`` (a weight >= MGPU_MIN_WEIGHT): forward through the
-    Mosaic kernel, ``dx`` through the custom VJP's transposed kernel, both against float64."""
+    Mosaic kernel, ``dx`` through the custom VJP's Mosaic transposed kernel, both against
+    float64."""
     from pallas_kernels.nf4_matmul import MGPU_MIN_WEIGHT, nf4_matmul
 
     rng = np.random.default_rng()
@@ -176,6 +177,8 @@ def test_nf4_matmul_takes_mosaic_path_and_differentiates():
     f = lambda x: nf4_matmul(x, jnp.asarray(packed), jnp.asarray(absmax), blocksize=64,
                              kernel_scale=scale)
     assert "mosaic_gpu" in jax.jit(f).lower(x).as_text()
+    grad_text = jax.jit(lambda x, dy: jax.vjp(f, x)[1](dy)).lower(x, dy).as_text()
+    assert _calls(grad_text, "nf4_mgpu_matmul_t") == 1 and "nf4_gemv_t" not in grad_text
     y, vjp = jax.vjp(f, x)
     (dx,) = vjp(dy)
     w = dense64(packed, absmax)
@@ -192,6 +195,12 @@ def test_nf4_matmul_takes_mosaic_path_and_differentiates():
 
 def _mosaic_calls(text: str) -> int:
     return len(re.findall(r"custom_call @mosaic_gpu", text))
+
+
+def _calls(text: str, fn: str) -> int:
+    """Calls of the jitted function ``fn`` in lowered StableHLO (one lowered function
+    per distinct signature: ``@fn``, ``@fn_0``, ...)."""
+    return len(re.findall(rf"call @{fn}(_\d+)?\(", text))
 
 
 def test_multi_lowers_for_cuda():
@@ -304,13 +313,15 @@ def test_multi_dispatch_lowers_one_kernel_for_cuda(monkeypatch):
         for shapes in (qkv, gate_up):
             text, fused = lowered(m, shapes)
             assert fused and _mosaic_calls(text) == 1, (m, shapes)
-    # training through it: the custom VJP's backward (three transposed Triton GEMVs) lowers
+    # training through it: the custom VJP's backward (one Mosaic transposed kernel per
+    # weight; k and v share one lowered function, called twice) lowers
     ws = [spec(n, k) for n, k in qkv]
     loss = lambda x, ws: sum(jnp.sum(y.astype(jnp.float32)) for y in nf4_matmul_multi(x, ws))
     text = jax.jit(jax.value_and_grad(loss)).trace(
         jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16), ws).lower(
         lowering_platforms=("cuda",)).as_text()
-    assert _mosaic_calls(text) == 1 and "nf4_gemv_t" in text
+    assert _calls(text, "nf4_mgpu_matmul_multi") == 1
+    assert _calls(text, "nf4_mgpu_matmul_t") == 3 and "nf4_gemv_t" not in text
     _, fused = lowered(1, qkv, ks=False)
     assert not fused
     _, fused = lowered(MGPU_MAX_M + 1, qkv)
@@ -437,3 +448,189 @@ def test_multi_op_fuses_and_differentiates(monkeypatch, m, layers):
     dx64 = sum(np.asarray(dy.astype(jnp.float32), np.float64) @ d for dy, d in zip(dys, dense))
     assert rel(dx.astype(jnp.float32), dx64) < 1e-2
     assert rel(dx.astype(jnp.float32), np.asarray(dx_sep.astype(jnp.float32), np.float64)) < 1e-2
+
+
+# ---------------------------------------------------------------------------
+# The transposed kernel: nf4_mgpu_matmul_t (dx = dy @ W) and the backward's dispatch
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,n,k,layers,kw", [
+    (1, 4096, 4096, None, {}),                      # decode, the default plan
+    (5, 200, 320, 3, {}),                           # ragged N (padded dy), 5 K tiles, stacked
+    (16, 11008, 4096, None, {}),                    # block_n 64, 4 splits of 43 steps
+    (17, 264, 256, 2, dict(in_flight=0)),           # M padded to 24, one SMEM tile
+    (3, 512, 128, None, dict(block_n=128, stages=2)),
+    (64, 512, 128, None, dict(block_n=256, splits=1)),
+])
+def test_t_lowers_for_cuda(m, n, k, layers, kw):
+    """The transposed kernel (int4 codes, dequant in registers, the bf16 tile stored to
+    swizzled SMEM and read transposed by wgmma, the pipeline) is built for CUDA without a
+    GPU, for the default plan and explicit tiles."""
+    from pallas_kernels.nf4_mgpu import nf4_mgpu_matmul_t
+
+    lead = () if layers is None else (layers,)
+    args = [jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((*lead, n, k // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((*lead, k // 64, n), jnp.bfloat16)]
+    if layers is not None:
+        args.append(jnp.int32(layers - 1))
+    f = lambda *a: nf4_mgpu_matmul_t(*a, **kw)
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_calls(text) == 1
+    out = jax.eval_shape(f, *args)
+    assert out.shape == (m, k) and out.dtype == jnp.bfloat16
+
+
+def test_t_default_plan():
+    """The default tiles of the transposed kernel for Llama shapes (H200 decode): every
+    split count divides the N steps, and each case has at least 256 programs where the
+    N steps allow it."""
+    from pallas_kernels.nf4_mgpu import _default_block_n, _default_splits
+
+    for n, k, want in ((4096, 4096, 256), (11008, 4096, 64), (4096, 11008, 256),
+                       (14336, 4096, 256), (4096, 14336, 256), (1024, 4096, 128)):
+        programs = k // 64
+        block_n = _default_block_n(n, programs)
+        steps = -(-n // block_n)
+        splits = _default_splits(programs, steps)
+        assert block_n == want, (n, k, block_n)
+        assert steps % splits == 0 and steps // splits >= 2
+        assert programs * splits >= 256, (n, k, block_n, splits)
+
+
+def test_t_reference_matches_float64():
+    from pallas_kernels.nf4_mgpu import nf4_mgpu_reference_t
+
+    rng = np.random.default_rng()
+    m, n, k = 3, 40, 192
+    packed, absmax = random_weight(rng, n, k)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    scale = nf4_kernel_scale(jnp.asarray(absmax), n, k, 64)
+    dx = np.asarray(nf4_mgpu_reference_t(dy, jnp.asarray(packed), scale))
+    want = np.asarray(dy.astype(jnp.float32), np.float64) @ dense64(packed, absmax)
+    assert dx.shape == (m, k)
+    assert np.linalg.norm(dx - want) / np.linalg.norm(want) < 5e-3
+
+
+def test_t_rejects_bad_operands():
+    from pallas_kernels.nf4_mgpu import nf4_mgpu_matmul_t
+
+    dy = jnp.zeros((1, 64), jnp.bfloat16)
+    p, s = jnp.zeros((64, 64), jnp.uint8), jnp.zeros((2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="disagree"):
+        nf4_mgpu_matmul_t(dy, jnp.zeros((72, 64), jnp.uint8), s)
+    with pytest.raises(ValueError, match="disagree"):
+        nf4_mgpu_matmul_t(dy, p, jnp.zeros((3, 64), jnp.bfloat16))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        nf4_mgpu_matmul_t(dy, jnp.zeros((64, 48), jnp.uint8), jnp.zeros((1, 64), jnp.bfloat16))
+    with pytest.raises(ValueError, match="in_flight"):
+        nf4_mgpu_matmul_t(dy, p, s, in_flight=2)
+    with pytest.raises(ValueError, match="block_n"):
+        nf4_mgpu_matmul_t(dy, p, s, block_n=96)
+    with pytest.raises(ValueError, match="splits"):
+        nf4_mgpu_matmul_t(jnp.zeros((1, 192), jnp.bfloat16), jnp.zeros((192, 64), jnp.uint8),
+                          jnp.zeros((2, 192), jnp.bfloat16), block_n=64, splits=2)
+
+
+def test_backward_dispatch_on_faked_hopper(monkeypatch):
+    """On a (faked) Hopper the backward of `nf4_matmul` lowers to the Mosaic transposed
+    kernel where the forward takes the Mosaic kernel (bfloat16, M <= MGPU_MAX_M, a weight
+    >= MGPU_MIN_WEIGHT with ``kernel_scale``; stacked layers too) and to the Triton path
+    otherwise (float32, no ``kernel_scale``, M > MGPU_MAX_M, a small weight)."""
+    from pallas_kernels.nf4_matmul import MGPU_MAX_M, nf4_matmul
+
+    _fake_hopper(monkeypatch)
+
+    def lowered(m, n, k, dtype=jnp.bfloat16, ks=True, layers=None):
+        lead = () if layers is None else (layers,)
+        w = dict(packed=jax.ShapeDtypeStruct((*lead, n, k // 2), jnp.uint8),
+                 absmax=jax.ShapeDtypeStruct((*lead, n, k // 64), jnp.float32))
+        if ks:
+            w["kernel_scale"] = jax.ShapeDtypeStruct((*lead, k // 64, n), jnp.bfloat16)
+        layer = None if layers is None else jnp.int32(layers - 1)
+
+        def grad(x, dy, w):
+            return jax.vjp(lambda x: nf4_matmul(x, **w, layer=layer), x)[1](dy)[0]
+
+        return jax.jit(grad).trace(jax.ShapeDtypeStruct((m, k), dtype),
+                                   jax.ShapeDtypeStruct((m, n), dtype), w).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+    for m, n, k, layers in ((1, 4096, 4096, None), (1, 11008, 4096, None),
+                            (16, 4096, 11008, None), (MGPU_MAX_M, 4096, 4096, None),
+                            (1, 4096, 4096, 3)):
+        text = lowered(m, n, k, layers=layers)
+        assert _calls(text, "nf4_mgpu_matmul_t") == 1, (m, n, k, layers)
+        assert "nf4_gemv_t" not in text and "nf4_dequantize" not in text
+    for kw, old in ((dict(m=1, dtype=jnp.float32), "nf4_gemv_t"),
+                    (dict(m=1, ks=False), "nf4_gemv_t"),
+                    (dict(m=MGPU_MAX_M + 1), "nf4_dequantize"),
+                    (dict(m=1, n=1024, k=2048), "nf4_gemv_t")):  # 2M elements < MGPU_MIN_WEIGHT
+        args = dict(n=4096, k=4096) | kw
+        text = lowered(**args)
+        assert _calls(text, "nf4_mgpu_matmul_t") == 0 and _mosaic_calls(text) == 0, kw
+        assert old in text, kw
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU NF4 kernel needs a Hopper GPU")
+@pytest.mark.parametrize("m", [1, 3, 16, 17])
+@pytest.mark.parametrize("n,k,layers,kw", [
+    (200, 320, None, {}),                           # ragged N (not a multiple of 64)
+    (136, 512, 3, {}),                              # ragged N, stacked layers by index
+    (1024, 1024, None, {}),                         # the default plan
+    (1024, 1024, None, dict(in_flight=0)),          # one SMEM tile, a wait per step
+    (264, 256, 2, dict(block_n=128)),               # ragged last step of 128 rows
+    (2048, 192, None, dict(block_n=256, splits=2)),  # 3 K tiles, 4 steps per split
+    (520, 768, None, dict(block_n=64, splits=1, stages=2)),
+])
+def test_t_matches_float64(m, n, k, layers, kw):
+    """`nf4_mgpu_matmul_t` (``dy @ W``) against float64 NumPy: M = 1, 3 (one 8-row tile
+    past M), 16, 17 (padded to 24), N not a multiple of 64, stacked layers by index, both
+    ``in_flight`` modes and explicit tiles."""
+    from pallas_kernels.nf4_mgpu import nf4_mgpu_matmul_t
+
+    rng = np.random.default_rng()
+    packed, absmax = random_weight(rng, n, k, layers=layers)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    scale = nf4_kernel_scale(jnp.asarray(absmax), n, k, 64)
+    if layers is None:
+        dx = nf4_mgpu_matmul_t(dy, jnp.asarray(packed), scale, **kw)
+        p64, a64 = packed, absmax
+    else:
+        layer = layers - 2  # not the last layer: the index is read, not assumed
+        dx = nf4_mgpu_matmul_t(dy, jnp.asarray(packed), scale, jnp.int32(layer), **kw)
+        p64, a64 = packed[layer], absmax[layer]
+    assert dx.shape == (m, k) and dx.dtype == jnp.bfloat16
+    want = np.asarray(dy.astype(jnp.float32), np.float64) @ dense64(p64, a64)
+    dx = np.asarray(dx.astype(jnp.float32), np.float64)
+    assert np.isfinite(dx).all()
+    assert np.linalg.norm(dx - want) / np.linalg.norm(want) < 1e-2
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU NF4 kernel needs a Hopper GPU")
+@pytest.mark.parametrize("m,layers", [(1, None), (16, 3), (17, None)])
+def test_nf4_matmul_dx_through_mosaic_t(monkeypatch, m, layers):
+    """``dx`` of `nf4_matmul` through the custom VJP on the Mosaic path (the transposed
+    Mosaic kernel in the lowered gradient) against float64, for a stacked weight read at
+    its layer index too."""
+    from pallas_kernels import nf4_matmul as op
+
+    monkeypatch.setattr(op, "MGPU_MIN_WEIGHT", 0)  # a test-sized weight takes the kernel
+    rng = np.random.default_rng()
+    n, k = 520, 1024
+    packed, absmax = random_weight(rng, n, k, layers=layers)
+    scale = nf4_kernel_scale(jnp.asarray(absmax), n, k, 64)
+    layer = None if layers is None else jnp.int32(1)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    f = lambda x: op.nf4_matmul(x, jnp.asarray(packed), jnp.asarray(absmax), blocksize=64,
+                                kernel_scale=scale, layer=layer)
+    grad_text = jax.jit(lambda x, dy: jax.vjp(f, x)[1](dy)).lower(x, dy).as_text()
+    assert _calls(grad_text, "nf4_mgpu_matmul_t") == 1
+    (dx,) = jax.vjp(f, x)[1](dy)
+    p64, a64 = (packed, absmax) if layers is None else (packed[1], absmax[1])
+    want = np.asarray(dy.astype(jnp.float32), np.float64) @ dense64(p64, a64)
+    got = np.asarray(dx.astype(jnp.float32), np.float64)
+    assert dx.shape == x.shape and dx.dtype == jnp.bfloat16
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
