@@ -57,8 +57,8 @@ from jaxqlora.io.atomic import atomic_write_bytes, atomic_write_dir, atomic_writ
 from jaxqlora.lora import ALL_TARGETS, apply_lora
 from jaxqlora.memory import (MemoryEstimateError, device_memory, format_memory, memory_estimate,  # noqa: F401
                              trainer_bytes)
-from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, classification_loss, make_optimizer,
-                            nonfinite_steps)
+from jaxqlora.train import (TRAINABLE, SequenceClassifier, Trainer, causal_lm_loss, classification_loss,
+                            make_optimizer, nonfinite_steps)
 
 
 @dataclasses.dataclass
@@ -590,45 +590,40 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
 
     loss_fn = classification_loss if cfg.task == "classification" else causal_lm_loss
     t0 = time.perf_counter()
-    if mesh is None:
-        # Compile every step for its buckets before the weights take any device memory.
-        trainer = Trainer(_abstract_model(cfg, num_labels), loss_fn, optimizer)
+    # Compile every step for its buckets (with a mesh: for its shardings, FSDP shards of the
+    # frozen weights) over the abstract model, before the weights take any device memory.
+    trainer = Trainer(_abstract_model(cfg, num_labels), loss_fn, optimizer, mesh=mesh)
+    _precompile(trainer, cfg, log)
+    compile_s = time.perf_counter() - t0
+    log(f"precompiled {len(trainer.executables)} steps in {compile_s:.1f} s")
+    if cfg.precompile_only:
+        return {"precompiled": {str(k): t._asdict() for k, t in trainer.executables.seconds.items()},
+                "compile_seconds": compile_s, "seconds": time.perf_counter() - t_start}
+    if cfg.dry_run or cfg.check_memory:
+        estimate = memory_estimate(trainer.executables, trainer_bytes(trainer))  # per device with a mesh
+        capacity = device_memory()
+        log(format_memory(estimate, capacity))
+        if cfg.dry_run:
+            return {"memory": estimate, "capacity_bytes": capacity, "compile_seconds": compile_s,
+                    "fits": capacity is None or estimate["peak_bytes"] <= capacity,
+                    "seconds": time.perf_counter() - t_start}
+        if capacity is not None and estimate["peak_bytes"] > capacity:
+            if mesh is not None:  # no search over mesh settings: the estimate and the capacity
+                raise MemoryEstimateError(estimate, capacity, None, what="run on each device")
+            raise MemoryEstimateError(estimate, capacity, _fitting_settings(cfg, num_labels, optimizer, capacity, log))
+    model = _load_model(cfg, num_labels, log)
+    if mesh is not None:  # each device keeps its FSDP shard
+        sharding.shard_model(model, mesh, trainable=TRAINABLE)
+    try:
+        trainer.attach(model)
+    except ValueError:  # e.g. a bitsandbytes checkpoint with its own NF4 settings: compile for what was loaded
+        log("the loaded model differs from its abstract twin; compiling again")
+        trainer = Trainer(model, loss_fn, optimizer, mesh=mesh)
         _precompile(trainer, cfg, log)
-        compile_s = time.perf_counter() - t0
-        log(f"precompiled {len(trainer.executables)} steps in {compile_s:.1f} s")
-        if cfg.precompile_only:
-            return {"precompiled": {str(k): t._asdict() for k, t in trainer.executables.seconds.items()},
-                    "compile_seconds": compile_s, "seconds": time.perf_counter() - t_start}
-        if cfg.dry_run or cfg.check_memory:
-            estimate = memory_estimate(trainer.executables, trainer_bytes(trainer))
-            capacity = device_memory()
-            log(format_memory(estimate, capacity))
-            if cfg.dry_run:
-                return {"memory": estimate, "capacity_bytes": capacity, "compile_seconds": compile_s,
-                        "fits": capacity is None or estimate["peak_bytes"] <= capacity,
-                        "seconds": time.perf_counter() - t_start}
-            if capacity is not None and estimate["peak_bytes"] > capacity:
-                raise MemoryEstimateError(estimate, capacity, _fitting_settings(cfg, num_labels, optimizer, capacity,
-                                                                                log))
-        model = _load_model(cfg, num_labels, log)
-        try:
-            trainer.attach(model)
-        except ValueError:  # e.g. a bitsandbytes checkpoint with its own NF4 settings: compile for what was loaded
-            log("the loaded model differs from its abstract twin; compiling again")
-            trainer = Trainer(model, loss_fn, optimizer)
-            _precompile(trainer, cfg, log)
-    else:
-        # Sharded: the weights are placed on the mesh first (each device keeps its FSDP
-        # shard), then every step is compiled for those shardings.
-        if cfg.precompile_only or cfg.dry_run:
-            raise FinetuneConfigError("precompile_only" if cfg.precompile_only else "dry_run", True,
-                                      "works on one device; drop mesh/distributed")
-        trainer = Trainer(_load_model(cfg, num_labels, log), loss_fn, optimizer, mesh=mesh)
+    if mesh is not None:
         frozen = max(sharding.bytes_per_device(trainer.frozen).values())
         log(f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es): frozen weights "
             f"{frozen / 1e6:.1f} MB per device")
-        _precompile(trainer, cfg, log)
-        log(f"precompiled {len(trainer.executables)} steps in {time.perf_counter() - t0:.1f} s")
     model = trainer.model  # the trained module (classifier or LM); ``lm`` is its decoder
     lm = model.lm if cfg.task == "classification" else model
     log(f"trainable parameters: {trainer.num_trainable:,}; {total} steps of {cfg.grad_accum} x {cfg.batch_size}")

@@ -53,8 +53,15 @@ def state_bytes(tree) -> int:
 
 def trainer_bytes(trainer) -> int:
     """Bytes a `jaxqlora.train.Trainer` keeps on the device between steps: trainable
-    parameters, RNG state, optimizer state and the frozen weights (abstract or real)."""
-    return state_bytes((trainer.trainable, trainer.rng_state, trainer.opt_state, trainer.frozen))
+    parameters, RNG state, optimizer state and the frozen weights (abstract or real). With a
+    mesh, the most any one device holds (its FSDP shards plus the replicated state;
+    `jaxqlora.sharding.bytes_per_device`), which is what its steps' memory analysis counts."""
+    tree = (trainer.trainable, trainer.rng_state, trainer.opt_state, trainer.frozen)
+    if getattr(trainer, "mesh", None) is not None:
+        from jaxqlora import sharding
+
+        return max(sharding.bytes_per_device(tree).values(), default=0)
+    return state_bytes(tree)
 
 
 def memory_estimate(executables, resident_bytes: int = 0, replace_bytes: tuple[int, int] | None = None) -> dict:

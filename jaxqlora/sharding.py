@@ -236,7 +236,17 @@ def _shardings(state, mesh, notes):
 def place(tree: Any, shardings: Any) -> Any:
     """``jax.device_put(tree, shardings)`` (one sharding, or a pytree of them shaped like
     ``tree``). With several processes, local arrays become global ones: every process
-    must then hold the same value (as after loading the same checkpoint)."""
+    must then hold the same value (as after loading the same checkpoint). An abstract tree
+    (``jax.ShapeDtypeStruct`` leaves, e.g. from ``nnx.eval_shape``) gets the shardings as
+    attributes and allocates nothing, so that steps can be compiled for the mesh before the
+    weights exist."""
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(tree)):
+        def spec(x, s):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if hasattr(x, "dtype") else x
+
+        if isinstance(shardings, jax.sharding.Sharding):
+            return jax.tree_util.tree_map(lambda x: spec(x, shardings), tree)
+        return jax.tree_util.tree_map(spec, tree, shardings)
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
 
@@ -274,9 +284,16 @@ def shard_model(model: nnx.Module, mesh: Mesh, trainable: Any = nnx.LoRAParam) -
 
 def bytes_per_device(tree: Any) -> dict[str, int]:
     """Bytes each local device holds of ``tree``'s arrays (its addressable shards),
-    keyed by ``str(device)``. PRNG key arrays count their key data."""
+    keyed by ``str(device)``. PRNG key arrays count their key data. Abstract leaves
+    (``jax.ShapeDtypeStruct`` with a sharding, see `place`) count the shard they will have."""
     out: dict[str, int] = {}
     for x in jax.tree_util.tree_leaves(tree):
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+            shape = x.sharding.shard_shape(x.shape)
+            size = 8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.dtype(x.dtype).itemsize
+            for device, _ in x.sharding.addressable_devices_indices_map(x.shape).items():
+                out[str(device)] = out.get(str(device), 0) + int(np.prod(shape)) * size
+            continue
         if not isinstance(x, jax.Array):
             continue
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):

@@ -469,7 +469,8 @@ class Trainer:
         if self.optimizer is None:
             return None
         if self.is_abstract:
-            return jax.eval_shape(self.optimizer.init, trainable)
+            opt_state = jax.eval_shape(self.optimizer.init, trainable)
+            return opt_state if self.mesh is None else sharding.place(opt_state, sharding.replicated(self.mesh))
         opt_state = self.optimizer.init(trainable)
         if self.mesh is not None:
             opt_state = sharding.place(opt_state, sharding.replicated(self.mesh))

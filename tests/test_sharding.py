@@ -226,3 +226,44 @@ def test_cli_mesh_error_exits_2(capsys):
 
     assert main(["finetune", "--mesh", f"data={jax.device_count() + 1}"]) == 2
     assert "devices are visible" in capsys.readouterr().err
+
+
+_MESH_ESTIMATE = r"""
+import json, sys
+import jax
+from jaxqlora import sharding
+from jaxqlora.data import batch_spec
+from jaxqlora.finetune import FinetuneConfig, _load_model, finetune
+from jaxqlora.train import Trainer, classification_loss, make_optimizer
+
+kw = json.loads(sys.argv[1])
+dry = finetune(FinetuneConfig(**kw, dry_run=True), log=lambda *_: None)
+mesh = sharding.make_mesh(**sharding.parse_mesh(kw["mesh"]))
+model = _load_model(FinetuneConfig(**kw), 2, lambda *_: None)
+trainer = Trainer(model, classification_loss, make_optimizer(total_steps=10)[0], mesh=mesh)
+held = sharding.bytes_per_device((trainer.trainable, trainer.rng_state, trainer.opt_state, trainer.frozen))
+batch = batch_spec(8, 32, causal_lm=False, accum=1, sharding=sharding.batch_sharding(mesh, 1))
+rows = sharding.bytes_per_device(batch)
+print(json.dumps({"dry": dry["memory"]["per_step"], "held": held, "batch": rows,
+                  "single": sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(
+                      (trainer.trainable, trainer.rng_state, trainer.opt_state, trainer.frozen)))}))
+"""
+
+
+def test_mesh_dry_run_estimates_each_devices_shard(tiny_run):
+    """``finetune(dry_run=True)`` on a ``fsdp=4`` mesh compiles from shapes with the mesh's
+    shardings: the train step's per-device arguments are what each device really holds once
+    the model is loaded and placed (FSDP shards of the frozen weights, replicated LoRA and
+    AdamW state; counted from the placed arrays' shards)."""
+    kw = dict(model=str(tiny_run / "model"), data=str(tiny_run / "d.csv"), dtype="float32", rank=2, alpha=4.0,
+              batch_size=8, max_seq_len=32, buckets=[32], eval_batch_size=8, mesh="fsdp=4", output="unused")
+    proc = subprocess.run([sys.executable, "-c", _MESH_ESTIMATE, json.dumps(kw)], env=_env(4), capture_output=True,
+                          text=True, timeout=600)
+    _check(proc)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    train = r["dry"]["train (1, 8, 32)"]
+    held = max(r["held"].values())
+    assert len(r["held"]) == 4 and held < 0.5 * r["single"]  # the frozen weights are split four ways
+    # resident state the step does not read (the classifier's LM head) counts as "unread"
+    assert train["argument"] + train["unread"] == held
+    assert train["argument"] > max(r["batch"].values())  # the step's reads include its batch rows
