@@ -587,7 +587,8 @@ def nf4_mgpu_matmul_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=
         least 2 with ``in_flight``).
       in_flight: 1 (default): two bfloat16 tiles alternate and one wgmma group stays in
         flight while the next tile is decoded; 0: wait for each wgmma (one tile). A
-        single-step pipeline uses 0.
+        single-step pipeline, or tiles too large for two buffers and two stages in
+        shared memory, use 0.
 
     Returns:
       ``[M, K]`` in ``dy.dtype``.
@@ -624,9 +625,11 @@ def nf4_mgpu_matmul_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=
     if total % splits:
         raise ValueError(f"{name}: splits={splits} must divide cdiv(N, block_n)={total}")
     steps = total // splits
-    in_flight = in_flight if steps > 1 else 0
-    scratch = (2 if in_flight else 1) * block_n * 64 * 2
     per_stage = block_n * 64 // 2 + block_m * block_n * 2 + block_n * 2
+    tile = block_n * 64 * 2  # one bfloat16 W tile
+    if steps < 2 or 2 * tile + 2 * per_stage > _SMEM_BUDGET:
+        in_flight = 0  # nothing to overlap, or no room for two tiles and two stages
+    scratch = (2 if in_flight else 1) * tile
     stages = stages or max(1, min(4, steps, (_SMEM_BUDGET - scratch) // per_stage))
     stages = max(stages, 2) if in_flight else stages
     layer = jnp.asarray(layer, jnp.int32).reshape(1)

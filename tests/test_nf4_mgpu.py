@@ -462,6 +462,8 @@ def test_multi_op_fuses_and_differentiates(monkeypatch, m, layers):
     (17, 264, 256, 2, dict(in_flight=0)),           # M padded to 24, one SMEM tile
     (3, 512, 128, None, dict(block_n=128, stages=2)),
     (64, 512, 128, None, dict(block_n=256, splits=1)),
+    (100, 512, 256, None, {}),                      # M > 64: 128-row M tiles, padded to 104
+    (8, 1024, 128, None, dict(block_m=256, block_n=256)),  # no room for two tiles: in_flight 0
 ])
 def test_t_lowers_for_cuda(m, n, k, layers, kw):
     """The transposed kernel (int4 codes, dequant in registers, the bf16 tile stored to
