@@ -483,11 +483,15 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
 _T_MIN_PROGRAMS = 256
 
 
-def _default_block_n(n: int, programs: int) -> int:
-    """N rows per pipeline step of the transposed kernel: the largest of 256 and 128 (not
-    past N rounded up to 64) that, with `_default_splits`, gives ``programs`` output tiles
-    at least `_T_MIN_PROGRAMS` programs in all; else 64 (the most steps to split)."""
-    for block_n in (256, 128):
+def _default_block_n(n: int, programs: int, block_m: int = 8) -> int:
+    """N rows per pipeline step of the transposed kernel. Up to 8 rows of ``dy`` (``block_m``
+    8): 64, the most steps to split (the H200 sweep of `benchmarks/nf4_mgpu_t.py`, M = 1:
+    13.5 us with 64 vs 17.7 with 256 for a 4096x4096 weight, 30.8 vs 33.0+ for 11008x4096).
+    More rows: 128 (not past N rounded up to 64) when, with `_default_splits`, ``programs``
+    output tiles reach `_T_MIN_PROGRAMS` programs in all (M = 16, 4096x4096: 13.9 us), else 64."""
+    if block_m <= 8:
+        return 64
+    for block_n in (128,):
         steps = pl.cdiv(n, block_n)
         if block_n <= -(-n // 64) * 64 and \
                 programs * _default_splits(programs, steps) >= _T_MIN_PROGRAMS:
@@ -579,7 +583,7 @@ def nf4_mgpu_matmul_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=
       block_m: rows of ``dy`` per program (wgmma's N: 8..256, a multiple of 8; default:
         M rounded up to 8 for M <= 64, else 128).
       block_n: rows of W (columns of ``dy``) per pipeline step (64, 128 or 256; default
-        `_default_block_n`: the largest that still gives about 256 programs).
+        `_default_block_n`: 64 for up to 8 rows of ``dy``, else 128 where it gives 256 programs).
       splits: programs sharing one K tile's N range (must divide ``cdiv(N, block_n)``;
         default `_default_splits`, the forward's rule: the most, up to 800 programs,
         that leave each at least two steps).
@@ -617,7 +621,7 @@ def nf4_mgpu_matmul_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=
     if block_m % 8 or not 8 <= block_m <= 256:
         raise ValueError(f"{name}: block_m={block_m} must be a multiple of 8 in [8, 256]")
     tiles_k, tiles_m = k // 64, pl.cdiv(m, block_m)
-    block_n = block_n or _default_block_n(n, tiles_k * tiles_m)
+    block_n = block_n or _default_block_n(n, tiles_k * tiles_m, block_m)
     if block_n not in (64, 128, 256):
         raise ValueError(f"{name}: block_n={block_n} must be 64, 128 or 256")
     total = pl.cdiv(n, block_n)

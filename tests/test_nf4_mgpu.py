@@ -490,10 +490,11 @@ def test_t_default_plan():
     N steps allow it."""
     from pallas_kernels.nf4_mgpu import _default_block_n, _default_splits
 
-    for n, k, want in ((4096, 4096, 256), (11008, 4096, 64), (4096, 11008, 256),
-                       (14336, 4096, 256), (4096, 14336, 256), (1024, 4096, 128)):
+    for (n, k, want), block_m in [(c, 8) for c in ((4096, 4096, 64), (11008, 4096, 64), (4096, 11008, 64),
+                                                 (14336, 4096, 64), (4096, 14336, 64), (1024, 4096, 64))] + \
+            [(c, 16) for c in ((4096, 4096, 128), (11008, 4096, 64), (14336, 4096, 128))]:
         programs = k // 64
-        block_n = _default_block_n(n, programs)
+        block_n = _default_block_n(n, programs, block_m)
         steps = -(-n // block_n)
         splits = _default_splits(programs, steps)
         assert block_n == want, (n, k, block_n)
