@@ -174,6 +174,8 @@ def checkpoint_device_bytes(path: str | Path | None, dtype: Any, keep_quantized:
                 stored = int(info["data_offsets"][1]) - int(info["data_offsets"][0])
                 if name in nf4:  # packed codes: 2 weights a byte
                     total += stored + (stored // 16 if kernel_scale else 0)
+                elif name.endswith(".weight.quant_state.bitsandbytes__nf4"):
+                    total += 4  # a JSON record: only its ``offset`` (float32) is kept as an array
                 elif any(name.endswith(s) for s in NF4_SUFFIXES):
                     total += stored
                 else:

@@ -453,9 +453,18 @@ def test_cli_keep_quantized_reaches_the_loader(monkeypatch, tiny_path, tmp_path,
         raise CheckpointError(path, "stop here")
 
     monkeypatch.setattr(jaxqlora.io, "load_pretrained", fake_load)
+    # generate checks the tokenizer and the memory estimate before loading (the tiny file has
+    # no vocabulary): stand-ins that record what the estimate was asked for
+    import jaxqlora.cli
+
+    estimated = []
+    monkeypatch.setattr(jaxqlora.io, "load_tokenizer", lambda *a, **k: object())
+    monkeypatch.setattr(jaxqlora.cli, "_generation_check",
+                        lambda args, tok, prompt: estimated.append(args.keep_quantized) or jaxqlora.cli._Estimated(
+                            None, None))
     assert main(["generate", "--model", str(tiny_path), "--prompt", "hi", "--keep-quantized"]) == 2
     assert main(["generate", "--model", str(tiny_path), "--prompt", "hi"]) == 2
-    assert seen == [True, False]
+    assert seen == [True, False] and estimated == [True, False]
     calls = []
     monkeypatch.setattr(jaxqlora.finetune, "evaluate_adapter",
                         lambda cfg, adapter, log=None, keep_quantized=False: calls.append(keep_quantized) or {})

@@ -141,6 +141,7 @@ def test_lora_on_nf4_trains_only_lora(folders):
 def test_device_bytes_from_the_headers_of_a_bnb_folder(folders):
     """`checkpoint_device_bytes` reads a bitsandbytes folder's headers only; the arrays a load
     allocates (NF4 codes, absmax, nested state; dense norms and embeddings) add up to it."""
+    import jax
     from flax import nnx
 
     from jaxqlora.memory import checkpoint_device_bytes
