@@ -65,7 +65,14 @@ class LoRALinear(nnx.Module):
     def __call__(self, x: jax.Array, layer=None) -> jax.Array:
         """``x [..., in]`` -> ``[..., out]`` in x's dtype; ``layer`` selects one layer of
         stacked factors and base (see `jaxqlora.model.Linear`)."""
-        y = self.base_layer(x, layer)
+        return self.add_update(x, self.base_layer(x, layer), layer)
+
+    def add_update(self, x: jax.Array, y: jax.Array, layer=None) -> jax.Array:
+        """``y + scaling * (dropout(x) @ lora_A.T) @ lora_B.T`` in float32, rounded to x's
+        dtype: the adapter added to the base product ``y [..., out]`` of ``x [..., in]`` (what
+        ``__call__`` returns; `jaxqlora.model.project_together` computes several base
+        products in one kernel and adds each adapter here). The rank-r intermediate is
+        tagged ``"lora_a"``; the dropout draws from this module's RNG stream."""
         h = x if self.dropout is None else self.dropout(x)
         dims = (((h.ndim - 1,), (1,)), ((), ()))
         a, b = (v[...] if layer is None else v[layer] for v in (self.lora_A, self.lora_B))

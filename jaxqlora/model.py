@@ -204,19 +204,6 @@ def _nf4_base(module: nnx.Module):
     return None
 
 
-def _lora_update(lora: LoRALinear, x: jax.Array, y: jax.Array, layer=None) -> jax.Array:
-    """What `LoRALinear.__call__` returns given its base product ``y`` of ``x``: ``y +
-    scaling * (dropout(x) @ lora_A.T) @ lora_B.T`` in float32, rounded to x's dtype, the
-    rank-r intermediate tagged ``"lora_a"`` (the same operations, in the same order, so
-    the results and the dropout's RNG stream are those of calling the module)."""
-    h = x if lora.dropout is None else lora.dropout(x)
-    dims = (((h.ndim - 1,), (1,)), ((), ()))
-    a, b = (v[...] if layer is None else v[layer] for v in (lora.lora_A, lora.lora_B))
-    h = checkpoint_name(jax.lax.dot_general(h.astype(jnp.float32), a, dims), "lora_a")
-    h = jax.lax.dot_general(h, b, dims)
-    return (y.astype(jnp.float32) + lora.scaling * h).astype(x.dtype)
-
-
 def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None) -> tuple[list[jax.Array], bool]:
     """``[m(x, layer) for m in modules]`` for projections of one input (q/k/v, gate/up),
     with the NF4 base products in one kernel launch where possible.
@@ -245,7 +232,7 @@ def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None) ->
     out = []
     for m, b, y in zip(modules, bases, ys):
         y = b.add_bias(y, x, layer)
-        out.append(_lora_update(m, x, y, layer) if isinstance(m, LoRALinear) else y)
+        out.append(m.add_update(x, y, layer) if isinstance(m, LoRALinear) else y)
     return out, fused
 
 
