@@ -234,10 +234,14 @@ def _cmd_generate(args) -> int:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
     executables = None
+    check_s = 0.0
     if not args.speculative:  # the device memory it needs, before the weights are placed
+        t_check = time.perf_counter()
         executables = _generation_check(args, tokenizer, prompt)
         if executables is None:
             return 0  # --dry-run
+        check_s = time.perf_counter() - t_check
+        t0 += check_s  # "load" below counts the weights and tokenizer, not the compile of the check
     model, tokenizer = load_pretrained(args.model, dtype=getattr(jnp, args.dtype), keep_quantized=args.keep_quantized)
     if args.adapter:
         from jaxqlora.io.peft import load_adapter
@@ -271,7 +275,9 @@ def _cmd_generate(args) -> int:
         rate = f"{(n - 1) / (end - first):.1f} tokens/s after the first"
     else:
         rate = "n/a"
-    print(f"[load {load_s:.1f} s | first token {((first or end) - t1):.1f} s{'' if executables else ' (compiles prefill and decode)'} | "
+    compiled = f"compile {check_s:.1f} s (memory check) | " if executables else ""
+    print(f"[{compiled}load {load_s:.1f} s | first token {((first or end) - t1):.1f} s"
+          f"{'' if executables else ' (compiles prefill and decode)'} | "
           f"{n} pieces, {rate} | {jax.default_backend()}]", file=sys.stderr)
     return 0
 
