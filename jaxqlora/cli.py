@@ -299,17 +299,15 @@ def _generation_check(args, tokenizer, prompt) -> _Estimated | None:
 
     from jaxqlora.generate import generation_memory
     from jaxqlora.io import load_config
-    from jaxqlora.memory import (MemoryEstimateError, checkpoint_device_bytes, device_memory, format_memory,
-                                 state_bytes)
+    from jaxqlora.memory import MemoryEstimateError, checkpoint_device_bytes, device_memory, format_memory
     from jaxqlora.model import CausalLM
 
     dtype = getattr(jnp, args.dtype)
     cfg = load_config(args.model)
     dense = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     weights = checkpoint_device_bytes(args.model, dtype, keep_quantized=args.keep_quantized)
-    own = state_bytes(nnx.state(dense))
     estimate, ex = generation_memory(dense, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                                     args.top_p, stream=True, weight_bytes=None if weights == own else weights)
+                                     args.top_p, stream=True, weight_bytes=weights)
     capacity = device_memory()
     print(format_memory(estimate, capacity), file=sys.stderr)
     fits = capacity is None or estimate["peak_bytes"] <= capacity
