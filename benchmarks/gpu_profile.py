@@ -7,7 +7,13 @@ generation (1 x 512 prompt), writes the Perfetto trace that ``jax.profiler.trace
 and prints the GPU time per kernel category and the top kernels, summed over the traced
 steps, as a share of all GPU kernel time.
 
+``--decode-only`` profiles decoding alone, per token: two traced generations of N and 3N
+new tokens after the same 512-token prompt, differenced, give the kernels one decoded token
+launches, their GPU busy time against the wall span they take, and the time per kernel
+category and per kernel (the kernel count and idle time the issue-13 decode targets ask for).
+
     python benchmarks/gpu_profile.py --layers 4            # GPU; traces land in runs/profile/
+    python benchmarks/gpu_profile.py --decode-only --layers 32 --decode-batches 1,32
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 CATEGORIES = (  # first match wins
+    ("NF4 GEMV (Mosaic GPU)", ("nf4_mgpu", "_kernel_body", "mosaic")),
     ("NF4 GEMV (Pallas)", ("nf4_gemv",)),
     ("NF4 dequantize (Pallas)", ("nf4_dequantize",)),
     ("split-KV decode (Pallas)", ("decode_attention",)),
@@ -46,8 +53,9 @@ def category(name: str) -> str:
     return "other"
 
 
-def device_events(trace_dir: Path):
-    """(name, dur_us) of every kernel event on a GPU stream in the Perfetto trace."""
+def device_events(trace_dir: Path, with_ts: bool = False):
+    """(name, dur_us) of every kernel event on a GPU stream in the Perfetto trace
+    (``(name, dur_us, ts_us)`` with ``with_ts``)."""
     path = next(trace_dir.rglob("perfetto_trace.json.gz"))
     with gzip.open(path) as f:
         trace = json.load(f)
@@ -57,8 +65,47 @@ def device_events(trace_dir: Path):
     if not gpu_pids:
         names = sorted({str(e.get("args", {}).get("name")) for e in events if e.get("name") == "process_name"})
         print(f"# no GPU process in {path}; processes: {names}")
-    return [(e["name"], float(e["dur"])) for e in events
-            if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+    return [(e["name"], float(e["dur"])) + ((float(e["ts"]),) if with_ts else ())
+            for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+
+
+def per_token(short, long, tokens: int) -> dict:
+    """What one decoded token adds: the events of a ``long`` generation minus those of a
+    ``short`` one (same prompt and prefill) over the ``tokens`` between them. Returns the
+    kernel count, the GPU busy time and the span from the first to the last kernel (us),
+    and the per-kernel-name counts and busy times."""
+    if not short or not long:
+        raise SystemExit("no GPU kernel events traced (decoding is profiled on a GPU only)")
+
+    def span(ev):
+        return max(t + d for _, d, t in ev) - min(t for _, _, t in ev)
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for sign, ev in ((1, long), (-1, short)):
+        for name, d, _ in ev:
+            by_name[name][0] += sign
+            by_name[name][1] += sign * d
+    return {"kernels": (len(long) - len(short)) / tokens,
+            "busy_us": (sum(d for _, d, _ in long) - sum(d for _, d, _ in short)) / tokens,
+            "span_us": (span(long) - span(short)) / tokens,
+            "by_name": {k: (c / tokens, d / tokens) for k, (c, d) in by_name.items()}}
+
+
+def report_decode(title: str, tok: dict) -> None:
+    """Print `per_token`'s result: kernels per token, busy vs span, categories, top kernels."""
+    busy, span = tok["busy_us"], tok["span_us"]
+    print(f"\n## {title}: {tok['kernels']:.1f} kernels per token, GPU busy {busy:.1f} us of a "
+          f"{span:.1f} us span per token ({100 * busy / span:.1f}% busy; "
+          f"{(span - busy) / max(tok['kernels'], 1):.2f} us idle per kernel)")
+    cats = collections.defaultdict(lambda: [0.0, 0.0])
+    for name, (c, d) in tok["by_name"].items():
+        cats[category(name)][0] += c
+        cats[category(name)][1] += d
+    print("| category | kernels per token | us per token | share of busy |\n|---|---|---|---|")
+    for cat, (c, d) in sorted(cats.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {cat} | {c:.1f} | {d:.1f} | {100 * d / busy:.1f}% |")
+    print("\n| top kernels | per token | us per token | us per call |\n|---|---|---|---|")
+    for name, (c, d) in sorted(tok["by_name"].items(), key=lambda kv: -kv[1][1])[:16]:
+        print(f"| `{name[:70]}` | {c:.1f} | {d:.1f} | {d / c if c else 0:.2f} |")
 
 
 def report(title: str, events, steps: int) -> None:
@@ -86,6 +133,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--new", type=int, default=16, help="decode steps traced")
     ap.add_argument("--out", default="runs/profile")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="skip the train step; profile decoding per token (see --decode-batches)")
+    ap.add_argument("--decode-batches", default="1",
+                    help="with --decode-only: comma-separated batch sizes, 512-token prompts")
     args = ap.parse_args()
 
     import jax
@@ -101,6 +152,8 @@ def main() -> int:
           f"train {args.batch}x{args.length} remat={args.remat} | decode 1x512")
 
     lm = common.random_nf4_model(cfg)
+    if args.decode_only:
+        return decode_profile(lm, cfg, args, out)
     apply_lora(lm, r=16, alpha=32.0, dropout=0.05)
     lm.remat = args.remat  # "none": no remat
     trainer = Trainer(lm, causal_lm_loss, make_optimizer(2e-4, total_steps=100)[0])
@@ -123,6 +176,35 @@ def main() -> int:
     with jax.profiler.trace(str(out / "decode"), create_perfetto_trace=True):
         generate(lm, tok, prompt, max_new_tokens=args.new, ignore_eos=True, return_ids=True, executables=ex)
     report(f"generate 1x512 + {args.new} tokens (prefill included)", device_events(out / "decode"), args.new)
+    return 0
+
+
+def decode_profile(lm, cfg, args, out: Path) -> int:
+    """Per-token kernel profile of greedy decoding: two traced generations of ``args.new``
+    and ``3 * args.new`` tokens after the same 512-token prompt, differenced (`per_token`)."""
+    import jax
+    import numpy as np
+
+    from jaxqlora.generate import generate, precompile_generate
+
+    tok = common.TokenIds()
+    short, long = args.new, 3 * args.new
+    for b in (int(x) for x in args.decode_batches.split(",")):
+        prompt = np.random.default_rng(b).integers(1, cfg.vocab_size, (b, 512)).tolist()
+        events = {}
+        for new in (short, long):
+            ex = precompile_generate(lm, tok, batch_size=b, prompt_lens=(512,), max_new_tokens=new,
+                                     ignore_eos=True, log=lambda m: None)
+            for _ in range(2):
+                generate(lm, tok, prompt, max_new_tokens=new, ignore_eos=True, return_ids=True,
+                         executables=ex)
+            d = out / f"decode_b{b}_n{new}"
+            with jax.profiler.trace(str(d), create_perfetto_trace=True):
+                generate(lm, tok, prompt, max_new_tokens=new, ignore_eos=True, return_ids=True,
+                         executables=ex)
+            events[new] = device_events(d, with_ts=True)
+        report_decode(f"decode batch {b} x 512-token prompt, {cfg.num_hidden_layers} layers "
+                      f"(tokens {short + 1}..{long})", per_token(events[short], events[long], long - short))
     return 0
 
 
