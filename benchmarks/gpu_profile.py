@@ -90,9 +90,11 @@ def per_token(short, long, tokens: int) -> dict:
             "by_name": {k: (c / tokens, d / tokens) for k, (c, d) in by_name.items()}}
 
 
-def report_decode(title: str, tok: dict) -> None:
-    """Print `per_token`'s result: kernels per token, busy vs span, categories, top kernels."""
+def report_decode(title: str, tok: dict, batch: int = 1) -> None:
+    """Print `per_token`'s result: kernels per token, busy vs span (and the tokens/s the span
+    gives for ``batch`` sequences), categories, top kernels."""
     busy, span = tok["busy_us"], tok["span_us"]
+    print(f"\n# {title}: {1e6 * batch / span:.1f} tokens/s from the traced span")
     print(f"\n## {title}: {tok['kernels']:.1f} kernels per token, GPU busy {busy:.1f} us of a "
           f"{span:.1f} us span per token ({100 * busy / span:.1f}% busy; "
           f"{(span - busy) / max(tok['kernels'], 1):.2f} us idle per kernel)")
@@ -137,6 +139,8 @@ def main() -> int:
                     help="skip the train step; profile decoding per token (see --decode-batches)")
     ap.add_argument("--decode-batches", default="1",
                     help="with --decode-only: comma-separated batch sizes, 512-token prompts")
+    ap.add_argument("--persistent-max-rows", type=int, default=None,
+                    help="set pallas_kernels.nf4_mgpu.PERSISTENT_MAX_ROWS (A/B of the schedules)")
     args = ap.parse_args()
 
     import jax
@@ -146,6 +150,9 @@ def main() -> int:
     from jaxqlora.lora import apply_lora
     from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
 
+    if args.persistent_max_rows is not None:
+        import pallas_kernels.nf4_mgpu as nf4_mgpu
+        nf4_mgpu.PERSISTENT_MAX_ROWS = args.persistent_max_rows
     cfg = dataclasses.replace(common.MODELS[args.model], num_hidden_layers=args.layers)
     out = Path(args.out)
     print(f"# {common.device_line()} | {args.model} shape, {args.layers} layers | "
@@ -204,7 +211,7 @@ def decode_profile(lm, cfg, args, out: Path) -> int:
                          executables=ex)
             events[new] = device_events(d, with_ts=True)
         report_decode(f"decode batch {b} x 512-token prompt, {cfg.num_hidden_layers} layers "
-                      f"(tokens {short + 1}..{long})", per_token(events[short], events[long], long - short))
+                      f"(tokens {short + 1}..{long})", per_token(events[short], events[long], long - short), b)
     return 0
 
 

@@ -36,15 +36,12 @@ CONFIGS = {"base": {}, "if1": dict(in_flight=1), "bk512": dict(block_k=512),
 LARGE = {"bm128": dict(block_m=128), "bm256": dict(block_m=256),
          "bm256bk128": dict(block_m=256, block_k=128), "bm256if1": dict(block_m=256, in_flight=1)}
 #: ``--persistent``: the one-program-per-SM warp-specialized schedule against the tiles.
-PERSISTENT = {"base": {}, "s8": dict(splits=8),
+PERSISTENT = {"base": dict(schedule="tiles"), "s8": dict(schedule="tiles", splits=8),
               "p1": dict(schedule="persistent", wgs=1), "p2": dict(schedule="persistent", wgs=2),
               "p2s1": dict(schedule="persistent", wgs=2, splits=1),
-              "p2s4": dict(schedule="persistent", wgs=2, splits=4),
-              "p2st2": dict(schedule="persistent", wgs=2, stages=2),
-              "p2x2": dict(schedule="persistent", wgs=2, programs=264),
-              "p1x2": dict(schedule="persistent", wgs=1, programs=264)}
-PERSISTENT_SHAPES = [(11008, 4096, 1), (4096, 11008, 1), (4096, 4096, 1), (14336, 4096, 1),
-                     (4096, 14336, 1), (11008, 4096, 16), (4096, 4096, 16)]
+              "p2s4": dict(schedule="persistent", wgs=2, splits=4)}
+PERSISTENT_SHAPES = [(4096, 11008, 1), (4096, 4096, 1), (6144, 4096, 1), (2048, 4096, 1),
+                     (8192, 4096, 1), (4096, 4096, 8), (6144, 4096, 8), (4096, 4096, 16)]
 SHAPES = [(11008, 4096, 1), (4096, 4096, 1), (4096, 14336, 1), (14336, 4096, 1),
           (11008, 4096, 16), (11008, 4096, 32), (11008, 4096, 64)]
 RNG = np.random.default_rng(0)

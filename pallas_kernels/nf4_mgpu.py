@@ -421,13 +421,30 @@ def _default_block_m(m: int) -> int:
 
 def _default_splits(programs: int, steps: int) -> int:
     """Programs sharing one output tile's reduction range of ``steps`` pipeline steps: the
-    largest power of two that divides ``steps``, leaves each split at least two steps and
-    keeps ``programs * splits`` (``programs``: the output tiles) under `_SPLIT_PROGRAMS`."""
+    largest power of two that leaves each split at least two steps, keeps ``programs *
+    splits`` (``programs``: the output tiles) under `_SPLIT_PROGRAMS` and, where it does
+    not divide ``steps``, pads them by at most an eighth without an empty split (see
+    `_check_splits`: K = 11008 has 43 steps of 256; unsplit, its 4096x11008 GEMV took
+    43.4 us against 20.9 for 11008x4096, H200)."""
     splits = 1
-    while programs * splits < _SPLIT_PROGRAMS and steps % (splits * 2) == 0 \
-            and steps // (splits * 2) >= 2:
-        splits *= 2
+    while programs * splits < _SPLIT_PROGRAMS and steps // (splits * 2) >= 2:
+        cand = splits * 2
+        per = -(-steps // cand)
+        if 8 * (per * cand - steps) > steps or (cand - 1) * per >= steps:
+            break
+        splits = cand
     return splits
+
+
+def _check_splits(name: str, splits: int, total: int, what: str) -> int:
+    """The steps per split of ``total`` steps (``cdiv``; the last split's steps past the
+    end read TMA's zero fill, so they add nothing); raises ValueError when a split would
+    have no step."""
+    per = -(-total // splits) if splits >= 1 else 0
+    if splits < 1 or (splits - 1) * per >= total:
+        raise ValueError(f"{name}: splits={splits} leaves a split with no step of the "
+                         f"{total} steps of {what}")
+    return per
 
 
 def _int4_view(packed, n: int, k: int):
@@ -459,7 +476,7 @@ _STATIC = ("block_m", "block_k", "splits", "stages", "in_flight", "schedule", "w
 def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
                     block_m: int | None = None, block_k: int | None = None,
                     splits: int | None = None, stages: int | None = None,
-                    in_flight: int = 0, schedule: str = "tiles", wgs: int = 1,
+                    in_flight: int = 0, schedule: str | None = None, wgs: int = 2,
                     programs: int | None = None) -> jax.Array:
     """``x @ W.T`` for an NF4 ``W [N, K]`` in bitsandbytes' packed bytes, on Hopper.
 
@@ -475,15 +492,19 @@ def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=Non
       block_m: token columns per program (8..128, a multiple of 8; default: M rounded up
         to 8 for M <= 64, else 128).
       block_k: K columns per pipeline step (a multiple of 64 dividing K; default 256).
-      splits: programs sharing one row tile's K range (default: the most, up to 800
-        programs, that leave each at least two pipeline steps).
+      splits: programs sharing one row tile's K range, each ``cdiv(K/block_k, splits)``
+        steps (the last may run past K on TMA's zero fill; default: the most, up to 800
+        programs, that leave each at least two steps and pad by at most an eighth).
       stages: pipeline buffers in flight (default: up to 4 within the shared memory).
       in_flight: wgmma groups left in flight after each issue (0: wait for each).
       schedule: ``"tiles"``: one program per (row tile, M tile, split);
         ``"persistent"`` (M <= 64 only): a fixed grid of ``programs`` programs (default:
         one per SM) that each run a share of the (row tile, split) units as one
-        warp-specialized pipeline of pipelines (`_ws_kernel_body`).
-      wgs: ``"persistent"``: compute warpgroups per program (1 or 2; 64 rows each).
+        warp-specialized pipeline of pipelines (`_ws_kernel_body`). None (default):
+        ``"persistent"`` for M <= 16 and at most `PERSISTENT_MAX_ROWS` rows in all,
+        else ``"tiles"``.
+      wgs: ``"persistent"``: compute warpgroups per program (1 or 2 (default); 64 rows
+        each).
       programs: ``"persistent"``: the grid size (default: the GPU's SM count).
 
     Returns:
@@ -501,7 +522,7 @@ def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=Non
 def nf4_mgpu_matmul_multi(x: jax.Array, packed: tuple, scale: tuple, layer=None, *,
                           block_m: int | None = None, block_k: int | None = None,
                           splits: int | None = None, stages: int | None = None,
-                          in_flight: int = 0, schedule: str = "tiles", wgs: int = 1,
+                          in_flight: int = 0, schedule: str | None = None, wgs: int = 2,
                           programs: int | None = None) -> tuple[jax.Array, ...]:
     """``(x @ W_0.T, x @ W_1.T, ...)`` for several NF4 weights ``W_i [N_i, K]`` of one
     ``K``, in ONE kernel launch (a decoder layer's q/k/v, or gate/up).
@@ -540,8 +561,14 @@ def nf4_mgpu_matmul_multi(x: jax.Array, packed: tuple, scale: tuple, layer=None,
                        name="nf4_mgpu_matmul_multi")
 
 
+#: The default schedule takes ``"persistent"`` for M <= 16 up to this many rows (the sum
+#: of the weights' N), ``"tiles"`` above. Set from the H200 sweep of
+#: ``benchmarks/nf4_mgpu_sweep.py --persistent`` (see RESULTS.md).
+PERSISTENT_MAX_ROWS = 0
+
+
 def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, splits, stages,
-                in_flight, name: str, schedule: str = "tiles", wgs: int = 1,
+                in_flight, name: str, schedule: str | None = None, wgs: int = 2,
                 programs: int | None = None) -> tuple[jax.Array, ...]:
     """The kernel launch behind `nf4_mgpu_matmul` and `nf4_mgpu_matmul_multi`."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -564,6 +591,8 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
     block_m = block_m or _default_block_m(m)
     if block_k is None:
         block_k = next(b for b in (256, 128, 64) if k % b == 0)
+    if schedule is None:
+        schedule = "persistent" if m <= 16 and sum(ns) <= PERSISTENT_MAX_ROWS else "tiles"
     if schedule == "persistent":
         return _mgpu_persistent(x, packed, scale, layer, ns, block_m=block_m, block_k=block_k,
                                 splits=splits, stages=stages, in_flight=in_flight, wgs=wgs,
@@ -574,9 +603,7 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
     tiles_n, tiles_m, tiles_k = sum(tiles), pl.cdiv(m, block_m), k // block_k
     if splits is None:  # H200, W 11008x4096, M = 1: 29.3 us unsplit, 22.2 with 2, 20.1 with 8
         splits = _default_splits(tiles_n * tiles_m, tiles_k)
-    if tiles_k % splits:
-        raise ValueError(f"{name}: splits={splits} must divide K/block_k={tiles_k}")
-    steps = tiles_k // splits
+    steps = _check_splits(name, splits, tiles_k, f"K/block_k={tiles_k}")
     per_stage = 64 * block_k // 2 + block_m * block_k * 2 + (block_k // 64) * 64 * 2
     stages = stages or max(1, min(4, steps, _SMEM_BUDGET // per_stage))
     operands = []
@@ -615,11 +642,12 @@ def _mgpu_persistent(x, packed, scale, layer, ns, *, block_m, block_k, splits, s
     programs = programs or _sm_count()
     if splits is None:  # the fewest K splits that give every program a unit
         splits = 1
-        while sum(tiles) * splits < programs and tiles_k % (2 * splits) == 0:
+        while sum(tiles) * splits < programs and tiles_k // (2 * splits) >= 1:
+            per = -(-tiles_k // (2 * splits))
+            if (2 * splits - 1) * per >= tiles_k:
+                break
             splits *= 2
-    if tiles_k % splits:
-        raise ValueError(f"{name}: splits={splits} must divide K/block_k={tiles_k}")
-    steps = tiles_k // splits
+    steps = _check_splits(name, splits, tiles_k, f"K/block_k={tiles_k}")
     units = sum(tiles) * splits
     per_program = pl.cdiv(units, programs)
     grid = pl.cdiv(units, per_program)
@@ -762,9 +790,9 @@ def nf4_mgpu_matmul_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=
         M rounded up to 8 for M <= 64, else 128).
       block_n: rows of W (columns of ``dy``) per pipeline step (64, 128 or 256; default
         `_default_block_n`: 64 for up to 8 rows of ``dy``, else 128 where it gives 256 programs).
-      splits: programs sharing one K tile's N range (must divide ``cdiv(N, block_n)``;
-        default `_default_splits`, the forward's rule: the most, up to 800 programs,
-        that leave each at least two steps).
+      splits: programs sharing one K tile's N range, each ``cdiv(cdiv(N, block_n),
+        splits)`` steps (none may be left without a step; default `_default_splits`, the
+        forward's rule).
       stages: pipeline buffers in flight (default: up to 4 within the shared memory; at
         least 2 with ``in_flight``).
       in_flight: 1 (default): two bfloat16 tiles alternate and one wgmma group stays in
@@ -804,9 +832,7 @@ def nf4_mgpu_matmul_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=
         raise ValueError(f"{name}: block_n={block_n} must be 64, 128 or 256")
     total = pl.cdiv(n, block_n)
     splits = splits or _default_splits(tiles_k * tiles_m, total)
-    if total % splits:
-        raise ValueError(f"{name}: splits={splits} must divide cdiv(N, block_n)={total}")
-    steps = total // splits
+    steps = _check_splits(name, splits, total, f"cdiv(N, block_n)={total}")
     per_stage = block_n * 64 // 2 + block_m * block_n * 2 + block_n * 2
     tile = block_n * 64 * 2  # one bfloat16 W tile
     if steps < 2 or 2 * tile + 2 * per_stage > _SMEM_BUDGET:

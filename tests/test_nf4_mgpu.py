@@ -486,19 +486,20 @@ def test_t_lowers_for_cuda(m, n, k, layers, kw):
 
 def test_t_default_plan():
     """The default tiles of the transposed kernel for Llama shapes (H200 decode): every
-    split count divides the N steps, and each case has at least 256 programs where the
-    N steps allow it."""
+    split has at least two steps, padding adds at most an eighth of the N steps, no split
+    is empty, and each case has at least 256 programs where the N steps allow it."""
     from pallas_kernels.nf4_mgpu import _default_block_n, _default_splits
 
     for (n, k, want), block_m in [(c, 8) for c in ((4096, 4096, 64), (11008, 4096, 64), (4096, 11008, 64),
                                                  (14336, 4096, 64), (4096, 14336, 64), (1024, 4096, 64))] + \
-            [(c, 16) for c in ((4096, 4096, 128), (11008, 4096, 64), (14336, 4096, 128))]:
+            [(c, 16) for c in ((4096, 4096, 128), (11008, 4096, 128), (14336, 4096, 128))]:
         programs = k // 64
         block_n = _default_block_n(n, programs, block_m)
         steps = -(-n // block_n)
         splits = _default_splits(programs, steps)
         assert block_n == want, (n, k, block_n)
-        assert steps % splits == 0 and steps // splits >= 2
+        per = -(-steps // splits)
+        assert per >= 2 and 8 * (per * splits - steps) <= steps and (splits - 1) * per < steps
         assert programs * splits >= 256, (n, k, block_n, splits)
 
 
@@ -533,7 +534,7 @@ def test_t_rejects_bad_operands():
         nf4_mgpu_matmul_t(dy, p, s, block_n=96)
     with pytest.raises(ValueError, match="splits"):
         nf4_mgpu_matmul_t(jnp.zeros((1, 192), jnp.bfloat16), jnp.zeros((192, 64), jnp.uint8),
-                          jnp.zeros((2, 192), jnp.bfloat16), block_n=64, splits=2)
+                          jnp.zeros((2, 192), jnp.bfloat16), block_n=64, splits=4)
 
 
 def test_backward_dispatch_on_faked_hopper(monkeypatch):
@@ -684,3 +685,58 @@ def test_persistent_matches_float64(wgs, programs, m, ns, k, layers):
         want = x64 @ d.T
         assert y.shape == (m, n) and np.isfinite(y).all()
         assert np.linalg.norm(y - want) / np.linalg.norm(want) < 1e-2
+
+
+@pytest.mark.parametrize("kernel,shape,kw", [
+    ("forward", (1, 4096, 11008), {}),            # 43 steps of 256: 8 splits of 6, padded
+    ("forward", (1, 200, 320), dict(splits=2)),   # 5 steps of 64: 3 + 2 (+ 1 past K)
+    ("transposed", (1, 11008, 128), {}),          # 172 N steps of 64, uneven splits
+])
+def test_uneven_splits_lower_for_cuda(kernel, shape, kw):
+    """Split counts that do not divide the steps (the last split runs past the end on TMA's
+    zero fill) are built for CUDA; a split with no step at all is refused."""
+    from pallas_kernels.nf4_mgpu import _default_splits, nf4_mgpu_matmul_t
+
+    m, n, k = shape
+    if kernel == "forward":
+        assert _default_splits(n // 64, 43) == 8
+        args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16)]
+        f = lambda *a: nf4_mgpu_matmul(*a, **kw)  # noqa: E731
+    else:
+        args = [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)]
+        f = lambda *a: nf4_mgpu_matmul_t(*a, **kw)  # noqa: E731
+    args += [jax.ShapeDtypeStruct((n, k // 2), jnp.uint8), jax.ShapeDtypeStruct((k // 64, n), jnp.bfloat16)]
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_calls(text) == 1
+    with pytest.raises(ValueError, match="no step"):
+        nf4_mgpu_matmul(jnp.zeros((1, 320), jnp.bfloat16), jnp.zeros((64, 160), jnp.uint8),
+                        jnp.zeros((5, 64), jnp.bfloat16), block_k=64, splits=4)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU NF4 kernel needs a Hopper GPU")
+@pytest.mark.parametrize("kernel,m,n,k,kw", [
+    ("forward", 1, 200, 320, dict(splits=2)),
+    ("forward", 3, 136, 11008, {}),
+    ("forward", 16, 264, 11008, dict(splits=5)),
+    ("transposed", 1, 11008, 128, {}),
+    ("transposed", 5, 200, 320, dict(splits=3, block_n=64)),
+])
+def test_uneven_splits_match_float64(kernel, m, n, k, kw):
+    """Uneven split counts (steps past K or N read as zeros) against float64 NumPy."""
+    from pallas_kernels.nf4_mgpu import nf4_mgpu_matmul_t
+
+    rng = np.random.default_rng()
+    packed, absmax = random_weight(rng, n, k)
+    scale = nf4_kernel_scale(jnp.asarray(absmax), n, k, 64)
+    w64 = dense64(packed, absmax)
+    if kernel == "forward":
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        y = nf4_mgpu_matmul(x, jnp.asarray(packed), scale, **kw)
+        want = np.asarray(x.astype(jnp.float32), np.float64) @ w64.T
+    else:
+        dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+        y = nf4_mgpu_matmul_t(dy, jnp.asarray(packed), scale, **kw)
+        want = np.asarray(dy.astype(jnp.float32), np.float64) @ w64
+    y = np.asarray(y.astype(jnp.float32), np.float64)
+    assert np.isfinite(y).all()
+    assert np.linalg.norm(y - want) / np.linalg.norm(want) < 1e-2
