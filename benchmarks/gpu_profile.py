@@ -139,8 +139,6 @@ def main() -> int:
                     help="skip the train step; profile decoding per token (see --decode-batches)")
     ap.add_argument("--decode-batches", default="1",
                     help="with --decode-only: comma-separated batch sizes, 512-token prompts")
-    ap.add_argument("--persistent-max-rows", type=int, default=None,
-                    help="set pallas_kernels.nf4_mgpu.PERSISTENT_MAX_ROWS (A/B of the schedules)")
     args = ap.parse_args()
 
     import jax
@@ -150,9 +148,6 @@ def main() -> int:
     from jaxqlora.lora import apply_lora
     from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
 
-    if args.persistent_max_rows is not None:
-        import pallas_kernels.nf4_mgpu as nf4_mgpu
-        nf4_mgpu.PERSISTENT_MAX_ROWS = args.persistent_max_rows
     cfg = dataclasses.replace(common.MODELS[args.model], num_hidden_layers=args.layers)
     out = Path(args.out)
     print(f"# {common.device_line()} | {args.model} shape, {args.layers} layers | "

@@ -8,7 +8,6 @@ relative error >= 5e-3). Then M = 4096 with block_m 128/256 (the fused large-M v
 Times: 8 distinct weight sets per jitted call (no L2 reuse), 20 queued calls, median of 5.
 
     python benchmarks/nf4_mgpu_sweep.py      # one H200, about 4 minutes
-    python benchmarks/nf4_mgpu_sweep.py --persistent   # the persistent schedule's variants
 
 This is the script of the exploration rows in RESULTS.md (issue 13); `benchmarks/kernels.py
 --only nf4` has the recorded comparison.
@@ -35,13 +34,6 @@ CONFIGS = {"base": {}, "if1": dict(in_flight=1), "bk512": dict(block_k=512),
            "s1": dict(splits=1), "s8": dict(splits=8), "st2": dict(stages=2), "st6": dict(stages=6)}
 LARGE = {"bm128": dict(block_m=128), "bm256": dict(block_m=256),
          "bm256bk128": dict(block_m=256, block_k=128), "bm256if1": dict(block_m=256, in_flight=1)}
-#: ``--persistent``: the one-program-per-SM warp-specialized schedule against the tiles.
-PERSISTENT = {"base": dict(schedule="tiles"), "s8": dict(schedule="tiles", splits=8),
-              "p1": dict(schedule="persistent", wgs=1), "p2": dict(schedule="persistent", wgs=2),
-              "p2s1": dict(schedule="persistent", wgs=2, splits=1),
-              "p2s4": dict(schedule="persistent", wgs=2, splits=4)}
-PERSISTENT_SHAPES = [(4096, 11008, 1), (4096, 4096, 1), (6144, 4096, 1), (2048, 4096, 1),
-                     (8192, 4096, 1), (4096, 4096, 8), (6144, 4096, 8), (4096, 4096, 16)]
 SHAPES = [(11008, 4096, 1), (4096, 4096, 1), (4096, 14336, 1), (14336, 4096, 1),
           (11008, 4096, 16), (11008, 4096, 32), (11008, 4096, 64)]
 RNG = np.random.default_rng(0)
@@ -90,10 +82,6 @@ def row(n, k, m, reps, configs, calls):
 
 def main() -> int:
     print(f"# nf4_mgpu sweep | {jax.devices()[0].device_kind} | jax {jax.__version__} | us per call")
-    if "--persistent" in sys.argv:
-        for n, k, m in PERSISTENT_SHAPES:
-            row(n, k, m, 8, PERSISTENT, 20)
-        return 0
     for n, k, m in SHAPES:
         row(n, k, m, 8, CONFIGS, 20)
     for n, k in ((11008, 4096), (4096, 11008)):

@@ -301,112 +301,6 @@ def _kernel_body(layer_ref, x_gmem, *refs, tiles: tuple[int, ...], **kw):
         start += count
 
 
-def _ws_kernel_body(layer_ref, x_gmem, *refs, tiles: tuple[int, ...], block_m: int,
-                    block_k: int, steps: int, stages: int, in_flight: int, splits: int,
-                    units_per_program: int, wgs: int):
-    """The persistent, warp-specialized schedule (``schedule="persistent"``): a fixed grid
-    of programs (about one per SM), each running ``units_per_program`` work units in
-    turn. A unit is one CTA row tile of ``64 * wgs`` rows (``tiles[i]`` of weight ``i``)
-    times one of ``splits`` K ranges; programs take consecutive units (past the last unit
-    a program repeats it, writing the same values again). Each CTA has ``wgs`` compute
-    warpgroups (64 rows each, the same dequantize + wgmma step as `_row_tile`) and one
-    memory warpgroup that issues the TMA copies
-    (`plgpu.emit_pipeline_warp_specialized`). The units' pipelines run as one pipeline of
-    pipelines (``pipeline_state`` START / STEADY / STOP, shared allocations), so the
-    memory warpgroup prefetches the next unit's tiles while the compute warpgroups finish
-    a unit and store its float32 rows: no pipeline fill per unit, one launch per SM
-    (after the schedule of jax's ``hopper_mixed_type_matmul_mgpu.py``)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    from jax.experimental.pallas.mosaic_gpu import PipelinePipeline
-
-    *weights, o_gmem, o_smem = refs
-    rows = 64 * wgs
-    total_units = sum(tiles) * splits
-    wg = lax.axis_index("wg")
-    pid = lax.axis_index("p")
-    layer = layer_ref[0]
-    sub = block_k // 64
-    w_swizzle = plgpu.find_swizzle(4 * block_k, "lhs")
-    x_swizzle = plgpu.find_swizzle(16 * 64, "rhs")
-    my_rows = pl.ds(wg * 64, 64) if wgs > 1 else slice(None)
-
-    def pipeline(body, context, tile, si, state):
-        w_spec = plgpu.BlockSpec((rows, block_k), lambda t: (tile, si * steps + t),
-                                 transforms=_swizzled(w_swizzle, 4))
-        x_spec = plgpu.BlockSpec((block_m, block_k), lambda t: (0, si * steps + t),
-                                 transforms=_swizzled(x_swizzle, 16))
-        s_spec = plgpu.BlockSpec((sub, rows), lambda t: (si * steps + t, tile))
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(steps,), memory_registers=40, in_specs=(w_spec, x_spec, s_spec),
-            wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=stages,
-            compute_context=context, pipeline_state=state)
-
-    def step(_, w_smem, x_smem, s_smem, acc_ref):
-        w = plgpu.load(w_smem.at[my_rows], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-        for j in range(sub):
-            wj = plgpu.layout_cast(w[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
-            wj = _nf4_dequant(wj, s_smem.at[j, my_rows])
-            plgpu.wgmma(acc_ref, wj, x_smem.at[:, j * 64:(j + 1) * 64].T)
-            plgpu.wgmma_wait(in_flight)
-        return acc_ref
-
-    ignore = lambda *_, **__: None  # noqa: E731
-    allocs = pipeline(ignore, ignore, 0, 0, None).get_allocations(
-        weights[0].at[layer], x_gmem, weights[1].at[layer])
-
-    @functools.partial(pl.run_scoped, allocs=allocs, collective_axes="wg")
-    def _scope(allocs):
-        @pl.loop(0, units_per_program)
-        def _unit(i):
-            unit = lax.min(pid * units_per_program + i, total_units - 1)
-            gtile, si = unit // splits, lax.rem(unit, splits)
-            if units_per_program == 1:
-                state = None
-            else:
-                state = jnp.where(i == 0, int(PipelinePipeline.START),
-                                  jnp.where(i == units_per_program - 1,
-                                            int(PipelinePipeline.STOP),
-                                            int(PipelinePipeline.STEADY)))
-
-            def run(w_gmem, s_gmem, tile):
-                def context(eval_pipeline):
-                    def acc_scope(acc_ref):
-                        eval_pipeline(acc_ref)
-                        acc = acc_ref[...]
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        o_smem[wg] = acc
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            o_smem.at[wg], o_gmem.at[si, 0, pl.ds(gtile * rows + wg * 64, 64)])
-
-                    pl.run_scoped(acc_scope, plgpu.ACC((64, block_m), jnp.float32))
-
-                pipeline(step, context, tile, si, state)(
-                    w_gmem.at[layer], x_gmem, s_gmem.at[layer], allocations=allocs)
-
-            if len(tiles) == 1:
-                run(weights[0], weights[1], gtile)
-                return
-            start = 0
-            for wi, count in enumerate(tiles):
-                def branch(w_gmem=weights[2 * wi], s_gmem=weights[2 * wi + 1], start=start):
-                    run(w_gmem, s_gmem, gtile - start)
-
-                pl.when((gtile >= start) & (gtile < start + count))(branch)
-                start += count
-
-    plgpu.wait_smem_to_gmem(0)
-
-
-def _sm_count() -> int:
-    """Streaming multiprocessors of this machine's first GPU (132 on an H200; 132 when
-    there is no GPU, for lowering on a CPU host)."""
-    try:
-        return int(getattr(jax.devices()[0], "core_count", 0) or 132)
-    except RuntimeError:  # pragma: no cover
-        return 132
-
-
 #: Shared memory the pipeline buffers may take (the H200 allows 227 KiB per block).
 _SMEM_BUDGET = 200 * 1024
 
@@ -425,7 +319,7 @@ def _default_splits(programs: int, steps: int) -> int:
     splits`` (``programs``: the output tiles) under `_SPLIT_PROGRAMS` and, where it does
     not divide ``steps``, pads them by at most an eighth without an empty split (see
     `_check_splits`: K = 11008 has 43 steps of 256; unsplit, its 4096x11008 GEMV took
-    43.4 us against 20.9 for 11008x4096, H200)."""
+    43.4 us against 20.9 for 11008x4096; 8 splits of 6 steps: 22.7 us, H200, M = 1)."""
     splits = 1
     while programs * splits < _SPLIT_PROGRAMS and steps // (splits * 2) >= 2:
         cand = splits * 2
@@ -468,16 +362,12 @@ def _sum_partials(out, m: int):
     return out.transpose(0, 2, 1).reshape(tiles_m * block_m, rows)[:m]
 
 
-_STATIC = ("block_m", "block_k", "splits", "stages", "in_flight", "schedule", "wgs",
-           "programs")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "splits", "stages",
+                                             "in_flight"))
 def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
                     block_m: int | None = None, block_k: int | None = None,
                     splits: int | None = None, stages: int | None = None,
-                    in_flight: int = 0, schedule: str | None = None, wgs: int = 2,
-                    programs: int | None = None) -> jax.Array:
+                    in_flight: int = 0) -> jax.Array:
     """``x @ W.T`` for an NF4 ``W [N, K]`` in bitsandbytes' packed bytes, on Hopper.
 
     The one-weight case of `nf4_mgpu_matmul_multi`.
@@ -497,15 +387,6 @@ def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=Non
         programs, that leave each at least two steps and pad by at most an eighth).
       stages: pipeline buffers in flight (default: up to 4 within the shared memory).
       in_flight: wgmma groups left in flight after each issue (0: wait for each).
-      schedule: ``"tiles"``: one program per (row tile, M tile, split);
-        ``"persistent"`` (M <= 64 only): a fixed grid of ``programs`` programs (default:
-        one per SM) that each run a share of the (row tile, split) units as one
-        warp-specialized pipeline of pipelines (`_ws_kernel_body`). None (default):
-        ``"persistent"`` for M <= 16 and at most `PERSISTENT_MAX_ROWS` rows in all,
-        else ``"tiles"``.
-      wgs: ``"persistent"``: compute warpgroups per program (1 or 2 (default); 64 rows
-        each).
-      programs: ``"persistent"``: the grid size (default: the GPU's SM count).
 
     Returns:
       ``[M, N]`` in ``x.dtype``.
@@ -514,16 +395,16 @@ def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=Non
       ValueError: shapes outside `nf4_mgpu_supported`'s restrictions.
     """
     return _mgpu_multi(x, (packed,), (scale,), layer, block_m=block_m, block_k=block_k,
-                       splits=splits, stages=stages, in_flight=in_flight, schedule=schedule,
-                       wgs=wgs, programs=programs, name="nf4_mgpu_matmul")[0]
+                       splits=splits, stages=stages, in_flight=in_flight,
+                       name="nf4_mgpu_matmul")[0]
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "splits", "stages",
+                                             "in_flight"))
 def nf4_mgpu_matmul_multi(x: jax.Array, packed: tuple, scale: tuple, layer=None, *,
                           block_m: int | None = None, block_k: int | None = None,
                           splits: int | None = None, stages: int | None = None,
-                          in_flight: int = 0, schedule: str | None = None, wgs: int = 2,
-                          programs: int | None = None) -> tuple[jax.Array, ...]:
+                          in_flight: int = 0) -> tuple[jax.Array, ...]:
     """``(x @ W_0.T, x @ W_1.T, ...)`` for several NF4 weights ``W_i [N_i, K]`` of one
     ``K``, in ONE kernel launch (a decoder layer's q/k/v, or gate/up).
 
@@ -544,8 +425,8 @@ def nf4_mgpu_matmul_multi(x: jax.Array, packed: tuple, scale: tuple, layer=None,
       scale: tuple of the matching `nf4_kernel_scale` layouts, bfloat16
         ``[K // 64, N_i]`` (``[L, K // 64, N_i]`` with ``layer``).
       layer: int32 scalar, the stacked layer of every weight (read in place), or None.
-      block_m, block_k, splits, stages, in_flight, schedule, wgs, programs: as in
-        `nf4_mgpu_matmul` (the default ``splits`` counts all weights' row tiles).
+      block_m, block_k, splits, stages, in_flight: as in `nf4_mgpu_matmul` (the default
+        ``splits`` counts all weights' row tiles).
 
     Returns:
       A tuple of ``[M, N_i]`` arrays in ``x.dtype``.
@@ -557,19 +438,11 @@ def nf4_mgpu_matmul_multi(x: jax.Array, packed: tuple, scale: tuple, layer=None,
     """
     return _mgpu_multi(x, tuple(packed), tuple(scale), layer, block_m=block_m,
                        block_k=block_k, splits=splits, stages=stages, in_flight=in_flight,
-                       schedule=schedule, wgs=wgs, programs=programs,
                        name="nf4_mgpu_matmul_multi")
 
 
-#: The default schedule takes ``"persistent"`` for M <= 16 up to this many rows (the sum
-#: of the weights' N), ``"tiles"`` above. Set from the H200 sweep of
-#: ``benchmarks/nf4_mgpu_sweep.py --persistent`` (see RESULTS.md).
-PERSISTENT_MAX_ROWS = 0
-
-
 def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, splits, stages,
-                in_flight, name: str, schedule: str | None = None, wgs: int = 2,
-                programs: int | None = None) -> tuple[jax.Array, ...]:
+                in_flight, name: str) -> tuple[jax.Array, ...]:
     """The kernel launch behind `nf4_mgpu_matmul` and `nf4_mgpu_matmul_multi`."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -591,14 +464,6 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
     block_m = block_m or _default_block_m(m)
     if block_k is None:
         block_k = next(b for b in (256, 128, 64) if k % b == 0)
-    if schedule is None:
-        schedule = "persistent" if m <= 16 and sum(ns) <= PERSISTENT_MAX_ROWS else "tiles"
-    if schedule == "persistent":
-        return _mgpu_persistent(x, packed, scale, layer, ns, block_m=block_m, block_k=block_k,
-                                splits=splits, stages=stages, in_flight=in_flight, wgs=wgs,
-                                programs=programs, name=name)
-    if schedule != "tiles":
-        raise ValueError(f"{name}: schedule={schedule!r} must be 'tiles' or 'persistent'")
     tiles = tuple(pl.cdiv(n, 64) for n in ns)
     tiles_n, tiles_m, tiles_k = sum(tiles), pl.cdiv(m, block_m), k // block_k
     if splits is None:  # H200, W 11008x4096, M = 1: 29.3 us unsplit, 22.2 with 2, 20.1 with 8
@@ -622,61 +487,6 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
     for n, t in zip(ns, tiles):
         ys.append(y[:, row:row + n].astype(x.dtype))
         row += 64 * t
-    return tuple(ys)
-
-
-def _mgpu_persistent(x, packed, scale, layer, ns, *, block_m, block_k, splits, stages,
-                     in_flight, wgs, programs, name):
-    """The launch of the ``"persistent"`` schedule (`_ws_kernel_body`) for `_mgpu_multi`."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    m, k = x.shape
-    if m > block_m or block_m > 64:
-        raise ValueError(f"{name}: the persistent schedule takes M <= block_m <= 64 (M={m}, "
-                         f"block_m={block_m})")
-    if wgs not in (1, 2):
-        raise ValueError(f"{name}: wgs={wgs} must be 1 or 2")
-    rows = 64 * wgs
-    tiles = tuple(pl.cdiv(n, rows) for n in ns)
-    tiles_k = k // block_k
-    programs = programs or _sm_count()
-    if splits is None:  # the fewest K splits that give every program a unit
-        splits = 1
-        while sum(tiles) * splits < programs and tiles_k // (2 * splits) >= 1:
-            per = -(-tiles_k // (2 * splits))
-            if (2 * splits - 1) * per >= tiles_k:
-                break
-            splits *= 2
-    steps = _check_splits(name, splits, tiles_k, f"K/block_k={tiles_k}")
-    units = sum(tiles) * splits
-    per_program = pl.cdiv(units, programs)
-    grid = pl.cdiv(units, per_program)
-    per_stage = rows * block_k // 2 + block_m * block_k * 2 + (block_k // 64) * rows * 2
-    if stages is None:  # up to 4 in shared memory; a divisor of the steps (pipeline of pipelines)
-        stages = max(d for d in range(1, min(4, steps, _SMEM_BUDGET // per_stage) + 1)
-                     if steps % d == 0)
-    if per_program > 1 and steps % stages:
-        raise ValueError(f"{name}: stages={stages} must divide the {steps} steps of a unit")
-    operands = []
-    for p, s, n in zip(packed, scale, ns):
-        operands += [_int4_view(p, n, k), s]
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    kernel = plgpu.kernel(
-        functools.partial(_ws_kernel_body, tiles=tiles, block_m=block_m, block_k=block_k,
-                          steps=steps, stages=stages, in_flight=in_flight, splits=splits,
-                          units_per_program=per_program, wgs=wgs),
-        out_type=jax.ShapeDtypeStruct((splits, 1, sum(tiles) * rows, block_m), jnp.float32),
-        grid=(grid,),
-        grid_names=("p",),
-        num_threads=wgs + 1,
-        thread_name="wg",
-        scratch_types=(plgpu.SMEM((wgs, 64, block_m), jnp.float32),),
-    )
-    y = _sum_partials(kernel(layer, _pad_rows(x), *operands), m)
-    ys, row = [], 0
-    for n, t in zip(ns, tiles):
-        ys.append(y[:, row:row + n].astype(x.dtype))
-        row += rows * t
     return tuple(ys)
 
 
