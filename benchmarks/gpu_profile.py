@@ -53,9 +53,10 @@ def category(name: str) -> str:
     return "other"
 
 
-def device_events(trace_dir: Path, with_ts: bool = False):
+def device_events(trace_dir: Path, with_ts: bool = False, module: str | None = None):
     """(name, dur_us) of every kernel event on a GPU stream in the Perfetto trace
-    (``(name, dur_us, ts_us)`` with ``with_ts``)."""
+    (``(name, dur_us, ts_us, in_cuda_graph)`` with ``with_ts``); with ``module``, only the
+    kernels of the XLA modules whose name contains it (the events' ``hlo_module``)."""
     path = next(trace_dir.rglob("perfetto_trace.json.gz"))
     with gzip.open(path) as f:
         trace = json.load(f)
@@ -65,27 +66,37 @@ def device_events(trace_dir: Path, with_ts: bool = False):
     if not gpu_pids:
         names = sorted({str(e.get("args", {}).get("name")) for e in events if e.get("name") == "process_name"})
         print(f"# no GPU process in {path}; processes: {names}")
-    return [(e["name"], float(e["dur"])) + ((float(e["ts"]),) if with_ts else ())
-            for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+    out = []
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu_pids or "dur" not in e:
+            continue
+        args = e.get("args", {})
+        if module is not None and module not in str(args.get("hlo_module", "")):
+            continue
+        out.append((e["name"], float(e["dur"]))
+                   + ((float(e["ts"]), "cuda_graph_id" in args) if with_ts else ()))
+    return out
 
 
 def per_token(short, long, tokens: int) -> dict:
     """What one decoded token adds: the events of a ``long`` generation minus those of a
     ``short`` one (same prompt and prefill) over the ``tokens`` between them. Returns the
     kernel count, the GPU busy time and the span from the first to the last kernel (us),
-    and the per-kernel-name counts and busy times."""
+    and the per-kernel-name counts and busy times, and the share of the kernels launched
+    from a CUDA graph (XLA command buffers)."""
     if not short or not long:
         raise SystemExit("no GPU kernel events traced (decoding is profiled on a GPU only)")
 
     def span(ev):
-        return max(t + d for _, d, t in ev) - min(t for _, _, t in ev)
+        return max(t + d for _, d, t, _ in ev) - min(t for _, _, t, _ in ev)
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for sign, ev in ((1, long), (-1, short)):
-        for name, d, _ in ev:
+        for name, d, _, _ in ev:
             by_name[name][0] += sign
             by_name[name][1] += sign * d
     return {"kernels": (len(long) - len(short)) / tokens,
-            "busy_us": (sum(d for _, d, _ in long) - sum(d for _, d, _ in short)) / tokens,
+            "busy_us": (sum(d for _, d, _, _ in long) - sum(d for _, d, _, _ in short)) / tokens,
+            "in_graph": sum(g for *_, g in long) / len(long),
             "span_us": (span(long) - span(short)) / tokens,
             "by_name": {k: (c / tokens, d / tokens) for k, (c, d) in by_name.items()}}
 
@@ -97,7 +108,8 @@ def report_decode(title: str, tok: dict, batch: int = 1) -> None:
     print(f"\n# {title}: {1e6 * batch / span:.1f} tokens/s from the traced span")
     print(f"\n## {title}: {tok['kernels']:.1f} kernels per token, GPU busy {busy:.1f} us of a "
           f"{span:.1f} us span per token ({100 * busy / span:.1f}% busy; "
-          f"{(span - busy) / max(tok['kernels'], 1):.2f} us idle per kernel)")
+          f"{(span - busy) / max(tok['kernels'], 1):.2f} us idle per kernel; "
+          f"{100 * tok['in_graph']:.0f}% of the loop's kernels launched from CUDA graphs)")
     cats = collections.defaultdict(lambda: [0.0, 0.0])
     for name, (c, d) in tok["by_name"].items():
         cats[category(name)][0] += c
@@ -183,7 +195,9 @@ def main() -> int:
 
 def decode_profile(lm, cfg, args, out: Path) -> int:
     """Per-token kernel profile of greedy decoding: two traced generations of ``args.new``
-    and ``3 * args.new`` tokens after the same 512-token prompt, differenced (`per_token`)."""
+    and ``3 * args.new`` tokens after the same 512-token prompt, differenced (`per_token`),
+    counting only the decode loop's kernels (the two prefills are separate executables
+    with their own kernel names)."""
     import jax
     import numpy as np
 
@@ -204,7 +218,7 @@ def decode_profile(lm, cfg, args, out: Path) -> int:
             with jax.profiler.trace(str(d), create_perfetto_trace=True):
                 generate(lm, tok, prompt, max_new_tokens=new, ignore_eos=True, return_ids=True,
                          executables=ex)
-            events[new] = device_events(d, with_ts=True)
+            events[new] = device_events(d, with_ts=True, module="decode_loop")
         report_decode(f"decode batch {b} x 512-token prompt, {cfg.num_hidden_layers} layers "
                       f"(tokens {short + 1}..{long})", per_token(events[short], events[long], long - short), b)
     return 0
