@@ -224,16 +224,18 @@ def suite_norm(key, calls, rounds):
         record("rmsnorm fwd+bwd", shape, "pallas", tgp, nbytes=5 * 2 * m * h,
                err=rel_err(gp[0], g[0]), xla=t_g)
         record("rmsnorm fwd+bwd", shape, "xla", t_g, nbytes=5 * 2 * m * h, xla=t_g)
-    rsets = [(x, w, dy.astype(jnp.float32)) for x, w, dy in sets]
-    for impl in ("pallas", "xla"):
-        f = lambda x, w, res: add_rms_norm(x, res, w, 1e-5, impl=impl)
-        t, y = bench_sets(f, rsets, calls=calls, rounds=rounds)
-        if impl == "pallas":
-            yp, tp = y, t
-            continue
-        record("add+rmsnorm fwd", shape + " res f32", "pallas", tp, nbytes=12 * m * h,
-               err=rel_err(yp[0], y[0]), xla=t)
-        record("add+rmsnorm fwd", shape + " res f32", "xla", t, nbytes=12 * m * h, xla=t)
+    for rows in (m, 32, 1):  # training rows, then decoding's batch 32 and batch 1
+        rsets = [(x[:rows], w, dy[:rows].astype(jnp.float32)) for x, w, dy in sets]
+        rshape = f"{rows}x{h} bf16 res f32"
+        for impl in ("pallas", "xla"):
+            f = lambda x, w, res: add_rms_norm(x, res, w, 1e-5, impl=impl)
+            t, y = bench_sets(f, rsets, calls=calls, rounds=rounds)
+            if impl == "pallas":
+                yp, tp = y, t
+                continue
+            record("add+rmsnorm fwd", rshape, "pallas", tp, nbytes=12 * rows * h,
+                   err=rel_err(yp[0], y[0]), xla=t)
+            record("add+rmsnorm fwd", rshape, "xla", t, nbytes=12 * rows * h, xla=t)
 
 
 def suite_swiglu(key, calls, rounds):
