@@ -8,6 +8,7 @@ relative error >= 5e-3). Then M = 4096 with block_m 128/256 (the fused large-M v
 Times: 8 distinct weight sets per jitted call (no L2 reuse), 20 queued calls, median of 5.
 
     python benchmarks/nf4_mgpu_sweep.py      # one H200, about 4 minutes
+    python benchmarks/nf4_mgpu_sweep.py --kernel-codes   # bnb bytes vs the kernel layout
 
 This is the script of the exploration rows in RESULTS.md (issue 13); `benchmarks/kernels.py
 --only nf4` has the recorded comparison.
@@ -26,7 +27,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.nf4_matmul import NF4_CODE, nf4_matmul  # noqa: E402
-from pallas_kernels.nf4_mgpu import nf4_kernel_scale, nf4_mgpu_matmul, nf4_mgpu_reference  # noqa: E402
+from pallas_kernels.nf4_mgpu import (nf4_kernel_codes, nf4_kernel_scale, nf4_mgpu_matmul,  # noqa: E402
+                                     nf4_mgpu_reference)
 from kernels import bench_sets  # noqa: E402
 
 CONFIGS = {"base": {}, "if1": dict(in_flight=1), "bk512": dict(block_k=512),
@@ -55,12 +57,22 @@ def dense(p, a, n, k):
     return (jnp.asarray(NF4_CODE)[codes] * jnp.repeat(a, 64, 1)).astype(jnp.bfloat16)
 
 
+#: ``--kernel-codes``: the kernel over bnb's bytes (int4 view) against the same kernel over
+#: the `nf4_kernel_codes` layout (``w`` names).
+CODES = {"bnb": {}, "bnb_s8": dict(splits=8), "w": dict(words=True),
+         "w_s8": dict(words=True, splits=8), "w_bk128": dict(words=True, block_k=128),
+         "w_if1": dict(words=True, in_flight=1)}
+CODES_SHAPES = [(11008, 4096, 1), (4096, 11008, 1), (4096, 4096, 1), (14336, 4096, 1),
+                (4096, 14336, 1), (11008, 4096, 16), (4096, 4096, 16)]
+
+
 def row(n, k, m, reps, configs, calls):
     sets = []
     for _ in range(reps):
         p, a = weight(n, k)
         sets.append((jnp.asarray(RNG.standard_normal((m, k)), jnp.bfloat16), p, a))
     msets = [(x, p, nf4_kernel_scale(a, n, k, 64)) for x, p, a in sets]
+    wsets = [(x, nf4_kernel_codes(p, n, k), s) for x, p, s in msets]
     ref = nf4_mgpu_reference(*msets[0])
     t_dense = bench(lambda x, w: x @ w.T, [(x, dense(p, a, n, k)) for x, p, a in sets], calls)
     t_triton = bench(lambda x, p, a: nf4_matmul(x, p, a, blocksize=64, impl="pallas"), sets, calls)
@@ -70,10 +82,12 @@ def row(n, k, m, reps, configs, calls):
     for name, kw in configs.items():
         if k % kw.get("block_k", 64):
             continue
+        kw = dict(kw)
+        use = wsets if kw.pop("words", False) else msets
         try:
-            y = nf4_mgpu_matmul(*msets[0], **kw)
+            y = nf4_mgpu_matmul(*use[0], **kw)
             err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-            t = bench(lambda x, p, s: nf4_mgpu_matmul(x, p, s, **kw), msets, calls)
+            t = bench(lambda x, p, s: nf4_mgpu_matmul(x, p, s, **kw), use, calls)
             line += f" {name} {t * 1e6:.1f}" + ("" if err < 5e-3 else f"(ERR {err:.1e})")
         except Exception as e:  # noqa: BLE001 - e.g. a variant over the shared memory
             line += f" {name} FAIL[{type(e).__name__}: {str(e)[:80]}]"
@@ -82,6 +96,10 @@ def row(n, k, m, reps, configs, calls):
 
 def main() -> int:
     print(f"# nf4_mgpu sweep | {jax.devices()[0].device_kind} | jax {jax.__version__} | us per call")
+    if "--kernel-codes" in sys.argv:
+        for n, k, m in CODES_SHAPES:
+            row(n, k, m, 8, CODES, 20)
+        return 0
     for n, k, m in SHAPES:
         row(n, k, m, 8, CONFIGS, 20)
     for n, k in ((11008, 4096), (4096, 11008)):

@@ -66,7 +66,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["nf4_kernel_scale", "nf4_mgpu_matmul", "nf4_mgpu_matmul_multi", "nf4_mgpu_matmul_t",
+__all__ = ["nf4_kernel_codes", "nf4_codes_from_kernel", "nf4_kernel_scale", "nf4_mgpu_matmul", "nf4_mgpu_matmul_multi", "nf4_mgpu_matmul_t",
            "nf4_mgpu_reference", "nf4_mgpu_reference_t", "nf4_mgpu_supported", "NF4_BF16_BYTES"]
 
 #: bitsandbytes' NF4 codebook (QLoRA App. E), rounded to bfloat16: the byte tables of
@@ -120,6 +120,49 @@ def nf4_kernel_scale(absmax_f32: jax.Array, n: int, k: int, blocksize: int) -> j
     a = absmax_f32.reshape(*lead, n, k // blocksize)
     a = jnp.repeat(a, blocksize // 64, axis=-1)
     return jnp.swapaxes(a, -1, -2).astype(jnp.bfloat16)
+
+
+def nf4_kernel_codes(packed: jax.Array, n: int, k: int) -> jax.Array:
+    """The kernel layout of the NF4 codes: bitsandbytes' packed bytes (uint8 ``[N, K // 2]``,
+    element ``2i`` in the HIGH nibble; a leading layer axis is kept) repacked to uint32
+    ``[N, K // 8]`` words of 8 codes, interleaved in the order the forward kernel consumes
+    them, so that one 32-bit load per register gives a thread the codes of four bfloat16
+    pairs of wgmma's register layout (no shuffles, no byte extraction; the offline repack
+    of Marlin and FLUTE).
+
+    Within each 64-column block ``j`` of a row, word ``8 j + 2 q + e`` (``q`` in 0..3,
+    ``e`` in 0..1) holds, in nibble ``2 t + b`` (``t`` in 0..3, ``b`` in 0..1, nibble 0 the
+    lowest), the code of column ``64 j + 8 (4 e + t) + 2 q + b``: the columns thread quad
+    ``q`` of `plgpu.Layout.WGMMA` holds. A bijection of the bnb codes
+    (`nf4_codes_from_kernel` inverts it); the bnb bytes stay the storage and interchange
+    format.
+
+    Raises:
+      ValueError: ``packed`` not ``[.., N, K // 2]`` uint8 or ``K`` not a multiple of 64.
+    """
+    if packed.dtype != jnp.uint8 or packed.shape[-2:] != (n, k // 2) or k % 64:
+        raise ValueError(f"nf4_kernel_codes: packed {packed.shape} {packed.dtype} is not uint8 "
+                         f"[.., {n}, {k // 2}] with K={k} a multiple of 64")
+    lead = packed.shape[:-2]
+    codes = jnp.stack([packed >> 4, packed & 15], axis=-1).astype(jnp.uint32)  # [.., N, K/2, 2]
+    codes = codes.reshape(*lead, n, k // 64, 2, 4, 4, 2)  # [.., N, j, e, t, q, b]
+    nd = len(lead)
+    perm = tuple(range(nd + 2)) + tuple(nd + 2 + i for i in (2, 0, 1, 3))  # -> [.., q, e, t, b]
+    codes = jnp.transpose(codes, perm).reshape(*lead, n, k // 8, 8)
+    shifts = jnp.arange(8, dtype=jnp.uint32) * 4
+    return jnp.sum(codes << shifts, axis=-1, dtype=jnp.uint32)
+
+
+def nf4_codes_from_kernel(codes: jax.Array, n: int, k: int) -> jax.Array:
+    """bitsandbytes' packed bytes (uint8 ``[.., N, K // 2]``) back from `nf4_kernel_codes`'
+    uint32 ``[.., N, K // 8]`` layout (its inverse, for saving in the interchange format)."""
+    lead = codes.shape[:-2]
+    nd = len(lead)
+    nib = (codes[..., None] >> (jnp.arange(8, dtype=jnp.uint32) * 4)) & 15  # [.., N, K/8, 8]
+    nib = nib.reshape(*lead, n, k // 64, 4, 2, 4, 2)  # [.., N, j, q, e, t, b]
+    perm = tuple(range(nd + 2)) + tuple(nd + 2 + i for i in (1, 2, 0, 3))  # -> [.., e, t, q, b]
+    nib = jnp.transpose(nib, perm).reshape(*lead, n, k // 2, 2).astype(jnp.uint8)
+    return (nib[..., 0] << 4) | nib[..., 1]
 
 
 # ---------------------------------------------------------------------------
@@ -194,6 +237,107 @@ def _i32_to_vec(word, vec_ty):
     return mgpu_utils.bitcast(word, vec_ty)
 
 
+def _nf4_dequant_words(words, scale_ref, sub: int):
+    """The ``sub`` bfloat16 ``[64, 64]`` blocks (layout ``WGMMA``, ready for `plgpu.wgmma`)
+    of ``scale[j, row] * NF4[code]`` for a uint32 ``words [64, 8 * sub]`` tile of the
+    `nf4_kernel_codes` layout loaded in layout ``WGMMA`` (two words per register);
+    ``scale_ref`` the ``[sub, 64]`` bfloat16 SMEM scales. Each word (8 codes) becomes four
+    bfloat16 pairs through one `_ASM8` block: no shuffles, no byte extraction."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+
+    layout = plgpu.Layout.WGMMA
+    asm = _ASM8.format(lo=_LO, hi=_HI)
+    out_ty = plgpu.ShapeDtypeStruct((64, 64), jnp.bfloat16, layout)
+
+    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()),
+                       return_type=tuple(out_ty for _ in range(sub)))
+    def dequant(_, w, s_smem):
+        i32 = ir.IntegerType.get_signless(32)
+        i16 = ir.IntegerType.get_signless(16)
+        index = ir.IndexType.get()
+        bf16 = ir.BF16Type.get()
+        c = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))  # noqa: E731
+        struct = llvm.StructType.get_literal([i32] * 4)
+        pair_ty = ir.VectorType.get((2,), bf16)
+
+        def offsets(arr_layout, shape):  # register index -> static (row, col) offset
+            strides = arr_layout.tiling.tile_strides(tuple(mgpu.utils.get_contiguous_strides(shape)))
+            return {r: divmod(sum(i * st for i, st in zip(r, strides)), shape[1])
+                    for r in np.ndindex(arr_layout.registers_shape(shape))}
+
+        # the words of each (row offset, word column): a register holds columns (c, c + 1)
+        src = {}
+        for r, (ro, co) in offsets(w.layout, w.shape).items():
+            for e in range(2):
+                src[(ro, co + e)] = vector.extract(w.registers[r], [], [e])
+        out_layout = mgpu.WGMMA_LAYOUT
+        out_offsets = offsets(out_layout, (64, 64))
+        rows = {}  # the thread's dynamic row of each output register
+        for r, idx in zip(np.ndindex(out_layout.registers_shape((64, 64))),
+                          out_layout.thread_idxs((64, 64))):
+            rows[r] = idx[0]
+        outs = []
+        for j in range(sub):
+            regs = np.empty(out_layout.registers_shape((64, 64)), dtype=object)
+            by_off = {off: r for r, off in out_offsets.items()}
+            scales = {}
+            for row_off in sorted({ro for ro, _ in out_offsets.values()}):
+                r0 = by_off[(row_off, 0)]
+                s16 = memref.load(s_smem, [arith.constant(index, j), rows[r0]])
+                s32 = arith.extui(i32, arith.bitcast(i16, s16))
+                scales[row_off] = arith.ori(s32, arith.shli(s32, c(16)))
+                for e in range(2):  # word column 8 j + e of this thread's quad: pairs 4 e + t
+                    word = src[(row_off, 8 * j + e)]
+                    res = llvm.inline_asm(struct, [word, scales[row_off]], asm,
+                                          "=r,=r,=r,=r,r,r")
+                    for t in range(4):
+                        out = llvm.extractvalue(i32, res, ir.DenseI64ArrayAttr.get([t]))
+                        regs[by_off[(row_off, 8 * (4 * e + t))]] = _i32_to_vec(out, pair_ty)
+            assert all(x is not None for x in regs.flat)
+            outs.append(mgpu.FragmentedArray(_registers=regs, _layout=out_layout, _is_signed=None))
+        return tuple(outs)
+
+    return dequant(words, scale_ref)
+
+
+#: Eight codes (the word $4, code i in nibble i) -> four bfloat16 pairs $0..$3 (pair t:
+#: codes 2t, 2t+1, low half first) scaled by $5 (a bf16x2 splat). Lookup as in `_ASM`,
+#: once per half word.
+_ASM8 = """{{
+.reg .b32 idx, sel, ih, sh, l0, l1, lo, h0, h1, hi, z;
+and.b32 idx, $4, 0x77777777;
+and.b32 sel, $4, 0x88888888;
+shr.u32 sel, sel, 1;
+or.b32 sel, sel, 0x32103210;
+shr.u32 ih, idx, 16;
+shr.u32 sh, sel, 16;
+mov.b32 z, 0x80008000;
+prmt.b32 l0, {lo[0]}, {lo[1]}, idx;
+prmt.b32 l1, {lo[2]}, {lo[3]}, idx;
+prmt.b32 lo, l0, l1, sel;
+prmt.b32 h0, {hi[0]}, {hi[1]}, idx;
+prmt.b32 h1, {hi[2]}, {hi[3]}, idx;
+prmt.b32 hi, h0, h1, sel;
+prmt.b32 l0, lo, hi, 0x5140;
+prmt.b32 l1, lo, hi, 0x7362;
+fma.rn.bf16x2 $0, l0, $5, z;
+fma.rn.bf16x2 $1, l1, $5, z;
+prmt.b32 l0, {lo[0]}, {lo[1]}, ih;
+prmt.b32 l1, {lo[2]}, {lo[3]}, ih;
+prmt.b32 lo, l0, l1, sh;
+prmt.b32 h0, {hi[0]}, {hi[1]}, ih;
+prmt.b32 h1, {hi[2]}, {hi[3]}, ih;
+prmt.b32 hi, h0, h1, sh;
+prmt.b32 l0, lo, hi, 0x5140;
+prmt.b32 l1, lo, hi, 0x7362;
+fma.rn.bf16x2 $2, l0, $5, z;
+fma.rn.bf16x2 $3, l1, $5, z;
+}}"""
+
+
 #: Four codes (selector nibbles in $2's low 16 bits: register a's byte, then b's) ->
 #: two bfloat16 pairs ($0 for a, $1 for b) scaled by $3 / $4 (bf16x2 splats).
 _ASM = """{{
@@ -255,17 +399,32 @@ def _row_tile(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, tile, row_tile, *, bloc
     w_swizzle = plgpu.find_swizzle(4 * block_k, "lhs")
     x_swizzle = plgpu.find_swizzle(16 * 64, "rhs")
 
+    words = w_gmem.dtype == jnp.uint32  # the `nf4_kernel_codes` layout, else the int4 view
+    if words:
+        w_swizzle = plgpu.find_swizzle(32 * block_k // 8, "lhs")
+
     def compute(acc_ref):
         def step(_, w_smem, x_smem, s_smem):
-            w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            if words:
+                blocks = _nf4_dequant_words(plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA),
+                                            s_smem, sub)
+            else:
+                w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
             for j in range(sub):
-                wj = plgpu.layout_cast(w[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
-                wj = _nf4_dequant(wj, s_smem.at[j])
+                if words:
+                    wj = blocks[j]
+                else:
+                    wj = plgpu.layout_cast(w[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
+                    wj = _nf4_dequant(wj, s_smem.at[j])
                 plgpu.wgmma(acc_ref, wj, x_smem.at[:, j * 64:(j + 1) * 64].T)
                 plgpu.wgmma_wait(in_flight)
 
-        w_spec = plgpu.BlockSpec((64, block_k), lambda t: (tile, si * steps + t),
-                                 transforms=_swizzled(w_swizzle, 4))
+        if words:
+            w_spec = plgpu.BlockSpec((64, block_k // 8), lambda t: (tile, si * steps + t),
+                                     transforms=_swizzled(w_swizzle, 32))
+        else:
+            w_spec = plgpu.BlockSpec((64, block_k), lambda t: (tile, si * steps + t),
+                                     transforms=_swizzled(w_swizzle, 4))
         x_spec = plgpu.BlockSpec((block_m, block_k), lambda t: (mi, si * steps + t),
                                  transforms=_swizzled(x_swizzle, 16))
         s_spec = plgpu.BlockSpec((sub, 64), lambda t: (si * steps + t, tile))
@@ -375,7 +534,8 @@ def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=Non
     Args:
       x: ``[M, K]`` bfloat16 activations.
       packed: ``[N, K // 2]`` uint8 bnb codes (high nibble first), or ``[L, N, K // 2]``
-        stacked layers with ``layer`` given.
+        stacked layers with ``layer`` given; or the same codes in the `nf4_kernel_codes`
+        layout, uint32 ``[(L,) N, K // 8]`` (fewer instructions per code).
       scale: the kernel layout `nf4_kernel_scale`: ``[K // 64, N]`` bfloat16
         (``[L, K // 64, N]`` when stacked).
       layer: int32 scalar, the stacked layer to multiply (read in place), or None.
@@ -421,7 +581,7 @@ def nf4_mgpu_matmul_multi(x: jax.Array, packed: tuple, scale: tuple, layer=None,
     Args:
       x: ``[M, K]`` bfloat16 activations, shared by every weight.
       packed: tuple of uint8 ``[N_i, K // 2]`` bnb codes (``[L, N_i, K // 2]`` each
-        with ``layer``).
+        with ``layer``), or all in the `nf4_kernel_codes` layout (uint32 ``K // 8``).
       scale: tuple of the matching `nf4_kernel_scale` layouts, bfloat16
         ``[K // 64, N_i]`` (``[L, K // 64, N_i]`` with ``layer``).
       layer: int32 scalar, the stacked layer of every weight (read in place), or None.
@@ -453,11 +613,15 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
     if layer is None:
         packed, scale, layer = tuple(p[None] for p in packed), tuple(s[None] for s in scale), 0
     ns = []
+    words = packed[0].dtype == jnp.uint32
     for p, s in zip(packed, scale):
         n = p.shape[1]
-        if p.ndim != 3 or s.ndim != 3 or p.shape[2] * 2 != k or s.shape[1:] != (k // 64, n):
-            raise ValueError(f"{name}: x {x.shape}, packed {p.shape}, scale {s.shape} "
-                             f"disagree (want packed [.., N, K//2], scale [.., K//64, N])")
+        per_word = 8 if words else 2
+        if p.ndim != 3 or s.ndim != 3 or p.shape[2] * per_word != k \
+                or s.shape[1:] != (k // 64, n) or (p.dtype == jnp.uint32) != words:
+            raise ValueError(f"{name}: x {x.shape}, packed {p.shape} {p.dtype}, scale {s.shape} "
+                             f"disagree (want packed uint8 [.., N, K//2] for all weights or "
+                             f"uint32 [.., N, K//8] for all, scale [.., K//64, N])")
         if k % 64 or n % 8:
             raise ValueError(f"{name}: K={k} must be a multiple of 64 and N={n} of 8")
         ns.append(n)
@@ -473,7 +637,7 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
     stages = stages or max(1, min(4, steps, _SMEM_BUDGET // per_stage))
     operands = []
     for p, s, n in zip(packed, scale, ns):
-        operands += [_int4_view(p, n, k), s]
+        operands += [p if words else _int4_view(p, n, k), s]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     kernel = plgpu.kernel(
         functools.partial(_kernel_body, tiles=tiles, block_m=block_m, block_k=block_k,

@@ -693,3 +693,83 @@ def test_uneven_splits_match_float64(kernel, m, n, k, kw):
     y = np.asarray(y.astype(jnp.float32), np.float64)
     assert np.isfinite(y).all()
     assert np.linalg.norm(y - want) / np.linalg.norm(want) < 1e-2
+
+
+def _kernel_words64(packed):
+    """The `nf4_kernel_codes` words from bnb bytes, element by element in NumPy (the
+    layout's definition: word ``8j + 2q + e``, nibble ``2t + b`` holds column
+    ``64j + 8(4e + t) + 2q + b``)."""
+    n, kh = packed.shape
+    codes = np.stack([packed >> 4, packed & 15], axis=-1).reshape(n, 2 * kh).astype(np.uint64)
+    words = np.zeros((n, 2 * kh // 8), np.uint64)
+    for j in range(2 * kh // 64):
+        for q in range(4):
+            for e in range(2):
+                for t in range(4):
+                    for b in range(2):
+                        words[:, 8 * j + 2 * q + e] |= codes[:, 64 * j + 8 * (4 * e + t) + 2 * q + b] << (4 * (2 * t + b))
+    return words.astype(np.uint32)
+
+
+@pytest.mark.parametrize("n,k,layers", [(8, 64, None), (40, 192, None), (24, 128, 3)])
+def test_kernel_codes_layout_and_round_trip(n, k, layers):
+    """`nf4_kernel_codes` matches its element-by-element definition, and
+    `nf4_codes_from_kernel` gives back the bnb bytes exactly."""
+    from pallas_kernels.nf4_mgpu import nf4_codes_from_kernel, nf4_kernel_codes
+
+    rng = np.random.default_rng()
+    packed, _ = random_weight(rng, n, k, layers=layers)
+    words = np.asarray(nf4_kernel_codes(jnp.asarray(packed), n, k))
+    assert words.dtype == np.uint32 and words.shape == packed.shape[:-1] + (k // 8,)
+    flat_p = packed.reshape(-1, n, k // 2)
+    for w, p in zip(words.reshape(-1, n, k // 8), flat_p):
+        np.testing.assert_array_equal(w, _kernel_words64(p))
+    back = np.asarray(nf4_codes_from_kernel(jnp.asarray(words), n, k))
+    np.testing.assert_array_equal(back, packed)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        nf4_kernel_codes(jnp.zeros((8, 48), jnp.uint8), 8, 96)
+
+
+def test_kernel_codes_lower_for_cuda():
+    """The forward kernel over the `nf4_kernel_codes` layout (one and several weights,
+    stacked, ragged N) is built for CUDA without a GPU."""
+    x = jax.ShapeDtypeStruct((3, 512), jnp.bfloat16)
+    ps = (jax.ShapeDtypeStruct((2, 200, 64), jnp.uint32), jax.ShapeDtypeStruct((2, 136, 64), jnp.uint32))
+    ss = (jax.ShapeDtypeStruct((2, 8, 200), jnp.bfloat16), jax.ShapeDtypeStruct((2, 8, 136), jnp.bfloat16))
+    text = jax.jit(nf4_mgpu_matmul_multi).trace(x, ps, ss, jnp.int32(1)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_calls(text) == 1
+    text = jax.jit(lambda x, p, s: nf4_mgpu_matmul(x, p, s, block_k=128)).trace(
+        jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16), jax.ShapeDtypeStruct((11008, 512), jnp.uint32),
+        jax.ShapeDtypeStruct((64, 11008), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_calls(text) == 1
+    with pytest.raises(ValueError, match="disagree"):
+        nf4_mgpu_matmul_multi(jnp.zeros((1, 512), jnp.bfloat16),
+                              (jnp.zeros((64, 64), jnp.uint32), jnp.zeros((64, 256), jnp.uint8)),
+                              (jnp.zeros((8, 64), jnp.bfloat16),) * 2)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU NF4 kernel needs a Hopper GPU")
+@pytest.mark.parametrize("m,ns,k,layers", [(1, (200,), 320, None), (3, (136, 520), 512, 3),
+                                           (16, (1024,), 1024, None), (17, (264, 72), 768, 2),
+                                           (1, (4096,), 11008, None)])
+def test_kernel_codes_match_float64(m, ns, k, layers):
+    """The forward kernel over the `nf4_kernel_codes` layout against float64 NumPy, and
+    bit-identical to the kernel over the bnb bytes (same products, same order)."""
+    from pallas_kernels.nf4_mgpu import nf4_kernel_codes
+
+    rng = np.random.default_rng()
+    ws, dense = _weights(rng, ns, k, layers=layers)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    layer = None if layers is None else jnp.int32(layers - 1)
+    words = tuple(nf4_kernel_codes(w["packed"], n, k) for w, n in zip(ws, ns))
+    scales = tuple(w["kernel_scale"] for w in ws)
+    ys = nf4_mgpu_matmul_multi(x, words, scales, layer)
+    base = nf4_mgpu_matmul_multi(x, tuple(w["packed"] for w in ws), scales, layer)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    for y, b, n, d in zip(ys, base, ns, dense):
+        y = np.asarray(y.astype(jnp.float32), np.float64)
+        want = x64 @ d.T
+        assert y.shape == (m, n) and np.isfinite(y).all()
+        assert np.linalg.norm(y - want) / np.linalg.norm(want) < 1e-2
+        np.testing.assert_array_equal(y, np.asarray(b.astype(jnp.float32), np.float64))
