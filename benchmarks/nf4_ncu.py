@@ -9,7 +9,8 @@ under ``ncu`` and filter the kernels by name:
         --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \\
         python3 benchmarks/nf4_ncu.py --n 11008 --k 4096 --m 1
 
-``--transposed`` runs `nf4_mgpu_matmul_t` instead (``dx = dy @ W``). Hopper only.
+``--transposed`` runs `nf4_mgpu_matmul_t` instead (``dx = dy @ W``); ``--kernel-codes`` the
+forward kernel over the `nf4_kernel_codes` layout. Hopper only.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--transposed", action="store_true")
+    ap.add_argument("--kernel-codes", action="store_true",
+                    help="the forward kernel over the nf4_kernel_codes layout")
     ap.add_argument("--runs", type=int, default=6)
     args = ap.parse_args()
 
@@ -33,8 +36,8 @@ def main() -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from pallas_kernels.nf4_mgpu import (nf4_kernel_scale, nf4_mgpu_matmul, nf4_mgpu_matmul_t,
-                                         nf4_mgpu_reference, nf4_mgpu_reference_t)
+    from pallas_kernels.nf4_mgpu import (nf4_kernel_codes, nf4_kernel_scale, nf4_mgpu_matmul,
+                                         nf4_mgpu_matmul_t, nf4_mgpu_reference, nf4_mgpu_reference_t)
 
     rng = np.random.default_rng()
     n, k, m = args.n, args.k, args.m
@@ -43,7 +46,10 @@ def main() -> int:
     x = jnp.asarray(rng.standard_normal((m, n if args.transposed else k)), jnp.bfloat16)
     f, ref = (nf4_mgpu_matmul_t, nf4_mgpu_reference_t) if args.transposed else \
         (nf4_mgpu_matmul, nf4_mgpu_reference)
-    y, want = f(x, packed, scale).astype(jnp.float32), ref(x, packed, scale)
+    want = ref(x, packed, scale)
+    if args.kernel_codes:
+        packed = nf4_kernel_codes(packed, n, k)
+    y = f(x, packed, scale).astype(jnp.float32)
     err = float(jnp.linalg.norm(y - want) / jnp.linalg.norm(want))
     print(f"# {jax.devices()[0].device_kind} | {'dx = dy @ W' if args.transposed else 'x @ W.T'} "
           f"W {n}x{k}, M={m} | rel err {err:.1e}")
