@@ -190,7 +190,7 @@ def _nf4_dequant(codes, scale_ref):
     from jax._src.lib.mlir.dialects import arith, llvm, memref
 
     layout = plgpu.Layout.WGMMA
-    asm = _ASM.format(lo=_LO, hi=_HI, p0=_PAIR_SEL[0], p1=_PAIR_SEL[1])
+    asm = _ASM
 
     @plgpu.inline_mgpu(
         arg_types=(layout, plgpu.RefType()),
@@ -257,7 +257,7 @@ def _nf4_dequant_words(words, scale_ref, sub: int):
     from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
 
     layout = plgpu.Layout.WGMMA
-    asm = _ASM8.format(lo=_LO, hi=_HI)
+    asm = _ASM8
     out_ty = plgpu.ShapeDtypeStruct((64, 64), jnp.bfloat16, layout)
 
     @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()),
@@ -311,61 +311,45 @@ def _nf4_dequant_words(words, scale_ref, sub: int):
     return dequant(words, scale_ref)
 
 
-#: Eight codes (the word $4, code i in nibble i) -> four bfloat16 pairs $0..$3 (pair t:
-#: codes 2t, 2t+1, low half first) scaled by $5 (a bf16x2 splat). Lookup as in `_ASM`,
-#: once per half word.
-_ASM8 = """{{
-.reg .b32 idx, sel, ih, sh, l0, l1, lo, h0, h1, hi, z;
-and.b32 idx, $4, 0x77777777;
-and.b32 sel, $4, 0x88888888;
-shr.u32 sel, sel, 1;
-or.b32 sel, sel, 0x32103210;
-shr.u32 ih, idx, 16;
-shr.u32 sh, sel, 16;
-mov.b32 z, 0x80008000;
-prmt.b32 l0, {lo[0]}, {lo[1]}, idx;
-prmt.b32 l1, {lo[2]}, {lo[3]}, idx;
-prmt.b32 lo, l0, l1, sel;
-prmt.b32 h0, {hi[0]}, {hi[1]}, idx;
-prmt.b32 h1, {hi[2]}, {hi[3]}, idx;
-prmt.b32 hi, h0, h1, sel;
-prmt.b32 l0, lo, hi, 0x5140;
-prmt.b32 l1, lo, hi, 0x7362;
-fma.rn.bf16x2 $0, l0, $5, z;
-fma.rn.bf16x2 $1, l1, $5, z;
-prmt.b32 l0, {lo[0]}, {lo[1]}, ih;
-prmt.b32 l1, {lo[2]}, {lo[3]}, ih;
-prmt.b32 lo, l0, l1, sh;
-prmt.b32 h0, {hi[0]}, {hi[1]}, ih;
-prmt.b32 h1, {hi[2]}, {hi[3]}, ih;
-prmt.b32 hi, h0, h1, sh;
-prmt.b32 l0, lo, hi, 0x5140;
-prmt.b32 l1, lo, hi, 0x7362;
-fma.rn.bf16x2 $2, l0, $5, z;
-fma.rn.bf16x2 $3, l1, $5, z;
-}}"""
+def _lookup_ptx(idx: str, sel: str, pairs: tuple[int, int], outs: tuple[str, str],
+                scales: tuple[str, str]) -> str:
+    """PTX of one NF4 table lookup of four codes: ``idx`` holds their low 3 bits as prmt
+    selector nibbles, ``sel`` the byte selectors that pick the upper half of the table for
+    codes >= 8 (``((codes & 0x8888) >> 1) | 0x3210``). The table's low and high bytes are
+    looked up separately (two 8-byte pools each), ``pairs`` interleaves them into two
+    bfloat16 pairs, and each pair is scaled (``fma`` with -0.0) into ``outs``."""
+    return "\n".join([
+        f"prmt.b32 l0, {_LO[0]}, {_LO[1]}, {idx};",
+        f"prmt.b32 l1, {_LO[2]}, {_LO[3]}, {idx};",
+        f"prmt.b32 lo, l0, l1, {sel};",
+        f"prmt.b32 h0, {_HI[0]}, {_HI[1]}, {idx};",
+        f"prmt.b32 h1, {_HI[2]}, {_HI[3]}, {idx};",
+        f"prmt.b32 hi, h0, h1, {sel};",
+        f"prmt.b32 p0, lo, hi, {pairs[0]:#x};",
+        f"prmt.b32 p1, lo, hi, {pairs[1]:#x};",
+        f"fma.rn.bf16x2 {outs[0]}, p0, {scales[0]}, z;",
+        f"fma.rn.bf16x2 {outs[1]}, p1, {scales[1]}, z;",
+    ])
 
+
+_REGS = ".reg .b32 idx, sel, ih, sh, l0, l1, lo, h0, h1, hi, p0, p1, z;\nmov.b32 z, 0x80008000;"
 
 #: Four codes (selector nibbles in $2's low 16 bits: register a's byte, then b's) ->
 #: two bfloat16 pairs ($0 for a, $1 for b) scaled by $3 / $4 (bf16x2 splats).
-_ASM = """{{
-.reg .b32 idx, sel, l0, l1, lo, h0, h1, hi, p0, p1, z;
-and.b32 idx, $2, 0x7777;
-and.b32 sel, $2, 0x8888;
-shr.u32 sel, sel, 1;
-or.b32 sel, sel, 0x3210;
-prmt.b32 l0, {lo[0]}, {lo[1]}, idx;
-prmt.b32 l1, {lo[2]}, {lo[3]}, idx;
-prmt.b32 lo, l0, l1, sel;
-prmt.b32 h0, {hi[0]}, {hi[1]}, idx;
-prmt.b32 h1, {hi[2]}, {hi[3]}, idx;
-prmt.b32 hi, h0, h1, sel;
-prmt.b32 p0, lo, hi, {p0:#x};
-prmt.b32 p1, lo, hi, {p1:#x};
-mov.b32 z, 0x80008000;
-fma.rn.bf16x2 $0, p0, $3, z;
-fma.rn.bf16x2 $1, p1, $4, z;
-}}"""
+_ASM = "\n".join(["{", _REGS,
+                  "and.b32 idx, $2, 0x7777;", "and.b32 sel, $2, 0x8888;",
+                  "shr.u32 sel, sel, 1;", "or.b32 sel, sel, 0x3210;",
+                  _lookup_ptx("idx", "sel", _PAIR_SEL, ("$0", "$1"), ("$3", "$4")), "}"])
+
+#: Eight codes (the word $4, code i in nibble i) -> four bfloat16 pairs $0..$3 (pair t:
+#: codes 2t, 2t+1, low half first) scaled by $5 (a bf16x2 splat): the lookup of `_ASM`
+#: once per half word.
+_ASM8 = "\n".join(["{", _REGS,
+                   "and.b32 idx, $4, 0x77777777;", "and.b32 sel, $4, 0x88888888;",
+                   "shr.u32 sel, sel, 1;", "or.b32 sel, sel, 0x32103210;",
+                   "shr.u32 ih, idx, 16;", "shr.u32 sh, sel, 16;",
+                   _lookup_ptx("idx", "sel", (0x5140, 0x7362), ("$0", "$1"), ("$5", "$5")),
+                   _lookup_ptx("ih", "sh", (0x5140, 0x7362), ("$2", "$3"), ("$5", "$5")), "}"])
 
 
 def _swizzled(swizzle: int, bits: int) -> tuple:

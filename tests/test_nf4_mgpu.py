@@ -773,3 +773,93 @@ def test_kernel_codes_match_float64(m, ns, k, layers):
         assert y.shape == (m, n) and np.isfinite(y).all()
         assert np.linalg.norm(y - want) / np.linalg.norm(want) < 1e-2
         np.testing.assert_array_equal(y, np.asarray(b.astype(jnp.float32), np.float64))
+
+
+def _run_ptx(asm: str, args: dict) -> dict:
+    """A tiny interpreter of the PTX in `_ASM` / `_ASM8` (and, shr, or, mov, prmt in its
+    default mode, fma.rn.bf16x2), over 32-bit registers; ``args`` maps ``$i`` to values.
+    prmt (PTX ISA, "prmt"): byte i of the result is byte ``c[4i+2:4i]`` of the pool
+    ``{b, a}`` (a's bytes 0-3, b's 4-7), or that byte's sign replicated if ``c[4i+3]``."""
+    import ml_dtypes
+
+    regs = dict(args)
+
+    def val(tok):
+        tok = tok.strip()
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    def bf16x2(word):
+        return np.array([word & 0xFFFF, word >> 16], np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+
+    for line in asm.strip().strip("{}").splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, *src = [t.strip() for t in rest.split(",")]
+        a = [val(t) for t in src]
+        if op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "or.b32":
+            r = a[0] | a[1]
+        elif op == "shr.u32":
+            r = a[0] >> a[1]
+        elif op == "mov.b32":
+            r = a[0]
+        elif op == "prmt.b32":
+            pool = [(a[0] >> (8 * i)) & 0xFF for i in range(4)] + [(a[1] >> (8 * i)) & 0xFF for i in range(4)]
+            r = 0
+            for i in range(4):
+                s = (a[2] >> (4 * i)) & 0xF
+                byte = pool[s & 7]
+                if s & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                r |= byte << (8 * i)
+        elif op == "fma.rn.bf16x2":
+            f = (bf16x2(a[0]) * bf16x2(a[1]) + bf16x2(a[2])).astype(ml_dtypes.bfloat16)
+            r = int(f.view(np.uint16)[0]) | (int(f.view(np.uint16)[1]) << 16)
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+        regs[dst] = r & 0xFFFFFFFF
+    return regs
+
+
+def test_lookup_ptx_gives_nf4_times_scale():
+    """The register lookups (`_ASM`: two bnb bytes; `_ASM8`: one `nf4_kernel_codes` word),
+    run by a PTX interpreter over fresh random codes and scales, give
+    ``bf16(bf16(NF4[code]) * bf16(scale))`` per element (the product exact in float64, one
+    rounding, as ``fma.rn``) in the order the kernels expect, against NumPy."""
+    import ml_dtypes
+
+    from pallas_kernels.nf4_mgpu import _ASM, _ASM8
+
+    rng = np.random.default_rng()
+
+    def word_bf16(x):
+        u = np.asarray(x, ml_dtypes.bfloat16).view(np.uint16)
+        return int(u[0]) | (int(u[1]) << 16)
+
+    def pair(word):
+        return np.array([word & 0xFFFF, word >> 16], np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
+
+    def bf(v):
+        return float(np.asarray(v, ml_dtypes.bfloat16))
+
+    def want(code, scale):  # the kernels' numerics: bf16(bf16(NF4[code]) * bf16(scale)), one rounding
+        return bf(bf(NF4[code]) * bf(scale))
+
+    for _ in range(50):
+        codes = rng.integers(0, 16, 8)
+        s = rng.uniform(0.01, 2.0, 2)
+        sb = [word_bf16([v, v]) for v in s]
+        # _ASM: register a = bnb byte (c0 high, c1 low), register b = (c2 high, c3 low)
+        sel = ((codes[0] << 4) | codes[1]) | (((codes[2] << 4) | codes[3]) << 8)
+        r = _run_ptx(_ASM, {"$2": int(sel), "$3": sb[0], "$4": sb[1]})
+        np.testing.assert_array_equal(pair(r["$0"]), [want(codes[0], s[0]), want(codes[1], s[0])])
+        np.testing.assert_array_equal(pair(r["$1"]), [want(codes[2], s[1]), want(codes[3], s[1])])
+        # _ASM8: code i in nibble i; pair t = codes 2t, 2t+1
+        word = sum(int(c) << (4 * i) for i, c in enumerate(codes))
+        r = _run_ptx(_ASM8, {"$4": word, "$5": sb[0]})
+        for t in range(4):
+            np.testing.assert_array_equal(pair(r[f"${t}"]),
+                                          [want(codes[2 * t], s[0]), want(codes[2 * t + 1], s[0])])
