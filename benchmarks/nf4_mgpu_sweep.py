@@ -72,7 +72,8 @@ def row(n, k, m, reps, configs, calls):
         p, a = weight(n, k)
         sets.append((jnp.asarray(RNG.standard_normal((m, k)), jnp.bfloat16), p, a))
     msets = [(x, p, nf4_kernel_scale(a, n, k, 64)) for x, p, a in sets]
-    wsets = [(x, nf4_kernel_codes(p, n, k), s) for x, p, s in msets]
+    wsets = [(x, nf4_kernel_codes(p, n, k), s) for x, p, s in msets] \
+        if any(kw.get("words") for kw in configs.values()) else None
     ref = nf4_mgpu_reference(*msets[0])
     t_dense = bench(lambda x, w: x @ w.T, [(x, dense(p, a, n, k)) for x, p, a in sets], calls)
     t_triton = bench(lambda x, p, a: nf4_matmul(x, p, a, blocksize=64, impl="pallas"), sets, calls)

@@ -287,20 +287,18 @@ def _nf4_dequant_words(words, scale_ref, sub: int):
         for r, idx in zip(np.ndindex(out_layout.registers_shape((64, 64))),
                           out_layout.thread_idxs((64, 64))):
             rows[r] = idx[0]
+        by_off = {off: r for r, off in out_offsets.items()}
+        row_offs = sorted({ro for ro, _ in out_offsets.values()})
         outs = []
         for j in range(sub):
             regs = np.empty(out_layout.registers_shape((64, 64)), dtype=object)
-            by_off = {off: r for r, off in out_offsets.items()}
-            scales = {}
-            for row_off in sorted({ro for ro, _ in out_offsets.values()}):
-                r0 = by_off[(row_off, 0)]
-                s16 = memref.load(s_smem, [arith.constant(index, j), rows[r0]])
+            for row_off in row_offs:
+                s16 = memref.load(s_smem, [arith.constant(index, j), rows[by_off[(row_off, 0)]]])
                 s32 = arith.extui(i32, arith.bitcast(i16, s16))
-                scales[row_off] = arith.ori(s32, arith.shli(s32, c(16)))
+                scale2 = arith.ori(s32, arith.shli(s32, c(16)))  # the row's scale, both halves
                 for e in range(2):  # word column 8 j + e of this thread's quad: pairs 4 e + t
                     word = src[(row_off, 8 * j + e)]
-                    res = llvm.inline_asm(struct, [word, scales[row_off]], asm,
-                                          "=r,=r,=r,=r,r,r")
+                    res = llvm.inline_asm(struct, [word, scale2], asm, "=r,=r,=r,=r,r,r")
                     for t in range(4):
                         out = llvm.extractvalue(i32, res, ir.DenseI64ArrayAttr.get([t]))
                         regs[by_off[(row_off, 8 * (4 * e + t))]] = _i32_to_vec(out, pair_ty)
@@ -388,12 +386,9 @@ def _row_tile(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, tile, row_tile, *, bloc
     si = lax.axis_index("s")
     layer = layer_ref[0]
     sub = block_k // 64
-    w_swizzle = plgpu.find_swizzle(4 * block_k, "lhs")
-    x_swizzle = plgpu.find_swizzle(16 * 64, "rhs")
-
     words = w_gmem.dtype == jnp.uint32  # the `nf4_kernel_codes` layout, else the int4 view
-    if words:
-        w_swizzle = plgpu.find_swizzle(32 * block_k // 8, "lhs")
+    w_swizzle = plgpu.find_swizzle(4 * block_k, "lhs")  # a row: block_k codes, 4 bits each
+    x_swizzle = plgpu.find_swizzle(16 * 64, "rhs")
 
     def compute(acc_ref):
         def step(_, w_smem, x_smem, s_smem):
@@ -411,12 +406,9 @@ def _row_tile(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, tile, row_tile, *, bloc
                 plgpu.wgmma(acc_ref, wj, x_smem.at[:, j * 64:(j + 1) * 64].T)
                 plgpu.wgmma_wait(in_flight)
 
-        if words:
-            w_spec = plgpu.BlockSpec((64, block_k // 8), lambda t: (tile, si * steps + t),
-                                     transforms=_swizzled(w_swizzle, 32))
-        else:
-            w_spec = plgpu.BlockSpec((64, block_k), lambda t: (tile, si * steps + t),
-                                     transforms=_swizzled(w_swizzle, 4))
+        w_spec = plgpu.BlockSpec((64, block_k // 8) if words else (64, block_k),
+                                 lambda t: (tile, si * steps + t),
+                                 transforms=_swizzled(w_swizzle, 32 if words else 4))
         x_spec = plgpu.BlockSpec((block_m, block_k), lambda t: (mi, si * steps + t),
                                  transforms=_swizzled(x_swizzle, 16))
         s_spec = plgpu.BlockSpec((sub, 64), lambda t: (si * steps + t, tile))
@@ -606,9 +598,9 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
         packed, scale, layer = tuple(p[None] for p in packed), tuple(s[None] for s in scale), 0
     ns = []
     words = packed[0].dtype == jnp.uint32
+    per_word = 8 if words else 2  # codes per element of ``packed``
     for p, s in zip(packed, scale):
         n = p.shape[1]
-        per_word = 8 if words else 2
         if p.ndim != 3 or s.ndim != 3 or p.shape[2] * per_word != k \
                 or s.shape[1:] != (k // 64, n) or (p.dtype == jnp.uint32) != words:
             raise ValueError(f"{name}: x {x.shape}, packed {p.shape} {p.dtype}, scale {s.shape} "
