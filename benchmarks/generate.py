@@ -85,7 +85,13 @@ def _decode_bytes(lm, cfg, batch, context) -> int:
     import jax
     from flax import nnx
 
+    from jaxqlora.quantize import QuantizedLinear
+
     total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(nnx.state(lm)))
+    # `use_kernel_codes` adds a second copy of the codes; a step reads one of the two
+    codes = [getattr(node.weight.get_value(), "kernel_codes", None) for _, node in nnx.iter_graph(lm)
+             if isinstance(node, QuantizedLinear)]
+    total -= sum(int(c.size) * 4 for c in codes if c is not None)
     emb = lm.model.embed_tokens.weight[...]
     if not cfg.tie_word_embeddings:
         total -= emb.size * emb.dtype.itemsize
@@ -132,6 +138,10 @@ def worker_ours(args) -> dict:
     cfg = common.MODELS[args.model]
     lm = common.random_nf4_model(cfg, seed=args.seed)
     lm.scan_layers = {"auto": None, "scan": True, "unroll": False}[args.scan_layers]
+    if args.kernel_codes:
+        from jaxqlora.quantize import use_kernel_codes
+
+        print(f"# use_kernel_codes: {use_kernel_codes(lm) / 1e9:.2f} GB added", file=sys.stderr)
     tok = common.TokenIds()
     bw = common.copy_bandwidth(1 << 26 if args.model == "smoke" else 1 << 30)
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw / 1e9, "rows": {},
@@ -516,6 +526,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scan-layers", choices=["auto", "scan", "unroll"], default="auto",
                     help="CausalLM.scan_layers: auto (default_scan per call), always scan, always unroll")
+    ap.add_argument("--kernel-codes", action="store_true",
+                    help="jaxqlora.quantize.use_kernel_codes before timing (Hopper: the GEMV's layout of the codes)")
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -540,7 +552,7 @@ def main(argv=None) -> int:
     results = {}
     for model, _, _ in models:
         wargs = ["--model", model, "--shapes", shape_arg, "--new", str(new), "--rounds", str(args.rounds),
-                 "--scan-layers", args.scan_layers]
+                 "--scan-layers", args.scan_layers] + (["--kernel-codes"] if args.kernel_codes else [])
         results[(model, "ours")] = common.run_worker(__file__, ["--worker", "ours"] + wargs,
                                                      args.budget - (time.perf_counter() - t_start), env)
         if peer_reason is None:

@@ -151,6 +151,8 @@ def main() -> int:
                     help="skip the train step; profile decoding per token (see --decode-batches)")
     ap.add_argument("--decode-batches", default="1",
                     help="with --decode-only: comma-separated batch sizes, 512-token prompts")
+    ap.add_argument("--kernel-codes", action="store_true",
+                    help="jaxqlora.quantize.use_kernel_codes first (the GEMV's layout of the codes)")
     args = ap.parse_args()
 
     import jax
@@ -166,6 +168,10 @@ def main() -> int:
           f"train {args.batch}x{args.length} remat={args.remat} | decode 1x512")
 
     lm = common.random_nf4_model(cfg)
+    if args.kernel_codes:
+        from jaxqlora.quantize import use_kernel_codes
+
+        print(f"# use_kernel_codes: {use_kernel_codes(lm) / 1e9:.2f} GB added")
     if args.decode_only:
         return decode_profile(lm, cfg, args, out)
     apply_lora(lm, r=16, alpha=32.0, dropout=0.05)

@@ -198,7 +198,8 @@ def _nf4_shardings(name: str, q: NF4Weight, mesh: Mesh, notes: list[str], lead: 
     return q.replace(packed=whole, absmax=whole, nested_absmax=nested,
                      nested_code=None if q.nested_code is None else rep,
                      offset=None if q.offset is None else rep, code=rep,
-                     kernel_scale=None if q.kernel_scale is None else rep)
+                     kernel_scale=None if q.kernel_scale is None else rep,
+                     kernel_codes=None if q.kernel_codes is None else rep)
 
 
 def _path_name(path) -> str:

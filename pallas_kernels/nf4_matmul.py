@@ -665,14 +665,14 @@ def _mgpu_takes(cfg: _Config, a2, kernel_scale) -> bool:
 
 
 def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
-             kernel_scale):
+             kernel_scale, kernel_codes=None):
     n, k = cfg.shape
     batch = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return jnp.zeros((*batch, n), x.dtype)
     if _mgpu_takes(cfg, x2, kernel_scale):
-        y = nf4_mgpu_matmul(x2, packed, kernel_scale, layer)
+        y = nf4_mgpu_matmul(x2, packed if kernel_codes is None else kernel_codes, kernel_scale, layer)
     elif cfg.impl == "xla":
         y = nf4_matmul_reference(x2, packed, absmax, nested_absmax, nested_code, offset,
                                  code=code, blocksize=cfg.blocksize,
@@ -686,11 +686,12 @@ def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset
 
 
 def _backward_dx(cfg: _Config, dy, packed, absmax, nested_absmax, nested_code, offset,
-                 code, layer, kernel_scale=None):
+                 code, layer, kernel_scale=None, kernel_codes=None):
     """``dx = dy @ W`` (the custom VJP's input gradient; also each weight's term of
     `nf4_matmul_multi`'s): the Mosaic GPU transposed kernel `nf4_mgpu_matmul_t` where the
     forward would take the Mosaic kernel (`_mgpu_takes`, judged on ``dy``'s rows and
-    dtype), else the XLA reference or `nf4_matmul_t_pallas` as ``cfg.impl`` says."""
+    dtype), else the XLA reference or `nf4_matmul_t_pallas` as ``cfg.impl`` says. Every
+    path reads the bnb ``packed`` bytes (``kernel_codes`` serves the forward only)."""
     n, k = cfg.shape
     batch = dy.shape[:-1]
     dy2 = dy.reshape(-1, n)
@@ -714,16 +715,17 @@ def _backward_dx(cfg: _Config, dy, packed, absmax, nested_absmax, nested_code, o
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _nf4_matmul_vjp(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
-                    kernel_scale):
+                    kernel_scale, kernel_codes):
     return _forward(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
-                    kernel_scale)
+                    kernel_scale, kernel_codes)
 
 
 def _nf4_matmul_fwd(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
-                    kernel_scale):
+                    kernel_scale, kernel_codes):
     y = _forward(cfg, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
-                 kernel_scale)
-    return y, (packed, absmax, nested_absmax, nested_code, offset, code, layer, kernel_scale)
+                 kernel_scale, kernel_codes)
+    return y, (packed, absmax, nested_absmax, nested_code, offset, code, layer, kernel_scale,
+               kernel_codes)
 
 
 def _nf4_matmul_bwd(cfg, residuals, dy):
@@ -744,7 +746,7 @@ def _as_f32(name: str, a, shape_hint: str) -> jax.Array:
 def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=None, *,
                code=None, blocksize: int = 64, nested_blocksize: int = 256,
                impl: str | None = None, interpret: bool = False, layer=None,
-               kernel_scale=None) -> jax.Array:
+               kernel_scale=None, kernel_codes=None) -> jax.Array:
     """``y = x @ W.T`` for an NF4-quantized, frozen weight ``W[N, K]`` (bnb layout).
 
     Args:
@@ -782,6 +784,11 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
         same conditions) the transposed `pallas_kernels.nf4_mgpu.nf4_mgpu_matmul_t` (NF4
         codebook only; about 2**-8 relative difference per weight element from the bnb
         bf16 dequantize).
+      kernel_codes: optional uint32 ``[N, K // 8]`` (``[L, N, K // 8]`` with ``layer``), the
+        same codes in the forward kernel's layout
+        (`pallas_kernels.nf4_mgpu.nf4_kernel_codes` of ``packed``; ``with_kernel_layout(q,
+        codes=True)``). Used with ``kernel_scale`` by the Mosaic GPU forward, which then
+        issues fewer instructions per weight (bit-identical results); ignored elsewhere.
 
     Returns:
       ``[..., N]`` array of ``x.dtype`` (float32 accumulation). Differentiable in
@@ -803,16 +810,17 @@ def nf4_matmul(x, packed, absmax, nested_absmax=None, nested_code=None, offset=N
                                 code=code, blocksize=blocksize,
                                 nested_blocksize=nested_blocksize, impl=impl,
                                 interpret=interpret, layer=layer,
-                                kernel_scale=kernel_scale)
+                                kernel_scale=kernel_scale, kernel_codes=kernel_codes)
     return _nf4_matmul_vjp(cfg, x, *operands)
 
 
 def _prepare(x, packed, absmax, nested_absmax=None, nested_code=None, offset=None, *,
              code=None, blocksize: int = 64, nested_blocksize: int = 256,
              impl: str | None = None, interpret: bool = False, layer=None,
-             kernel_scale=None):
+             kernel_scale=None, kernel_codes=None):
     """`nf4_matmul`'s checks and normalisation: ``(cfg, x, operands)`` with ``operands =
-    (packed, absmax, nested_absmax, nested_code, offset, code, layer, kernel_scale)``
+    (packed, absmax, nested_absmax, nested_code, offset, code, layer, kernel_scale,
+    kernel_codes)``
     as `_forward` and `_backward_dx` take them (errors as `nf4_matmul` documents)."""
     mode = resolve_impl(impl, interpret)
     x = jnp.asarray(x)
@@ -920,9 +928,17 @@ def _prepare(x, packed, absmax, nested_absmax=None, nested_code=None, offset=Non
         elif kernel_scale.shape != want or kernel_scale.dtype != jnp.bfloat16:
             raise ValueError(f"kernel_scale must be bfloat16 {list(want)}, got "
                              f"{kernel_scale.dtype} {list(kernel_scale.shape)}")
+    if kernel_codes is not None:
+        kernel_codes = jnp.asarray(kernel_codes)
+        want = (n, k // 8) if layer is None or mode != "pallas" else (packed.shape[0], n, k // 8)
+        if mode != "pallas" or kernel_scale is None:
+            kernel_codes = None  # only the Mosaic GPU forward (with kernel_scale) reads them
+        elif kernel_codes.shape != want or kernel_codes.dtype != jnp.uint32 or k % 64:
+            raise ValueError(f"kernel_codes must be uint32 {list(want)} (K = {k} a multiple "
+                             f"of 64), got {kernel_codes.dtype} {list(kernel_codes.shape)}")
     cfg = _Config(mode, (n, k), blocksize, nested_blocksize, bool(interpret))
     return cfg, x, (packed, absmax, nested_absmax, nested_code, offset, code, layer,
-                    kernel_scale)
+                    kernel_scale, kernel_codes)
 
 
 # ---------------------------------------------------------------------------
@@ -931,7 +947,7 @@ def _prepare(x, packed, absmax, nested_absmax=None, nested_code=None, offset=Non
 
 #: The keys of one weight in `nf4_matmul_multi` (`nf4_matmul`'s weight arguments).
 WEIGHT_KEYS = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "code",
-               "blocksize", "nested_blocksize", "kernel_scale")
+               "blocksize", "nested_blocksize", "kernel_scale", "kernel_codes")
 
 
 def _multi_applies(cfgs, x, operands) -> bool:
@@ -951,8 +967,11 @@ def _multi_forward(cfgs, x, operands):
     k = cfgs[0].shape[1]
     batch = x.shape[:-1]
     layer = operands[0][6]
-    ys = nf4_mgpu_matmul_multi(x.reshape(-1, k), tuple(ops[0] for ops in operands),
-                               tuple(ops[7] for ops in operands), layer)
+    # The kernel layout of the codes where every weight has it, else the bnb bytes of all.
+    codes = tuple(ops[8] for ops in operands)
+    if any(c is None for c in codes):
+        codes = tuple(ops[0] for ops in operands)
+    ys = nf4_mgpu_matmul_multi(x.reshape(-1, k), codes, tuple(ops[7] for ops in operands), layer)
     return tuple(y.reshape(*batch, c.shape[0]) for y, c in zip(ys, cfgs))
 
 
@@ -995,8 +1014,10 @@ def nf4_matmul_multi(x, weights, *, impl: str | None = None, interpret: bool = F
       weights: a sequence of mappings, one per weight, with `nf4_matmul`'s weight
         arguments as keys (`WEIGHT_KEYS`: ``packed`` and ``absmax`` required;
         ``nested_absmax``, ``nested_code``, ``offset``, ``code``, ``blocksize`` (default
-        64), ``nested_blocksize`` (256), ``kernel_scale`` optional), shapes and dtypes as
-        `nf4_matmul` documents; each weight has its own ``N_i`` and blocksize.
+        64), ``nested_blocksize`` (256), ``kernel_scale``, ``kernel_codes`` optional),
+        shapes and dtypes as `nf4_matmul` documents; each weight has its own ``N_i`` and
+        blocksize. The fused kernel reads ``kernel_codes`` when every weight has them,
+        else every weight's bnb ``packed`` bytes.
       impl, interpret: as in `nf4_matmul`, for every weight.
       layer: optional int32 scalar: every weight's operands are stacked over layers and
         layer ``layer`` of each is multiplied (read in place by the kernels).

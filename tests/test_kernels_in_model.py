@@ -214,10 +214,13 @@ def test_mixed_bases_call_modules_one_by_one(monkeypatch):
     assert groups and set(groups) == {2}
 
 
-def test_decode_step_fuses_on_hopper(monkeypatch):
+@pytest.mark.parametrize("codes", [False, True])
+def test_decode_step_fuses_on_hopper(monkeypatch, codes):
     """On a (faked) Hopper a one-token decode step over the cache traces to ONE multi-weight
     Mosaic kernel for q/k/v and one for gate/up per layer, the SwiGLU in XLA after it (no
-    SwiGLU kernel); a prefill of more than MGPU_MAX_M tokens does not."""
+    SwiGLU kernel); a prefill of more than MGPU_MAX_M tokens does not. With the kernel
+    layout of the codes (`use_kernel_codes`) the kernels read the uint32 words, without it
+    the bnb bytes."""
     from jaxqlora.nf4 import with_kernel_layout
     from jaxqlora.quantize import QuantizedLinear, quantize_model
     from pallas_kernels import dispatch, nf4_matmul as op
@@ -228,7 +231,7 @@ def test_decode_step_fuses_on_hopper(monkeypatch):
     quantize_model(model)
     for _, node in nnx.iter_graph(model):  # the kernel scales a Hopper would derive
         if isinstance(node, QuantizedLinear):
-            node.weight.set_value(with_kernel_layout(node.weight.get_value(), force=True))
+            node.weight.set_value(with_kernel_layout(node.weight.get_value(), codes=codes, force=True))
 
     def on_hopper(*args):
         with pytest.MonkeyPatch.context() as mp:
@@ -251,6 +254,55 @@ def test_decode_step_fuses_on_hopper(monkeypatch):
     assert text.count("name=nf4_mgpu_matmul\n") + text.count("name=nf4_mgpu_matmul ") \
         == 2 * cfg.num_hidden_layers  # o_proj and down_proj, one weight each
     assert "swiglu" not in text
+    # the layer's stacked q_proj codes: uint32 [L, N, K // 8] words, or uint8 [L, N, K // 2]
+    words = f"u32[{cfg.num_hidden_layers},{cfg.num_attention_heads * cfg.head_dim},{cfg.hidden_size // 8}]"
+    assert (words in text) == codes
     prefill = str(jax.make_jaxpr(step)(state, jnp.ones((2, 40), jnp.int32),
                                        KVCache.init(cfg, 2, 48, jnp.bfloat16)))
     assert "nf4_mgpu_matmul" not in prefill  # 80 rows > MGPU_MAX_M: the Triton kernels
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Mosaic GPU kernels need a Hopper GPU")
+def test_kernel_codes_in_the_model_on_hopper(monkeypatch):
+    """On a Hopper, `use_kernel_codes` changes which bytes the decode GEMVs read, not what
+    they compute: prefill and decode logits are bit-identical with and without it, and
+    agree with the XLA reference path (bnb dequantize) to bf16 tolerance."""
+    from jaxqlora.quantize import quantize_model, use_kernel_codes
+    from pallas_kernels import nf4_matmul as op
+    from pallas_kernels.nf4_mgpu import nf4_mgpu_supported
+
+    if not nf4_mgpu_supported(1, 64, 64, 64, jnp.bfloat16):
+        pytest.skip("not a Hopper GPU")
+    monkeypatch.setattr(op, "MGPU_MIN_WEIGHT", 0)  # the small weights take the Mosaic kernels
+    cfg = ModelConfig(arch="llama", **SMALL)
+    model = CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, [
+        ((1.0 + 0.2 * jax.random.normal(k, a.shape)) if a.ndim == 1 else 0.08 * jax.random.normal(k, a.shape)
+         ).astype(a.dtype) for k, a in zip(keys, leaves)]))
+    quantize_model(model)
+
+    def run(mode):
+        monkeypatch.setenv("JAXQLORA_KERNELS", mode)
+        rng = np.random.default_rng(0)
+        ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
+        cache = KVCache.init(cfg, 2, 16, jnp.bfloat16)
+        logits, cache = model(ids, cache=cache)
+        out = [np.asarray(logits[:, -1], np.float32)]
+        for tok in rng.integers(0, cfg.vocab_size, (3, 2, 1)):
+            logits, cache = model(jnp.asarray(tok, jnp.int32), cache=cache)
+            out.append(np.asarray(logits[:, -1], np.float32))
+        return out
+
+    ref, plain = run("xla"), run("pallas")
+    added = use_kernel_codes(model)
+    n_weights = cfg.num_hidden_layers * (cfg.hidden_size * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+                                         * cfg.head_dim + cfg.num_attention_heads * cfg.head_dim * cfg.hidden_size
+                                         + 3 * cfg.hidden_size * cfg.intermediate_size)
+    assert added == n_weights // 2  # one more byte per two weights
+    with_codes = run("pallas")
+    for step, (a, b, r) in enumerate(zip(with_codes, plain, ref)):
+        np.testing.assert_array_equal(a, b, err_msg=f"step {step}")
+        np.testing.assert_allclose(a, r, rtol=TOL, atol=TOL * np.abs(r).max(), err_msg=f"step {step}")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.nf4_mgpu import (
+    nf4_kernel_codes,
     nf4_kernel_scale,
     nf4_mgpu_matmul,
     nf4_mgpu_matmul_multi,
@@ -124,6 +125,30 @@ def test_with_kernel_layout_matches_bnb_absmax():
         want = absmax.numpy().reshape(n, k // 64).T  # [K // 64, N], blocksize 64
         for got in (q.kernel_scale, stacked.kernel_scale[i]):
             np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=2 ** -8)
+
+
+def test_with_kernel_layout_codes():
+    """``with_kernel_layout(codes=True)`` adds the kernel layout of the codes (checked
+    against its element-by-element definition, per layer for a stacked weight) and keeps
+    the bnb bytes; without ``codes`` none is derived; on this machine (no Hopper) nothing
+    is derived unless forced."""
+    from jaxqlora.nf4 import quantize_nf4, with_kernel_layout
+    from jaxqlora.stacked import stack_trees
+
+    n, k = 40, 192
+    rng = np.random.default_rng()
+    qs = [quantize_nf4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32)) for _ in range(2)]
+    one = with_kernel_layout(qs[0], codes=True, force=True)
+    stacked = with_kernel_layout(stack_trees(qs), codes=True, force=True)
+    assert with_kernel_layout(qs[0], force=True).kernel_codes is None
+    np.testing.assert_array_equal(np.asarray(one.packed), np.asarray(qs[0].packed))
+    assert one.nbytes == qs[0].nbytes + n * k // 32 + n * k // 2
+    for got, q in ((one.kernel_codes, qs[0]), (stacked.kernel_codes[0], qs[0]),
+                   (stacked.kernel_codes[1], qs[1])):
+        want = _kernel_words64(np.asarray(q.packed).reshape(n, k // 2))
+        np.testing.assert_array_equal(np.asarray(got), want)
+    if not ON_HOPPER:
+        assert with_kernel_layout(qs[0], codes=True) is qs[0]
 
 
 class _FakeDevice:
@@ -535,6 +560,42 @@ def test_t_rejects_bad_operands():
     with pytest.raises(ValueError, match="splits"):
         nf4_mgpu_matmul_t(jnp.zeros((1, 192), jnp.bfloat16), jnp.zeros((192, 64), jnp.uint8),
                           jnp.zeros((2, 192), jnp.bfloat16), block_n=64, splits=4)
+
+
+def test_nf4_matmul_kernel_codes_dispatch(monkeypatch):
+    """`nf4_matmul` with ``kernel_codes``: on a (faked) Hopper the forward's Mosaic kernel
+    reads the uint32 words and the backward's transposed kernel the bnb bytes; elsewhere
+    the codes are ignored (the CPU result is the one without them); a wrong shape or
+    dtype is a ValueError naming ``kernel_codes``."""
+    from pallas_kernels.nf4_matmul import nf4_matmul
+
+    rng = np.random.default_rng()
+    n, k = 64, 128
+    packed, absmax = random_weight(rng, n, k)
+    x = jnp.asarray(rng.standard_normal((2, k)), jnp.bfloat16)
+    scale = nf4_kernel_scale(jnp.asarray(absmax), n, k, 64)
+    codes = nf4_kernel_codes(jnp.asarray(packed), n, k)
+    plain = nf4_matmul(x, packed, absmax, impl="xla")
+    np.testing.assert_array_equal(np.asarray(nf4_matmul(x, packed, absmax, impl="xla", kernel_scale=scale,
+                                                         kernel_codes=codes)), np.asarray(plain))
+    with pytest.raises(ValueError, match="kernel_codes"):
+        nf4_matmul(x, packed, absmax, interpret=True, kernel_scale=scale, kernel_codes=codes[:, :8])
+    with pytest.raises(ValueError, match="kernel_codes"):
+        nf4_matmul(x, packed, absmax, interpret=True, kernel_scale=scale, kernel_codes=packed)
+
+    _fake_hopper(monkeypatch)
+    n, k = 4096, 4096
+    w = dict(packed=jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+             absmax=jax.ShapeDtypeStruct((n, k // 64), jnp.float32),
+             kernel_scale=jax.ShapeDtypeStruct((k // 64, n), jnp.bfloat16),
+             kernel_codes=jax.ShapeDtypeStruct((n, k // 8), jnp.uint32))
+    fwd = jax.jit(lambda x, w: nf4_matmul(x, **w)).trace(
+        jax.ShapeDtypeStruct((1, k), jnp.bfloat16), w).lower(lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_calls(fwd) == 1 and f"tensor<1x{n}x{k // 8}xui32>" in fwd
+    grad = jax.jit(lambda x, dy, w: jax.vjp(lambda x: nf4_matmul(x, **w), x)[1](dy)[0]).trace(
+        jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((1, n), jnp.bfloat16), w).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert _calls(grad, "nf4_mgpu_matmul_t") == 1 and "nf4_gemv_t" not in grad
 
 
 def test_backward_dispatch_on_faked_hopper(monkeypatch):
