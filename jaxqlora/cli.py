@@ -249,6 +249,10 @@ def _cmd_generate(args) -> int:
         load_adapter(model, args.adapter)
         if record and record["chat_template"]:
             tokenizer.chat_template = record["chat_template"]
+    if args.kernel_codes:
+        from jaxqlora.quantize import use_kernel_codes
+
+        use_kernel_codes(model)
     load_s = time.perf_counter() - t0
     if args.speculative:
         return _generate_speculative(args, model, tokenizer, prompt, load_s)
@@ -305,7 +309,8 @@ def _generation_check(args, tokenizer, prompt) -> _Estimated | None:
     dtype = getattr(jnp, args.dtype)
     cfg = load_config(args.model)
     dense = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    weights = checkpoint_device_bytes(args.model, dtype, keep_quantized=args.keep_quantized)
+    weights = checkpoint_device_bytes(args.model, dtype, keep_quantized=args.keep_quantized,
+                                      kernel_codes=args.kernel_codes)
     estimate, ex = generation_memory(dense, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k,
                                      args.top_p, stream=True, weight_bytes=weights)
     capacity = device_memory()
@@ -559,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF folder or .gguf file of a draft model sharing the tokenizer (default: none)")
     g.add_argument("--num-draft", type=positive_int, default=4,
                    help="--speculative: draft tokens verified per step (k)")
+    g.add_argument("--kernel-codes", action="store_true",
+                   help="NF4 weights on a Hopper GPU: keep a second copy of the codes in the decode kernel's layout "
+                        "(faster decoding, about 12%% for Llama-3-8B on an H200, for half a byte per weight)")
     g.add_argument("--dry-run", action="store_true",
                    help="compile from shapes, print the device memory generation needs (weights, KV cache, "
                         "temporaries) and the device's, and exit without loading weights")

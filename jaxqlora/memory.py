@@ -129,7 +129,8 @@ def format_memory(estimate: dict, capacity: int | None) -> str:
             f"device memory {cap}")
 
 
-def checkpoint_device_bytes(path: str | Path | None, dtype: Any, keep_quantized: bool = False) -> int:
+def checkpoint_device_bytes(path: str | Path | None, dtype: Any, keep_quantized: bool = False,
+                            kernel_codes: bool = False) -> int:
     """Bytes the weights of a checkpoint take on the device once `jaxqlora.load_pretrained`
     has loaded them with ``dtype`` / ``keep_quantized``, read from the file headers only
     (no tensor data is read).
@@ -138,7 +139,9 @@ def checkpoint_device_bytes(path: str | Path | None, dtype: Any, keep_quantized:
     (packed codes, ``absmax``, nested state) and, with ``keep_quantized``, a GGUF file's
     tensors in a kept block format (`jaxqlora.ggml.GGUF_FORMATS`) count their stored bytes.
     On a Hopper GPU an NF4 weight also keeps the Mosaic kernel's scale layout (one bfloat16
-    per 64 weights, `jaxqlora.nf4.with_kernel_layout`).
+    per 64 weights, `jaxqlora.nf4.with_kernel_layout`), and with ``kernel_codes`` the forward
+    kernel's second copy of the codes (as many bytes as the packed codes,
+    `jaxqlora.quantize.use_kernel_codes`).
 
     Raises:
       CheckpointError: a missing or unreadable checkpoint (header checks of
@@ -173,7 +176,7 @@ def checkpoint_device_bytes(path: str | Path | None, dtype: Any, keep_quantized:
                 info = header[name]
                 stored = int(info["data_offsets"][1]) - int(info["data_offsets"][0])
                 if name in nf4:  # packed codes: 2 weights a byte
-                    total += stored + (stored // 16 if kernel_scale else 0)
+                    total += stored + ((stored // 16 + (stored if kernel_codes else 0)) if kernel_scale else 0)
                 elif name.endswith(".weight.quant_state.bitsandbytes__nf4"):
                     total += 4  # a JSON record: only its ``offset`` (float32) is kept as an array
                 elif any(name.endswith(s) for s in NF4_SUFFIXES):

@@ -150,3 +150,34 @@ def test_device_bytes_from_the_headers_of_a_bnb_folder(folders):
     ours, _ = load_pretrained(four, dtype=jnp.float32)
     leaves = jax.tree_util.tree_leaves(nnx.state(ours))
     assert checkpoint_device_bytes(four, jnp.float32) == sum(x.size * x.dtype.itemsize for x in leaves)
+
+
+def test_device_bytes_with_kernel_layouts_on_a_faked_hopper(folders, monkeypatch):
+    """On a (faked) Hopper a load adds the kernel scales and `use_kernel_codes` the second
+    copy of the codes; `checkpoint_device_bytes(..., kernel_codes=True)` counts both from
+    the headers, and `use_kernel_codes` reports the bytes it added."""
+    import jax
+    from flax import nnx
+
+    import pallas_kernels.nf4_mgpu as mgpu
+    from jaxqlora import memory
+    from jaxqlora.quantize import use_kernel_codes
+
+    real = mgpu.nf4_mgpu_supported
+
+    def on_hopper(*args):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(jax, "devices", lambda *a: [type("D", (), {"platform": "gpu", "compute_capability": "9.0"})()])
+            return real(*args)
+
+    monkeypatch.setattr(mgpu, "nf4_mgpu_supported", on_hopper)
+    monkeypatch.setattr(memory, "_hopper", lambda: True)
+    _, four = folders
+    ours, _ = load_pretrained(four, dtype=jnp.float32)
+    size = lambda: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(nnx.state(ours)))
+    plain = size()
+    assert memory.checkpoint_device_bytes(four, jnp.float32) == plain
+    added = use_kernel_codes(ours)
+    assert added > 0 and size() == plain + added
+    assert memory.checkpoint_device_bytes(four, jnp.float32, kernel_codes=True) == plain + added
+    assert use_kernel_codes(ours) == 0  # already there
