@@ -337,11 +337,7 @@ def _swiglu_f32(gate: jax.Array, up: jax.Array) -> jax.Array:
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
-
-    The MLP's residual add is left to the next layer (or the final norm), which fuses it
-    with its input norm (`RMSNorm.add_and_norm`): one kernel where an add and a norm were
-    (the decode step's kernel count, issue 13)."""
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
@@ -349,26 +345,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, pending, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None):
-        """One layer over the residual stream ``x + pending``.
-
-        Args:
-          x: the float32 residual stream ``[B, T, hidden]``, without ``pending``.
-          pending: ``[B, T, hidden]`` in the norm weights' dtype, the previous layer's MLP
-            output (zeros before the first layer), added here (in float32) together with
-            the input norm.
-          cos, sin, mask, kv, index, cache_layer: as in `Attention`.
-          layer: as in `Linear`.
-
-        Returns:
-          ``(x, mlp_out, kv)``: the layer's output is ``x + float32(mlp_out)`` (``mlp_out``
-          in the norm weights' dtype, like ``pending``), its add left to the next
-          `add_and_norm`; ``kv`` as in `Attention`.
-        """
-        h, x = self.input_layernorm.add_and_norm(pending, x, layer)  # x += pending; h = norm(x)
-        a, kv = self.self_attn(h, cos, sin, mask, kv, index, cache_layer, layer)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None):
+        """x: the float32 residual stream ``[B, T, hidden]``; returns it updated (and the
+        stacked kv, see `Attention`). ``layer`` as in `Linear`."""
+        a, kv = self.self_attn(self.input_layernorm(x, layer), cos, sin, mask, kv, index, cache_layer, layer)
         h, x = self.post_attention_layernorm.add_and_norm(a, x, layer)  # x += a; h = norm(x)
-        return x, self.mlp(h, layer).astype(h.dtype), kv
+        return x + self.mlp(h, layer).astype(x.dtype), kv
 
 
 # ----------------------------------------------------------------- stacked layers
@@ -553,48 +535,44 @@ class CausalLM(nnx.Module):
         x = self.model.embed_tokens(input_ids).astype(jnp.float32)  # float32 residual stream
         kv = None if cache is None else (cache.k, cache.v)
         scan = default_scan(t, cache is not None) if self.scan_layers is None else self.scan_layers
-        x, pending, kv = self._run_layers(x, cos, sin, mask, kv, index, scan)
-        x = self.model.norm.add_and_norm(pending, x)[0]  # the last MLP's residual add, fused
+        x, kv = self._run_layers(x, cos, sin, mask, kv, index, scan)
+        x = self.model.norm(x)
         if cache is None:
             return x
         return x, KVCache(k=kv[0], v=kv[1], valid=valid, index=index + t)
 
     def _run_layers(self, x, cos, sin, mask, kv, index, scan: bool):
         """The stacked layers over the residual stream ``x``: ``jax.lax.scan`` over the
-        layer axis, or a Python loop. Only the residual stream (``x`` and the last MLP
-        output not yet added to it, ``pending``), the shared RNG streams and the cache are
-        carried out of the body, never the parameters (XLA would copy the
+        layer axis, or a Python loop. Only the residual stream, the shared RNG streams and
+        the cache are carried out of the body, never the parameters (XLA would copy the
         frozen weights). Without a cache (training, evaluation) the parameters go in as
         scanned inputs, one layer's slice per step (gradients leave as stacked outputs);
         with a cache (generation) every module indexes the stacked parameters by layer
         itself, so that the NF4 GEMV and decode-attention kernels read the layer in place
-        instead of XLA copying each slice. The remat policy wraps the body.
-
-        Returns ``(x, pending, kv)``: the stream is ``x + pending`` (the final norm's
-        `RMSNorm.add_and_norm` adds it)."""
+        instead of XLA copying each slice. The remat policy wraps the body."""
         graphdef, rng, params = nnx.split(self.model.layers, nnx.RngState, ...)
         in_place = kv is not None
 
         def body(carry, xs):
-            x, pending, rng, kv = carry
+            x, rng, kv = carry
             p, i = xs
             layer = nnx.merge(graphdef, rng, params if in_place else p)
-            x, pending, kv = layer(x, pending, cos, sin, mask, kv, index, i, i if in_place else None)
-            return (x, pending, nnx.state(layer, nnx.RngState), kv), None
+            x, kv = layer(x, cos, sin, mask, kv, index, i, i if in_place else None)
+            return (x, nnx.state(layer, nnx.RngState), kv), None
 
         policy = remat_policy(self.remat)
         if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
-        carry = (x, jnp.zeros(x.shape, self.model.norm.weight[...].dtype), rng, kv)
+        carry = (x, rng, kv)
         if scan:
             xs = (None if in_place else params, jnp.arange(self.num_layers, dtype=jnp.int32))
             carry, _ = jax.lax.scan(body, carry, xs)
         else:
             for i in range(self.num_layers):
                 carry, _ = body(carry, (None if in_place else layer_slice(params, i), i))
-        x, pending, rng, kv = carry
+        x, rng, kv = carry
         nnx.update(self.model.layers, rng)
-        return x, pending, kv
+        return x, kv
 
     @property
     def head_weight(self) -> jax.Array:
