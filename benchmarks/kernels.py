@@ -53,8 +53,10 @@ from pallas_kernels.nf4_matmul import (  # noqa: E402
 )
 from pallas_kernels.nf4_matmul import MGPU_MAX_M  # noqa: E402
 from pallas_kernels.nf4_mgpu import (  # noqa: E402
+    nf4_kernel_codes,
     nf4_kernel_scale,
     nf4_mgpu_matmul,
+    nf4_mgpu_matmul_t,
     nf4_mgpu_supported,
 )
 from pallas_kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
@@ -178,15 +180,21 @@ def suite_nf4(key, calls, rounds, use_bnb, ms=(1, 16, 512, 4096)):
                    flops=f, xla=t_x, bnb=t_b)
             if t_b is not None:
                 record("nf4 fwd", shape, "bitsandbytes", t_b, nbytes=b, flops=f, xla=t_x, bnb=t_b)
-            if m <= MGPU_MAX_M and nf4_mgpu_supported(m, n, k, BLOCKSIZE, jnp.bfloat16):
-                msets = [(x, p, nf4_kernel_scale(ncode[a.astype(jnp.int32)] * na[
-                    jnp.arange(a.size).reshape(a.shape) // NESTED] + off, n, k, BLOCKSIZE))
-                         for x, p, a, na, ncode, off in sets]
+            mosaic = m <= MGPU_MAX_M and nf4_mgpu_supported(m, n, k, BLOCKSIZE, jnp.bfloat16)
+            scales = [nf4_kernel_scale(ncode[a.astype(jnp.int32)] * na[
+                jnp.arange(a.size).reshape(a.shape) // NESTED] + off, n, k, BLOCKSIZE)
+                for p, a, na, ncode, off in wsets] if mosaic else []
+            mbytes = n * k // 2 + n * k // 32 + 2 * m * (k + n)  # codes, bf16 scales, x and y
+            for label, codes in (("mosaic gpu (bnb bytes, kernel scales)", lambda p: p),
+                                 ("mosaic gpu (kernel codes and scales)",
+                                  lambda p: nf4_kernel_codes(p, n, k))):
+                if not mosaic:
+                    break
+                msets = [(x, codes(w[0]), sc) for (x, *_), w, sc in zip(sets, wsets, scales)]
                 t_m, y_m = bench_sets(lambda x, p, s: nf4_mgpu_matmul(x, p, s), msets,
                                       calls=calls, rounds=rounds)
                 del msets
-                record("nf4 fwd", shape, "mosaic gpu (kernel layout)", t_m,
-                       nbytes=nbytes(*sets[0][1:3]) + n * k // 32 + 2 * m * (k + n), flops=f,
+                record("nf4 fwd", shape, label, t_m, nbytes=mbytes, flops=f,
                        err=rel_err(y_m, y_d), xla=t_x, bnb=t_b)
             if m in (1, 16, 4096):
                 tsets = [(jax.random.normal(jax.random.fold_in(key, 7 + r), (m, n), jnp.bfloat16),
@@ -200,6 +208,18 @@ def suite_nf4(key, calls, rounds, use_bnb, ms=(1, 16, 512, 4096)):
                 record("nf4 dx=dy@W", shape, "pallas", t_tp, nbytes=b, flops=f,
                        err=rel_err(d_p, d_x), xla=t_tx)
                 record("nf4 dx=dy@W", shape, "xla dequant+dot", t_tx, nbytes=b, flops=f, xla=t_tx)
+                if mosaic:
+                    t_tm, d_m = bench_sets(lambda dy, p, s: nf4_mgpu_matmul_t(dy, p, s),
+                                           [(t[0], w[0], sc) for t, w, sc in zip(tsets, wsets, scales)],
+                                           calls=calls, rounds=rounds)
+                    record("nf4 dx=dy@W", shape, "mosaic gpu (transposed)", t_tm, nbytes=mbytes, flops=f,
+                           err=rel_err(d_m, d_x), xla=t_tx)
+                dense_t = [(t[0], nf4_dequantize_reference(*w, shape=(n, k), blocksize=BLOCKSIZE)
+                            .astype(jnp.bfloat16)) for t, w in zip(tsets, wsets)]
+                t_td, _ = bench_sets(lambda dy, W: dy @ W, dense_t, calls=calls, rounds=rounds)
+                del dense_t
+                record("nf4 dx=dy@W", shape, "bf16 dense (no NF4)", t_td, nbytes=2 * n * k + 2 * m * (n + k),
+                       flops=f, xla=t_tx)
             print(f"# done {shape}", flush=True)
 
 
