@@ -58,12 +58,10 @@ def dense(p, a, n, k):
 
 
 #: ``--kernel-codes``: the kernel over bnb's bytes (int4 view) against the same kernel over
-#: the `nf4_kernel_codes` layout (``w`` names; ``lut``: codes looked up in a shared-memory
-#: pair table with that many copies instead of byte permutes).
+#: the `nf4_kernel_codes` layout (``w`` names).
 CODES = {"bnb": {}, "bnb_s8": dict(splits=8), "w": dict(words=True),
          "w_s8": dict(words=True, splits=8), "w_bk128": dict(words=True, block_k=128),
-         "w_if1": dict(words=True, in_flight=1), "w_lut8": dict(words=True, lut=8),
-         "w_lut32": dict(words=True, lut=32), "w_lut8_s8": dict(words=True, lut=8, splits=8)}
+         "w_if1": dict(words=True, in_flight=1)}
 CODES_SHAPES = [(11008, 4096, 1), (4096, 11008, 1), (4096, 4096, 1), (14336, 4096, 1),
                 (4096, 14336, 1), (11008, 4096, 16), (4096, 4096, 16)]
 

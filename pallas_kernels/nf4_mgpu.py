@@ -245,14 +245,12 @@ def _i32_to_vec(word, vec_ty):
     return mgpu_utils.bitcast(word, vec_ty)
 
 
-def _nf4_dequant_words(words, scale_ref, sub: int, lut_ref=None):
+def _nf4_dequant_words(words, scale_ref, sub: int):
     """The ``sub`` bfloat16 ``[64, 64]`` blocks (layout ``WGMMA``, ready for `plgpu.wgmma`)
     of ``scale[j, row] * NF4[code]`` for a uint32 ``words [64, 8 * sub]`` tile of the
     `nf4_kernel_codes` layout loaded in layout ``WGMMA`` (two words per register);
     ``scale_ref`` the ``[sub, 64]`` bfloat16 SMEM scales. Each word (8 codes) becomes four
-    bfloat16 pairs through one `_ASM8` block: no shuffles, no byte extraction. With
-    ``lut_ref`` (the `_pair_table` in SMEM, ``[copies, 256]`` uint32) each pair is instead
-    one shared-memory load of the table entry of its byte (`_ASM_LUT`)."""
+    bfloat16 pairs through one `_ASM8` block: no shuffles, no byte extraction."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.mosaic import gpu as mgpu
     from jax._src.lib.mlir import ir
@@ -262,9 +260,9 @@ def _nf4_dequant_words(words, scale_ref, sub: int, lut_ref=None):
     asm = _ASM8
     out_ty = plgpu.ShapeDtypeStruct((64, 64), jnp.bfloat16, layout)
 
-    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()) + ((plgpu.RefType(),) if lut_ref is not None else ()),
+    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()),
                        return_type=tuple(out_ty for _ in range(sub)))
-    def dequant(_, w, s_smem, *lut):
+    def dequant(_, w, s_smem):
         i32 = ir.IntegerType.get_signless(32)
         i16 = ir.IntegerType.get_signless(16)
         index = ir.IndexType.get()
@@ -272,10 +270,6 @@ def _nf4_dequant_words(words, scale_ref, sub: int, lut_ref=None):
         c = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))  # noqa: E731
         struct = llvm.StructType.get_literal([i32] * 4)
         pair_ty = ir.VectorType.get((2,), bf16)
-        if lut:  # this lane's copy of the pair table: its shared-memory address
-            copies = ir.MemRefType(lut[0].type).shape[0]
-            table = llvm.ptrtoint(i32, mgpu.utils.memref_ptr(lut[0]))
-            base = llvm.inline_asm(i32, [table], _lut_base_ptx(copies), "=r,r")
 
         def offsets(arr_layout, shape):  # register index -> static (row, col) offset
             strides = arr_layout.tiling.tile_strides(tuple(mgpu.utils.get_contiguous_strides(shape)))
@@ -304,11 +298,7 @@ def _nf4_dequant_words(words, scale_ref, sub: int, lut_ref=None):
                 scale2 = arith.ori(s32, arith.shli(s32, c(16)))  # the row's scale, both halves
                 for e in range(2):  # word column 8 j + e of this thread's quad: pairs 4 e + t
                     word = src[(row_off, 8 * j + e)]
-                    if lut:
-                        res = llvm.inline_asm(struct, [word, scale2, base], _lut_ptx(copies),
-                                              "=r,=r,=r,=r,r,r,r", has_side_effects=True)
-                    else:
-                        res = llvm.inline_asm(struct, [word, scale2], asm, "=r,=r,=r,=r,r,r")
+                    res = llvm.inline_asm(struct, [word, scale2], asm, "=r,=r,=r,=r,r,r")
                     for t in range(4):
                         out = llvm.extractvalue(i32, res, ir.DenseI64ArrayAttr.get([t]))
                         regs[by_off[(row_off, 8 * (4 * e + t))]] = _i32_to_vec(out, pair_ty)
@@ -316,39 +306,7 @@ def _nf4_dequant_words(words, scale_ref, sub: int, lut_ref=None):
             outs.append(mgpu.FragmentedArray(_registers=regs, _layout=out_layout, _is_signed=None))
         return tuple(outs)
 
-    return dequant(words, scale_ref, *(() if lut_ref is None else (lut_ref,)))
-
-
-def _pair_table(copies: int) -> np.ndarray:
-    """The NF4 pair table of `_ASM_LUT`: uint32 ``[copies, 256]`` (row-major bytes), entry
-    ``v`` (a byte of two codes, the low nibble first) the bfloat16 pair ``(NF4[v & 15],
-    NF4[v >> 4])`` (low half first), stored ``copies`` times interleaved: entry ``v`` of
-    copy ``c`` at word ``v * copies + c``, so lanes that read different copies hit
-    different banks."""
-    v = np.arange(256)
-    pair = NF4_BF16_BYTES[v & 15] | (NF4_BF16_BYTES[v >> 4] << 16)
-    return np.repeat(pair.astype(np.uint32), copies).reshape(copies, 256)
-
-
-def _lut_base_ptx(copies: int) -> str:
-    """``$0 = $1 + 4 * (laneid % copies)``: this lane's copy of the table at ``$1``."""
-    return "\n".join(["{", ".reg .b32 l;", "mov.u32 l, %laneid;", f"and.b32 l, l, {copies - 1};",
-                       "mad.lo.u32 $0, l, 4, $1;", "}"])
-
-
-def _lut_ptx(copies: int) -> str:
-    """Eight codes (the word $4) -> four bfloat16 pairs $0..$3 scaled by $5, as `_ASM8`,
-    by table lookup: byte ``t`` of the word is the index of pair ``t`` in the lane's copy
-    of `_pair_table` (address $6 + byte * 4 * copies); one ``prmt`` (or ``and``), one
-    ``mad``, one shared load and one ``fma`` per pair."""
-    stride = 4 * copies
-    lines = ["{", ".reg .b32 b0, b1, b2, b3, a0, a1, a2, a3, v0, v1, v2, v3, z;", "mov.b32 z, 0x80008000;",
-             "and.b32 b0, $4, 0xff;", "prmt.b32 b1, $4, 0, 0x4441;", "prmt.b32 b2, $4, 0, 0x4442;",
-             "shr.u32 b3, $4, 24;"]
-    lines += [f"mad.lo.u32 a{t}, b{t}, {stride}, $6;" for t in range(4)]
-    lines += [f"ld.shared.b32 v{t}, [a{t}];" for t in range(4)]
-    lines += [f"fma.rn.bf16x2 ${t}, v{t}, $5, z;" for t in range(4)]
-    return "\n".join(lines + ["}"])
+    return dequant(words, scale_ref)
 
 
 def _lookup_ptx(idx: str, sel: str, pairs: tuple[int, int], outs: tuple[str, str],
@@ -417,12 +375,11 @@ def _store_rows(acc, o_gmem, row_tile):
     pl.run_scoped(store, plgpu.SMEM(acc.shape, jnp.float32))
 
 
-def _row_tile(layer_ref, x_gmem, lut_gmem, w_gmem, s_gmem, o_gmem, tile, row_tile, *, block_m: int,
+def _row_tile(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, tile, row_tile, *, block_m: int,
               block_k: int, steps: int, stages: int, in_flight: int):
     """One program's work: rows ``[64 * tile, 64 * tile + 64)`` of the weight ``w_gmem``
     (its scales ``s_gmem``) times ``block_m`` tokens over this program's K split, written
-    to rows ``[64 * row_tile, ...)`` of the float32 partials ``o_gmem``. ``lut_gmem``: None,
-    or the `_pair_table` the words path then looks codes up in (copied to SMEM first)."""
+    to rows ``[64 * row_tile, ...)`` of the float32 partials ``o_gmem``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     mi = lax.axis_index("m")
@@ -433,15 +390,11 @@ def _row_tile(layer_ref, x_gmem, lut_gmem, w_gmem, s_gmem, o_gmem, tile, row_til
     w_swizzle = plgpu.find_swizzle(4 * block_k, "lhs")  # a row: block_k codes, 4 bits each
     x_swizzle = plgpu.find_swizzle(16 * 64, "rhs")
 
-    def compute(acc_ref, lut_smem=None, lut_bar=None):
-        if lut_smem is not None:
-            plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, lut_bar)
-            plgpu.barrier_wait(lut_bar)
-
+    def compute(acc_ref):
         def step(_, w_smem, x_smem, s_smem):
             if words:
                 blocks = _nf4_dequant_words(plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA),
-                                            s_smem, sub, lut_smem)
+                                            s_smem, sub)
             else:
                 w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
             for j in range(sub):
@@ -464,32 +417,28 @@ def _row_tile(layer_ref, x_gmem, lut_gmem, w_gmem, s_gmem, o_gmem, tile, row_til
             w_gmem.at[layer], x_gmem, s_gmem.at[layer])
         return acc_ref[...]
 
-    scratch = [plgpu.ACC((64, block_m))]
-    if lut_gmem is not None:
-        scratch += [plgpu.SMEM(lut_gmem.shape, jnp.uint32), plgpu.Barrier(num_arrivals=1)]
-    acc = pl.run_scoped(compute, *scratch)
+    acc = pl.run_scoped(compute, plgpu.ACC((64, block_m)))
     _store_rows(acc, o_gmem, row_tile)
 
 
-def _kernel_body(layer_ref, x_gmem, *refs, tiles: tuple[int, ...], lut: bool, **kw):
+def _kernel_body(layer_ref, x_gmem, *refs, tiles: tuple[int, ...], **kw):
     """The kernel: ``refs`` are ``(codes_0, scale_0, codes_1, scale_1, ..., out)``, one
     pair per weight, and ``tiles[i]`` the 64-row tiles of weight ``i``. The grid's row-tile
     axis ``n`` runs over all weights' tiles in order; a program picks its weight by a
     static chain of `pl.when` on its tile index (each branch the same `_row_tile` over its
     own refs: no weight is copied or concatenated) and writes its rows at its tile index
-    of the one output. With ``lut`` the first ref is the `_pair_table`."""
-    lut_gmem, refs = (refs[0], refs[1:]) if lut else (None, refs)
+    of the one output."""
     *weights, o_gmem = refs
     ni = lax.axis_index("n")
     if len(tiles) == 1:
-        _row_tile(layer_ref, x_gmem, lut_gmem, *weights, o_gmem, ni, ni, **kw)
+        _row_tile(layer_ref, x_gmem, *weights, o_gmem, ni, ni, **kw)
         return
     start = 0
     for i, count in enumerate(tiles):
         w_gmem, s_gmem = weights[2 * i], weights[2 * i + 1]
 
         def branch(w_gmem=w_gmem, s_gmem=s_gmem, start=start):
-            _row_tile(layer_ref, x_gmem, lut_gmem, w_gmem, s_gmem, o_gmem, ni - start, ni, **kw)
+            _row_tile(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, ni - start, ni, **kw)
 
         pl.when((ni >= start) & (ni < start + count))(branch)
         start += count
@@ -557,11 +506,11 @@ def _sum_partials(out, m: int):
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_k", "splits", "stages",
-                                             "in_flight", "lut"))
+                                             "in_flight"))
 def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
                     block_m: int | None = None, block_k: int | None = None,
                     splits: int | None = None, stages: int | None = None,
-                    in_flight: int = 0, lut: int = 0) -> jax.Array:
+                    in_flight: int = 0) -> jax.Array:
     """``x @ W.T`` for an NF4 ``W [N, K]`` in bitsandbytes' packed bytes, on Hopper.
 
     The one-weight case of `nf4_mgpu_matmul_multi`.
@@ -582,10 +531,6 @@ def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=Non
         programs, that leave each at least two steps and pad by at most an eighth).
       stages: pipeline buffers in flight (default: up to 4 within the shared memory).
       in_flight: wgmma groups left in flight after each issue (0: wait for each).
-      lut: with the `nf4_kernel_codes` layout, 0 looks codes up with byte permutes in
-        registers (`_ASM8`); a power of two 1..32 looks each pair of codes up in a table
-        of 256 bfloat16 pairs held in shared memory ``lut`` times (lanes spread over the
-        copies, fewer bank conflicts; `_pair_table`). Same results.
 
     Returns:
       ``[M, N]`` in ``x.dtype``.
@@ -594,16 +539,16 @@ def nf4_mgpu_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=Non
       ValueError: shapes outside `nf4_mgpu_supported`'s restrictions.
     """
     return _mgpu_multi(x, (packed,), (scale,), layer, block_m=block_m, block_k=block_k,
-                       splits=splits, stages=stages, in_flight=in_flight, lut=lut,
+                       splits=splits, stages=stages, in_flight=in_flight,
                        name="nf4_mgpu_matmul")[0]
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_k", "splits", "stages",
-                                             "in_flight", "lut"))
+                                             "in_flight"))
 def nf4_mgpu_matmul_multi(x: jax.Array, packed: tuple, scale: tuple, layer=None, *,
                           block_m: int | None = None, block_k: int | None = None,
                           splits: int | None = None, stages: int | None = None,
-                          in_flight: int = 0, lut: int = 0) -> tuple[jax.Array, ...]:
+                          in_flight: int = 0) -> tuple[jax.Array, ...]:
     """``(x @ W_0.T, x @ W_1.T, ...)`` for several NF4 weights ``W_i [N_i, K]`` of one
     ``K``, in ONE kernel launch (a decoder layer's q/k/v, or gate/up).
 
@@ -624,8 +569,8 @@ def nf4_mgpu_matmul_multi(x: jax.Array, packed: tuple, scale: tuple, layer=None,
       scale: tuple of the matching `nf4_kernel_scale` layouts, bfloat16
         ``[K // 64, N_i]`` (``[L, K // 64, N_i]`` with ``layer``).
       layer: int32 scalar, the stacked layer of every weight (read in place), or None.
-      block_m, block_k, splits, stages, in_flight, lut: as in `nf4_mgpu_matmul` (the
-        default ``splits`` counts all weights' row tiles).
+      block_m, block_k, splits, stages, in_flight: as in `nf4_mgpu_matmul` (the default
+        ``splits`` counts all weights' row tiles).
 
     Returns:
       A tuple of ``[M, N_i]`` arrays in ``x.dtype``.
@@ -637,11 +582,11 @@ def nf4_mgpu_matmul_multi(x: jax.Array, packed: tuple, scale: tuple, layer=None,
     """
     return _mgpu_multi(x, tuple(packed), tuple(scale), layer, block_m=block_m,
                        block_k=block_k, splits=splits, stages=stages, in_flight=in_flight,
-                       lut=lut, name="nf4_mgpu_matmul_multi")
+                       name="nf4_mgpu_matmul_multi")
 
 
 def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, splits, stages,
-                in_flight, name: str, lut: int = 0) -> tuple[jax.Array, ...]:
+                in_flight, name: str) -> tuple[jax.Array, ...]:
     """The kernel launch behind `nf4_mgpu_matmul` and `nf4_mgpu_matmul_multi`."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -664,9 +609,6 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
         if k % 64 or n % 8:
             raise ValueError(f"{name}: K={k} must be a multiple of 64 and N={n} of 8")
         ns.append(n)
-    if lut and (not words or lut & (lut - 1) or not 1 <= lut <= 32):
-        raise ValueError(f"{name}: lut={lut} needs the nf4_kernel_codes layout (uint32 codes) "
-                         "and a power of two in 1..32")
     block_m = block_m or _default_block_m(m)
     if block_k is None:
         block_k = next(b for b in (256, 128, 64) if k % b == 0)
@@ -676,14 +618,14 @@ def _mgpu_multi(x, packed: tuple, scale: tuple, layer, *, block_m, block_k, spli
         splits = _default_splits(tiles_n * tiles_m, tiles_k)
     steps = _check_splits(name, splits, tiles_k, f"K/block_k={tiles_k}")
     per_stage = 64 * block_k // 2 + block_m * block_k * 2 + (block_k // 64) * 64 * 2
-    stages = stages or max(1, min(4, steps, (_SMEM_BUDGET - 1024 * lut) // per_stage))
-    operands = [jnp.asarray(_pair_table(lut))] if lut else []
+    stages = stages or max(1, min(4, steps, _SMEM_BUDGET // per_stage))
+    operands = []
     for p, s, n in zip(packed, scale, ns):
         operands += [p if words else _int4_view(p, n, k), s]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     kernel = plgpu.kernel(
         functools.partial(_kernel_body, tiles=tiles, block_m=block_m, block_k=block_k,
-                          steps=steps, stages=stages, in_flight=in_flight, lut=bool(lut)),
+                          steps=steps, stages=stages, in_flight=in_flight),
         out_type=jax.ShapeDtypeStruct((splits, tiles_m, tiles_n * 64, block_m), jnp.float32),
         grid=(tiles_n, tiles_m, splits),
         grid_names=("n", "m", "s"),

@@ -804,15 +804,6 @@ def test_kernel_codes_lower_for_cuda():
         jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16), jax.ShapeDtypeStruct((11008, 512), jnp.uint32),
         jax.ShapeDtypeStruct((64, 11008), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
     assert _mosaic_calls(text) == 1
-    text = jax.jit(lambda x, p, s, layer: nf4_mgpu_matmul_multi(x, p, s, layer, lut=8)).trace(
-        x, ps, ss, jnp.int32(1)).lower(lowering_platforms=("cuda",)).as_text()
-    assert _mosaic_calls(text) == 1
-    with pytest.raises(ValueError, match="lut"):
-        nf4_mgpu_matmul(jnp.zeros((1, 512), jnp.bfloat16), jnp.zeros((64, 256), jnp.uint8),
-                        jnp.zeros((8, 64), jnp.bfloat16), lut=8)
-    with pytest.raises(ValueError, match="lut"):
-        nf4_mgpu_matmul(jnp.zeros((1, 512), jnp.bfloat16), jnp.zeros((64, 64), jnp.uint32),
-                        jnp.zeros((8, 64), jnp.bfloat16), lut=6)
     with pytest.raises(ValueError, match="disagree"):
         nf4_mgpu_matmul_multi(jnp.zeros((1, 512), jnp.bfloat16),
                               (jnp.zeros((64, 64), jnp.uint32), jnp.zeros((64, 256), jnp.uint8)),
@@ -823,10 +814,8 @@ def test_kernel_codes_lower_for_cuda():
 @pytest.mark.parametrize("m,ns,k,layers", [(1, (200,), 320, None), (3, (136, 520), 512, 3),
                                            (16, (1024,), 1024, None), (17, (264, 72), 768, 2),
                                            (1, (4096,), 11008, None)])
-@pytest.mark.parametrize("lut", [0, 8, 32])
-def test_kernel_codes_match_float64(m, ns, k, layers, lut):
-    """The forward kernel over the `nf4_kernel_codes` layout (codes looked up in registers,
-    or in a shared-memory pair table with ``lut`` copies) against float64 NumPy, and
+def test_kernel_codes_match_float64(m, ns, k, layers):
+    """The forward kernel over the `nf4_kernel_codes` layout against float64 NumPy, and
     bit-identical to the kernel over the bnb bytes (same products, same order)."""
     from pallas_kernels.nf4_mgpu import nf4_kernel_codes
 
@@ -836,7 +825,7 @@ def test_kernel_codes_match_float64(m, ns, k, layers, lut):
     layer = None if layers is None else jnp.int32(layers - 1)
     words = tuple(nf4_kernel_codes(w["packed"], n, k) for w, n in zip(ws, ns))
     scales = tuple(w["kernel_scale"] for w in ws)
-    ys = nf4_mgpu_matmul_multi(x, words, scales, layer, lut=lut)
+    ys = nf4_mgpu_matmul_multi(x, words, scales, layer)
     base = nf4_mgpu_matmul_multi(x, tuple(w["packed"] for w in ws), scales, layer)
     x64 = np.asarray(x.astype(jnp.float32), np.float64)
     for y, b, n, d in zip(ys, base, ns, dense):
@@ -847,17 +836,17 @@ def test_kernel_codes_match_float64(m, ns, k, layers, lut):
         np.testing.assert_array_equal(y, np.asarray(b.astype(jnp.float32), np.float64))
 
 
-def _run_ptx(asm: str, args: dict, shared: dict | None = None, laneid: int = 0) -> dict:
+def _run_ptx(asm: str, args: dict) -> dict:
     """A tiny interpreter of the PTX in `_ASM` / `_ASM8` (and, shr, or, mov, prmt in its
     default mode, fma.rn.bf16x2), over 32-bit registers; ``args`` maps ``$i`` to values.
     prmt (PTX ISA, "prmt"): byte i of the result is byte ``c[4i+2:4i]`` of the pool
     ``{b, a}`` (a's bytes 0-3, b's 4-7), or that byte's sign replicated if ``c[4i+3]``."""
     import ml_dtypes
 
-    regs = dict(args, **{"%laneid": laneid})
+    regs = dict(args)
 
     def val(tok):
-        tok = tok.strip().strip("[]")
+        tok = tok.strip()
         return regs[tok] if tok in regs else int(tok, 0)
 
     def bf16x2(word):
@@ -876,13 +865,8 @@ def _run_ptx(asm: str, args: dict, shared: dict | None = None, laneid: int = 0) 
             r = a[0] | a[1]
         elif op == "shr.u32":
             r = a[0] >> a[1]
-        elif op in ("mov.b32", "mov.u32"):
+        elif op == "mov.b32":
             r = a[0]
-        elif op == "mad.lo.u32":
-            r = a[0] * a[1] + a[2]
-        elif op == "ld.shared.b32":  # ``shared`` maps 4-byte-aligned addresses to words
-            assert a[0] % 4 == 0, a[0]
-            r = shared[a[0]]
         elif op == "prmt.b32":
             pool = [(a[0] >> (8 * i)) & 0xFF for i in range(4)] + [(a[1] >> (8 * i)) & 0xFF for i in range(4)]
             r = 0
@@ -902,14 +886,13 @@ def _run_ptx(asm: str, args: dict, shared: dict | None = None, laneid: int = 0) 
 
 
 def test_lookup_ptx_gives_nf4_times_scale():
-    """The register lookups (`_ASM`: two bnb bytes; `_ASM8`: one `nf4_kernel_codes` word) and
-    the shared-memory table lookup (`_lut_ptx` over `_pair_table`, from each lane's copy),
+    """The register lookups (`_ASM`: two bnb bytes; `_ASM8`: one `nf4_kernel_codes` word),
     run by a PTX interpreter over fresh random codes and scales, give
     ``bf16(bf16(NF4[code]) * bf16(scale))`` per element (the product exact in float64, one
     rounding, as ``fma.rn``) in the order the kernels expect, against NumPy."""
     import ml_dtypes
 
-    from pallas_kernels.nf4_mgpu import _ASM, _ASM8, _lut_base_ptx, _lut_ptx, _pair_table
+    from pallas_kernels.nf4_mgpu import _ASM, _ASM8
 
     rng = np.random.default_rng()
 
@@ -941,15 +924,3 @@ def test_lookup_ptx_gives_nf4_times_scale():
         for t in range(4):
             np.testing.assert_array_equal(pair(r[f"${t}"]),
                                           [want(codes[2 * t], s[0]), want(codes[2 * t + 1], s[0])])
-        # _lut_ptx: the same word through the shared-memory pair table, any lane and copy count
-        for copies in (1, 8, 32):
-            table = _pair_table(copies).reshape(-1)
-            base_addr = 4096
-            shared = {base_addr + 4 * i: int(v) for i, v in enumerate(table)}
-            lane = int(rng.integers(0, 32))
-            base = _run_ptx(_lut_base_ptx(copies), {"$1": base_addr}, laneid=lane)["$0"]
-            assert base == base_addr + 4 * (lane % copies)
-            r = _run_ptx(_lut_ptx(copies), {"$4": word, "$5": sb[0], "$6": base}, shared)
-            for t in range(4):
-                np.testing.assert_array_equal(pair(r[f"${t}"]),
-                                              [want(codes[2 * t], s[0]), want(codes[2 * t + 1], s[0])])
