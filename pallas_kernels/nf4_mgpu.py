@@ -37,7 +37,14 @@ wgmma columns) and larger M (``block_m`` up to 128 token columns per program):
   codes in the order of wgmma's register layout, derived offline from the bnb bytes):
   one 32-bit load per register pair, the lookup of 8 codes in one `_ASM8` block, no
   relayout (`_nf4_dequant_words`). Same products, bit-identical results; 8.6 M warp
-  instructions and 12-18% less time for the large decode shapes (H200).
+  instructions and 12-18% less time for the large decode shapes (H200); the model reads it
+  when ``jaxqlora.quantize.use_kernel_codes`` derived it (8B decode 1.10-1.14x). Over it the
+  kernel still issues about 6 instructions per weight and waits on shared-memory loads as
+  much as on the ALU pipe (Nsight Compute, W 11008x4096, M = 1, 15.7 us: per issued
+  instruction 1.77 cycles of long-scoreboard stall, 1.30 math-pipe throttle, 1.64 not
+  selected; 30% occupancy, limited by 79 registers per thread and 25.6 KB of shared memory
+  per block). A shared-memory table of 256 bfloat16 pairs (one load per two codes instead
+  of the permutes) was tried and not faster (17.2-19.8 vs 17.7 us).
 * The block scales are the kernel layout `nf4_kernel_scale` derives once per weight
   (``absmax`` decoded, double quantization included, to one bfloat16 per block,
   transposed to ``[K // blocksize, N]`` so a K tile's scales are one TMA box); the bnb
