@@ -5,6 +5,8 @@ Each configuration is checked against the XLA reference on random data and timed
 
 * ``gemv``: `nf4_gemv_pallas` block_n x block_k x splits x num_warps, W 4096x11008, M = 1, 16;
 * ``decode``: `decode_attention_pallas` splits x block_k x warps x stages at 32k context, B = 1;
+* ``decode-short``: the same at the decode benchmark's context (a 640-slot cache, 576 keys
+  valid: a 512-token prompt plus 64 new tokens, `benchmarks/generate.py`), B = 1, 8 and 32;
 * ``elementwise``: the row/element tile of `rms_norm` and `swiglu` (module ``_TILE``).
 
 Usage (GPU, repository root): ``python benchmarks/nf4_tune.py --part gemv,decode,elementwise``
@@ -25,7 +27,12 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks.kernels import BLOCKSIZE, bench_sets, random_nf4, rel_err  # noqa: E402
 import pallas_kernels.rms_norm as rms_mod  # noqa: E402
 import pallas_kernels.swiglu as swiglu_mod  # noqa: E402
-from pallas_kernels.decode_attention import decode_attention, decode_attention_pallas  # noqa: E402
+from pallas_kernels.decode_attention import (  # noqa: E402
+    decode_attention,
+    decode_attention_pallas,
+    default_block_k,
+    default_num_splits,
+)
 from pallas_kernels.nf4_matmul import NF4_CODE, nf4_gemv_pallas, nf4_matmul  # noqa: E402
 
 
@@ -85,6 +92,27 @@ def main():
             return lambda q, k, v, ln, st: decode_attention_pallas(
                 q, k, v, ln, st, scale=d ** -0.5, **cfg)
         sweep("decode B1 32k", fn_d, sets, ref, configs)
+    if "decode-short" in parts:
+        s, valid, hq, hkv, d = 640, 576, 32, 8, 128
+        for b in (32, 8, 1):
+            sets = []
+            for r in range(4):
+                kk = jax.random.fold_in(key, 50 + r)
+                sets.append((jax.random.normal(kk, (b, hq, d), jnp.bfloat16),
+                             jax.random.normal(jax.random.fold_in(kk, 1), (b, s, hkv, d), jnp.bfloat16),
+                             jax.random.normal(jax.random.fold_in(kk, 2), (b, s, hkv, d), jnp.bfloat16),
+                             jnp.full((b,), valid, jnp.int32), jnp.zeros((b,), jnp.int32)))
+            ref = decode_attention(*sets[0][:4], impl="xla")
+
+            def fn_s(**cfg):
+                return lambda q, k, v, ln, st: decode_attention_pallas(
+                    q, k, v, ln, st, scale=d ** -0.5, **cfg)
+            bk0 = default_block_k(s, d)  # the defaults, timed the way the sweep times the rest
+            default = dict(num_splits=default_num_splits(b, hkv, s, bk0), block_k=bk0)
+            sweep(f"decode B{b} 576 default", fn_s, sets, ref, [default], top=1)
+            configs = [dict(num_splits=sp, block_k=bk, num_warps=nw, num_stages=ns)
+                       for sp, bk, nw, ns in itertools.product((1, 2, 3, 5, 9), (32, 64, 128), (4, 8), (2, 3))]
+            sweep(f"decode B{b} 576", fn_s, sets, ref, configs)
     if "elementwise" in parts:
         m, h = 16384, 4096
         xs = [(jax.random.normal(jax.random.fold_in(key, r), (m, h), jnp.bfloat16),
