@@ -422,6 +422,13 @@ def use_kernel_codes(model: nnx.Module) -> int:
 
     Args:
       model: a `jaxqlora.model.CausalLM` (or any module holding `QuantizedLinear` layers).
+
+    Returns:
+      int: device bytes added, ``N * K / 2`` per projection that got the layout (summed over
+      stacked layers).
+
+    Source: the layout is `pallas_kernels.nf4_mgpu.nf4_kernel_codes` (issue 13), an exact
+    repacking of bitsandbytes' packed NF4 bytes.
     """
     added = 0
     for _, node in list(nnx.iter_graph(model)):
