@@ -145,9 +145,9 @@ def test_train_step_hlo_does_not_grow_with_depth():
     scanned = {n: _ops(_train_step_text(n, True)) for n in (2, 8)}
     assert scanned[8] <= 1.05 * scanned[2], scanned
     unrolled = {n: _ops(_train_step_text(n, False)) for n in (2, 8)}
-    # the check can fail: unrolled grows (by 1.93x on an H200, where the Pallas kernels
-    # make each layer fewer ops next to the fixed optimizer part; by more on the CPU)
-    assert unrolled[8] > 1.5 * unrolled[2], unrolled
+    # the check can fail: unrolled grows (2.16x here on the CPU; lowered for CUDA, where the
+    # Pallas kernels make each layer fewer ops next to the fixed optimizer part, 1.97x)
+    assert unrolled[8] > 1.8 * unrolled[2], unrolled
 
 
 def test_layer_key_mapping_round_trips():
