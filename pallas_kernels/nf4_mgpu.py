@@ -170,7 +170,8 @@ def nf4_kernel_codes(packed: jax.Array, n: int, k: int) -> jax.Array:
 
 def nf4_codes_from_kernel(codes: jax.Array, n: int, k: int) -> jax.Array:
     """bitsandbytes' packed bytes (uint8 ``[.., N, K // 2]``) back from `nf4_kernel_codes`'
-    uint32 ``[.., N, K // 8]`` layout (its inverse, for saving in the interchange format)."""
+    uint32 ``[.., N, K // 8]`` layout: its exact inverse (the round trip the tests check;
+    nothing is saved in the kernel layout, the bnb bytes stay beside it)."""
     lead = codes.shape[:-2]
     nd = len(lead)
     nib = (codes[..., None] >> (jnp.arange(8, dtype=jnp.uint32) * 4)) & 15  # [.., N, K/8, 8]

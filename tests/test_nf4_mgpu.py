@@ -776,7 +776,7 @@ def _kernel_words64(packed):
 def test_kernel_codes_layout_and_round_trip(n, k, layers):
     """`nf4_kernel_codes` matches its element-by-element definition, and
     `nf4_codes_from_kernel` gives back the bnb bytes exactly."""
-    from pallas_kernels.nf4_mgpu import nf4_codes_from_kernel, nf4_kernel_codes
+    from pallas_kernels.nf4_mgpu import nf4_codes_from_kernel
 
     rng = np.random.default_rng()
     packed, _ = random_weight(rng, n, k, layers=layers)
@@ -817,8 +817,6 @@ def test_kernel_codes_lower_for_cuda():
 def test_kernel_codes_match_float64(m, ns, k, layers):
     """The forward kernel over the `nf4_kernel_codes` layout against float64 NumPy, and
     bit-identical to the kernel over the bnb bytes (same products, same order)."""
-    from pallas_kernels.nf4_mgpu import nf4_kernel_codes
-
     rng = np.random.default_rng()
     ws, dense = _weights(rng, ns, k, layers=layers)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
