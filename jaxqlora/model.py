@@ -166,9 +166,11 @@ class KVCache:
       k, v: stacked over layers, ``[num_hidden_layers, batch, max_len, num_key_value_heads,
         head_dim]``; each layer writes its new keys/values in place at ``index``.
       valid: bool ``[batch, max_len]``: slot holds a real (non-padding) token.
-      index: int32 scalar, the next slot to write. All rows write the same slots; padding
-        (left or right) is excluded by ``valid``, and per-row RoPE positions come from the
-        count of valid slots, so rows of different lengths share one cache.
+      index: int32 ``[batch]``, each row's next slot to write: rows advance on their own,
+        so a decode slot of the serving engine (`jaxqlora.serving.engine`) can hold a new
+        request while the others go on. Padding (left or right) is excluded by ``valid``,
+        and per-row RoPE positions come from the count of valid slots, so rows of different
+        lengths share one cache. Writes past ``max_len`` are dropped.
     """
 
     k: jax.Array
@@ -181,12 +183,22 @@ class KVCache:
         """An empty cache of ``max_len`` slots (zeros; nothing is valid yet)."""
         shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
         """Cache slots per sequence (S of ``valid [B, S]``)."""
         return self.valid.shape[1]
+
+
+def write_cache(cache: jax.Array, new: jax.Array, layer, index: jax.Array) -> jax.Array:
+    """``cache [L, B, S, ...]`` with ``new [B, T, ...]`` written at layer ``layer`` (int or
+    int32 scalar), slots ``index[b] .. index[b] + T - 1`` of each row b (``index`` int32
+    ``[B]``); slots past S are dropped. One scatter, in place when ``cache`` is donated."""
+    b, t = new.shape[:2]
+    slots = index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
+    return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")
 
 
 # ------------------------------------------------------- projections of one input
@@ -268,7 +280,7 @@ class Attention(nnx.Module):
 
         With ``kv = (k_cache, v_cache)``, the stacked ``[layers, B, S, Hkv, D]`` cache, the
         new keys/values are written in place at layer ``cache_layer`` (int or int32
-        scalar), slot ``index``, and attention runs over that layer's S slots; returns
+        scalar), slots ``index[b] ...`` of each row b (`write_cache`), and attention runs over that layer's S slots; returns
         ``(out, (k_cache, v_cache))``. ``layer`` as in `Linear`.
         """
         b, t, _ = x.shape
@@ -280,11 +292,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q, layer), self.k_norm(k, layer)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            at = (cache_layer, 0, index, 0, 0)
-            kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype)[None], at) for c, new in zip(kv, (k, v)))
+            kv = tuple(write_cache(c, new, cache_layer, index) for c, new in zip(kv, (k, v)))
             if t == 1 and resolve_impl() == "pallas":  # reads the stacked cache in place
                 keys = mask[:, 0, 0, :]  # [B, S]: valid and causal
-                out = decode_attention(q[:, 0], kv[0], kv[1], jnp.broadcast_to(index + 1, (b,)),
+                out = decode_attention(q[:, 0], kv[0], kv[1], jnp.minimum(index + 1, keys.shape[-1]),
                                        jnp.argmax(keys, axis=-1), mask=keys,
                                        scale=1.0 / math.sqrt(self.head_dim), layer=cache_layer)
                 return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), layer), kv
@@ -510,7 +521,7 @@ class CausalLM(nnx.Module):
           positions: int32 ``[B, T]`` RoPE positions. Default: `segment_positions` (the count
             of earlier real tokens of the same segment, so padding does not shift positions
             and each packed example starts at 0), continuing the cache.
-          cache: a `KVCache`; the T tokens are written at ``cache.index``.
+          cache: a `KVCache`; each row's T tokens are written at its ``cache.index``.
 
         Returns:
           ``hidden`` if ``cache`` is None, else ``(hidden, new_cache)``.
@@ -528,10 +539,11 @@ class CausalLM(nnx.Module):
             index = None
         else:
             index = cache.index
-            valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt, (0, index))
+            rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+            valid = cache.valid.at[rows, index[:, None] + jnp.arange(t)].set(mask_bt, mode="drop")
             slots = jnp.arange(cache.max_len)
-            causal = slots[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
-            mask = causal[None, None] & valid[:, None, None, :]
+            causal = slots[None, None, :] <= (index[:, None] + jnp.arange(t))[:, :, None]  # [B, T, S]
+            mask = causal[:, None] & valid[:, None, None, :]
         x = self.model.embed_tokens(input_ids).astype(jnp.float32)  # float32 residual stream
         kv = None if cache is None else (cache.k, cache.v)
         scan = default_scan(t, cache is not None) if self.scan_layers is None else self.scan_layers

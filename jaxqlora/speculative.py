@@ -20,9 +20,9 @@ Speculative Sampling"):
 The whole loop is one ``jax.lax.while_loop`` compiled once (`_speculative_loop`): k is fixed,
 acceptance lengths only move masks and dynamic indices, so nothing recompiles across them.
 
-Batched rows accept different lengths although the `KVCache` has one shared ``index``: every
-step writes M slots at ``index`` for all rows, each row keeps the slots of its accepted tokens
-and marks the rest invalid in ``valid``, and ``index`` advances by the longest kept run. RoPE
+Batched rows accept different lengths: every step writes M slots at each row's own ``index``,
+each row keeps the slots of its accepted tokens, marks the rest invalid in ``valid`` and
+advances its ``index`` past them. RoPE
 positions come from each row's count of valid slots (`CausalLM.hidden_states`), so a row with
 holes in its cache sees exactly the positions and keys of plain decoding; the stale K/V of the
 holes are masked (and overwritten when the cache is compacted). The cache holds
@@ -289,33 +289,35 @@ def draft_tokens(draft: CausalLM, cache: KVCache, token: jax.Array, pending: jax
 
 
 def rollback(cache: KVCache, start: jax.Array, keep: jax.Array) -> KVCache:
-    """Forget rejected tokens: of the ``M`` slots written at ``start``, keep those where
-    ``keep`` (bool ``[B, M]``) and the slot was valid; ``index`` moves to just after the last
-    kept slot of any row (``start`` when none). K/V stay; invalid slots are masked everywhere
-    and overwritten later. Returns the new `KVCache`."""
+    """Forget rejected tokens: of the ``M`` slots each row b wrote at ``start[b]`` (int32
+    ``[B]``), keep those where ``keep`` (bool ``[B, M]``) and the slot was valid; each row's
+    ``index`` moves to just after its last kept slot (``start[b]`` when none). K/V stay;
+    invalid slots are masked everywhere and overwritten later. Returns the new `KVCache`."""
     m = keep.shape[1]
-    old = jax.lax.dynamic_slice_in_dim(cache.valid, start, m, axis=1)
+    rows = jnp.arange(keep.shape[0])[:, None]
+    cols = start[:, None] + jnp.arange(m)[None, :]
+    old = cache.valid.at[rows, cols].get(mode="fill", fill_value=False)
     kept = old & keep
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, kept, start, axis=1)
-    used = jnp.max(jnp.where(kept, jnp.arange(1, m + 1), 0))
+    valid = cache.valid.at[rows, cols].set(kept, mode="drop")
+    used = jnp.max(jnp.where(kept, jnp.arange(1, m + 1)[None, :], 0), axis=1)
     return cache.replace(valid=valid, index=(start + used).astype(jnp.int32))
 
 
 def compact_cache(cache: KVCache) -> KVCache:
     """Move each row's valid slots to the front (in order), so that the free slots are at the
-    end; ``index`` becomes the largest valid count. Positions, which come from the count of
+    end; each row's ``index`` becomes its valid count. Positions, which come from the count of
     valid slots, and attention, which sees only valid slots, do not change. One gather of the
     whole cache: ``k``/``v`` ``[layers, B, S, Hkv, D]``."""
     order = jnp.argsort(~cache.valid, axis=1, stable=True)  # valid slots first, in slot order
     take = lambda x: jnp.take_along_axis(x, order[None, :, :, None, None], axis=2)  # noqa: E731
     count = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)
     valid = jnp.arange(cache.max_len)[None, :] < count[:, None]
-    return cache.replace(k=take(cache.k), v=take(cache.v), valid=valid, index=jnp.max(count).astype(jnp.int32))
+    return cache.replace(k=take(cache.k), v=take(cache.v), valid=valid, index=count)
 
 
 def _fit(cache: KVCache, m: int) -> KVCache:
-    """The cache, compacted first when ``m`` more slots at ``index`` would not fit."""
-    return jax.lax.cond(cache.index + m > cache.max_len, compact_cache, lambda c: c, cache)
+    """The cache, compacted first when ``m`` more slots at some row's ``index`` would not fit."""
+    return jax.lax.cond(jnp.any(cache.index + m > cache.max_len), compact_cache, lambda c: c, cache)
 
 
 def cache_slots(prompt_len: int, max_new_tokens: int, num_draft: int) -> int:
