@@ -11,6 +11,13 @@ decoder (`jaxqlora.model`) one `LoRALinear` per projection wraps all layers: its
 carry the leading layer axis (``lora_A [layers, r, in_features]``) and the adapter files
 keep PEFT's per-layer keys.
 
+Several adapters in one batch (serving; Punica's BGMV and S-LoRA): built with
+``adapters=A``, the factors carry an adapter axis after the layer axis (``lora_A [layers, A,
+r, in_features]``, ``lora_B [layers, A, out_features, r]``) and ``adapter_scaling [layers, A]``
+holds each adapter's scale; a call with ``adapter`` (int32 ``[B]``) gathers each row's factors.
+Adapters of smaller rank are zero-padded to ``r`` (exact: the padded rank contributes
+zeros), and an adapter without this target has zero factors (`jaxqlora.io.peft.load_adapters`).
+
 Source: PEFT ``tuners/lora/layer.py`` (``Linear.update_layer``, ``reset_lora_parameters``).
 """
 
@@ -42,13 +49,15 @@ class LoRALinear(nnx.Module):
       stack: leading axes of the factors: ``(num_layers,)`` when ``base_layer`` is a
         stacked layer of the decoder (one layer's slice is used per call), ``()`` for a
         single linear.
+      adapters: 0 for one adapter; ``A > 0`` for A adapters picked per row (module
+        docstring), zero-initialised, with scales ``adapter_scaling`` (all ``scaling``).
 
     ``lora_A`` is initialised as PEFT does (Kaiming-uniform with a=sqrt(5): uniform in
     ``±1/sqrt(in_features)``); ``lora_B`` is zero, so a fresh adapter changes nothing.
     """
 
     def __init__(self, base_layer: nnx.Module, *, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+                 use_rslora: bool = False, rngs: nnx.Rngs, stack: tuple[int, ...] = (), adapters: int = 0):
         if r <= 0:
             raise ValueError(f"LoRA rank r must be > 0, got {r}")
         self.base_layer = base_layer
@@ -56,18 +65,25 @@ class LoRALinear(nnx.Module):
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         bound = 1.0 / math.sqrt(self.in_features)
-        stack = tuple(stack)
-        self.lora_A = nnx.LoRAParam(jax.random.uniform(rngs.params(), stack + (r, self.in_features), jnp.float32,
-                                                       -bound, bound))
+        self.adapters = int(adapters)
+        if self.adapters:
+            self.adapter_scaling = AdapterScaling(jnp.full(tuple(stack) + (self.adapters,), self.scaling, jnp.float32))
+            stack = tuple(stack) + (self.adapters,)
+            self.lora_A = nnx.LoRAParam(jnp.zeros(stack + (r, self.in_features), jnp.float32))
+        else:
+            stack = tuple(stack)
+            self.lora_A = nnx.LoRAParam(jax.random.uniform(rngs.params(), stack + (r, self.in_features), jnp.float32,
+                                                           -bound, bound))
         self.lora_B = nnx.LoRAParam(jnp.zeros(stack + (self.out_features, r), jnp.float32))
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
-    def __call__(self, x: jax.Array, layer=None) -> jax.Array:
+    def __call__(self, x: jax.Array, layer=None, adapter=None) -> jax.Array:
         """``x [..., in]`` -> ``[..., out]`` in x's dtype; ``layer`` selects one layer of
-        stacked factors and base (see `jaxqlora.model.Linear`)."""
-        return self.add_update(x, self.base_layer(x, layer), layer)
+        stacked factors and base (see `jaxqlora.model.Linear`), ``adapter`` (int32
+        ``[B]``, x's leading axis) each row's adapter when there are several (None: 0)."""
+        return self.add_update(x, self.base_layer(x, layer), layer, adapter)
 
-    def add_update(self, x: jax.Array, y: jax.Array, layer=None) -> jax.Array:
+    def add_update(self, x: jax.Array, y: jax.Array, layer=None, adapter=None) -> jax.Array:
         """``y + scaling * (dropout(x) @ lora_A.T) @ lora_B.T`` in float32, rounded to x's
         dtype: the adapter added to the base product ``y [..., out]`` of ``x [..., in]`` (what
         ``__call__`` returns; `jaxqlora.model.project_together` computes several base
@@ -76,6 +92,13 @@ class LoRALinear(nnx.Module):
         h = x if self.dropout is None else self.dropout(x)
         dims = (((h.ndim - 1,), (1,)), ((), ()))
         a, b = (v[...] if layer is None else v[layer] for v in (self.lora_A, self.lora_B))
+        if self.adapters:  # each row's factors and scale, gathered (Punica's BGMV in jnp)
+            ids = jnp.zeros((x.shape[0],), jnp.int32) if adapter is None else adapter
+            a, b = jnp.take(a, ids, axis=0), jnp.take(b, ids, axis=0)  # [B, r, in], [B, out, r]
+            scaling = self.adapter_scaling[...] if layer is None else self.adapter_scaling[layer]
+            scale = jnp.take(scaling, ids).reshape((-1,) + (1,) * (x.ndim - 1))
+            h = checkpoint_name(jnp.einsum("b...i,bri->b...r", h.astype(jnp.float32), a), "lora_a")
+            return (y.astype(jnp.float32) + scale * jnp.einsum("b...r,bor->b...o", h, b)).astype(x.dtype)
         h = checkpoint_name(jax.lax.dot_general(h.astype(jnp.float32), a, dims), "lora_a")
         h = jax.lax.dot_general(h, b, dims)
         return (y.astype(jnp.float32) + self.scaling * h).astype(x.dtype)
@@ -84,6 +107,11 @@ class LoRALinear(nnx.Module):
         """The adapter's weight update ``scaling * lora_B @ lora_A``, float32 ``[out, in]``
         (``[layers, out, in]`` when stacked)."""
         return self.scaling * (self.lora_B[...] @ self.lora_A[...])
+
+
+class AdapterScaling(nnx.Variable):
+    """Each adapter's scale (``lora_alpha / r``, or ``/ sqrt(r)``), float32 ``[layers, A]``, of a
+    `LoRALinear` holding A adapters; never trained."""
 
 
 def projection_owner(layer: nnx.Module, name: str) -> nnx.Module:

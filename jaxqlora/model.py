@@ -216,7 +216,14 @@ def _nf4_base(module: nnx.Module):
     return None
 
 
-def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None) -> tuple[list[jax.Array], bool]:
+def project(module: nnx.Module, x: jax.Array, layer=None, adapter=None) -> jax.Array:
+    """``module(x, layer)``, passing ``adapter`` (int32 ``[B]``: each row's adapter, see
+    `jaxqlora.lora.LoRALinear`) when ``module`` is LoRA-wrapped."""
+    return module(x, layer, adapter) if isinstance(module, LoRALinear) else module(x, layer)
+
+
+def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None,
+                     adapter=None) -> tuple[list[jax.Array], bool]:
     """``[m(x, layer) for m in modules]`` for projections of one input (q/k/v, gate/up),
     with the NF4 base products in one kernel launch where possible.
 
@@ -229,7 +236,7 @@ def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None) ->
 
     Args:
       modules: projections with the `Linear` interface and one ``in_features``.
-      x: ``[..., in]`` activations; ``layer`` as in `Linear`.
+      x: ``[..., in]`` activations; ``layer`` as in `Linear`; ``adapter`` as in `project`.
 
     Returns:
       ``(outputs, fused)``: one ``[..., out_i]`` array per module in x's dtype, and
@@ -237,14 +244,14 @@ def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None) ->
     """
     bases = [_nf4_base(m) for m in modules]
     if any(b is None for b in bases):
-        return [m(x, layer) for m in modules], False
+        return [project(m, x, layer, adapter) for m in modules], False
     from jaxqlora.quantize import nf4_linear_multi
 
     ys, fused = nf4_linear_multi(x, [b.weight.get_value() for b in bases], layer)
     out = []
     for m, b, y in zip(modules, bases, ys):
         y = b.add_bias(y, x, layer)
-        out.append(m.add_update(x, y, layer) if isinstance(m, LoRALinear) else y)
+        out.append(m.add_update(x, y, layer, adapter) if isinstance(m, LoRALinear) else y)
     return out, fused
 
 
@@ -275,7 +282,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None):
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None, adapter=None):
         """x ``[B, T, hidden]``; cos/sin ``[B, T, head_dim]``; mask bool ``[B, 1, T, S]``.
 
         With ``kv = (k_cache, v_cache)``, the stacked ``[layers, B, S, Hkv, D]`` cache, the
@@ -284,7 +291,7 @@ class Attention(nnx.Module):
         ``(out, (k_cache, v_cache))``. ``layer`` as in `Linear`.
         """
         b, t, _ = x.shape
-        (q, k, v), _ = project_together((self.q_proj, self.k_proj, self.v_proj), x, layer)
+        (q, k, v), _ = project_together((self.q_proj, self.k_proj, self.v_proj), x, layer, adapter)
         q = checkpoint_name(q, "q_proj").reshape(b, t, self.num_heads, self.head_dim)
         k = checkpoint_name(k, "k_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         v = checkpoint_name(v, "v_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -298,7 +305,7 @@ class Attention(nnx.Module):
                 out = decode_attention(q[:, 0], kv[0], kv[1], jnp.minimum(index + 1, keys.shape[-1]),
                                        jnp.argmax(keys, axis=-1), mask=keys,
                                        scale=1.0 / math.sqrt(self.head_dim), layer=cache_layer)
-                return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), layer), kv
+                return project(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), layer, adapter), kv
             kc, vc = (jax.lax.dynamic_index_in_dim(c, cache_layer, 0, keepdims=False) for c in kv)
             k, v = kc.astype(q.dtype), vc.astype(q.dtype)
         impl = self._prefill_impl(q, kv)
@@ -309,7 +316,7 @@ class Attention(nnx.Module):
         out = rowwise(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale,
                                                                       implementation=impl), (q, k, v, mask))
         out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "attention")
-        return checkpoint_name(self.o_proj(out, layer), "o_proj"), kv
+        return checkpoint_name(project(self.o_proj, out, layer, adapter), "o_proj"), kv
 
     def _prefill_impl(self, q, kv) -> str | None:
         """'cudnn' (fused flash attention, no [B, H, T, S] scores in memory) for cache-free
@@ -331,13 +338,13 @@ class MLP(nnx.Module):
         self.up_proj = Linear(h, f, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, h, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, layer=None):
-        (gate, up), fused = project_together((self.gate_proj, self.up_proj), x, layer)
+    def __call__(self, x, layer=None, adapter=None):
+        (gate, up), fused = project_together((self.gate_proj, self.up_proj), x, layer, adapter)
         gate, up = checkpoint_name(gate, "gate_proj"), checkpoint_name(up, "up_proj")
         # After the one fused NF4 kernel (decoding on Hopper) the SwiGLU is jnp, for XLA to
         # fuse with the kernel's output reduction; otherwise the SwiGLU kernel.
         h = _swiglu_f32(gate, up) if fused else rowwise(swiglu, (gate, up))
-        return checkpoint_name(self.down_proj(h, layer), "down_proj")
+        return checkpoint_name(project(self.down_proj, h, layer, adapter), "down_proj")
 
 
 def _swiglu_f32(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -356,12 +363,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None):
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None, adapter=None):
         """x: the float32 residual stream ``[B, T, hidden]``; returns it updated (and the
-        stacked kv, see `Attention`). ``layer`` as in `Linear`."""
-        a, kv = self.self_attn(self.input_layernorm(x, layer), cos, sin, mask, kv, index, cache_layer, layer)
+        stacked kv, see `Attention`). ``layer`` as in `Linear`, ``adapter`` as in `project`."""
+        a, kv = self.self_attn(self.input_layernorm(x, layer), cos, sin, mask, kv, index, cache_layer, layer, adapter)
         h, x = self.post_attention_layernorm.add_and_norm(a, x, layer)  # x += a; h = norm(x)
-        return x + self.mlp(h, layer).astype(x.dtype), kv
+        return x + self.mlp(h, layer, adapter).astype(x.dtype), kv
 
 
 # ----------------------------------------------------------------- stacked layers
@@ -508,7 +515,8 @@ class CausalLM(nnx.Module):
         return nnx.merge(graphdef, rng, layer_slice(params, i))
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None, cache: KVCache | None = None):
+                      positions: jax.Array | None = None, cache: KVCache | None = None,
+                      adapter: jax.Array | None = None):
         """Final-norm hidden states ``[B, T, hidden]`` in the parameter dtype (and the new cache).
 
         Args:
@@ -522,6 +530,8 @@ class CausalLM(nnx.Module):
             of earlier real tokens of the same segment, so padding does not shift positions
             and each packed example starts at 0), continuing the cache.
           cache: a `KVCache`; each row's T tokens are written at its ``cache.index``.
+          adapter: int32 ``[B]``, each row's LoRA adapter when the model holds several
+            (`jaxqlora.io.peft.load_adapters`); None: adapter 0.
 
         Returns:
           ``hidden`` if ``cache`` is None, else ``(hidden, new_cache)``.
@@ -547,13 +557,13 @@ class CausalLM(nnx.Module):
         x = self.model.embed_tokens(input_ids).astype(jnp.float32)  # float32 residual stream
         kv = None if cache is None else (cache.k, cache.v)
         scan = default_scan(t, cache is not None) if self.scan_layers is None else self.scan_layers
-        x, kv = self._run_layers(x, cos, sin, mask, kv, index, scan)
+        x, kv = self._run_layers(x, cos, sin, mask, kv, index, scan, adapter)
         x = self.model.norm(x)
         if cache is None:
             return x
         return x, KVCache(k=kv[0], v=kv[1], valid=valid, index=index + t)
 
-    def _run_layers(self, x, cos, sin, mask, kv, index, scan: bool):
+    def _run_layers(self, x, cos, sin, mask, kv, index, scan: bool, adapter=None):
         """The stacked layers over the residual stream ``x``: ``jax.lax.scan`` over the
         layer axis, or a Python loop. Only the residual stream, the shared RNG streams and
         the cache are carried out of the body, never the parameters (XLA would copy the
@@ -569,7 +579,7 @@ class CausalLM(nnx.Module):
             x, rng, kv = carry
             p, i = xs
             layer = nnx.merge(graphdef, rng, params if in_place else p)
-            x, kv = layer(x, cos, sin, mask, kv, index, i, i if in_place else None)
+            x, kv = layer(x, cos, sin, mask, kv, index, i, i if in_place else None, adapter)
             return (x, nnx.state(layer, nnx.RngState), kv), None
 
         policy = remat_policy(self.remat)

@@ -138,8 +138,8 @@ def _nf4_lora_model(cfg, dropout: float) -> CausalLM:
     return model
 
 
-def _one_by_one(modules, x, layer=None):
-    return [m(x, layer) for m in modules], False
+def _one_by_one(modules, x, layer=None, adapter=None):
+    return [model_mod.project(m, x, layer, adapter) for m in modules], False
 
 
 def _model_outputs(model, ids, mask):

@@ -190,3 +190,62 @@ def load_adapter(model, path: str | Path, *, return_extra: bool = False):
         else:
             raise UnexpectedTensorError(weights, "adapter tensor has no place in the model", key)
     return (model, extra) if return_extra else model
+
+
+def load_adapters(model, paths: Mapping[str, str | Path]) -> list[str]:
+    """Attach several PEFT LoRA adapters to ``model`` (in place), picked per batch row at run time.
+
+    Every adapted projection becomes one `jaxqlora.lora.LoRALinear` with ``adapters = 1 +
+    len(paths)``: adapter 0 is the base model (zero factors), adapter ``i`` the i-th of
+    ``paths``. Factors of smaller rank are zero-padded to the largest rank, and an adapter
+    that does not target a projection has zero factors there, so each row computes exactly
+    what its adapter alone adds (float32). Each adapter is checked as `load_adapter` checks
+    one (it is loaded into a weightless twin of ``model`` first). Dropout is off (serving).
+    Pass ``adapter`` (int32 ``[B]``, 0 = base) to `jaxqlora.model.CausalLM.hidden_states`.
+
+    Args:
+      model: a `CausalLM` without LoRA layers.
+      paths: ``{name: adapter folder}`` (names in order become adapters 1, 2, ...).
+
+    Returns:
+      ``["", name1, name2, ...]``: the names by adapter index ("" = the base model).
+
+    Raises:
+      CheckpointError (and its subclasses): as `load_adapter`, naming the adapter's file.
+      ValueError: ``model`` already has LoRA layers.
+
+    Source: Punica (Chen et al. 2023, "Punica: Multi-Tenant LoRA Serving"; BGMV) and
+    S-LoRA (Sheng et al. 2023): one batch, a gathered adapter per row.
+    """
+    from flax import nnx
+
+    from jaxqlora.compile import abstract
+    from jaxqlora.lora import LoRALinear, projection_owner
+
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers; load several adapters into a model without them")
+    graphdef, state = nnx.split(model)
+    loaded = []  # per adapter: {target: (A [L, r, in], B [L, out, r], scaling)}
+    for name, path in paths.items():
+        twin = nnx.merge(graphdef, abstract(state))
+        load_adapter(twin, path)
+        loaded.append({key.rsplit(".", 1)[-1]: (np.asarray(l.lora_A[...]), np.asarray(l.lora_B[...]), l.scaling)
+                       for key, l in lora_layers(twin).items()})
+    targets = sorted({t for factors in loaded for t in factors})
+    n = len(loaded) + 1
+    layers = model.model.layers
+    for target in targets:
+        rank = max(f[target][0].shape[1] for f in loaded if target in f)
+        owner = projection_owner(layers, target)
+        base = getattr(owner, target)
+        multi = LoRALinear(base, r=rank, alpha=float(rank), rngs=nnx.Rngs(0), stack=(model.num_layers,), adapters=n)
+        a, b = np.zeros(multi.lora_A[...].shape, np.float32), np.zeros(multi.lora_B[...].shape, np.float32)
+        scaling = np.zeros(multi.adapter_scaling[...].shape, np.float32)  # [layers, adapters]
+        for i, factors in enumerate(loaded, start=1):
+            if target in factors:
+                fa, fb, s = factors[target]
+                a[:, i, :fa.shape[1]], b[:, i, :, :fb.shape[2]], scaling[:, i] = fa, fb, s
+        multi.lora_A[...], multi.lora_B[...] = jnp.asarray(a), jnp.asarray(b)
+        multi.adapter_scaling[...] = jnp.asarray(scaling)
+        setattr(owner, target, multi)
+    return [""] + list(paths)
