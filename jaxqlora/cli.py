@@ -12,6 +12,9 @@
     jaxqlora generate --prompt "What is the capital of France?" | --messages JSON|FILE [--model PATH] [--adapter DIR]
                       [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                       [--speculative {ngram,draft} [--draft-model PATH] [--num-draft N]]
+    jaxqlora serve    [--model PATH] [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000]
+                      [--max-batch N] [--max-model-len N] [--max-queue N] [--prefill-chunk N]
+                      [--decode-steps K] [--grace S] [--keep-quantized] [--kernel-codes] [--dtype ...]
 
 ``--model`` takes an HF folder or a ``.gguf`` file; without it the embedded
 SmolLM2-135M-Instruct is used, and without ``--data`` the embedded Rotten Tomatoes set.
@@ -136,6 +139,25 @@ def existing_dir(text: str) -> str:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: not a folder")
     return text
+
+
+def adapter_spec(text: str) -> tuple[str, str]:
+    """argparse type: ``NAME=DIR``, a LoRA adapter to serve under NAME (the request's ``model``
+    field; no blanks) from the PEFT adapter folder DIR, which must exist. Returns ``(NAME, DIR)``."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    if name != name.strip() or any(c.isspace() for c in name):
+        raise argparse.ArgumentTypeError(f"the adapter name must not contain blanks, got {name!r}")
+    return name, existing_dir(folder)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port in [0, 65535] (0: any free port, printed when the server is ready)."""
+    value = _number(text, int, "a port number in [0, 65535]")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {value}")
+    return value
 
 
 def existing_path(text: str) -> str:
@@ -451,8 +473,168 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+#: the served name of the embedded default model (``jaxqlora serve`` without --model).
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+#: ``serve --max-model-len`` when not given (or the model's context if shorter).
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+def served_model_name(model: str | None) -> str:
+    """The name ``jaxqlora serve`` serves a base model under (the ``model`` field of requests):
+    the embedded model's name, a ``.gguf`` file's stem or an HF folder's name."""
+    if model is None:
+        return EMBEDDED_MODEL_NAME
+    path = Path(model).resolve()
+    return path.stem if path.is_file() else path.name
+
+
+def _serve_memory_check(args) -> None:
+    """``serve``'s check before loading: weights (`jaxqlora.memory.checkpoint_device_bytes`) + the
+    KV cache of ``--max-batch`` slots of ``--max-model-len`` tokens (2 x layers x slots x tokens x
+    KV heads x head dim x dtype bytes) against `jaxqlora.memory.device_memory` (skipped when unknown);
+    prints the figures to stderr. Sets ``args.max_model_len`` when it was not given.
+
+    Raises:
+      ContextLengthError: ``--max-model-len`` is above the model's ``max_position_embeddings``.
+      MemoryEstimateError: the sum exceeds the device's memory.
+    """
+    import jax.numpy as jnp
+
+    from jaxqlora.errors import ContextLengthError
+    from jaxqlora.io import load_config
+    from jaxqlora.memory import MemoryEstimateError, checkpoint_device_bytes, device_memory
+
+    cfg = load_config(args.model)
+    if args.max_model_len is None:
+        args.max_model_len = min(DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
+    if args.max_model_len > cfg.max_position_embeddings:
+        raise ContextLengthError(f"--max-model-len {args.max_model_len} is above the model's context "
+                                 f"(max_position_embeddings {cfg.max_position_embeddings})")
+    dtype = getattr(jnp, args.dtype)
+    weights = checkpoint_device_bytes(args.model, dtype, keep_quantized=args.keep_quantized,
+                                      kernel_codes=args.kernel_codes)
+    kv = (2 * cfg.num_hidden_layers * args.max_batch * args.max_model_len * cfg.num_key_value_heads * cfg.head_dim
+          * jnp.dtype(dtype).itemsize)
+    capacity = device_memory()
+    parts = (f"weights {weights / 1e9:.2f} GB + KV cache {kv / 1e9:.2f} GB for --max-batch {args.max_batch} x "
+             f"--max-model-len {args.max_model_len}")
+    cap = "unknown" if capacity is None else f"{capacity / 1e9:.2f} GB"
+    print(f"memory: {parts} = {(weights + kv) / 1e9:.2f} GB; device memory {cap}", file=sys.stderr)
+    if capacity is not None and weights + kv > capacity:
+        raise MemoryEstimateError({"peak_bytes": weights + kv, "worst": parts + "; lower either"}, capacity, None,
+                                  what="server")
+
+
+def _bind(host: str, port: int):
+    """A TCP socket bound to ``host:port`` (not yet listening), so that a port in use is reported
+    before the model is loaded.
+
+    Raises:
+      OSError: the host does not resolve or the port cannot be bound (the message names both).
+    """
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise OSError(e.errno, f"cannot resolve --host {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _cmd_serve(args) -> int:
+    """``jaxqlora serve``: bind, check memory, load, compile (``Engine.start``), serve until SIGTERM /
+    SIGINT, then drain: uvicorn stops accepting connections while ``Engine.shutdown(--grace)``
+    lets in-flight requests finish (or aborts them at the end of the grace); exit code 0."""
+    import asyncio
+    import signal
+    import threading
+
+    import jax.numpy as jnp
+    import uvicorn
+
+    from jaxqlora.io import load_pretrained
+
+    sock = _bind(args.host, args.port)
+    engine = None
+    try:
+        _serve_memory_check(args)
+        t0 = time.perf_counter()
+        model, tokenizer = load_pretrained(args.model, dtype=getattr(jnp, args.dtype),
+                                           keep_quantized=args.keep_quantized)
+        if args.kernel_codes:
+            from jaxqlora.quantize import use_kernel_codes
+
+            use_kernel_codes(model)
+        from jaxqlora.serving.engine import Engine, EngineConfig
+        from jaxqlora.serving.server import create_app
+
+        name = served_model_name(args.model)
+        config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
+                              prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps)
+        engine = Engine(model, tokenizer, config, adapters=dict(args.adapter or ()), model_name=name)
+        load_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        engine.start()
+        print(f"[load {load_s:.1f} s | compile {time.perf_counter() - t1:.1f} s]", file=sys.stderr)
+        app = create_app(engine)
+    except BaseException:
+        sock.close()
+        if engine is not None:
+            engine.shutdown(0)
+        raise
+
+    draining = threading.Thread(target=engine.shutdown, args=(args.grace,), name="jaxqlora-drain", daemon=True)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # uvicorn's, without re-raising the signal after the shutdown
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for connections
+            self.should_exit = True
+            if not draining.is_alive() and draining.ident is None:
+                print(f"{signal.Signals(sig).name}: no new requests; finishing those in flight "
+                      f"(grace {args.grace:g} s)", file=sys.stderr, flush=True)
+                draining.start()
+
+    host = sock.getsockname()[0]
+    port = sock.getsockname()[1]
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if args.adapter:
+        print(f"adapters: {', '.join(n for n, _ in args.adapter)}", file=sys.stderr)
+    server = Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning",
+                                   timeout_graceful_shutdown=args.grace + 5))
+
+    async def serve():
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            print(f"serving {engine.model_name} at http://{netloc} (OpenAI base URL: http://{netloc}/v1)",
+                  flush=True)
+        await task
+
+    try:
+        asyncio.run(serve())
+    finally:
+        if draining.ident is None:
+            draining.start()
+        draining.join()
+        sock.close()
+    print("stopped", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``jaxqlora`` command (finetune, eval, merge, generate).
+    """The argument parser of the ``jaxqlora`` command (finetune, eval, merge, generate, serve).
 
     Every value is checked by its ``type=`` (`positive_int`, `positive_float`, `probability`,
     `output_dir`, ...), so a bad argument stops with argparse's ``error:`` line and exit code 2
@@ -462,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="jaxqlora", description="QLoRA fine-tuning and 4-bit inference in JAX",
                                      formatter_class=_HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{finetune,eval,merge,generate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{finetune,eval,merge,generate,serve}")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
@@ -571,6 +753,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile from shapes, print the device memory generation needs (weights, KV cache, "
                         "temporaries) and the device's, and exit without loading weights")
     g.set_defaults(func=_cmd_generate, check=functools.partial(_check_generate, g))
+
+    s = command("serve", "an OpenAI-compatible HTTP server (continuous batching, several LoRA adapters per batch)")
+    _add_model_args(s)
+    s.add_argument("--adapter", type=adapter_spec, action="append", default=None, metavar="NAME=DIR",
+                   help="serve the PEFT LoRA adapter in DIR under NAME (a request's \"model\": NAME); repeatable "
+                        "(default: none)")
+    s.add_argument("--host", type=nonempty_str, default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=port_number, default=8000, help="TCP port; 0 = any free port")
+    s.add_argument("--max-batch", type=positive_int, default=8, help="decode slots (requests decoded together)")
+    s.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="tokens per request at most (prompt + completion); sizes the KV cache (default: 2048, or "
+                        "the model's context if shorter)")
+    s.add_argument("--max-queue", type=positive_int, default=256,
+                   help="requests waiting for a slot at most; more are answered 503 with Retry-After")
+    s.add_argument("--prefill-chunk", type=positive_int, default=512,
+                   help="prompt tokens prefilled per engine step (a longer prompt takes several)")
+    s.add_argument("--decode-steps", type=positive_int, default=1, help="decode steps per engine iteration")
+    s.add_argument("--grace", type=nonnegative_float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM / SIGINT (then aborted)")
+    _add_keep_quantized(s)
+    s.add_argument("--kernel-codes", action="store_true",
+                   help="NF4 weights on a Hopper GPU: keep a second copy of the codes in the decode kernel's layout "
+                        "(faster decoding, for half a byte per weight)")
+    s.set_defaults(func=_cmd_serve, check=functools.partial(_check_serve, s))
     return parser
 
 
@@ -612,6 +818,28 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"argument --adapter: {args.adapter} is a classification adapter (task_type SEQ_CLS, trained "
                      "with a score head instead of the LM head); generate needs a causal-LM adapter "
                      "(jaxqlora finetune --task causal-lm); use jaxqlora eval for a classification adapter")
+
+
+def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``serve --adapter``: names are unique and differ from the base model's served name; a
+    classification adapter (PEFT ``task_type`` SEQ_CLS) is refused, as ``generate`` does."""
+    import json
+
+    base = served_model_name(args.model)
+    seen = set()
+    for name, folder in args.adapter or ():
+        if name in seen:
+            parser.error(f"argument --adapter: the name {name!r} is given twice")
+        if name == base:
+            parser.error(f"argument --adapter: the name {name!r} is the base model's served name")
+        seen.add(name)
+        try:
+            task = json.loads((Path(folder) / "adapter_config.json").read_text()).get("task_type")
+        except (OSError, ValueError, AttributeError):
+            continue  # the engine's load_adapter reports a missing or damaged adapter_config.json
+        if task == "SEQ_CLS":
+            parser.error(f"argument --adapter: {folder} is a classification adapter (task_type SEQ_CLS, trained "
+                         "with a score head instead of the LM head); serve needs causal-LM adapters")
 
 
 def _check_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
