@@ -697,7 +697,7 @@ def create_app(engine) -> FastAPI:
                     seen[index] = True
                     if out.finished:
                         usage[index] = [out.prompt_tokens or usage[index][0], out.completion_tokens]
-                    if text or logprobs or out.finished:
+                    if text or (want_lp and out.token_ids) or out.finished:  # no empty chunk (held-back UTF-8)
                         yield chunk({"index": index, "text": text, "logprobs": logprobs,
                                      "finish_reason": out.finish_reason if out.finished else None})
                     event = None if job.done else await job.next()
