@@ -303,7 +303,7 @@ def worker_verify(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from jaxqlora.generate import SamplingConfig, _inference_model, _prefill, _step
+    from jaxqlora.decode import SamplingConfig, inference_model, prefill, sample_token
     from jaxqlora.speculative import accept, rollback
 
     cfg = common.MODELS[args.model]
@@ -315,7 +315,7 @@ def worker_verify(args) -> dict:
 
     @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
     def verify(graphdef, state, tokens, cache):  # as one step of jaxqlora.speculative._speculative_loop
-        model = _inference_model(graphdef, state)
+        model = inference_model(graphdef, state)
         if model.scan_layers is None:
             model.scan_layers = False
         start = cache.index
@@ -325,12 +325,10 @@ def worker_verify(args) -> dict:
         return nxt, rollback(cache, start, keep)
 
     @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-    def decode(graphdef, state, token, cache):  # one step of jaxqlora.generate._decode_loop
-        return _step(_inference_model(graphdef, state), token, cache, jax.random.key(0), greedy)
-
-    @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-    def decode(graphdef, state, token, cache):  # one step of jaxqlora.generate._decode_loop
-        return _step(_inference_model(graphdef, state), token, cache, jax.random.key(0), greedy)
+    def decode(graphdef, state, token, cache):  # one step of jaxqlora.decode.decode_chunk
+        model = inference_model(graphdef, state)
+        hidden, cache = model.hidden_states(token[:, None], cache=cache)
+        return sample_token(model.logits(hidden[:, -1]), jax.random.key(0), greedy), cache
 
     ids = _prompts(cfg, batch, length, args.seed)
     mask = np.ones_like(ids)
@@ -338,7 +336,7 @@ def worker_verify(args) -> dict:
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": {}}
 
     def fresh(extra):
-        return _prefill(graphdef, state, ids, mask, np.int32(0), max_len=length + extra, sampling=greedy)
+        return prefill(graphdef, state, ids, mask, np.int32(0), max_len=length + extra, sampling=greedy)
 
     tok, cache, _ = fresh(steps * 10)
     box = {"tok": tok, "cache": cache}

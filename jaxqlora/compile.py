@@ -294,6 +294,20 @@ def precompile(jobs: Mapping[BucketKey, Job], *, into: Executables | None = None
     return out
 
 
+def call_executable(executables: Executables | None, key: BucketKey, jobs: Callable[[], Mapping[BucketKey, Job]],
+                    jitted: Callable, dynamic_args: tuple, static_kwargs: Mapping[str, Any], graphdef):
+    """Run the precompiled executable of ``key`` on ``dynamic_args`` or, without executables,
+    ``jitted(graphdef, *dynamic_args, **static_kwargs)`` (compiled on first use). ``jobs()``
+    gives the job of a missing key when ``executables`` allow new buckets.
+
+    Raises:
+      BucketError: ``key`` is missing and new buckets are not allowed (`Executables.lookup`)."""
+    if not executables:
+        return jitted(graphdef, *dynamic_args, **static_kwargs)
+    return executables.lookup(key, lambda: jobs()[key])(*dynamic_args)
+
+
+
 # ------------------------------------------------------------- compile count
 
 

@@ -1,22 +1,22 @@
-"""Text generation: prefill, then a decode loop compiled once, over a preallocated KV cache.
+"""Text generation: prefill, then the shared decode loop, over a preallocated KV cache.
 
-`generate` runs the whole decode loop as one ``lax.while_loop`` (stopping when every row
-has produced an end-of-sequence token); `stream` runs the same loop in chunks of up to
-`STREAM_CHUNK` tokens per compiled call, each queued before the previous one's tokens are
-read, for interactive output. Prompts of different lengths
-are left-padded into one batch, and the batch to a prompt-length bucket
+`generate` prefills the prompts as one left-padded batch (`jaxqlora.decode.prefill`), then
+runs `jaxqlora.decode.decode_chunk` (the decode loop of the whole code base, shared with the
+serving engine) in chunks of `DECODE_CHUNK` tokens with a static trip count, each chunk queued
+before the previous one's tokens are read, so the device does not wait for the host; the host
+stops at each row's end-of-sequence token. `stream` does the same with chunks of
+`STREAM_CHUNK` tokens and yields text as it comes. Prompts of different lengths are
+left-padded into one batch, and the batch to a prompt-length bucket
 (`jaxqlora.compile.PROMPT_BUCKETS`); the cache masks the padding.
 
-`precompile_generate` compiles prefill, decode loop (or the chunked loop of `stream`)
-for each prompt bucket ahead of time, from the model's shapes alone; given those
-executables, `generate` and `stream` compile nothing, and a prompt needing a bucket that
-was not compiled raises `jaxqlora.compile.BucketError`.
+`precompile_generate` compiles prefill and the decode chunk for each prompt bucket ahead of
+time, from the model's shapes alone; given those executables, `generate` and `stream` compile
+nothing, and a prompt needing a bucket that was not compiled raises
+`jaxqlora.compile.BucketError`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import time
 import warnings
 from typing import Iterator
@@ -27,159 +27,30 @@ import numpy as np
 from flax import nnx
 
 from jaxqlora.compile import (PROMPT_BUCKETS, BucketError, BucketKey, Executables, Job, abstract, bucket_for,
-                              precompile)
+                              call_executable, precompile)
+from jaxqlora.decode import (SamplingConfig, SlotState, cache_spec, decode_chunk, prefill, prefill_key,
+                             sample_token, sampling_logits)
 from jaxqlora.errors import ContextLengthError
-from jaxqlora.model import CausalLM, KVCache
+from jaxqlora.model import CausalLM
 
 # The cache is donated so the GPU updates it in place; the CPU backend cannot and warns.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How the next token is picked.
+# The sampling settings and the jitted pieces live in `jaxqlora.decode` (shared with the
+# serving engine and speculative decoding); re-exported here for the public API.
+__all__ = ["SamplingConfig", "sample_token", "sampling_logits", "generate", "stream", "precompile_generate",
+           "generation_memory", "DECODE_CHUNK", "STREAM_CHUNK"]
 
-    Attributes:
-      temperature: 0 for greedy (argmax); otherwise logits are divided by it.
-      top_k: keep the k most likely tokens (0 = all).
-      top_p: keep the smallest set of tokens whose probability sums to at least top_p
-        (nucleus sampling, Holtzman et al. 2019; 1.0 = all).
-    """
+DECODE_CHUNK = 16
+"""Tokens per compiled decode call of `generate` (`jaxqlora.decode.decode_chunk`, a loop with
+a static trip count): the host reads tokens and checks for EOS once per chunk, with the next
+chunk already queued, so the device never waits for the host; a row that finishes inside a
+chunk wastes at most the rest of it."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def sampling_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """The logits `sample_token` samples from: divided by the temperature, top-k and top-p
-    filtered (removed tokens at ``-inf``). float32 ``[..., vocab]`` in and out.
-
-    Raises:
-      ValueError: greedy settings (temperature 0: no distribution).
-    """
-    if cfg.temperature == 0.0:
-        raise ValueError("greedy decoding (temperature 0) has no sampling distribution")
-    shape = logits.shape
-    logits = logits.reshape(-1, shape[-1]) / cfg.temperature
-    if cfg.top_k:
-        kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if cfg.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        sorted_logits = jnp.where(before >= cfg.top_p, -jnp.inf, sorted_logits)
-        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
-    return logits.reshape(shape)
-
-
-def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """Pick one token per row from float32 ``logits [B, vocab]``; returns int32 ``[B]``."""
-    if cfg.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, sampling_logits(logits, cfg), axis=-1).astype(jnp.int32)
-
-
-# ---------------------------------------------------------------- jitted pieces
-
-
-def _inference_model(graphdef, state) -> CausalLM:
-    """The model inside a jitted function, with dropout (LoRA) switched off."""
-    model = nnx.merge(graphdef, state, copy=True)  # fresh Variables at this trace level (see _decode_loop)
-    model.eval()
-    return model
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "sampling"))
-def _prefill(graphdef, state, input_ids, attention_mask, seed, *, max_len, sampling):
-    """First token, filled cache and the PRNG key for decoding (``seed``: int32 scalar)."""
-    model = _inference_model(graphdef, state)
-    key, sub = jax.random.split(jax.random.key(seed))
-    cache = KVCache.init(model.config, input_ids.shape[0], max_len, model.dtype)
-    hidden, cache = model.hidden_states(input_ids, attention_mask, cache=cache)
-    logits = model.logits(hidden[:, -1])
-    return sample_token(logits, sub, sampling), cache, key
-
-
-def _step(model, token, cache, key, sampling):
-    hidden, cache = model.hidden_states(token[:, None], cache=cache)
-    return sample_token(model.logits(hidden[:, -1]), key, sampling), cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _decode_step(graphdef, state, token, cache, key, *, sampling):
-    key, sub = jax.random.split(key)
-    nxt, cache = _step(_inference_model(graphdef, state), token, cache, sub, sampling)
-    return nxt, cache, key
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"),
-                   donate_argnames=("cache",))
-def _decode_loop(graphdef, state, first, cache, key, *, max_new_tokens, sampling, eos_ids, pad_id):
-    b = first.shape[0]
-    eos = jnp.asarray(eos_ids, jnp.int32)
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, eos)
-
-    def cond(c):
-        i, _, _, done, _, _ = c
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(c):
-        i, token, cache, done, out, key = c
-        key, sub = jax.random.split(key)
-        # the model is merged inside the loop body: the layers write their (LoRA dropout) RNG
-        # state back, which must happen at the body's trace level
-        nxt, cache = _step(_inference_model(graphdef, state), token, cache, sub, sampling)
-        nxt = jnp.where(done, pad_id, nxt)
-        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
-        return i + 1, nxt, cache, done | jnp.isin(nxt, eos), out, key
-
-    n, _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, cache, done, out, key))
-    return out, n
-
-
-STREAM_CHUNK = 32
-"""The most tokens one `_stream_chunk` call makes (its output buffer); calls start with
-fewer (4, 8, 16, then 32) so that the first pieces show quickly. Each call has a fixed
-cost besides its tokens (on CPU the decode program converts every weight once per call,
-about one token's time), which longer chunks spread."""
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids"), donate_argnames=("cache",))
-def _stream_chunk(graphdef, state, token, cache, key, remaining, steps, *, sampling, eos_ids):
-    """Up to ``min(steps, remaining)`` tokens after ``token`` (batch 1) in one compiled loop,
-    stopping after an end-of-sequence token (none if ``token`` is one). ``steps`` and
-    ``remaining`` are int32 scalars (no recompilation for other values; at most
-    `STREAM_CHUNK` steps). Returns ``(tokens [STREAM_CHUNK] (-1 past the end), count, last
-    token, cache, key, remaining - count)``: the last four feed the next call directly,
-    so it can be queued before this one's tokens are read."""
-    eos = jnp.asarray(eos_ids, jnp.int32)
-    limit = jnp.minimum(jnp.minimum(steps, remaining), STREAM_CHUNK)
-
-    def cond(c):
-        i, token, _, _, _ = c
-        return (i < limit) & ~jnp.any(jnp.isin(token, eos))
-
-    def body(c):
-        i, token, cache, key, out = c
-        key, sub = jax.random.split(key)
-        nxt, cache = _step(_inference_model(graphdef, state), token, cache, sub, sampling)  # as in _decode_loop
-        return i + 1, nxt, cache, key, out.at[i].set(nxt[0])
-
-    out = jnp.full((STREAM_CHUNK,), -1, jnp.int32)
-    n, token, cache, key, out = jax.lax.while_loop(cond, body, (jnp.int32(0), token, cache, key, out))
-    return out, n, token, cache, key, remaining - n
+STREAM_CHUNK = 4
+"""Tokens per compiled decode call of `stream` (each queued before the previous one's tokens
+are read back): small, so that pieces show as they are made."""
 
 
 # ------------------------------------------------------------------- public API
@@ -251,7 +122,7 @@ def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_
     sampling = SamplingConfig(float(temperature), int(top_k or 0), float(top_p))
     graphdef, state = nnx.split(model)
     prompt_len = _prompt_bucket(executables, longest,
-                                _prefill_key(len(rows), 0, max_new_tokens + extra_slots, sampling, graphdef))
+                                prefill_key(len(rows), 0, max_new_tokens + extra_slots, sampling, graphdef))
     ids, mask = _left_pad(rows, _pad_id(tokenizer), prompt_len)
     return rows, ids, mask, sampling, graphdef, state, np.asarray(seed, np.int32), prompt_len
 
@@ -259,41 +130,27 @@ def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_
 # ------------------------------------------------------------ executables
 
 
-def _prefill_key(batch, prompt_len, max_new_tokens, sampling, graphdef) -> BucketKey:
-    return BucketKey("prefill", (batch, prompt_len), (max_new_tokens, sampling, graphdef))
+def _decode_key(batch, max_len, steps, greedy, graphdef) -> BucketKey:
+    return BucketKey("decode", (batch, max_len), (steps, greedy, graphdef))
 
 
-def _decode_key(batch, max_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef) -> BucketKey:
-    return BucketKey("decode", (batch, max_len), (max_new_tokens, sampling, eos_ids, pad_id, graphdef))
-
-
-def _stream_key(max_len, sampling, eos_ids, graphdef) -> BucketKey:
-    return BucketKey("stream", (1, max_len), (sampling, eos_ids, graphdef))
-
-
-def _cache_spec(model_cfg, batch, max_len, dtype) -> KVCache:
-    return jax.eval_shape(lambda: KVCache.init(model_cfg, batch, max_len, dtype))
-
-
-def _generation_jobs(graphdef, state, model_cfg, dtype, batch, prompt_len, max_new_tokens, sampling, eos_ids, pad_id,
+def _generation_jobs(graphdef, state, model_cfg, dtype, batch, prompt_len, max_new_tokens, sampling,
                      *, loop: bool = True, step: bool = False) -> dict[BucketKey, Job]:
-    """Jobs compiling prefill, the decode loop and/or `stream`'s loop (``step``) for one prompt bucket."""
+    """Jobs compiling prefill and the decode chunk of `generate` (``loop``, `DECODE_CHUNK`
+    steps) and/or of `stream` (``step``, `STREAM_CHUNK` steps) for one prompt bucket."""
     state = abstract(state)
     max_len = prompt_len + max_new_tokens
     tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
-    token = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    cache = _cache_spec(model_cfg, batch, max_len, dtype)
-    key = jax.eval_shape(lambda: jax.random.key(0))
     seed = jax.ShapeDtypeStruct((), jnp.int32)
-    jobs = {_prefill_key(batch, prompt_len, max_new_tokens, sampling, graphdef): Job(
-        _prefill, (graphdef, state, tokens, tokens, seed), dict(max_len=max_len, sampling=sampling))}
-    if loop:
-        jobs[_decode_key(batch, max_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef)] = Job(
-            _decode_loop, (graphdef, state, token, cache, key),
-            dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id))
-    if step:
-        jobs[_stream_key(max_len, sampling, eos_ids, graphdef)] = Job(
-            _stream_chunk, (graphdef, state, token, cache, key, seed, seed), dict(sampling=sampling, eos_ids=eos_ids))
+    jobs = {prefill_key(batch, prompt_len, max_new_tokens, sampling, graphdef): Job(
+        prefill, (graphdef, state, tokens, tokens, seed), dict(max_len=max_len, sampling=sampling))}
+    cache = cache_spec(model_cfg, batch, max_len, dtype)
+    slots = jax.eval_shape(lambda: SlotState.init(batch))
+    greedy = sampling.temperature == 0.0
+    for steps in ([DECODE_CHUNK] if loop else []) + ([STREAM_CHUNK] if step else []):
+        jobs[_decode_key(batch, max_len, steps, greedy, graphdef)] = Job(
+            decode_chunk, (graphdef, state, cache, slots, slots.active),
+            dict(steps=steps, greedy_only=greedy, top_n=0))
     return jobs
 
 
@@ -335,8 +192,7 @@ def precompile_generate(model: CausalLM, tokenizer, *, batch_size: int = 1, prom
         return precompile(jobs, into=out, desc="precompile speculative generate")
     for p in sorted(set(prompt_lens)):
         jobs.update(_generation_jobs(graphdef, state, model.config, model.dtype, batch_size, p, max_new_tokens,
-                                     sampling, _eos_ids(tokenizer, ignore_eos), _pad_id(tokenizer),
-                                     loop=not stream, step=stream))
+                                     sampling, loop=not stream, step=stream))
     return precompile(jobs, into=out, desc="precompile generate")
 
 
@@ -374,13 +230,6 @@ def generation_memory(model: CausalLM, tokenizer, prompts, max_new_tokens: int =
     own = state_bytes(nnx.state(model))
     return memory_estimate(ex, own if weight_bytes is None else weight_bytes,
                            None if weight_bytes is None else (own, weight_bytes)), ex
-
-
-def _call(executables: Executables | None, key: BucketKey, jobs, jitted, dynamic_args, static_kwargs, graphdef):
-    """Run a precompiled executable (looked up by ``key``) or, without executables, the jitted function."""
-    if not executables:
-        return jitted(graphdef, *dynamic_args, **static_kwargs)
-    return executables.lookup(key, lambda: jobs()[key])(*dynamic_args)
 
 
 def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -452,19 +301,23 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
     else:
         def jobs():
             return _generation_jobs(graphdef, state, model.config, model.dtype, b, prompt_len, max_new_tokens,
-                                    sampling, eos_ids, pad_id)
+                                    sampling)
 
-        first, cache, key = _call(executables, _prefill_key(b, prompt_len, max_new_tokens, sampling, graphdef), jobs,
-                                  _prefill, (state, *jax.device_put((ids, mask)), seed),
+        first, cache, key = call_executable(executables, prefill_key(b, prompt_len, max_new_tokens, sampling, graphdef), jobs,
+                                  prefill, (state, *jax.device_put((ids, mask)), seed),
                                   dict(max_len=max_len, sampling=sampling), graphdef)
         if return_stats:
             jax.block_until_ready(first)
             stats["prefill_s"] = time.perf_counter() - t0
-        out, n = _call(executables, _decode_key(b, max_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef),
-                       jobs, _decode_loop, (state, first, cache, key),
-                       dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id),
-                       graphdef)
-        out, n = jax.device_get((out, n))  # one read-back
+        rows_out = [[] for _ in range(b)]
+        for new in _decode_rows(executables, jobs, graphdef, state, first, cache, key, sampling, max_len,
+                                max_new_tokens, eos_ids, DECODE_CHUNK):
+            for r, toks in zip(rows_out, new):
+                r.extend(toks)
+        n = max(len(r) for r in rows_out)
+        out = np.full((b, n), pad_id, np.int32)
+        for i, r in enumerate(rows_out):
+            out[i, :len(r)] = r
     if return_stats:
         stats["decode_s"] = time.perf_counter() - t0 - stats["prefill_s"]
     out = out[:, : int(n)]
@@ -488,6 +341,51 @@ def generate(model: CausalLM, tokenizer, prompts, max_new_tokens: int = 128, tem
     return results, stats
 
 
+def _decode_rows(executables, jobs, graphdef, state, first, cache, key, sampling: SamplingConfig, max_len: int,
+                 max_new_tokens: int, eos_ids: tuple[int, ...], steps: int) -> Iterator[list[list[int]]]:
+    """The host side of the decode loop for a batch that starts together: yields, per chunk,
+    each row's new tokens (the first, from the prefill, in the first yield), cut after the
+    row's EOS and at ``max_new_tokens``; stops when every row is done. Each
+    `jaxqlora.decode.decode_chunk` call (``steps`` tokens) is queued before the previous
+    one's tokens are read back; finished rows are switched off for the chunks after."""
+    b = first.shape[0]
+    greedy = sampling.temperature == 0.0
+    slots = SlotState(tokens=first, keys=key, temperature=np.full((b,), sampling.temperature, np.float32),
+                      top_k=np.full((b,), sampling.top_k, np.int32), top_p=np.full((b,), sampling.top_p, np.float32),
+                      adapter=np.zeros((b,), np.int32), active=np.ones((b,), bool))
+    key_ = _decode_key(b, max_len, steps, greedy, graphdef)
+    eos = set(eos_ids)
+    counts = [0] * b
+    done = np.zeros((b,), bool)
+
+    def take(row: int, toks) -> list[int]:
+        kept = []
+        for t in toks:
+            if done[row]:
+                break
+            kept.append(int(t))
+            counts[row] += 1
+            done[row] = int(t) in eos or counts[row] >= max_new_tokens
+        return kept
+
+    def chunk(cache, slots, active):
+        return call_executable(executables, key_, jobs, decode_chunk, (state, cache, slots, active),
+                     dict(steps=steps, greedy_only=greedy, top_n=0), graphdef)
+
+    first = np.asarray(jax.device_get(first))
+    yield [take(i, [first[i]]) for i in range(b)]
+    made = 1  # tokens per row so far, including ones made after a row finished
+    queued = None if done.all() else chunk(cache, slots, np.ones((b,), bool))
+    while queued is not None:
+        cache, slots, toks = queued
+        made += steps
+        queued = None if made >= max_new_tokens else chunk(cache, slots, ~done)  # before this chunk is read
+        toks = np.asarray(jax.device_get(toks))
+        yield [take(i, toks[i]) for i in range(b)]
+        if done.all():
+            return
+
+
 def _emitted(row, eos_ids, pad_id) -> int:
     """New tokens in one output row: up to and including its first EOS, else the whole row."""
     for i, t in enumerate(row):
@@ -502,12 +400,11 @@ def stream(model: CausalLM, tokenizer, prompt, max_new_tokens: int = 128, temper
     """Yield the text of one prompt's continuation piece by piece, as tokens are made.
 
     Same arguments and errors as `generate` (one prompt only; ``executables`` from
-    `precompile_generate(..., stream=True)`), and the same tokens. Decoding runs as a
-    compiled loop of up to `STREAM_CHUNK` tokens per call (4, 8, 16, then 32), and each call
-    is queued before the previous call's tokens are read back, so the device does not wait
-    for the host; the program is the same for every chunk size and prompt of a bucket, and
-    is kept in the persistent compilation cache. A piece is yielded once it decodes to
-    whole characters.
+    `precompile_generate(..., stream=True)`), and the same tokens (sampled ones too: each
+    row's PRNG key advances once per token whatever the chunk size). Decoding runs the shared
+    decode chunk (`jaxqlora.decode.decode_chunk`) of `STREAM_CHUNK` tokens per call, each
+    call queued before the previous call's tokens are read back, so the device does not wait
+    for the host. A piece is yielded once it decodes to whole characters.
     """
     rows, ids, mask, sampling, graphdef, state, seed, prompt_len = _prepare(
         model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, executables)
@@ -518,26 +415,16 @@ def stream(model: CausalLM, tokenizer, prompt, max_new_tokens: int = 128, temper
 
     def jobs():
         return _generation_jobs(graphdef, state, model.config, model.dtype, 1, prompt_len, max_new_tokens, sampling,
-                                eos_ids, _pad_id(tokenizer), loop=False, step=True)
+                                loop=False, step=True)
 
-    token, cache, key = _call(executables, _prefill_key(1, prompt_len, max_new_tokens, sampling, graphdef), jobs,
-                              _prefill, (state, *jax.device_put((ids, mask)), seed),
+    first, cache, key = call_executable(executables, prefill_key(1, prompt_len, max_new_tokens, sampling, graphdef), jobs,
+                              prefill, (state, *jax.device_put((ids, mask)), seed),
                               dict(max_len=max_len, sampling=sampling), graphdef)
-    chunk_key = _stream_key(max_len, sampling, eos_ids, graphdef)
-
-    def chunk(token, cache, key, remaining, steps):
-        return _call(executables, chunk_key, jobs, _stream_chunk,
-                     (state, token, cache, key, remaining, np.asarray(steps, np.int32)),
-                     dict(sampling=sampling, eos_ids=eos_ids), graphdef)
-
     toks: list[int] = []
     shown = ""
-    steps = 4
-    # queued at once (it makes no token after an end-of-sequence one or when none is left)
-    queued = chunk(token, cache, key, np.asarray(max_new_tokens - 1, np.int32), steps)
-    pending = [int(np.asarray(token)[0])]
-    while True:
-        for t in pending:
+    for (new,) in _decode_rows(executables, jobs, graphdef, state, first, cache, key, sampling, max_len,
+                               max_new_tokens, eos_ids, STREAM_CHUNK):
+        for t in new:
             if t in eos_ids:
                 return
             toks.append(t)
@@ -545,12 +432,3 @@ def stream(model: CausalLM, tokenizer, prompt, max_new_tokens: int = 128, temper
             if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
                 yield text[len(shown):]
                 shown = text
-        if len(toks) >= max_new_tokens:
-            return
-        out, n, token, cache, key, remaining = queued
-        steps = min(2 * steps, STREAM_CHUNK)
-        queued = chunk(token, cache, key, remaining, steps)  # queued before this chunk is read back
-        out, n = jax.device_get((out, n))
-        if int(n) == 0:
-            return
-        pending = [int(t) for t in out[: int(n)]]

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxqlora.generate import SamplingConfig, _inference_model, sampling_logits
+from jaxqlora.decode import SamplingConfig, cache_spec, inference_model, prefill, prefill_key, sampling_logits
 from jaxqlora.model import CausalLM, KVCache
 
 METHODS = ("ngram", "draft")
@@ -333,7 +333,7 @@ def cache_slots(prompt_len: int, max_new_tokens: int, num_draft: int) -> int:
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
 def _draft_prefill(graphdef, state, input_ids, attention_mask, *, max_len):
     """The draft model's cache filled with the (left-padded) prompt."""
-    model = _inference_model(graphdef, state)
+    model = inference_model(graphdef, state)
     cache = KVCache.init(model.config, input_ids.shape[0], max_len, model.dtype)
     return model.hidden_states(input_ids, attention_mask, cache=cache)[1]
 
@@ -360,14 +360,16 @@ class SpeculativeStats(NamedTuple):
 def _speculative_loop(graphdef, state, draft_state, first, cache, draft_cache, hist, hist_len, key, *,
                       draft_graphdef, max_new_tokens, sampling, eos_ids, pad_id, spec):
     """The speculative decode loop, one ``lax.while_loop``; returns ``(out [B, max_new_tokens],
-    columns used, SpeculativeStats, cache, draft_cache)``."""
+    columns used, SpeculativeStats, cache, draft_cache)``. ``key``: the prefill's per-row
+    keys ``[B]`` (`jaxqlora.decode.prefill`); the loop draws from the first."""
+    key = key[0]
     def models():
-        # merged inside the loop body, as `jaxqlora.generate._decode_loop` does: the layers
+        # merged inside the loop body, as `jaxqlora.decode.decode_chunk` does: the layers
         # write their (LoRA dropout) RNG state back, which must happen at the body's trace level
-        model = _inference_model(graphdef, state)
+        model = inference_model(graphdef, state)
         if model.scan_layers is None:  # k + 1 rows read the weights as one-token decoding does: unrolled
             model.scan_layers = False
-        draft = None if draft_graphdef is None else _inference_model(draft_graphdef, draft_state)
+        draft = None if draft_graphdef is None else inference_model(draft_graphdef, draft_state)
         return model, draft
 
     k = spec.num_draft
@@ -467,7 +469,7 @@ def _loop_key(batch, prompt_len, max_new_tokens, sampling, eos_ids, pad_id, grap
                      (max_new_tokens, sampling, eos_ids, pad_id, graphdef, draft_graphdef, spec))
 
 
-def _draft_prefill_key(batch, prompt_len, max_new_tokens, draft_graphdef, spec):
+def _draftprefill_key(batch, prompt_len, max_new_tokens, draft_graphdef, spec):
     from jaxqlora.compile import BucketKey
 
     return BucketKey("draft_prefill", (batch, prompt_len), (cache_slots(prompt_len, max_new_tokens, spec.num_draft),
@@ -481,24 +483,23 @@ def speculative_jobs(model: CausalLM, draft_model: CausalLM | None, batch: int, 
     ``"draft"``) and the speculative loop, keyed by `jaxqlora.compile.BucketKey`.
     ``model``/``draft_model`` may be abstract (``nnx.eval_shape``)."""
     from jaxqlora.compile import Job, abstract
-    from jaxqlora.generate import _cache_spec, _prefill, _prefill_key
 
     graphdef, state = nnx.split(model)
     state = abstract(state)
     max_len = cache_slots(prompt_len, max_new_tokens, spec.num_draft)
     tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
     row = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
     seed = jax.ShapeDtypeStruct((), jnp.int32)
-    jobs = {_prefill_key(batch, prompt_len, max_len - prompt_len, sampling, graphdef): Job(
-        _prefill, (graphdef, state, tokens, tokens, seed), dict(max_len=max_len, sampling=sampling))}
-    cache = _cache_spec(model.config, batch, max_len, model.dtype)
+    jobs = {prefill_key(batch, prompt_len, max_len - prompt_len, sampling, graphdef): Job(
+        prefill, (graphdef, state, tokens, tokens, seed), dict(max_len=max_len, sampling=sampling))}
+    cache = cache_spec(model.config, batch, max_len, model.dtype)
     draft_graphdef = draft_state = draft_cache = hist = hist_len = None
     if spec.method == "draft":
         draft_graphdef, draft_state = nnx.split(draft_model)
         draft_state = abstract(draft_state)
-        draft_cache = _cache_spec(draft_model.config, batch, max_len, draft_model.dtype)
-        jobs[_draft_prefill_key(batch, prompt_len, max_new_tokens, draft_graphdef, spec)] = Job(
+        draft_cache = cache_spec(draft_model.config, batch, max_len, draft_model.dtype)
+        jobs[_draftprefill_key(batch, prompt_len, max_new_tokens, draft_graphdef, spec)] = Job(
             _draft_prefill, (draft_graphdef, draft_state, tokens, tokens), dict(max_len=max_len))
     else:
         hist, hist_len = jax.ShapeDtypeStruct((batch, max_len + 1), jnp.int32), row
@@ -538,7 +539,7 @@ def speculative_decode(model: CausalLM, input_ids, attention_mask, *, max_new_to
         another vocabulary size (`check_draft_model`).
       BucketError: ``executables`` lack one of the programs (and do not allow new buckets).
     """
-    from jaxqlora.generate import _call, _prefill, _prefill_key
+    from jaxqlora.compile import call_executable
 
     ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
     b, p = ids.shape
@@ -558,11 +559,11 @@ def speculative_decode(model: CausalLM, input_ids, attention_mask, *, max_new_to
 
     t0 = time.perf_counter()
     dev = jax.device_put((ids, mask))
-    first, cache, key = _call(executables, _prefill_key(b, p, max_len - p, sampling, graphdef), jobs, _prefill,
+    first, cache, key = call_executable(executables, prefill_key(b, p, max_len - p, sampling, graphdef), jobs, prefill,
                               (state, *dev, np.int32(seed)), dict(max_len=max_len, sampling=sampling), graphdef)
     draft_cache = hist = hist_len = None
     if spec.method == "draft":
-        draft_cache = _call(executables, _draft_prefill_key(b, p, max_new_tokens, draft_graphdef, spec), jobs,
+        draft_cache = call_executable(executables, _draftprefill_key(b, p, max_new_tokens, draft_graphdef, spec), jobs,
                             _draft_prefill, (draft_state, *dev), dict(max_len=max_len), draft_graphdef)
     else:
         rows = [list(r[mk.astype(bool)]) for r, mk in zip(ids, mask)]
@@ -570,7 +571,7 @@ def speculative_decode(model: CausalLM, input_ids, attention_mask, *, max_new_to
     if timings is not None:
         jax.block_until_ready((first, draft_cache))
         timings["prefill_s"] = time.perf_counter() - t0
-    out, cols, stats, cache, draft_cache = _call(
+    out, cols, stats, cache, draft_cache = call_executable(
         executables, _loop_key(b, p, max_new_tokens, sampling, eos_ids, pad_id, graphdef, draft_graphdef, spec), jobs,
         _speculative_loop, (state, draft_state, first, cache, draft_cache, hist, hist_len, key),
         dict(draft_graphdef=draft_graphdef, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, spec=spec), graphdef)

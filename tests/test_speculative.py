@@ -31,7 +31,8 @@ from flax import nnx
 
 from jaxqlora.compile import CompileCounter
 from jaxqlora.config import ModelConfig
-from jaxqlora.generate import SamplingConfig, _left_pad, _prefill, generate, sample_token
+from jaxqlora.decode import prefill
+from jaxqlora.generate import SamplingConfig, _left_pad, generate, sample_token
 from jaxqlora.model import CausalLM, KVCache
 from jaxqlora.speculative import (SpeculativeConfig, accept, compact_cache, ngram_drafts, rollback, sampling_logits,
                                   speculative_config, speculative_decode, target_probs)
@@ -162,7 +163,7 @@ def _plain_step(graphdef, state, token, cache):
 def _plain_cache(model, ids, mask, n):
     """Plain greedy decoding, one cached forward per token: (tokens, the final cache)."""
     graphdef, state = nnx.split(model)
-    tok, cache, _ = _prefill(graphdef, state, ids, mask, np.int32(0), max_len=ids.shape[1] + n,
+    tok, cache, _ = prefill(graphdef, state, ids, mask, np.int32(0), max_len=ids.shape[1] + n,
                              sampling=SamplingConfig())
     out = [tok]
     for _ in range(n - 1):
