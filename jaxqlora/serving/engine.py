@@ -79,16 +79,20 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)!r}")
 
     @property
+    def chunk(self) -> int:
+        """Prompt tokens per prefill call: ``prefill_chunk``, at most ``max_model_len``."""
+        return min(self.prefill_chunk, self.max_model_len)
+
+    @property
     def buckets(self) -> tuple[int, ...]:
-        """The prefill lengths compiled (ascending; the last is ``prefill_chunk``)."""
+        """The prefill lengths compiled (ascending; the last is `chunk`)."""
         if self.prefill_buckets:
-            return tuple(sorted({min(int(b), self.prefill_chunk) for b in self.prefill_buckets}
-                                | {self.prefill_chunk}))
+            return tuple(sorted({min(int(b), self.chunk) for b in self.prefill_buckets} | {self.chunk}))
         out, b = [], 16
-        while b < self.prefill_chunk:
+        while b < self.chunk:
             out.append(b)
             b *= 2
-        return tuple(out) + (self.prefill_chunk,)
+        return tuple(out) + (self.chunk,)
 
 
 class _Active:
@@ -267,7 +271,7 @@ class Engine:
             row = jax.ShapeDtypeStruct((1, c), jnp.int32)
             args = (g, state, cache, i32, row, i32, jax.ShapeDtypeStruct((), bool), one, row)
             jobs[BucketKey("prefill", (1, c), 0)] = Job(prefill_chunk, args, dict(top_n=0))
-            if c == cfg.prefill_chunk:
+            if c == cfg.chunk:
                 jobs[BucketKey("prefill", (1, c), self._top_n)] = Job(prefill_chunk, args, dict(top_n=self._top_n))
         logits = jax.ShapeDtypeStruct((self._vocab,), jnp.float32)
         jobs[BucketKey("insert", (cfg.max_batch,))] = Job(
@@ -332,7 +336,7 @@ class Engine:
 
     def _prefill_some(self) -> None:
         """Prefill up to ``prefill_chunk`` tokens of the prefilling requests, in order."""
-        budget = self.config.prefill_chunk
+        budget = self.config.chunk
         while self._prefilling and budget > 0:
             a = self._prefilling[0]
             if a.finished:
@@ -352,8 +356,8 @@ class Engine:
         cfg = self.config
         ids = a.request.prompt_ids
         logprobs = a.params.prompt_logprobs
-        n = min(len(ids) - a.prefilled, cfg.prefill_chunk)
-        bucket = cfg.prefill_chunk if logprobs else next(b for b in cfg.buckets if b >= n)
+        n = min(len(ids) - a.prefilled, cfg.chunk)
+        bucket = cfg.chunk if logprobs else next(b for b in cfg.buckets if b >= n)
         chunk = np.zeros((1, bucket), np.int32)
         chunk[0, :n] = ids[a.prefilled:a.prefilled + n]
         nxt = np.zeros((1, bucket), np.int32)
