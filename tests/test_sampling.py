@@ -60,3 +60,28 @@ def test_greedy_is_argmax():
 def test_bad_sampling_settings(kw):
     with pytest.raises(ValueError):
         SamplingConfig(**kw)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.3, 3, 1.0), (0.9, 5, 0.6)])
+def test_per_row_sampling_distribution(temperature, top_k, top_p):
+    """`jaxqlora.decode.sample_rows` (each row its own settings and key, as the serving engine
+    decodes) against the same NumPy definitions; rows with temperature 0 in the same batch
+    take the argmax."""
+    from jaxqlora.decode import SlotState, sample_rows
+
+    rng = np.random.default_rng(int(temperature * 10) + top_k + 7)
+    logits = rng.normal(0, 1.5, 12)
+    want = _np_probs(logits, temperature, top_k, top_p)
+    n = N + 2
+    temps = np.full((n,), temperature, np.float32)
+    temps[:2] = 0.0  # two greedy rows in the batch
+    slots = SlotState.init(n).replace(keys=jax.random.split(jax.random.key(top_k + 3), n), temperature=jnp.asarray(temps),
+                                      top_k=jnp.full((n,), top_k, jnp.int32), top_p=jnp.full((n,), top_p, jnp.float32))
+    draws, _ = jax.jit(sample_rows, static_argnums=2)(jnp.broadcast_to(jnp.asarray(logits, jnp.float32),
+                                                                        (n, logits.size)), slots, False)
+    draws = np.asarray(draws)
+    assert list(draws[:2]) == [int(np.argmax(logits))] * 2
+    got = np.bincount(draws[2:], minlength=logits.size) / N
+    assert set(np.flatnonzero(got)) <= set(np.flatnonzero(want))
+    tol = 4.5 * np.sqrt(want * (1 - want) / N) + 1e-9
+    assert np.all(np.abs(got - want) <= tol), (got, want)
