@@ -119,6 +119,7 @@ def server(tmp_path_factory):
                                                          "up_proj", "down_proj"), seed=2, use_rslora=True)
     env = {**os.environ, "JAXQLORA_FAULT_INJECTION": "1", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
     args = ["--dtype", "float32", "--max-batch", MAX_BATCH, "--max-model-len", MAX_MODEL_LEN, "--max-queue", MAX_QUEUE,
+            "--prefill-chunk", 64,  # prompts over 64 tokens are prefilled in chunks between decode steps
             "--grace", 120, "--adapter", f"a1={a1}", "--adapter", f"a2={a2}"]
     s = _Server([str(a) for a in args], env)
     yield s
@@ -187,7 +188,7 @@ def test_echo_logprobs_equal_our_scoring(server, ours_f32):
 
 
 def test_concurrent_greedy_equals_one_at_a_time(server):
-    prompts = [" ".join(["word"] * (2 + 3 * i)) + f" {i}:" for i in range(16)]
+    prompts = [" ".join(["word"] * (2 + 7 * i)) + f" {i}:" for i in range(16)]
     lengths = [4 + (i * 5) % 9 for i in range(16)]
     alone = [_complete(server, p, n) for p, n in zip(prompts, lengths)]
     with ThreadPoolExecutor(16) as pool:
