@@ -263,9 +263,9 @@ def insert(slots: SlotState, slot, logits, temperature, top_k, top_p, seed, adap
     return slots, token[0], lp[0], top_ids[0], top_lp[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy_only", "top_n"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy_only", "top_n", "rows"),
                    donate_argnames=("cache", "slots"))
-def decode_chunk(graphdef, state, cache, slots, active, *, steps, greedy_only, top_n):
+def decode_chunk(graphdef, state, cache, slots, active, *, steps, greedy_only, top_n, rows=None):
     """``steps`` cached one-token decode steps over every row: THE decode loop.
 
     A ``lax.fori_loop`` with a static trip count: the device runs the whole chunk without the
@@ -279,12 +279,28 @@ def decode_chunk(graphdef, state, cache, slots, active, *, steps, greedy_only, t
       steps: tokens per row (static).
       greedy_only: every active row is greedy (static; argmax alone).
       top_n: > 0: also the log-probability of each token and the ``top_n`` alternatives.
+      rows: static; decode only rows ``0 .. rows-1`` (None: all B). The serving engine keeps
+        its requests in the lowest slots and picks the smallest compiled ``rows`` that covers
+        them, so a lone request costs a batch-1 step, not a ``max_batch`` one; the cache's
+        K/V stay whole and are written in place.
 
     Returns:
-      ``(cache, slots, tokens int32 [B, steps])``, plus ``(logprobs [B, steps], top ids [B,
-      steps, top_n], top logprobs [B, steps, top_n])`` when ``top_n``.
+      ``(cache, slots, tokens int32 [R, steps])`` (R = ``rows`` or B), plus ``(logprobs [R,
+      steps], top ids [R, steps, top_n], top logprobs [R, steps, top_n])`` when ``top_n``.
     """
-    b = slots.tokens.shape[0]
+    full_b = slots.tokens.shape[0]
+    if rows is not None and rows < full_b:
+        full_cache, full_slots = cache, slots
+        cut = lambda x: x[:rows]  # noqa: E731
+        out = decode_chunk.__wrapped__(graphdef, state, cache.replace(valid=cut(cache.valid), index=cut(cache.index)),
+                                       jax.tree.map(cut, slots), cut(active), steps=steps, greedy_only=greedy_only,
+                                       top_n=top_n)
+        part_cache, part_slots = out[0], out[1]
+        cache = part_cache.replace(valid=full_cache.valid.at[:rows].set(part_cache.valid),
+                                   index=full_cache.index.at[:rows].set(part_cache.index))
+        slots = jax.tree.map(lambda f, p_: f.at[:rows].set(p_), full_slots, part_slots)
+        return (cache, slots) + tuple(out[2:])
+    b = full_b
     slots = slots.replace(active=active)
     out = [jnp.zeros((b, steps), jnp.int32)]
     if top_n:

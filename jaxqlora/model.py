@@ -306,7 +306,7 @@ class Attention(nnx.Module):
                                        jnp.argmax(keys, axis=-1), mask=keys,
                                        scale=1.0 / math.sqrt(self.head_dim), layer=cache_layer)
                 return project(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), layer, adapter), kv
-            kc, vc = (jax.lax.dynamic_index_in_dim(c, cache_layer, 0, keepdims=False) for c in kv)
+            kc, vc = (jax.lax.dynamic_index_in_dim(c, cache_layer, 0, keepdims=False)[:b] for c in kv)
             k, v = kc.astype(q.dtype), vc.astype(q.dtype)
         impl = self._prefill_impl(q, kv)
         if impl == "cudnn":  # a fully masked query row (left padding) would give NaN there and,

@@ -248,6 +248,9 @@ def decode_attention(q, k, v, lengths, starts=None, *, mask=None, scale: float |
         ``interpret=True``), else `decode_attention_reference`; ``$JAXQLORA_KERNELS``
         ('pallas'/'xla') overrides auto; 'pallas'/'xla' force one path.
       interpret: run the Pallas kernel in interpret mode (CPU testing).
+      layer: int32 scalar: ``k, v`` are stacked caches ``[L, B', S, Hkv, D]`` (``B' >= B``),
+        and layer ``layer``, rows ``0..B-1``, is read in place (a decode over the first B
+        rows of a larger cache, as the serving engine runs).
 
     Returns:
       ``[B, Hq, D]`` in ``q.dtype`` (softmax and accumulation in float32); zeros for a
@@ -268,7 +271,9 @@ def decode_attention(q, k, v, lengths, starts=None, *, mask=None, scale: float |
             raise ValueError(f"with layer, k and v must have shape [L, B, S, Hkv, D], got {k.shape}, {v.shape}")
         layer = jnp.asarray(layer, jnp.int32)
         stacked = (k, v)
-        k, v = k[layer], v[layer]  # checks (and the reference path) use the layer's slice
+        # checks (and the reference path) use the layer's slice; a stacked cache may hold more
+        # rows than q (a decode over its first B rows): the kernel reads rows b < B in place
+        k, v = k[layer, :q.shape[0]], v[layer, :q.shape[0]]
     for name, a in (("q", q), ("k", k), ("v", v)):
         check_float_dtype(name, a)
     if v.dtype != k.dtype:

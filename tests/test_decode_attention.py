@@ -137,3 +137,20 @@ def test_stacked_cache_with_layer_index():
         out = decode_attention(q, k, v, jnp.asarray(lengths), jnp.asarray(starts), mask=jnp.asarray(mask),
                                block_k=16, impl=impl, interpret=INTERPRET, layer=jnp.int32(2))
         assert_close(out, expected, what=f"stacked {impl}")
+
+
+def test_stacked_cache_with_more_rows_than_queries():
+    """A query batch of B rows over a stacked cache of B' > B rows (the serving engine's decode
+    over its first B slots) attends rows 0..B-1 of the layer; the other rows are ignored."""
+    layers, b, extra, hq, hkv, s_len, d = 2, 3, 2, 4, 2, 45, 16
+    parts = [_inputs(60 + i, b + extra, hq, hkv, s_len, d, F32, True) for i in range(layers)]
+    q = parts[0][0][:b]
+    k = jnp.stack([p[1] for p in parts])
+    v = jnp.stack([p[2] for p in parts])
+    mask = parts[1][3][:b]
+    lengths, starts = np.array([45, 20, 33]), np.array([0, 2, 5])
+    expected = oracle_decode_attention(q, parts[1][1][:b], parts[1][2][:b], lengths, starts, mask)
+    for impl in ("pallas", "xla"):
+        out = decode_attention(q, k, v, jnp.asarray(lengths), jnp.asarray(starts), mask=jnp.asarray(mask),
+                               block_k=16, impl=impl, interpret=INTERPRET, layer=jnp.int32(1))
+        assert_close(out, expected, what=f"first rows {impl}")

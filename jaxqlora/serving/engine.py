@@ -79,6 +79,17 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)!r}")
 
     @property
+    def row_buckets(self) -> tuple[int, ...]:
+        """Decode batch sizes compiled: powers of two below ``max_batch``, and ``max_batch``.
+        Requests take the lowest free slots, and each decode call runs the smallest size that
+        covers the highest busy slot (`jaxqlora.decode.decode_chunk`'s ``rows``)."""
+        out, r = [], 1
+        while r < self.max_batch:
+            out.append(r)
+            r *= 2
+        return tuple(out) + (self.max_batch,)
+
+    @property
     def chunk(self) -> int:
         """Prompt tokens per prefill call: ``prefill_chunk``, at most ``max_model_len``."""
         return min(self.prefill_chunk, self.max_model_len)
@@ -109,6 +120,7 @@ class _Active:
         self.text = ""  # detokenized so far
         self.sent = 0  # characters of text already sent
         self.completion_tokens = 0
+        self.inflight = 0  # queued decode calls that include this request
         self.prompt_logprobs: list | None = [None] if self.params.prompt_logprobs else None
         self.first_event = True
         self.finished = False
@@ -257,7 +269,8 @@ class Engine:
     def jobs(self) -> dict:
         """The engine's programs as `jaxqlora.compile.Job`s: a prefill chunk per bucket (and,
         for prompt log-probabilities, at ``prefill_chunk``), insert, and the decode call in
-        its two modes (greedy-only; per-row sampling with log-probabilities)."""
+        its two modes (greedy-only; per-row sampling with log-probabilities) for each of
+        `EngineConfig.row_buckets`."""
         from jaxqlora.compile import BucketKey
 
         cfg = self.config
@@ -277,10 +290,11 @@ class Engine:
         jobs[BucketKey("insert", (cfg.max_batch,))] = Job(
             insert, (slots, i32, logits, f32, i32, f32, jax.ShapeDtypeStruct((), jnp.uint32), i32),
             dict(top_n=self._top_n))
-        for greedy in (True, False):
-            jobs[BucketKey("decode", (cfg.max_batch, cfg.decode_steps), greedy)] = Job(
-                decode_chunk, (g, state, cache, slots, slots.active),
-                dict(steps=cfg.decode_steps, greedy_only=greedy, top_n=0 if greedy else self._top_n))
+        for rows in cfg.row_buckets:
+            for greedy in (True, False):
+                jobs[BucketKey("decode", (rows, cfg.decode_steps), greedy)] = Job(
+                    decode_chunk, (g, state, cache, slots, slots.active),
+                    dict(steps=cfg.decode_steps, greedy_only=greedy, top_n=0 if greedy else self._top_n, rows=rows))
         return jobs
 
     def _call(self, kind, shape, static, *args):
@@ -319,8 +333,7 @@ class Engine:
                     self._finish(a, "abort")
                 self._prefilling.extend(admit)
                 self._prefill_some()
-                running = self._active.any()
-                queued = self._dispatch_decode() if running else None
+                queued = self._dispatch_decode()
                 if pending is not None:
                     self._read_decode(*pending)
                 pending = queued
@@ -393,20 +406,35 @@ class Engine:
         self._tokens(a, [int(token)], [(float(lp), top_ids, top_lp)])
 
     def _dispatch_decode(self):
-        greedy = not any(a is not None and (a.params.temperature > 0 or a.params.logprobs is not None)
-                         for a in self._slots)
+        """Queue one decode call over the slots that may still need a token (a request whose
+        queued calls already reach its ``max_tokens`` sits this one out), in the smallest
+        compiled row bucket; None when no slot needs one."""
         cfg = self.config
-        out = self._call("decode", (cfg.max_batch, cfg.decode_steps), greedy, self._state, self._cache,
-                         self._dev_slots, self._active.copy())
+        active = self._active.copy()
+        for slot, a in enumerate(self._slots):
+            if active[slot] and a.completion_tokens + a.inflight * cfg.decode_steps >= a.params.max_tokens:
+                active[slot] = False
+        if not active.any():
+            return None
+        rows = next(r for r in cfg.row_buckets if r > int(np.flatnonzero(active)[-1]))
+        greedy = not any(a is not None and active[i] and (a.params.temperature > 0 or a.params.logprobs is not None)
+                         for i, a in enumerate(self._slots))
+        out = self._call("decode", (rows, cfg.decode_steps), greedy, self._state, self._cache, self._dev_slots,
+                         active)
         self._cache, self._dev_slots = out[0], out[1]
-        return out[2:], list(self._slots), self._active.copy()
+        for slot in np.flatnonzero(active):
+            self._slots[slot].inflight += 1
+        return out[2:], list(self._slots), active
 
     def _read_decode(self, out, owners, active) -> None:
         host = jax.device_get(out)
         toks = host[0]
         for slot, a in enumerate(owners):
-            if a is None or not active[slot] or a.finished:
-                continue  # freed (and perhaps re-used) since this call was queued
+            if a is None or not active[slot]:
+                continue
+            a.inflight -= 1
+            if a.finished:
+                continue  # finished or cancelled since this call was queued
             lps = None
             if len(host) > 1:
                 lps = [(float(host[1][slot, i]), host[2][slot, i], host[3][slot, i]) for i in range(toks.shape[1])]
