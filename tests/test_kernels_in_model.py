@@ -139,7 +139,9 @@ def _nf4_lora_model(cfg, dropout: float) -> CausalLM:
 
 
 def _one_by_one(modules, x, layer=None, adapter=None):
-    return [model_mod.project(m, x, layer, adapter) for m in modules], False
+    from jaxqlora.model import project
+
+    return [project(m, x, layer, adapter) for m in modules], False
 
 
 def _model_outputs(model, ids, mask):
