@@ -57,8 +57,8 @@ def test_checkpoint_bytes_are_what_the_load_allocates(folder, dtype):
 
 
 def test_generation_estimate_is_weights_cache_and_temporaries(folder):
-    """The decode loop's arguments are the weights, the KV cache (keys, values, valid slots,
-    index), the tokens and the key; the
+    """The decode chunk's arguments are the weights, the KV cache (keys, values, valid slots,
+    per-row index) and the rows' state; the
     estimate adds outputs (less the donated cache) and XLA's temporaries."""
     path, params, hf_cfg = folder
     tok = load_tokenizer(path)
@@ -68,9 +68,13 @@ def test_generation_estimate_is_weights_cache_and_temporaries(folder):
     slots = 16 + 8  # the smallest prompt bucket (16) + max_new_tokens
     head_dim = hf_cfg.hidden_size // hf_cfg.num_attention_heads
     kv = 2 * hf_cfg.num_hidden_layers * len(prompts) * slots * hf_cfg.num_key_value_heads * head_dim * 4
-    cache = kv + len(prompts) * slots + 4  # + bool valid [B, S] and the int32 index
+    b = len(prompts)
+    cache = kv + b * slots + 4 * b  # + bool valid [B, S] and the int32 index [B]
     weights = params * 4
-    small = len(prompts) * 4 + 8  # int32 tokens + a threefry key
+    # the rows' state (jaxqlora.decode.SlotState): int32 tokens, a threefry key (8 bytes),
+    # float32 temperature, int32 top_k, float32 top_p, int32 adapter; and the bool active
+    # argument (SlotState.active, which it replaces, is unused: jit drops it)
+    small = b * (4 + 8 + 4 + 4 + 4 + 4) + b
     assert decode["argument"] == weights + cache + small
     assert decode["total"] == decode["argument"] + decode["output"] - decode["alias"] + decode["temp"]
     assert est["peak_bytes"] == max(p["total"] for p in est["per_step"].values()) >= weights + cache

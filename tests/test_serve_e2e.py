@@ -252,7 +252,8 @@ def _metric(server, name):
 def test_disconnect_frees_the_slot(server):
     aborted = _metric(server, 'jaxqlora_requests_finished_total{finish_reason="abort"}')
     with server.http.stream("POST", "/v1/completions", json={"model": BASE, "prompt": "Write a long story.",
-                                                             "max_tokens": 200, "stream": True}) as r:
+                                                             "max_tokens": 200, "stream": True, "temperature": 0,
+                                                             "ignore_eos": True}) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(x.startswith("data: {") for x in got)
