@@ -620,6 +620,7 @@ def cpu_str(s: dict) -> str:
 def report(args, meta: dict, offline: dict, levels: dict) -> None:
     print(f"\n# serving, {meta['date']} | {meta['device']} | jax {meta['jax']} | {args.model} {meta['dtype']} | "
           f"max_batch {args.max_batch}, decode_steps {args.decode_steps}, prefill_chunk {args.prefill_chunk}, "
+          f"prefill_batch {args.prefill_batch}, "
           f"max_model_len {meta['max_model_len']} | {args.prompt_len}-token prompts, {args.max_tokens} new tokens "
           f"(ignore_eos, greedy) | client {args.client} x {args.client_procs} process(es) | engine compile "
           f"{meta['engine_compile_s']:.1f} s | commit {meta['commit']}")
@@ -713,6 +714,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-queue", type=int, default=1024)
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--decode-steps", type=int, default=1)
+    ap.add_argument("--prefill-batch", type=int, default=1, help="prompts per prefill call at most (EngineConfig)")
     ap.add_argument("--rounds", type=int, default=3, help="offline generate: timed calls per batch (median)")
     ap.add_argument("--no-offline", action="store_true", help="skip the offline generate baselines")
     ap.add_argument("--client", default="openai", choices=["openai", "httpx"],
@@ -755,7 +757,8 @@ def main(argv=None) -> int:
 
     meta["max_model_len"] = args.max_model_len or args.prompt_len + args.max_tokens
     config = EngineConfig(max_batch=args.max_batch, max_model_len=meta["max_model_len"], max_queue=args.max_queue,
-                          prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps)
+                          prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
+                          prefill_batch=args.prefill_batch)
     engine = Engine(lm, tok, config, model_name=name)
     meta["mem_before_engine"] = memory()
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@
                       [--speculative {ngram,draft} [--draft-model PATH] [--num-draft N]]
     jaxqlora serve    [--model PATH] [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000]
                       [--max-batch N] [--max-model-len N] [--max-queue N] [--prefill-chunk N]
-                      [--decode-steps K] [--grace S] [--keep-quantized] [--kernel-codes] [--dtype ...]
+                      [--decode-steps K] [--prefill-batch P] [--grace S] [--keep-quantized] [--kernel-codes] [--dtype ...]
 
 ``--model`` takes an HF folder or a ``.gguf`` file; without it the embedded
 SmolLM2-135M-Instruct is used, and without ``--data`` the embedded Rotten Tomatoes set.
@@ -580,7 +580,8 @@ def _cmd_serve(args) -> int:
 
         name = served_model_name(args.model)
         config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
-                              prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps)
+                              prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
+                              prefill_batch=args.prefill_batch)
         engine = Engine(model, tokenizer, config, adapters=dict(args.adapter or ()), model_name=name)
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -770,6 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=positive_int, default=512,
                    help="prompt tokens prefilled per engine step (a longer prompt takes several)")
     s.add_argument("--decode-steps", type=positive_int, default=1, help="decode steps per engine iteration")
+    s.add_argument("--prefill-batch", type=positive_int, default=1,
+                   help="prompts prefilled together in one call at most (cheaper per prompt; decode steps wait "
+                        "longer behind the call)")
     s.add_argument("--grace", type=nonnegative_float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM / SIGINT (then aborted)")
     _add_keep_quantized(s)

@@ -202,55 +202,51 @@ def prefill(graphdef, state, input_ids, attention_mask, seed, *, max_len, sampli
     return sample_token(logits, sub, sampling), cache, jax.random.split(key, input_ids.shape[0])
 
 
-def _row(cache: KVCache, slot) -> KVCache:
-    take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis)  # noqa: E731
-    return KVCache(k=take(cache.k, 1), v=take(cache.v, 1), valid=take(cache.valid, 0), index=take(cache.index, 0))
-
-
-def _put_row(cache: KVCache, row: KVCache, slot) -> KVCache:
-    put = lambda x, r, axis: jax.lax.dynamic_update_slice_in_dim(x, r, slot, axis)  # noqa: E731
-    return KVCache(k=put(cache.k, row.k, 1), v=put(cache.v, row.v, 1), valid=put(cache.valid, row.valid, 0),
-                   index=put(cache.index, row.index, 0))
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "top_n"), donate_argnames=("cache",))
-def prefill_chunk(graphdef, state, cache, slot, tokens, n_real, reset, adapter, next_ids, *, top_n):
-    """One chunk of one prompt into row ``slot`` of the shared ``cache`` (chunked prefill).
+def prefill_chunk(graphdef, state, cache, slots, tokens, n_real, reset, adapter, next_ids, *, top_n):
+    """One chunk of each of R prompts into rows ``slots`` of the shared ``cache`` (chunked
+    prefill, several prompts per call).
 
     Args:
-      cache: the `KVCache` of every decode row (donated: updated in place).
-      slot: int32 scalar, the row.
-      tokens: int32 ``[1, C]``, the chunk, right-padded after ``n_real`` (int32 scalar) tokens.
-      reset: bool scalar: the prompt's first chunk (the row is emptied first).
-      adapter: int32 ``[1]``, the row's LoRA adapter.
-      next_ids: int32 ``[1, C]``, the token after each position (for ``top_n``).
-      top_n: static; > 0 also returns the prompt's log-probabilities (`token_logprobs` of
-        ``next_ids`` at each position and the ``top_n`` alternatives, ``[C]``, ``[C, top_n]``).
+      cache: the `KVCache` of every decode row (donated: updated in place; the R rows are
+        gathered, run and scattered back).
+      slots: int32 ``[R]``, the rows (a repeated row must repeat its whole input: padding).
+      tokens: int32 ``[R, C]``, the chunks, each right-padded after ``n_real[r]`` tokens.
+      n_real: int32 ``[R]``, real tokens per chunk (>= 1).
+      reset: bool ``[R]``: a prompt's first chunk (its row is emptied first).
+      adapter: int32 ``[R]``, the rows' LoRA adapters.
+      next_ids: int32 ``[R, C]``, the token after each position (for ``top_n``).
+      top_n: static; > 0 also returns the prompts' log-probabilities (`token_logprobs` of
+        ``next_ids`` at each position and the ``top_n`` alternatives: ``[R, C]``, ``[R, C,
+        top_n]``).
 
     Returns:
-      ``(cache, logits float32 [vocab] of the chunk's last real token)``, plus the three
-      log-probability arrays when ``top_n``. The row's ``index`` ends after the real tokens
+      ``(cache, logits float32 [R, vocab] of each chunk's last real token)``, plus the three
+      log-probability arrays when ``top_n``. Each row's ``index`` ends after its real tokens
       (the padding's slots are written, invalid, and overwritten by what comes next).
     """
     model = inference_model(graphdef, state)
-    row = _row(cache, slot)
-    row = row.replace(valid=jnp.where(reset, False, row.valid), index=jnp.where(reset, 0, row.index))
-    start = row.index
-    mask = (jnp.arange(tokens.shape[1]) < n_real)[None, :].astype(jnp.int32)
-    hidden, row = model.hidden_states(tokens, mask, cache=row, adapter=adapter)
-    cache = _put_row(cache, row.replace(index=start + n_real), slot)
-    last = model.logits(jax.lax.dynamic_index_in_dim(hidden[0], n_real - 1, 0, keepdims=False))
+    rows = KVCache(k=cache.k[:, slots], v=cache.v[:, slots], valid=cache.valid[slots], index=cache.index[slots])
+    rows = rows.replace(valid=jnp.where(reset[:, None], False, rows.valid), index=jnp.where(reset, 0, rows.index))
+    start = rows.index
+    mask = (jnp.arange(tokens.shape[1])[None, :] < n_real[:, None]).astype(jnp.int32)
+    hidden, rows = model.hidden_states(tokens, mask, cache=rows, adapter=adapter)
+    cache = KVCache(k=cache.k.at[:, slots].set(rows.k), v=cache.v.at[:, slots].set(rows.v),
+                    valid=cache.valid.at[slots].set(rows.valid), index=cache.index.at[slots].set(start + n_real))
+    last = model.logits(hidden[jnp.arange(tokens.shape[0]), n_real - 1])
     if not top_n:
         return cache, last
-    return (cache, last) + token_logprobs(model.logits(hidden[0]), next_ids[0], top_n)
+    return (cache, last) + token_logprobs(model.logits(hidden), next_ids, top_n)
 
 
 @functools.partial(jax.jit, static_argnames=("top_n",), donate_argnames=("slots",))
-def insert(slots: SlotState, slot, logits, temperature, top_k, top_p, seed, adapter, *, top_n):
-    """Start row ``slot`` of a decode batch from its prompt's last ``logits [vocab]``: set its
+def insert(slots: SlotState, slot, logits, row, temperature, top_k, top_p, seed, adapter, *, top_n):
+    """Start row ``slot`` of a decode batch from its prompt's last logits, row ``row`` of
+    ``logits [R, vocab]`` (`prefill_chunk`'s output): set its
     settings (scalars), its PRNG key (``jax.random.key(seed)``, ``seed`` uint32), sample its
     first token and mark it active. Returns ``(slots, token, logprob, top ids [top_n], top
     logprobs [top_n])``."""
+    logits = jax.lax.dynamic_index_in_dim(logits, row, 0, keepdims=False)
     one = SlotState(tokens=slots.tokens[:1], keys=jax.random.key(seed)[None], temperature=temperature[None],
                     top_k=top_k[None], top_p=top_p[None], adapter=adapter[None], active=jnp.ones((1,), bool))
     token, key = sample_rows(logits[None], one, greedy_only=False)

@@ -1,5 +1,6 @@
 """The continuous-batching engine (`jaxqlora.serving.engine`) on a tiny random float32 Llama on
-the CPU: more requests than slots, prompts longer than a prefill chunk, all arriving at once,
+the CPU: more requests than slots, prompts longer than a prefill chunk, two prompts per prefill
+call, all arriving at once,
 give the tokens of plain greedy decoding computed without a cache (token for token), and the
 engine compiles nothing after `Engine.start`; stop strings, stop ids, ``max_tokens``,
 cancellation, a request's seed (same samples whatever shares the batch) and a full queue."""
@@ -40,7 +41,7 @@ def lm_tok(tmp_path_factory):
 def engine(lm_tok):
     lm, tok = lm_tok
     eng = Engine(lm, tok, EngineConfig(max_batch=3, max_model_len=128, max_queue=16, prefill_chunk=32,
-                                       prefill_buckets=(8,)), model_name="tiny")
+                                       prefill_buckets=(8,), prefill_batch=2), model_name="tiny")
     eng.start(log_fn=lambda m: None)
     yield eng
     eng.shutdown(5)

@@ -7,9 +7,9 @@ The shape is JetStream's (prefill, insert, generate) with Orca's iteration-level
 engine thread
 
 1. drops cancelled requests (their slots are free for the next step);
-2. prefills at most ``prefill_chunk`` prompt tokens (`jaxqlora.decode.prefill_chunk`: one
-   chunk of a long prompt, or several short prompts, each into its own slot's cache row), so
-   a long prompt delays the running decodes by one chunk at most; a prompt whose last chunk
+2. prefills about ``prefill_chunk`` prompt tokens (`jaxqlora.decode.prefill_chunk`: a chunk
+   of up to ``prefill_batch`` prompts per call, each into its own slot's cache row), so a
+   long prompt delays the running decodes by one chunk at most; a prompt whose last chunk
    is done is inserted (`jaxqlora.decode.insert`: its first token is sampled, its slot
    becomes active);
 3. queues one decode call (`jaxqlora.decode.decode_chunk`, ``decode_steps`` tokens for every
@@ -64,6 +64,9 @@ class EngineConfig:
         16 up to ``prefill_chunk``, and ``prefill_chunk``).
       decode_steps: tokens per decode call (a loop with a static trip count); 1 gives the
         lowest inter-token latency.
+      prefill_batch: prompts prefilled together in one call at most (a prefill call reads
+        every weight once, so several prompts per call cost less each; the decode steps wait
+        longer behind it).
     """
 
     max_batch: int = 8
@@ -72,9 +75,10 @@ class EngineConfig:
     prefill_chunk: int = 512
     prefill_buckets: tuple[int, ...] | None = None
     decode_steps: int = 1
+    prefill_batch: int = 1
 
     def __post_init__(self):
-        for name in ("max_batch", "max_model_len", "max_queue", "prefill_chunk", "decode_steps"):
+        for name in ("max_batch", "max_model_len", "max_queue", "prefill_chunk", "decode_steps", "prefill_batch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)!r}")
 
@@ -83,11 +87,13 @@ class EngineConfig:
         """Decode batch sizes compiled: powers of two below ``max_batch``, and ``max_batch``.
         Requests take the lowest free slots, and each decode call runs the smallest size that
         covers the highest busy slot (`jaxqlora.decode.decode_chunk`'s ``rows``)."""
-        out, r = [], 1
-        while r < self.max_batch:
-            out.append(r)
-            r *= 2
-        return tuple(out) + (self.max_batch,)
+        return _powers_up_to(self.max_batch)
+
+    @property
+    def prefill_rows(self) -> tuple[int, ...]:
+        """Prompts per prefill call compiled: powers of two below ``prefill_batch`` (at most
+        ``max_batch``), and that."""
+        return _powers_up_to(min(self.prefill_batch, self.max_batch))
 
     @property
     def chunk(self) -> int:
@@ -104,6 +110,14 @@ class EngineConfig:
             out.append(b)
             b *= 2
         return tuple(out) + (self.chunk,)
+
+
+def _powers_up_to(n: int) -> tuple[int, ...]:
+    out, r = [], 1
+    while r < n:
+        out.append(r)
+        r *= 2
+    return tuple(out) + (n,)
 
 
 class _Active:
@@ -270,7 +284,7 @@ class Engine:
         """The engine's programs as `jaxqlora.compile.Job`s: a prefill chunk per bucket (and,
         for prompt log-probabilities, at ``prefill_chunk``), insert, and the decode call in
         its two modes (greedy-only; per-row sampling with log-probabilities) for each of
-        `EngineConfig.row_buckets`."""
+        `EngineConfig.row_buckets`; prefill and insert for each of `EngineConfig.prefill_rows`."""
         from jaxqlora.compile import BucketKey
 
         cfg = self.config
@@ -280,16 +294,19 @@ class Engine:
         i32, f32 = (jax.ShapeDtypeStruct((), d) for d in (jnp.int32, jnp.float32))
         one = jax.ShapeDtypeStruct((1,), jnp.int32)
         jobs = {}
-        for c in cfg.buckets:
-            row = jax.ShapeDtypeStruct((1, c), jnp.int32)
-            args = (g, state, cache, i32, row, i32, jax.ShapeDtypeStruct((), bool), one, row)
-            jobs[BucketKey("prefill", (1, c), 0)] = Job(prefill_chunk, args, dict(top_n=0))
-            if c == cfg.chunk:
-                jobs[BucketKey("prefill", (1, c), self._top_n)] = Job(prefill_chunk, args, dict(top_n=self._top_n))
-        logits = jax.ShapeDtypeStruct((self._vocab,), jnp.float32)
-        jobs[BucketKey("insert", (cfg.max_batch,))] = Job(
-            insert, (slots, i32, logits, f32, i32, f32, jax.ShapeDtypeStruct((), jnp.uint32), i32),
-            dict(top_n=self._top_n))
+        for r in cfg.prefill_rows:
+            vec = jax.ShapeDtypeStruct((r,), jnp.int32)
+            for c in cfg.buckets:
+                rows = jax.ShapeDtypeStruct((r, c), jnp.int32)
+                args = (g, state, cache, vec, rows, vec, jax.ShapeDtypeStruct((r,), bool), vec, rows)
+                jobs[BucketKey("prefill", (r, c), 0)] = Job(prefill_chunk, args, dict(top_n=0))
+                if c == cfg.chunk and r == 1:  # prompt log-probabilities: one prompt per call
+                    jobs[BucketKey("prefill", (r, c), self._top_n)] = Job(prefill_chunk, args,
+                                                                          dict(top_n=self._top_n))
+            logits = jax.ShapeDtypeStruct((r, self._vocab), jnp.float32)
+            jobs[BucketKey("insert", (cfg.max_batch, r))] = Job(
+                insert, (slots, i32, logits, i32, f32, i32, f32, jax.ShapeDtypeStruct((), jnp.uint32), i32),
+                dict(top_n=self._top_n))
         for rows in cfg.row_buckets:
             for greedy in (True, False):
                 jobs[BucketKey("decode", (rows, cfg.decode_steps), greedy)] = Job(
@@ -348,49 +365,70 @@ class Engine:
                 self._emit_final(r, "error", e)
 
     def _prefill_some(self) -> None:
-        """Prefill up to ``prefill_chunk`` tokens of the prefilling requests, in order."""
+        """Prefill about ``prefill_chunk`` prompt tokens of the prefilling requests, in order:
+        one call over up to ``prefill_batch`` of them (a chunk each), again while the calls so
+        far stayed under ``prefill_chunk`` tokens; a prompt whose last chunk is done is
+        inserted."""
         budget = self.config.chunk
-        while self._prefilling and budget > 0:
-            a = self._prefilling[0]
-            if a.finished:
-                self._prefilling.pop(0)
-                continue
+        while budget > 0:
+            self._prefilling = [a for a in self._prefilling if not a.finished]
+            if not self._prefilling:
+                return
+            group = self._prefilling[:1]
+            if not group[0].params.prompt_logprobs:  # a scored prompt goes alone
+                more = [a for a in self._prefilling[1:] if not a.params.prompt_logprobs]
+                group += more[:self.config.prefill_batch - 1]
             try:
-                budget -= self._prefill_chunk(a, budget)
-            except Exception as e:  # noqa: BLE001 - one request's failure is that request's
-                self._prefilling.pop(0)
-                self._finish(a, "error", e)
+                budget -= self._prefill_group(group)
+            except Exception as e:  # noqa: BLE001 - the failure is these requests', not the engine's
+                for a in group:
+                    self._finish(a, "error", e)
                 continue
-            if a.prefilled == len(a.request.prompt_ids):
-                self._prefilling.pop(0)
-                self._insert(a)
+            for i, a in enumerate(group):
+                if a.prefilled == len(a.request.prompt_ids) and not a.finished:
+                    self._prefilling.remove(a)
+                    try:
+                        self._insert(a, i)
+                    except Exception as e:  # noqa: BLE001
+                        self._finish(a, "error", e)
 
-    def _prefill_chunk(self, a: _Active, budget: int) -> int:
+    def _prefill_group(self, group: list[_Active]) -> int:
+        """One `jaxqlora.decode.prefill_chunk` call: the next chunk of each request of
+        ``group``, padded to a compiled row count (repeating the first request) and bucket;
+        returns the real tokens prefilled."""
         cfg = self.config
-        ids = a.request.prompt_ids
-        logprobs = a.params.prompt_logprobs
-        n = min(len(ids) - a.prefilled, cfg.chunk)
-        bucket = cfg.chunk if logprobs else next(b for b in cfg.buckets if b >= n)
-        chunk = np.zeros((1, bucket), np.int32)
-        chunk[0, :n] = ids[a.prefilled:a.prefilled + n]
-        nxt = np.zeros((1, bucket), np.int32)
-        after = ids[a.prefilled + 1:a.prefilled + n + 1]
-        nxt[0, :len(after)] = after
-        out = self._call("prefill", (1, bucket), self._top_n if logprobs else 0, self._state, self._cache,
-                         np.int32(a.slot), chunk, np.int32(n), np.bool_(a.prefilled == 0),
-                         np.asarray([a.adapter], np.int32), nxt)
+        logprobs = group[0].params.prompt_logprobs
+        ns = [min(len(a.request.prompt_ids) - a.prefilled, cfg.chunk) for a in group]
+        bucket = cfg.chunk if logprobs else next(b for b in cfg.buckets if b >= max(ns))
+        r = next(x for x in cfg.prefill_rows if x >= len(group))
+        tokens, nxt = np.zeros((r, bucket), np.int32), np.zeros((r, bucket), np.int32)
+        slots, n_real, adapter = np.zeros((r,), np.int32), np.ones((r,), np.int32), np.zeros((r,), np.int32)
+        reset = np.zeros((r,), bool)
+        afters = []
+        for i in range(r):
+            j = i if i < len(group) else 0  # padding repeats the first row, whole
+            a, n = group[j], ns[j]
+            ids = a.request.prompt_ids
+            tokens[i, :n] = ids[a.prefilled:a.prefilled + n]
+            after = ids[a.prefilled + 1:a.prefilled + n + 1]
+            nxt[i, :len(after)] = after
+            slots[i], n_real[i], adapter[i], reset[i] = a.slot, n, a.adapter, a.prefilled == 0
+            afters.append(after)
+        out = self._call("prefill", (r, bucket), self._top_n if logprobs else 0, self._state, self._cache,
+                         slots, tokens, n_real, reset, adapter, nxt)
         self._cache, self._last_logits = out[0], out[1]
         if logprobs:
+            a, after = group[0], afters[0]
             lp, top_ids, top_lp = jax.device_get(out[2:])
             k = a.params.logprobs or 0
             for i in range(len(after)):
-                a.prompt_logprobs.append(TokenLogprob(int(after[i]), float(lp[i]),
-                                                      tuple((int(t), float(v)) for t, v in zip(top_ids[i, :k],
-                                                                                                top_lp[i, :k]))))
-        a.prefilled += n
-        return n
+                a.prompt_logprobs.append(TokenLogprob(int(after[i]), float(lp[0, i]), tuple(
+                    (int(t), float(v)) for t, v in zip(top_ids[0, i, :k], top_lp[0, i, :k]))))
+        for a, n in zip(group, ns):
+            a.prefilled += n
+        return sum(ns)
 
-    def _insert(self, a: _Active) -> None:
+    def _insert(self, a: _Active, row: int) -> None:
         p = a.params
         if p.max_tokens == 0:  # scoring only (echo): no token is made
             self._emit(a, [], [], finished=True, reason="length")
@@ -398,8 +436,8 @@ class Engine:
             return
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little")
         self._dev_slots, token, lp, top_ids, top_lp = self._call(
-            "insert", (self.config.max_batch,), (), self._dev_slots, np.int32(a.slot), self._last_logits,
-            np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p), np.uint32(seed % 2**32),
+            "insert", (self.config.max_batch, self._last_logits.shape[0]), (), self._dev_slots, np.int32(a.slot),
+            self._last_logits, np.int32(row), np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p), np.uint32(seed % 2**32),
             np.int32(a.adapter))
         token, lp, top_ids, top_lp = jax.device_get((token, lp, top_ids, top_lp))
         self._active[a.slot] = True
