@@ -83,6 +83,7 @@ class FakeConfig:
     max_queue: int = 256
     prefill_chunk: int = 512
     decode_steps: int = 1
+    prefill_batch: int = 1
 
 
 @dataclasses.dataclass
