@@ -386,7 +386,7 @@ def worker_copy(args) -> dict:
     import jax.numpy as jnp
 
     from jaxqlora.compile import PROMPT_BUCKETS, bucket_for
-    from jaxqlora.generate import _encode_prompts, generate, precompile_generate
+    from jaxqlora.generate import encode_prompts, generate, precompile_generate
     from jaxqlora.speculative import SpeculativeConfig
 
     if args.model == "smoke":
@@ -405,7 +405,7 @@ def worker_copy(args) -> dict:
         if args.speculative == "draft":
             draft, _ = load_pretrained(dtype=jnp.bfloat16)
             quantize_model(draft)
-    rows = _encode_prompts(tok, [prompt])
+    rows = encode_prompts(tok, [prompt])
     bucket = bucket_for(len(rows[0]), PROMPT_BUCKETS)
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "prompt_tokens": len(rows[0]), "runs": {}}
     ref = None

@@ -6,7 +6,7 @@ embedded SmolLM2-135M-Instruct, bf16 as the CLI loads it: seconds for one chat p
 """
 import time, statistics, numpy as np
 import jaxqlora
-from jaxqlora.generate import generate, stream, _encode_prompts
+from jaxqlora.generate import generate, stream, encode_prompts
 model, tok = jaxqlora.load_pretrained()   # bf16, as the CLI
 prompt = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
 N = 128

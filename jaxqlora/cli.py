@@ -353,7 +353,7 @@ def _generate_speculative(args, model, tokenizer, prompt, load_s: float) -> int:
     import jax.numpy as jnp
 
     from jaxqlora.compile import PROMPT_BUCKETS, bucket_for
-    from jaxqlora.generate import _encode_prompts, generate, precompile_generate
+    from jaxqlora.generate import encode_prompts, generate, precompile_generate
     from jaxqlora.io import load_pretrained
     from jaxqlora.speculative import SpeculativeConfig
 
@@ -364,7 +364,7 @@ def _generate_speculative(args, model, tokenizer, prompt, load_s: float) -> int:
     load_s += time.perf_counter() - t0
     spec = SpeculativeConfig(args.speculative, num_draft=args.num_draft)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    bucket = bucket_for(len(_encode_prompts(tokenizer, prompt)[0]), PROMPT_BUCKETS, allow_new=True)
+    bucket = bucket_for(len(encode_prompts(tokenizer, prompt)[0]), PROMPT_BUCKETS, allow_new=True)
     t1 = time.perf_counter()
     ex = precompile_generate(model, tokenizer, batch_size=1, prompt_lens=(bucket,), speculative=spec,
                              draft_model=draft, log=lambda m: None, **kw)

@@ -61,7 +61,13 @@ def _is_single(prompts) -> bool:
     return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (dict, int, np.integer)))
 
 
-def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts) -> list[list[int]]:
+    """Token ids of each prompt (what `generate` takes: a string, a chat message list (the
+    chat template with the generation prompt), token ids, or a list of any of these).
+
+    Raises:
+      ValueError: an empty prompt.
+    """
     items = [prompts] if _is_single(prompts) else list(prompts)
     out = []
     for p in items:
@@ -110,7 +116,7 @@ def _prompt_bucket(executables: Executables | None, longest: int, prefill_key: B
 
 def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, executables,
              extra_slots: int = 0):
-    rows = _encode_prompts(tokenizer, prompts)
+    rows = encode_prompts(tokenizer, prompts)
     longest = max(len(r) for r in rows)
     ctx = model.config.max_position_embeddings
     if max_new_tokens < 1:
@@ -222,7 +228,7 @@ def generation_memory(model: CausalLM, tokenizer, prompts, max_new_tokens: int =
     """
     from jaxqlora.memory import memory_estimate, state_bytes
 
-    rows = _encode_prompts(tokenizer, prompts)
+    rows = encode_prompts(tokenizer, prompts)
     bucket = bucket_for(max(len(r) for r in rows), PROMPT_BUCKETS, allow_new=True)
     ex = precompile_generate(model, tokenizer, batch_size=len(rows), prompt_lens=(bucket,),
                              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

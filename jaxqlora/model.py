@@ -204,16 +204,13 @@ def write_cache(cache: jax.Array, new: jax.Array, layer, index: jax.Array) -> ja
 # ------------------------------------------------------- projections of one input
 
 
-def _nf4_base(module: nnx.Module):
-    """The NF4 `jaxqlora.quantize.QuantizedLinear` that computes ``module``'s base product
-    (``module`` itself, or a `LoRALinear`'s ``base_layer``), else None."""
-    from jaxqlora.nf4 import NF4Weight
-    from jaxqlora.quantize import QuantizedLinear
-
+def _fusable_base(module: nnx.Module):
+    """The module that computes ``module``'s base product (``module`` itself, or a
+    `LoRALinear`'s ``base_layer``) when it can be fused with others of the same input (it
+    has a true ``fusable`` and a ``project_many``: an NF4 `jaxqlora.quantize.QuantizedLinear`),
+    else None. Duck-typed, so that the model does not import the quantization that builds on it."""
     base = module.base_layer if isinstance(module, LoRALinear) else module
-    if isinstance(base, QuantizedLinear) and isinstance(base.weight.get_value(), NF4Weight):
-        return base
-    return None
+    return base if getattr(base, "fusable", False) else None
 
 
 def project(module: nnx.Module, x: jax.Array, layer=None, adapter=None) -> jax.Array:
@@ -228,8 +225,8 @@ def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None,
     with the NF4 base products in one kernel launch where possible.
 
     When every module is an NF4 `jaxqlora.quantize.QuantizedLinear`, or a `LoRALinear`
-    whose ``base_layer`` is one, the base products go through
-    `jaxqlora.quantize.nf4_linear_multi` (ONE Mosaic GPU kernel for all of them when
+    whose ``base_layer`` is one (``fusable``), the base products go through its
+    ``project_many``, `jaxqlora.quantize.nf4_linear_multi` (ONE Mosaic GPU kernel for all of them when
     decoding on a Hopper GPU, one NF4 matmul each elsewhere), then each module's bias and
     LoRA term are added exactly as its own call would (dropout included). Any other mix
     calls the modules one by one.
@@ -242,12 +239,10 @@ def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None,
       ``(outputs, fused)``: one ``[..., out_i]`` array per module in x's dtype, and
       whether the one fused kernel computed the base products.
     """
-    bases = [_nf4_base(m) for m in modules]
+    bases = [_fusable_base(m) for m in modules]
     if any(b is None for b in bases):
         return [project(m, x, layer, adapter) for m in modules], False
-    from jaxqlora.quantize import nf4_linear_multi
-
-    ys, fused = nf4_linear_multi(x, [b.weight.get_value() for b in bases], layer)
+    ys, fused = type(bases[0]).project_many(x, bases, layer)
     out = []
     for m, b, y in zip(modules, bases, ys):
         y = b.add_bias(y, x, layer)

@@ -245,6 +245,19 @@ class QuantizedLinear(nnx.Module):
         bias = self.bias[...] if layer is None else self.bias[layer]
         return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
+    @property
+    def fusable(self) -> bool:
+        """Whether `project_many` can compute this projection together with others of the
+        same input in one kernel (an NF4 weight); `jaxqlora.model.project_together` asks."""
+        return isinstance(self.weight.get_value(), NF4Weight)
+
+    @staticmethod
+    def project_many(x: jax.Array, modules, layer=None) -> tuple[tuple[jax.Array, ...], bool]:
+        """The base products (no bias) of several `fusable` projections of one input ``x
+        [..., in]``: `nf4_linear_multi` (one Mosaic GPU kernel when decoding on a Hopper GPU).
+        Returns ``(products, fused)``."""
+        return nf4_linear_multi(x, [m.weight.get_value() for m in modules], layer)
+
     def project(self, hidden: jax.Array) -> jax.Array:
         """float32 logits ``hidden [..., in] @ W.T`` (as an LM head: float32 activations)."""
         return self(hidden.astype(jnp.float32)).astype(jnp.float32)
