@@ -131,3 +131,18 @@ def test_merged_export_loads_in_transformers(base_folder, tmp_path):
     save_pretrained(merged, tmp_path, dtype=jnp.float32)
     ref = _torch_logits(_hf_base(tmp_path), ids)
     assert np.abs(adapted - ref).max() < 1e-4
+
+
+def test_adapter_naming_a_module_the_model_lacks_is_a_typed_error(base_folder, tmp_path):
+    """A target the model does not have (e.g. a vision tower's ``fc1``) is refused with the
+    typed adapter error naming adapter_config.json and its field, not a plain ValueError."""
+    ours, _ = load_pretrained(base_folder, dtype=jnp.float32)
+    apply_lora(ours, r=2, alpha=4.0, targets=("q_proj",), seed=0)
+    save_adapter(ours, tmp_path)
+    cfg_file = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["target_modules"] = ["q_proj", "fc1"]
+    cfg_file.write_text(json.dumps(cfg))
+    fresh, _ = load_pretrained(base_folder, dtype=jnp.float32)
+    with pytest.raises(CheckpointError, match=r"adapter_config.json, 'target_modules'.*fc1"):
+        load_adapter(fresh, tmp_path)

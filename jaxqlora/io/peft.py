@@ -141,7 +141,16 @@ def _target_names(config: dict, source) -> tuple[str, ...]:
             from jaxqlora.lora import ALL_TARGETS
             return ALL_TARGETS
         raise CheckpointError(source, f"regex target_modules {targets!r} are not supported", "target_modules")
-    return tuple(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))  # dedupe, keep order
+    from jaxqlora.lora import ALL_TARGETS
+
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise CheckpointError(source, f"expected a list of module names, got {targets!r}", "target_modules")
+    names = tuple(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))  # dedupe, keep order
+    unknown = [t for t in names if t not in ALL_TARGETS]
+    if unknown:
+        raise CheckpointError(source, f"names module(s) {unknown} that the model lacks; LoRA targets are "
+                                      f"{', '.join(ALL_TARGETS)}", "target_modules")
+    return names
 
 
 def load_adapter(model, path: str | Path, *, return_extra: bool = False):
@@ -157,7 +166,8 @@ def load_adapter(model, path: str | Path, *, return_extra: bool = False):
       ``model``, or ``(model, extra)`` with ``return_extra``.
 
     Raises:
-      CheckpointError: missing files; ``MissingTensorError`` / ``UnexpectedTensorError`` /
+      CheckpointError: missing files, or ``target_modules`` naming a module the model lacks
+        (naming adapter_config.json and the field); ``MissingTensorError`` / ``UnexpectedTensorError`` /
         ``TensorShapeError`` when the adapter does not fit the model (names the key).
     """
     path = Path(path)
