@@ -285,18 +285,21 @@ def decode_chunk(graphdef, state, cache, slots, active, *, steps, greedy_only, t
       steps], top ids [R, steps, top_n], top logprobs [R, steps, top_n])`` when ``top_n``.
     """
     full_b = slots.tokens.shape[0]
-    if rows is not None and rows < full_b:
-        full_cache, full_slots = cache, slots
-        cut = lambda x: x[:rows]  # noqa: E731
-        out = decode_chunk.__wrapped__(graphdef, state, cache.replace(valid=cut(cache.valid), index=cut(cache.index)),
-                                       jax.tree.map(cut, slots), cut(active), steps=steps, greedy_only=greedy_only,
-                                       top_n=top_n)
-        part_cache, part_slots = out[0], out[1]
-        cache = part_cache.replace(valid=full_cache.valid.at[:rows].set(part_cache.valid),
-                                   index=full_cache.index.at[:rows].set(part_cache.index))
-        slots = jax.tree.map(lambda f, p_: f.at[:rows].set(p_), full_slots, part_slots)
-        return (cache, slots) + tuple(out[2:])
-    b = full_b
+    if rows is None or rows >= full_b:
+        return _decode_steps(graphdef, state, cache, slots, active, steps, greedy_only, top_n)
+    cut = lambda x: x[:rows]  # noqa: E731
+    part_cache, part_slots, *out = _decode_steps(
+        graphdef, state, cache.replace(valid=cut(cache.valid), index=cut(cache.index)), jax.tree.map(cut, slots),
+        cut(active), steps, greedy_only, top_n)  # K/V stay whole: rows < R are written in place
+    cache = part_cache.replace(valid=cache.valid.at[:rows].set(part_cache.valid),
+                               index=cache.index.at[:rows].set(part_cache.index))
+    slots = jax.tree.map(lambda full, part: full.at[:rows].set(part), slots, part_slots)
+    return (cache, slots, *out)
+
+
+def _decode_steps(graphdef, state, cache, slots, active, steps, greedy_only, top_n):
+    """`decode_chunk`'s loop over every row of ``slots`` (traced inside it)."""
+    b = slots.tokens.shape[0]
     slots = slots.replace(active=active)
     out = [jnp.zeros((b, steps), jnp.int32)]
     if top_n:
@@ -314,11 +317,8 @@ def decode_chunk(graphdef, state, cache, slots, active, *, steps, greedy_only, t
         logits = model.logits(hidden[:, -1])
         token, keys = sample_rows(logits, slots, greedy_only)
         slots = slots.replace(tokens=jnp.where(active, token, slots.tokens), keys=keys)
-        out = [out[0].at[:, i].set(token)]
-        if top_n:
-            lp, ids, tlp = token_logprobs(logits, token, top_n)
-            out += [carry[2][1].at[:, i].set(lp), carry[2][2].at[:, i].set(ids), carry[2][3].at[:, i].set(tlp)]
-        return cache, slots, out
+        values = [token] + (list(token_logprobs(logits, token, top_n)) if top_n else [])
+        return cache, slots, [o.at[:, i].set(v) for o, v in zip(out, values)]
 
     cache, slots, out = jax.lax.fori_loop(0, steps, body, (cache, slots, out))
     return (cache, slots, *out)

@@ -27,6 +27,7 @@ import threading
 import time
 
 from jaxqlora.errors import ContextLengthError
+from jaxqlora.serving.engine import EngineConfig
 from jaxqlora.serving.request import (EngineStoppedError, Output, QueueFullError, Request, RequestError, TokenLogprob,
                                       UnknownModelError)
 
@@ -74,16 +75,9 @@ class FakeTokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt)
 
 
-@dataclasses.dataclass
-class FakeConfig:
-    """EngineConfig's fields."""
-
-    max_batch: int = 8
-    max_model_len: int = 256
-    max_queue: int = 256
-    prefill_chunk: int = 512
-    decode_steps: int = 1
-    prefill_batch: int = 1
+def FakeConfig(**kw) -> EngineConfig:  # noqa: N802 - stands where the EngineConfig class stands
+    """The real `EngineConfig` (its fields and checks), with a 256-token ``max_model_len`` by default."""
+    return EngineConfig(**{"max_model_len": 256, **kw})
 
 
 @dataclasses.dataclass

@@ -8,7 +8,6 @@ requests served one at a time, a mixed-adapter batch equal to single-adapter ser
 inputs (400 / 404 / 503), a client that disconnects mid-stream, a fault in one request, and
 SIGTERM draining (the last test: it stops the server).
 
-Skipped until `jaxqlora.serving.engine` has ``Engine``.
 """
 
 from __future__ import annotations
@@ -29,16 +28,7 @@ import numpy as np
 import pytest
 
 
-def _has_engine() -> bool:
-    try:
-        from jaxqlora.serving.engine import Engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _has_engine(), reason="jaxqlora.serving.engine.Engine "
-                                                                                "is not there yet")]
+pytestmark = pytest.mark.slow
 
 openai = pytest.importorskip("openai")
 

@@ -379,7 +379,8 @@ class Engine:
                 more = [a for a in self._prefilling[1:] if not a.params.prompt_logprobs]
                 group += more[:self.config.prefill_batch - 1]
             try:
-                budget -= self._prefill_group(group)
+                n, logits = self._prefill_group(group)
+                budget -= n
             except Exception as e:  # noqa: BLE001 - the failure is these requests', not the engine's
                 for a in group:
                     self._finish(a, "error", e)
@@ -388,14 +389,15 @@ class Engine:
                 if a.prefilled == len(a.request.prompt_ids) and not a.finished:
                     self._prefilling.remove(a)
                     try:
-                        self._insert(a, i)
+                        self._insert(a, logits, i)
                     except Exception as e:  # noqa: BLE001
                         self._finish(a, "error", e)
 
     def _prefill_group(self, group: list[_Active]) -> int:
         """One `jaxqlora.decode.prefill_chunk` call: the next chunk of each request of
         ``group``, padded to a compiled row count (repeating the first request) and bucket;
-        returns the real tokens prefilled."""
+        returns the real tokens prefilled and the chunks' last logits (``[R, vocab]``, on the
+        device, for `_insert`)."""
         cfg = self.config
         logprobs = group[0].params.prompt_logprobs
         ns = [min(len(a.request.prompt_ids) - a.prefilled, cfg.chunk) for a in group]
@@ -416,7 +418,7 @@ class Engine:
             afters.append(after)
         out = self._call("prefill", (r, bucket), self._top_n if logprobs else 0, self._state, self._cache,
                          slots, tokens, n_real, reset, adapter, nxt)
-        self._cache, self._last_logits = out[0], out[1]
+        self._cache, logits = out[0], out[1]
         if logprobs:
             a, after = group[0], afters[0]
             lp, top_ids, top_lp = jax.device_get(out[2:])
@@ -426,9 +428,9 @@ class Engine:
                     (int(t), float(v)) for t, v in zip(top_ids[0, i, :k], top_lp[0, i, :k]))))
         for a, n in zip(group, ns):
             a.prefilled += n
-        return sum(ns)
+        return sum(ns), logits
 
-    def _insert(self, a: _Active, row: int) -> None:
+    def _insert(self, a: _Active, logits, row: int) -> None:
         p = a.params
         if p.max_tokens == 0:  # scoring only (echo): no token is made
             self._emit(a, [], [], finished=True, reason="length")
@@ -436,8 +438,8 @@ class Engine:
             return
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little")
         self._dev_slots, token, lp, top_ids, top_lp = self._call(
-            "insert", (self.config.max_batch, self._last_logits.shape[0]), (), self._dev_slots, np.int32(a.slot),
-            self._last_logits, np.int32(row), np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p), np.uint32(seed % 2**32),
+            "insert", (self.config.max_batch, logits.shape[0]), (), self._dev_slots, np.int32(a.slot),
+            logits, np.int32(row), np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p), np.uint32(seed % 2**32),
             np.int32(a.adapter))
         token, lp, top_ids, top_lp = jax.device_get((token, lp, top_ids, top_lp))
         self._active[a.slot] = True

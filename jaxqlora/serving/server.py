@@ -610,13 +610,18 @@ def create_app(engine) -> FastAPI:
 
         return {"object": "list", "data": [card(base, None)] + [card(a, base) for a in engine.adapter_names]}
 
+    async def begin(request: HTTPRequest, model_cls):
+        """The start of both completion routes: the arrival time, the checked body, and the
+        adapter its ``model`` names (None: the base)."""
+        t0 = time.perf_counter()
+        body = await _parse_body(request, model_cls)
+        _check_unsupported(body)
+        return t0, body, resolve_model(body.model)
+
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         """OpenAI completions (the legacy API), streaming or not."""
-        t0 = time.perf_counter()
-        body = await _parse_body(request, CompletionRequest)
-        _check_unsupported(body)
-        adapter = resolve_model(body.model)
+        t0, body, adapter = await begin(request, CompletionRequest)
         prompts = _parse_prompt(body.prompt, tokenizer)
         if body.max_tokens is None:
             body.max_tokens = 16
@@ -717,10 +722,7 @@ def create_app(engine) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         """OpenAI chat completions, streaming or not."""
-        t0 = time.perf_counter()
-        body = await _parse_body(request, ChatCompletionRequest)
-        _check_unsupported(body)
-        adapter = resolve_model(body.model)
+        t0, body, adapter = await begin(request, ChatCompletionRequest)
         messages = _parse_messages(body.messages)
         name = body.model or engine.model_name
         template = engine.chat_template(name)
