@@ -78,6 +78,29 @@ def device_events(trace_dir: Path, with_ts: bool = False, module: str | None = N
     return out
 
 
+def module_profile(trace_dir: Path) -> dict:
+    """GPU kernel time per XLA module (the events' ``hlo_module``, e.g. ``jit_decode_chunk``)
+    in the Perfetto trace under ``trace_dir``: ``{"span_us": first kernel start to last kernel
+    end, "busy_us": all kernels' summed time, "modules": {module: (kernels, busy_us)}}``."""
+    path = next(trace_dir.rglob("perfetto_trace.json.gz"))
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
+    mods = collections.defaultdict(lambda: [0, 0.0])
+    t0, t1 = float("inf"), float("-inf")
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu_pids or "dur" not in e:
+            continue
+        m = mods[str(e.get("args", {}).get("hlo_module", "?"))]
+        m[0] += 1
+        m[1] += float(e["dur"])
+        t0, t1 = min(t0, float(e["ts"])), max(t1, float(e["ts"]) + float(e["dur"]))
+    return {"span_us": max(t1 - t0, 0.0), "busy_us": sum(b for _, b in mods.values()),
+            "modules": {k: tuple(v) for k, v in mods.items()}}
+
+
 def per_token(short, long, tokens: int) -> dict:
     """What one decoded token adds: the events of a ``long`` generation minus those of a
     ``short`` one (same prompt and prefill) over the ``tokens`` between them. Returns the

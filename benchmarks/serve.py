@@ -561,7 +561,18 @@ async def drive(args, engine, url: str, model: str, prompts: list[list[int]]) ->
     levels = {}
     try:
         for c, n in zip(args.concurrency, args.requests_per_level):
-            s = await loader.run(client, "concurrency", concurrency=c, n=n)
+            traced = args.trace and c == args.trace_level
+            if traced:
+                import jax
+
+                jax.profiler.start_trace(args.trace, create_perfetto_trace=True)
+            try:
+                s = await loader.run(client, "concurrency", concurrency=c, n=n)
+            finally:
+                if traced:
+                    jax.profiler.stop_trace()
+            if traced:
+                s["profile"] = trace_report(args.trace, s)
             levels[f"c{c}"] = s
             log(f"concurrency {c}: {fmt_level(s)}")
         if args.rate:
@@ -596,6 +607,25 @@ async def drive(args, engine, url: str, model: str, prompts: list[list[int]]) ->
 
 
 # ------------------------------------------------------------------ report
+
+
+def trace_report(trace_dir: str, level: dict) -> dict:
+    """Where the device time of a traced level went: GPU busy time per compiled program of the
+    engine (prefill chunk, insert, decode chunk, ...) against the span of the traced kernels.
+    Prints a table and returns the figures (ms)."""
+    from pathlib import Path
+
+    import gpu_profile
+
+    prof = gpu_profile.module_profile(Path(trace_dir))
+    span, busy = prof["span_us"] / 1e3, prof["busy_us"] / 1e3
+    print(f"\n## Profile of concurrency {level.get('concurrency')}: GPU busy {busy:.1f} ms of a {span:.1f} ms "
+          f"kernel span ({100 * busy / max(span, 1e-9):.1f}%)")
+    print("| program | kernels | GPU ms | share of span |\n|---|---|---|---|")
+    rows = sorted(prof["modules"].items(), key=lambda kv: -kv[1][1])
+    for mod, (n, b) in rows:
+        print(f"| `{mod[:60]}` | {n} | {b / 1e3:.1f} | {100 * b / 1e3 / max(span, 1e-9):.1f}% |")
+    return {"span_ms": span, "busy_ms": busy, "modules": {m: [n, b / 1e3] for m, (n, b) in rows}}
 
 
 def ms(x) -> str:
@@ -726,6 +756,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, metavar="PATH", help="write every figure here")
+    ap.add_argument("--trace", default=None, metavar="DIR",
+                    help="GPU: jax.profiler trace of one concurrency level here, and device time per program")
+    ap.add_argument("--trace-level", type=int, default=0, help="the concurrency level to trace (0: the largest)")
     args = ap.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     per = [int(n) for n in args.requests_per_level.split(",")]
@@ -733,6 +766,7 @@ def main(argv=None) -> int:
         ap.error("--requests-per-level: one number, or one per --concurrency level")
     args.requests_per_level = [n or max(8, 4 * c) for n, c in zip(per * len(args.concurrency), args.concurrency)]
     args.max_batch = args.max_batch or max(args.concurrency or [8])
+    args.trace_level = args.trace_level or max(args.concurrency or [0])
 
     import datetime
 
