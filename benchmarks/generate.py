@@ -314,7 +314,7 @@ def worker_verify(args) -> dict:
     greedy = SamplingConfig()
 
     @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-    def verify(graphdef, state, tokens, cache):  # as one step of jaxqlora.speculative._speculative_loop
+    def verify(graphdef, state, tokens, cache):  # as one step of jaxqlora.speculative.speculative_chunk
         model = inference_model(graphdef, state)
         if model.scan_layers is None:
             model.scan_layers = False

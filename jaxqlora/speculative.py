@@ -17,8 +17,12 @@ Speculative Sampling"):
    token has exactly the target's distribution;
 4. roll the KV cache back past the rejected tokens (`rollback`).
 
-The whole loop is one ``jax.lax.while_loop`` compiled once (`_speculative_loop`): k is fixed,
-acceptance lengths only move masks and dynamic indices, so nothing recompiles across them.
+The loop runs as `jaxqlora.decode`'s does: chunks of `SPEC_CHUNK` steps, each a
+``lax.fori_loop`` with a static trip count (`speculative_chunk`), finished rows masked, each
+chunk queued from the host before the previous one's counts are read back, so the device never
+waits for the host between steps (a ``while_loop`` stopping on EOS would read its predicate back
+every step). k is fixed and acceptance lengths only move masks and dynamic indices: one program
+serves every chunk.
 
 Batched rows accept different lengths: every step writes M slots at each row's own ``index``,
 each row keeps the slots of its accepted tokens, marks the rest invalid in ``valid`` and
@@ -50,6 +54,7 @@ from jaxqlora.decode import SamplingConfig, cache_spec, inference_model, prefill
 from jaxqlora.model import CausalLM, KVCache
 
 METHODS = ("ngram", "draft")
+SPEC_CHUNK = 4  # speculative steps per compiled call (each emits 1..k + 1 tokens per row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,14 +360,61 @@ class SpeculativeStats(NamedTuple):
     lengths: Any
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "max_new_tokens", "sampling", "eos_ids",
-                                             "pad_id", "spec"), donate_argnames=("cache", "draft_cache"))
-def _speculative_loop(graphdef, state, draft_state, first, cache, draft_cache, hist, hist_len, key, *,
-                      draft_graphdef, max_new_tokens, sampling, eos_ids, pad_id, spec):
-    """The speculative decode loop, one ``lax.while_loop``; returns ``(out [B, max_new_tokens],
-    columns used, SpeculativeStats, cache, draft_cache)``. ``key``: the prefill's per-row
-    keys ``[B]`` (`jaxqlora.decode.prefill`); the loop draws from the first."""
-    key = key[0]
+class SpecState(NamedTuple):
+    """What the speculative loop carries from one chunk to the next, besides the caches (small:
+    not donated, so the host can read a chunk's ``n_out``/``done`` after queuing the next).
+
+    Attributes:
+      token: int32 ``[B]``, each row's last accepted token (in neither cache yet).
+      pending, pending_tok: bool / int32 ``[B]``, see `draft_tokens` (method ``"draft"``).
+      hist, hist_len: int32 ``[B, H]`` / ``[B]``, prompt and output so far (method
+        ``"ngram"``; None otherwise).
+      out: int32 ``[B, max_new_tokens + k + 1]``, the new tokens, ``pad_id`` after them.
+      n_out: int32 ``[B]``, new tokens per row so far.
+      done: bool ``[B]``, the row hit EOS or ``max_new_tokens``.
+      keys: PRNG keys ``[B]`` (`jaxqlora.decode.prefill`'s); the loop draws from the first.
+      stats: `SpeculativeStats` so far.
+    """
+
+    token: Any
+    pending: Any
+    pending_tok: Any
+    hist: Any
+    hist_len: Any
+    out: Any
+    n_out: Any
+    done: Any
+    keys: Any
+    stats: Any
+
+
+def speculative_start(first: np.ndarray, keys, hist, hist_len, *, max_new_tokens: int, num_draft: int,
+                      eos_ids: tuple[int, ...], pad_id: int) -> SpecState:
+    """The loop's first `SpecState` from the prefill's first tokens (``first`` int32 ``[B]``, on
+    the host) and PRNG ``keys [B]``; ``hist``/``hist_len`` for prompt lookup or None. Built with
+    NumPy, so that starting compiles nothing."""
+    b = first.shape[0]
+    m = num_draft + 1
+    out = np.full((b, max_new_tokens + m), pad_id, np.int32)
+    out[:, 0] = first
+    zeros = np.zeros((b,), np.int32)
+    done = np.isin(first, np.asarray(eos_ids, np.int32)) | (max_new_tokens <= 1)
+    return SpecState(token=first.astype(np.int32), pending=np.zeros((b,), bool),
+                     pending_tok=np.full((b,), pad_id, np.int32), hist=hist, hist_len=hist_len, out=out,
+                     n_out=np.ones((b,), np.int32), done=done, keys=keys,
+                     stats=SpeculativeStats(zeros, zeros, zeros, np.zeros((m,), np.int32)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "steps", "max_new_tokens", "sampling",
+                                             "eos_ids", "pad_id", "spec"), donate_argnames=("cache", "draft_cache"))
+def speculative_chunk(graphdef, state, draft_state, cache, draft_cache, st: SpecState, *, draft_graphdef, steps,
+                      max_new_tokens, sampling, eos_ids, pad_id, spec):
+    """``steps`` speculative steps (draft k, verify k + 1 in one forward, accept, roll back) over
+    every row: a ``lax.fori_loop`` with a static trip count, like `jaxqlora.decode.decode_chunk`,
+    so the device runs the chunk without reading a predicate back to the host. Finished rows
+    (``st.done``) are masked: they write only invalid slots and emit nothing, so running a
+    chunk past the end changes no output. Returns ``(cache, draft_cache, SpecState)``;
+    ``cache``/``draft_cache`` (the target's and the draft's `KVCache`) are donated."""
     def models():
         # merged inside the loop body, as `jaxqlora.decode.decode_chunk` does: the layers
         # write their (LoRA dropout) RNG state back, which must happen at the body's trace level
@@ -374,25 +426,18 @@ def _speculative_loop(graphdef, state, draft_state, first, cache, draft_cache, h
 
     k = spec.num_draft
     m = k + 1
-    b = first.shape[0]
+    b = st.token.shape[0]
     rows = jnp.arange(b)
     j = jnp.arange(m)[None, :]
     eos = jnp.asarray(eos_ids, jnp.int32)
-    out = jnp.full((b, max_new_tokens + m), pad_id, jnp.int32).at[:, 0].set(first)
-    n_out = jnp.ones((b,), jnp.int32)
-    done = jnp.isin(first, eos) | (max_new_tokens <= 1)
-    zeros = jnp.zeros((b,), jnp.int32)
-    stats = SpeculativeStats(zeros, zeros, zeros, jnp.zeros((m,), jnp.int32))
-    pending, pending_tok = jnp.zeros((b,), bool), jnp.full((b,), pad_id, jnp.int32)
 
-    def cond(c):
-        return (c[0] < max_new_tokens) & ~jnp.all(c[10])
-
-    def body(c):
-        i, token, cache, dcache, pending, pending_tok, hist, hlen, out, n_out, done, key, stats = c
+    def body(_, c):
+        cache, dcache, st = c
+        token, pending, pending_tok, hist, hlen, out, n_out, done, keys, stats = (
+            st.token, st.pending, st.pending_tok, st.hist, st.hist_len, st.out, st.n_out, st.done, st.keys, st.stats)
         model, draft = models()
         active = ~done
-        key, k_draft, k_accept = jax.random.split(key, 3)
+        key, k_draft, k_accept = jax.random.split(keys[0], 3)
         cache = _fit(cache, m)
         if draft is None:
             drafts, q = ngram_drafts(hist, hlen, k, spec.max_ngram, spec.min_ngram), None
@@ -415,22 +460,20 @@ def _speculative_loop(graphdef, state, draft_state, first, cache, draft_cache, h
         hit = jnp.any(is_eos, axis=1)
         count = jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, count)
         vals = jnp.where(j < count[:, None], emitted, pad_id)
-        out = out.at[rows[:, None], n_out[:, None] + j].set(vals)
+        out = out.at[rows[:, None], n_out[:, None] + j].set(vals, mode="drop")
         if hist is not None:
-            hist = hist.at[rows[:, None], hlen[:, None] + j].set(vals)
+            hist = hist.at[rows[:, None], hlen[:, None] + j].set(vals, mode="drop")
             hlen = hlen + count
         n_out = n_out + count
         stats = SpeculativeStats(stats.steps + active, stats.drafted + k * active,
                                  stats.accepted + jnp.where(active, n, 0),
                                  stats.lengths + jnp.sum(jax.nn.one_hot(n, m, dtype=jnp.int32) * active[:, None], 0))
         done = done | hit | (n_out >= max_new_tokens)
-        return (i + 1, jnp.where(active, nxt, pad_id), cache, dcache, pending, pending_tok, hist, hlen, out, n_out,
-                done, key, stats)
+        st = SpecState(token=jnp.where(active, nxt, pad_id), pending=pending, pending_tok=pending_tok, hist=hist,
+                       hist_len=hlen, out=out, n_out=n_out, done=done, keys=keys.at[0].set(key), stats=stats)
+        return cache, dcache, st
 
-    carry = (jnp.int32(1), first, cache, draft_cache, pending, pending_tok, hist, hist_len, out, n_out, done, key,
-             stats)
-    c = jax.lax.while_loop(cond, body, carry)
-    return c[8][:, :max_new_tokens], jnp.max(c[9]), c[12], c[2], c[3]
+    return jax.lax.fori_loop(0, steps, body, (cache, draft_cache, st))
 
 
 class SpeculativeResult(NamedTuple):
@@ -466,7 +509,12 @@ def _loop_key(batch, prompt_len, max_new_tokens, sampling, eos_ids, pad_id, grap
     from jaxqlora.compile import BucketKey
 
     return BucketKey("speculative", (batch, cache_slots(prompt_len, max_new_tokens, spec.num_draft)),
-                     (max_new_tokens, sampling, eos_ids, pad_id, graphdef, draft_graphdef, spec))
+                     (SPEC_CHUNK, max_new_tokens, sampling, eos_ids, pad_id, graphdef, draft_graphdef, spec))
+
+
+def _chunk_kwargs(draft_graphdef, max_new_tokens, sampling, eos_ids, pad_id, spec) -> dict:
+    return dict(draft_graphdef=draft_graphdef, steps=SPEC_CHUNK, max_new_tokens=max_new_tokens, sampling=sampling,
+                eos_ids=eos_ids, pad_id=pad_id, spec=spec)
 
 
 def _draftprefill_key(batch, prompt_len, max_new_tokens, draft_graphdef, spec):
@@ -503,9 +551,14 @@ def speculative_jobs(model: CausalLM, draft_model: CausalLM | None, batch: int, 
             _draft_prefill, (draft_graphdef, draft_state, tokens, tokens), dict(max_len=max_len))
     else:
         hist, hist_len = jax.ShapeDtypeStruct((batch, max_len + 1), jnp.int32), row
+    first = np.zeros((batch,), np.int32)
+    st = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), speculative_start(
+        first, None, None, None, max_new_tokens=max_new_tokens, num_draft=spec.num_draft, eos_ids=eos_ids,
+        pad_id=pad_id))
+    st = st._replace(keys=key, hist=hist, hist_len=hist_len)
     jobs[_loop_key(batch, prompt_len, max_new_tokens, sampling, eos_ids, pad_id, graphdef, draft_graphdef, spec)] = Job(
-        _speculative_loop, (graphdef, state, draft_state, row, cache, draft_cache, hist, hist_len, key),
-        dict(draft_graphdef=draft_graphdef, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, spec=spec))
+        speculative_chunk, (graphdef, state, draft_state, cache, draft_cache, st),
+        _chunk_kwargs(draft_graphdef, max_new_tokens, sampling, eos_ids, pad_id, spec))
     return jobs
 
 
@@ -565,15 +618,34 @@ def speculative_decode(model: CausalLM, input_ids, attention_mask, *, max_new_to
     if spec.method == "draft":
         draft_cache = call_executable(executables, _draftprefill_key(b, p, max_new_tokens, draft_graphdef, spec), jobs,
                             _draft_prefill, (draft_state, *dev), dict(max_len=max_len), draft_graphdef)
-    else:
+    first = np.asarray(jax.device_get(first))
+    if spec.method != "draft":
         rows = [list(r[mk.astype(bool)]) for r, mk in zip(ids, mask)]
-        hist, hist_len = _history(rows, np.asarray(first), max_len + 1, pad_id)
+        hist, hist_len = _history(rows, first, max_len + 1, pad_id)
     if timings is not None:
-        jax.block_until_ready((first, draft_cache))
+        jax.block_until_ready(draft_cache)
         timings["prefill_s"] = time.perf_counter() - t0
-    out, cols, stats, cache, draft_cache = call_executable(
-        executables, _loop_key(b, p, max_new_tokens, sampling, eos_ids, pad_id, graphdef, draft_graphdef, spec), jobs,
-        _speculative_loop, (state, draft_state, first, cache, draft_cache, hist, hist_len, key),
-        dict(draft_graphdef=draft_graphdef, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, spec=spec), graphdef)
-    out, cols, stats = jax.device_get((out, cols, stats))
-    return SpeculativeResult(out, int(cols), SpeculativeStats(*stats), cache, draft_cache)
+    st = speculative_start(first, key, hist, hist_len, max_new_tokens=max_new_tokens, num_draft=spec.num_draft,
+                           eos_ids=eos_ids, pad_id=pad_id)
+    loop_key = _loop_key(b, p, max_new_tokens, sampling, eos_ids, pad_id, graphdef, draft_graphdef, spec)
+    kwargs = _chunk_kwargs(draft_graphdef, max_new_tokens, sampling, eos_ids, pad_id, spec)
+
+    def chunk(cache, draft_cache, st):
+        return call_executable(executables, loop_key, jobs, speculative_chunk,
+                               (state, draft_state, cache, draft_cache, st), kwargs, graphdef)
+
+    # every step emits >= 1 token per unfinished row: max_new_tokens - 1 steps finish every row
+    calls = -(-(max_new_tokens - 1) // SPEC_CHUNK)
+    queued = chunk(cache, draft_cache, st) if calls > 0 and not st.done.all() else None
+    made = 0
+    while queued is not None:
+        cache, draft_cache, st = queued
+        made += 1
+        queued = chunk(cache, draft_cache, st) if made < calls else None  # before this chunk's counts are read
+        if np.asarray(jax.device_get(st.done)).all():
+            if queued is not None:  # finished rows are masked: the queued chunk changes nothing
+                cache, draft_cache, st = queued
+            break
+    out, n_out, stats = jax.device_get((st.out, st.n_out, st.stats))
+    return SpeculativeResult(out[:, :max_new_tokens], int(np.max(n_out)), SpeculativeStats(*stats), cache,
+                             draft_cache)
