@@ -24,6 +24,14 @@ is marked *not same run* with the other side's device and date (or its note).
 
 A declared figure that no block holds is an error naming the row, the headings and the field.
 No jaxqlora import: this runs in milliseconds (tests/test_readme_results.py).
+
+Refreshing a figure: put the new section at the top of RESULTS.md with a heading that names
+the device and date (``## <what> (issue N) — <device>, <YYYY-MM-DD>``), using the heading
+words and the table labels of the figure's `Src` (``--explain`` prints, per row, the block
+that won and the row/column each field came from); then run ``--write`` and commit README.md
+with RESULTS.md. A new layout for an existing figure: add a `Src` to the row's ``find`` (and
+to its `Cmp`'s, if the same block holds the other side). A new figure: add a `Row` to a list
+in `TABLES`.
 """
 
 from __future__ import annotations
@@ -106,7 +114,7 @@ class Row:
 
 GPU = r"NVIDIA|H100|H200"
 CPU = r"2-core CPU"
-SERVING = r"Serving \(issue 24\)"
+SERVING = r"\bserv(?:e|ing)\b"   # "## Serving (issue 24) — ...", "### `benchmarks/serve.py ...`"
 FINETUNE = r"fine-?tun"
 
 
@@ -507,6 +515,23 @@ def render_row(row: Row, blocks) -> str:
     return f"| {row.label} | {ours} | {'; '.join(cmps) or '—'} | {_where(hit)} |"
 
 
+def explain(results_text: str, tables=None) -> str:
+    """For each row: the block each side came from and where each field was found."""
+    blocks = parse_blocks(results_text)
+    out = []
+    for title, rows in (tables if tables is not None else TABLES):
+        out.append(f"### {title}")
+        for row in rows:
+            out.append(f"- {row.label}")
+            for name, srcs in [("jaxqlora", row.find)] + [(f"compared with: {c.text}", c.find) for c in row.cmps]:
+                hit = resolve(srcs, blocks, f"row '{row.label}'")
+                out.append(f"    {name}\n      block: {hit.block.path}  [{_where(hit)}]"
+                           f"\n      headings matched: {list(hit.src.heading)}")
+                for k, spec in hit.src.fields.items():
+                    out.append(f"      {k} = {hit.values[k]!r}  <- {_describe(spec)}")
+    return "\n".join(out) + "\n"
+
+
 def render(results_text: str, tables=None) -> str:
     """The README's Results section (from ``## Results`` to the blank line before the next section)."""
     blocks = parse_blocks(results_text)
@@ -564,10 +589,14 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--check", action="store_true", help="exit 1 if README.md's Results section differs")
     g.add_argument("--write", action="store_true", help="rewrite README.md's Results section in place")
+    g.add_argument("--explain", action="store_true", help="print where each figure was found")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--readme", type=Path, default=README)
     args = p.parse_args(argv)
     try:
+        if args.explain:
+            sys.stdout.write(explain(args.results.read_text()))
+            return 0
         fresh = render(args.results.read_text())
     except FigureNotFound as e:
         print(f"readme_results: {e}", file=sys.stderr)

@@ -85,3 +85,9 @@ def test_write_replaces_only_the_results_section(tmp_path):
     assert text.startswith("# x\n\n```bash\n## not a heading\n```\n\n## Results\n\nGenerated from")
     assert text.endswith("gpu_profile.py`).\n\n## Layout\n\nkept\n")
     assert "300.5 tok/s" in text and "\nold\n" not in text
+
+
+def test_explain_names_the_block_of_every_figure():
+    out = rr.explain(rr.RESULTS.read_text())
+    rows = sum(len(r) for _, r in rr.TABLES)
+    assert out.count("\n- ") == rows and "block: ## " in out
