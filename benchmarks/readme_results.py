@@ -482,6 +482,8 @@ def _num(s: str) -> float:
 def _ratios(spec: dict, ns: dict, what: str) -> dict:
     out = {}
     for name, (a, b) in spec.items():
+        if a not in ns or b not in ns:
+            raise ValueError(f"{what}: ratio {name!r} names a field that is not declared ({a!r}, {b!r})")
         r = _num(ns[a]) / _num(ns[b])
         out[name] = f"{r:.2f}x" if r < 10 else f"{r:.1f}x"
     return out
