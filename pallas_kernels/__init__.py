@@ -9,6 +9,9 @@ This package must not import ``jaxqlora``: it only depends on jax and numpy.
   fused backward (``dx`` and float32 ``dweight`` partials) (`pallas_kernels.rms_norm`).
 * `swiglu`: ``silu(gate) * up`` with a fused backward that recomputes the sigmoid
   (`pallas_kernels.swiglu`).
+* `gguf_mgpu`: GGUF GEMVs (Q4_K, Q6_K, Q4_0, Q4_1, Q8_0; mixed Q4_K/Q6_K stacks) on
+  Hopper through Mosaic GPU, over a kernel layout derived at load time
+  (`pallas_kernels.gguf_mgpu`).
 * `decode_attention`: split-KV flash decoding of one query token over a KV cache, GQA,
   per-sequence valid ranges (`pallas_kernels.decode_attention`).
 

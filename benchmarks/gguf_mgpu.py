@@ -1,0 +1,185 @@
+"""GGUF GEMV timing at decode (M = 1): the Mosaic GPU kernel (`pallas_kernels.gguf_mgpu`)
+against the Pallas-Triton GGUF kernel (`pallas_kernels.gguf_matmul`, ``impl="pallas"``) and
+XLA's dequantize + dot (``impl="xla"``), Llama-3-8B projection shapes, bfloat16 x.
+
+Per (format, shape): fresh random GGUF blocks (finite f16 fields, weights of magnitude
+about 0.02) and a fresh random x; first every path's result is compared with the float64
+product of ``gguf.quants.dequantize`` (the relative error printed; the Mosaic kernel's
+float32 result must be within float32 summation of it, else the script stops before
+timing); then each path is timed: warm-up calls, then per round ``--calls`` queued calls
+and one ``block_until_ready``, the median over ``--rounds`` rounds. The Mosaic kernel's
+layout (`gguf_kernel_layout`) is made once before timing, as a model would at load time.
+
+    python benchmarks/gguf_mgpu.py                      # Q4_K and Q6_K, 4096x4096, 14336x4096, 4096x14336
+    python benchmarks/gguf_mgpu.py --formats Q4_K,Q6_K,Q8_0,Q4_0,Q4_1 --mixed
+    python benchmarks/gguf_mgpu.py --smoke              # CPU: small shapes, the XLA path and the checks only
+
+Output: one line per path and a ratio table (Triton / Mosaic, XLA / Mosaic), with the
+bytes of the stored blocks and the bandwidth they imply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import gguf  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import gguf_q4_0, gguf_q4_1, gguf_q4_k, gguf_q6_k, gguf_q8_0  # noqa: E402
+from pallas_kernels.gguf_matmul import F16, gguf_matmul, split_blocks, union_layout  # noqa: E402
+from pallas_kernels.gguf_mgpu import gguf_kernel_layout, gguf_mgpu_kernel, gguf_mgpu_supported  # noqa: E402
+
+MODULES = {m.NAME: m for m in (gguf_q4_0, gguf_q4_1, gguf_q8_0, gguf_q4_k, gguf_q6_k)}
+SUB = {"Q4_K": 32, "Q6_K": 16, "Q4_0": 32, "Q4_1": 32, "Q8_0": 32}
+#: Llama-3-8B: q/o (4096x4096), gate/up (14336x4096), down (4096x14336); [N, K]
+SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
+T = gguf.GGMLQuantizationType
+
+
+def bench(fn, *, calls: int, rounds: int, warmup: int = 3) -> float:
+    """Median seconds per call of ``fn()``: ``warmup`` calls, then per round ``calls``
+    queued calls and one ``block_until_ready`` on the last result (benchmarks/common.py)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def random_blocks(rng, qtype, n, k, scale):
+    """Random bytes of an ``[n, k]`` tensor of ``qtype``: any bytes with finite f16 fields
+    are valid blocks (f16 fields uniform in ``±scale``)."""
+    fmt = MODULES[qtype]
+    nb = k // fmt.BLOCK
+    raw = rng.integers(0, 256, (n, nb, fmt.TYPE_SIZE), dtype=np.uint8)
+    at = 0
+    for _, kind in fmt.LAYOUT:
+        if kind == F16:
+            raw[:, :, at:at + 2] = rng.uniform(-scale, scale, (n, nb)).astype(np.float16)[..., None].view(np.uint8)
+            at += 2
+        else:
+            at += kind
+    return raw.reshape(n, nb * fmt.TYPE_SIZE)
+
+
+#: f16 field scale per format: weights of magnitude about 0.02
+FIELD_SCALE = {"Q4_K": 1e-3, "Q6_K": 1e-3, "Q4_0": 3e-3, "Q4_1": 3e-3, "Q8_0": 2e-4}
+
+
+def stack(raws, types, k):
+    """Field planes ``[L, ...]`` of layers of mixed types (union layout) and ``kind [L]``."""
+    names = tuple(sorted(set(types)))
+    layout = union_layout([MODULES[q] for q in names])
+    layers = []
+    for raw, q in zip(raws, types):
+        p = split_blocks(raw, MODULES[q], k)
+        ref = next(iter(p.values()))
+        full = {}
+        for f, kind in layout.items():
+            if kind == F16:
+                full[f] = p.get(f, np.zeros(ref.shape[:2], np.float16))
+            else:
+                a = np.zeros(ref.shape[:2] + (int(kind),), np.uint8)
+                if f in p:
+                    a[..., :p[f].shape[-1]] = p[f]
+                full[f] = a
+        layers.append(full)
+    planes = {f: jnp.asarray(np.stack([lay[f] for lay in layers])) for f in layout}
+    return planes, jnp.asarray([names.index(q) for q in types], jnp.int32), names
+
+
+def run_case(rng, types, layer, n, k, *, calls, rounds, gpu, mosaic):
+    """Check and time one projection: ``types`` the stacked layers' formats, ``layer`` the
+    one multiplied. Returns ``{path: seconds}``."""
+    raws = [random_blocks(rng, q, n, k, FIELD_SCALE[q]) for q in types]
+    planes, kind, names = stack(raws, types, k)
+    fmts = tuple(MODULES[q] for q in names)
+    qtype = types[layer]
+    x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    w64 = gguf.quants.dequantize(raws[layer], T[qtype]).reshape(n, k).astype(np.float64)
+    want = x64 @ w64.T
+    absum = np.abs(x64) @ np.abs(w64).T
+    li = jnp.int32(layer)
+    paths = {"xla dequant+dot": jax.jit(lambda x, p, kd, i: gguf_matmul(x, p, kd, fmts=fmts, layer=i, impl="xla"))}
+    args = {"xla dequant+dot": (x, planes, kind, li)}
+    if gpu:
+        paths["triton"] = jax.jit(lambda x, p, kd, i: gguf_matmul(x, p, kd, fmts=fmts, layer=i, impl="pallas"))
+        args["triton"] = (x, planes, kind, li)
+    if mosaic:
+        ops = jax.block_until_ready(jax.jit(lambda p, kd: gguf_kernel_layout(p, names, kd))(planes, kind))
+        f32 = gguf_mgpu_kernel(x, ops, kind, li, fmts=names, out_dtype=jnp.float32)
+        err = np.abs(np.asarray(f32, np.float64) - want)
+        depth = SUB[qtype] + k // SUB[qtype] + 4
+        if not (err <= depth * 2.0 ** -23 * absum + 1e-30).all():
+            raise SystemExit(f"mosaic {qtype} {n}x{k}: error {err.max():.3g} beyond float32 summation "
+                             f"(max |y| {np.abs(want).max():.3g}); not timing")
+        paths["mosaic"] = jax.jit(lambda x, o, kd, i: gguf_mgpu_kernel(x, o, kd, i, fmts=names))
+        args["mosaic"] = (x, ops, kind, li)
+    nbytes = n * (k // MODULES[qtype].BLOCK) * MODULES[qtype].TYPE_SIZE
+    out = {}
+    label = "+".join(types) + f"[{layer}]" if len(types) > 1 else qtype
+    for name, f in paths.items():
+        y = np.asarray(f(*args[name]).astype(jnp.float32), np.float64)
+        rel = np.linalg.norm(y - want) / np.linalg.norm(want)
+        t = bench(lambda: f(*args[name]), calls=calls, rounds=rounds)
+        out[name] = t
+        print(f"{label:14s} {n:5d}x{k:<5d} {name:16s} {t * 1e6:9.1f} us  {nbytes / t / 1e9:7.1f} GB/s "
+              f"rel err (bf16 out) {rel:.2e}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", default="Q4_K,Q6_K")
+    ap.add_argument("--mixed", action="store_true", help="also a Q4_K/Q6_K/Q4_K stack, its Q6_K layer")
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=None, help="default: fresh random data")
+    ap.add_argument("--smoke", action="store_true", help="small shapes (CPU: the XLA path and checks only)")
+    a = ap.parse_args(argv)
+    rng = np.random.default_rng(a.seed)
+    gpu = jax.default_backend() == "gpu"
+    shapes = ((200, 768),) if a.smoke else SHAPES
+    calls, rounds = (2, 2) if a.smoke else (a.calls, a.rounds)
+    dev = jax.devices()[0]
+    print(f"# device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, M = 1, bf16 x", flush=True)
+    cases = [((q,), 0) for q in a.formats.split(",")]
+    if a.mixed:
+        cases.append((("Q4_K", "Q6_K", "Q4_K"), 1))
+    rows = []
+    for types, layer in cases:
+        for n, k in shapes:
+            mosaic = gguf_mgpu_supported(1, n, k, tuple(sorted(set(types))), jnp.bfloat16)
+            if not mosaic:
+                print(f"# {types} {n}x{k}: Mosaic GPU kernel not supported here (needs a Hopper GPU)")
+            t = run_case(rng, types, layer, n, k, calls=calls, rounds=rounds, gpu=gpu, mosaic=mosaic)
+            rows.append(("+".join(types), n, k, t))
+    print("\n| format | N x K | mosaic us | triton us | xla us | triton / mosaic | xla / mosaic |")
+    print("|---|---|---|---|---|---|---|")
+    for label, n, k, t in rows:
+        m, tr, x = (t.get(p) for p in ("mosaic", "triton", "xla dequant+dot"))
+        f = lambda v: f"{v * 1e6:.1f}" if v else "-"  # noqa: E731
+        r = lambda v: f"{v / m:.2f}" if v and m else "-"  # noqa: E731
+        print(f"| {label} | {n}x{k} | {f(m)} | {f(tr)} | {f(x)} | {r(tr)} | {r(x)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
