@@ -12,6 +12,7 @@ layout (`gguf_kernel_layout`) is made once before timing, as a model would at lo
 
     python benchmarks/gguf_mgpu.py                      # Q4_K and Q6_K, 4096x4096, 14336x4096, 4096x14336
     python benchmarks/gguf_mgpu.py --formats Q4_K,Q6_K,Q8_0,Q4_0,Q4_1 --mixed
+    python benchmarks/gguf_mgpu.py --sweep              # Mosaic only: splits x stages per shape
     python benchmarks/gguf_mgpu.py --smoke              # CPU: small shapes, the XLA path and the checks only
 
 Output: one line per path and a ratio table (Triton / Mosaic, XLA / Mosaic), with the
@@ -145,6 +146,42 @@ def run_case(rng, types, layer, n, k, *, calls, rounds, gpu, mosaic):
     return out
 
 
+def sweep(rng, qtypes, shapes, *, calls, rounds):
+    """Mosaic kernel only: every ``splits`` (1, 2, 4, 8, 16 where each split keeps a step)
+    and ``stages`` (1, 2, 4) per shape, each checked against float64 first; prints one line
+    per setting and the best per shape."""
+    for qtype in qtypes:
+        for n, k in shapes:
+            raw = random_blocks(rng, qtype, n, k, FIELD_SCALE[qtype])
+            planes, kind, names = stack([raw], (qtype,), k)
+            ops = jax.block_until_ready(jax.jit(lambda p, kd: gguf_kernel_layout(p, names, kd))(planes, kind))
+            x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
+            x64 = np.asarray(x.astype(jnp.float32), np.float64)
+            w64 = gguf.quants.dequantize(raw, T[qtype]).reshape(n, k).astype(np.float64)
+            want, absum = x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
+            steps = -(-k // 256)
+            best = None
+            for splits in (1, 2, 4, 8, 16):
+                per = -(-steps // splits)
+                if (splits - 1) * per >= steps:
+                    continue
+                for stages in (1, 2, 4):
+                    if stages > per:
+                        continue
+                    f = jax.jit(lambda x, o, kd, s=splits, st=stages: gguf_mgpu_kernel(
+                        x, o, kd, jnp.int32(0), fmts=names, splits=s, stages=st, out_dtype=jnp.float32))
+                    err = np.abs(np.asarray(f(x, ops, kind), np.float64) - want)
+                    ok = (err <= (SUB[qtype] + k // SUB[qtype] + 4) * 2.0 ** -23 * absum + 1e-30).all()
+                    t = bench(lambda: f(x, ops, kind), calls=calls, rounds=rounds)
+                    print(f"{qtype} {n:5d}x{k:<5d} splits={splits:2d} stages={stages} {t * 1e6:8.1f} us"
+                          f"{'' if ok else '  WRONG (beyond float32 summation)'}", flush=True)
+                    if ok and (best is None or t < best[0]):
+                        best = (t, splits, stages)
+            if best:
+                print(f"# best {qtype} {n}x{k}: {best[0] * 1e6:.1f} us at splits={best[1]} stages={best[2]}",
+                      flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default="Q4_K,Q6_K")
@@ -153,6 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seed", type=int, default=None, help="default: fresh random data")
     ap.add_argument("--smoke", action="store_true", help="small shapes (CPU: the XLA path and checks only)")
+    ap.add_argument("--sweep", action="store_true", help="Mosaic kernel only: splits x stages per shape")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(a.seed)
     gpu = jax.default_backend() == "gpu"
@@ -160,6 +198,9 @@ def main(argv=None) -> int:
     calls, rounds = (2, 2) if a.smoke else (a.calls, a.rounds)
     dev = jax.devices()[0]
     print(f"# device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, M = 1, bf16 x", flush=True)
+    if a.sweep:
+        sweep(rng, a.formats.split(","), shapes, calls=calls, rounds=rounds)
+        return 0
     cases = [((q,), 0) for q in a.formats.split(",")]
     if a.mixed:
         cases.append((("Q4_K", "Q6_K", "Q4_K"), 1))

@@ -94,7 +94,8 @@ from pallas_kernels.nf4_mgpu import (
     _swizzled,
 )
 
-__all__ = ["MGPU_FORMATS", "gguf_kernel_layout", "gguf_mgpu_matmul", "gguf_mgpu_kernel",
+__all__ = ["MGPU_FORMATS", "GEMV_MAX_M", "gguf_kernel_layout", "gguf_mgpu_matmul", "gguf_mgpu_kernel",
+           "gguf_mgpu_dequantize",
            "gguf_mgpu_reference", "gguf_mgpu_supported", "decode_program", "emulate_program",
            "program_ptx"]
 
@@ -103,6 +104,9 @@ STEP = 256
 
 #: Token columns per program (wgmma's N; M is tiled by it).
 BLOCK_M = 8
+
+#: Largest M `gguf_mgpu_supported` accepts (as `pallas_kernels.gguf_matmul.GEMV_MAX_M`).
+GEMV_MAX_M = 16
 
 
 class _Spec(NamedTuple):
@@ -135,13 +139,13 @@ def _names(fmts) -> tuple[str, ...]:
 def gguf_mgpu_supported(m: int, n: int, k: int, fmts, dtype) -> bool:
     """True when `gguf_mgpu_matmul` handles this call on this machine's GPU: a Hopper GPU
     (compute capability 9.0), bfloat16 activations, ``fmts`` (modules or names) one format
-    of `MGPU_FORMATS` or Q4_K with Q6_K, ``K`` a multiple of the block size, ``M >= 1``.
-    The kernel is a GEMV design (tokens padded to 8 per program): the caller keeps large
-    ``M`` elsewhere."""
+    of `MGPU_FORMATS` or Q4_K with Q6_K, ``K`` a multiple of the block size, ``1 <= M <=
+    GEMV_MAX_M``. The kernel is a GEMV design (tokens padded to 8 per program, the weight
+    read once per 8 tokens): larger ``M`` (prefill) stays with the caller's other path."""
     names = tuple(sorted(_names(fmts)))
     if names not in _MIXES or jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
         return False
-    if m < 1 or n < 1 or k < 1 or k % _SPECS[names[0]].block:
+    if not 1 <= m <= GEMV_MAX_M or n < 1 or k < 1 or k % _SPECS[names[0]].block:
         return False
     try:
         dev = jax.devices()[0]
@@ -752,12 +756,42 @@ def gguf_mgpu_kernel(x: jax.Array, ops: dict, kind, layer=None, *, fmts: tuple,
     return y[:, :n].astype(out_dtype or x.dtype)
 
 
+class _Config(NamedTuple):
+    fmts: tuple
+    k: int
+    splits: int | None
+    stages: int | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mgpu_vjp(cfg: _Config, x, ops, kind, layer):
+    return gguf_mgpu_kernel(x, ops, kind, layer, fmts=cfg.fmts, splits=cfg.splits, stages=cfg.stages)
+
+
+def _mgpu_fwd(cfg, x, ops, kind, layer):
+    return _mgpu_vjp(cfg, x, ops, kind, layer), (ops, kind, layer)
+
+
+def _mgpu_bwd(cfg, residuals, dy):
+    from pallas_kernels.dispatch import zero_cotangent
+
+    ops, kind, layer = residuals
+    w = gguf_mgpu_dequantize(ops, cfg.k, kind, layer, fmts=cfg.fmts).astype(dy.dtype)
+    dx = lax.dot_general(dy, w, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32).astype(dy.dtype)
+    return (dx, jax.tree_util.tree_map(zero_cotangent, ops), zero_cotangent(kind),
+            zero_cotangent(layer))
+
+
+_mgpu_vjp.defvjp(_mgpu_fwd, _mgpu_bwd)
+
+
 def gguf_mgpu_matmul(x: jax.Array, planes: dict | None, kind, *, fmts, layer=None,
                      kernel_layout: dict | None = None, splits: int | None = None,
                      stages: int | None = None) -> jax.Array:
     """``y = x @ W.T`` for a GGUF weight on Hopper: the call shape of
     `pallas_kernels.gguf_matmul.gguf_matmul` (``planes``, ``kind``, ``fmts``, ``layer``),
-    forward only (no VJP: decoding does not differentiate the frozen weight).
+    so that a model can switch to it where `gguf_mgpu_supported` says yes.
 
     Args:
       x: bfloat16 ``[..., K]``.
@@ -765,7 +799,7 @@ def gguf_mgpu_matmul(x: jax.Array, planes: dict | None, kind, *, fmts, layer=Non
         with ``layer``), or None when ``kernel_layout`` is given.
       kind: int32 scalar (``[L]`` with ``layer``): the index into ``fmts``.
       fmts: format modules or names: one of `MGPU_FORMATS`, or Q4_K and Q6_K.
-      layer: int32 scalar or None.
+      layer: int32 scalar or None: the stacked layer, read in place.
       kernel_layout: `gguf_kernel_layout` of the planes, made once at load time; without
         it the layout is derived inside this call (correct, and slower: every call then
         re-packs the weight).
@@ -773,9 +807,13 @@ def gguf_mgpu_matmul(x: jax.Array, planes: dict | None, kind, *, fmts, layer=Non
 
     Returns:
       ``[..., N]`` bfloat16 (float32 accumulation; see the module docstring's numerics).
+      Differentiable in ``x`` as the Triton op is: ``dx = dy @ W`` with ``W`` dequantized
+      from the kernel layout (`gguf_mgpu_dequantize`) and one XLA dot; the weight gets
+      zero cotangents.
 
     Raises:
-      ValueError: formats without a kernel; ``x`` not bfloat16 (TypeError).
+      TypeError: ``x`` not bfloat16.
+      ValueError: formats without a kernel, operands that disagree with ``x``.
     """
     x = jnp.asarray(x)
     if x.dtype != jnp.bfloat16:
@@ -784,8 +822,12 @@ def gguf_mgpu_matmul(x: jax.Array, planes: dict | None, kind, *, fmts, layer=Non
     if kernel_layout is None:
         kernel_layout = gguf_kernel_layout(planes, names, kind)
     batch = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y = gguf_mgpu_kernel(x2, kernel_layout, kind, layer, fmts=names, splits=splits, stages=stages)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if layer is not None:
+        layer = jnp.asarray(layer, jnp.int32)
+    y = _mgpu_vjp(_Config(names, k, splits, stages), x2, dict(kernel_layout),
+                  jnp.asarray(kind, jnp.int32), layer)
     return y.reshape(*batch, y.shape[-1])
 
 
@@ -833,6 +875,30 @@ def _reference_parts(name: str, ops: dict, n: int, k: int):
         if name == "Q4_1":
             bias = ops["m"][:, :n].T.astype(jnp.float32)[..., None]
     return q.astype(jnp.float32), scale.reshape(n, -1), None if bias is None else bias.reshape(n, -1)
+
+
+def gguf_mgpu_dequantize(ops: dict, k: int, kind=0, layer=None, *, fmts) -> jax.Array:
+    """The weight ``W [N, K]`` (float32, ``scale_j * q + bias_j`` per sub-block, gguf's
+    values up to one float32 rounding) decoded back from the kernel layout ``ops``
+    (`gguf_kernel_layout`; stacked with ``layer``): the backward of `gguf_mgpu_matmul`
+    needs no field planes."""
+    names = _names(fmts)
+    if layer is not None:
+        ops = {key: v[layer] for key, v in ops.items()}
+        kind = jnp.asarray(kind)[layer]
+    n = ops["codes"].shape[0]
+    ws = []
+    for name in names:
+        s = _SPECS[name].sub
+        q, scale, bias = _reference_parts(name, ops, n, k)
+        w = q.reshape(n, k // s, s) * scale[..., None]
+        if bias is not None:
+            w = w.reshape(n, k // 32, 32) + bias[..., None]
+        ws.append(w.reshape(n, k))
+    out = ws[0]
+    for i, w in enumerate(ws[1:], start=1):
+        out = jnp.where(jnp.asarray(kind) == i, w, out)
+    return out
 
 
 def gguf_mgpu_reference(x: jax.Array, ops: dict, kind=0, layer=None, *, fmts) -> jax.Array:

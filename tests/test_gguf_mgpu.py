@@ -31,6 +31,7 @@ from pallas_kernels.gguf_mgpu import (
     decode_program,
     emulate_program,
     gguf_kernel_layout,
+    gguf_mgpu_dequantize,
     gguf_mgpu_kernel,
     gguf_mgpu_matmul,
     gguf_mgpu_reference,
@@ -211,9 +212,13 @@ def test_mixed_stack_reference_by_layer():
     ops = gguf_kernel_layout(planes, names, kind)
     x, x64 = bf16_x(rng, 1, k)
     ref = jax.jit(gguf_mgpu_reference, static_argnames="fmts")
+    deq = jax.jit(gguf_mgpu_dequantize, static_argnames=("k", "fmts"))
     for layer, (raw, q) in enumerate(zip(raws, types)):
+        want = dense64(raw, q, n, k)
         got = ref(x, ops, kind, jnp.int32(layer), fmts=names)
-        check_f32(got, x64, dense64(raw, q, n, k), 16, f"layer {layer} ({q})")
+        check_f32(got, x64, want, 16, f"layer {layer} ({q})")
+        w = np.asarray(deq(ops, k=k, kind=kind, layer=jnp.int32(layer), fmts=names), np.float64)
+        np.testing.assert_allclose(w, want, rtol=2.0 ** -23, atol=2.0 ** -24 * np.abs(want).max())
 
 
 class _FakeDevice:
@@ -232,6 +237,7 @@ class _FakeDevice:
     ("9.0", (1, 4096, 4096, ("Q5_K",), jnp.bfloat16), False),      # no Mosaic kernel
     ("9.0", (1, 4096, 4096, ("Q4_0", "Q8_0"), jnp.bfloat16), False),
     ("9.0", (1, 4096, 4000, ("Q4_K",), jnp.bfloat16), False),      # K not whole super-blocks
+    ("9.0", (17, 4096, 4096, ("Q4_K",), jnp.bfloat16), False),     # prefill: not a GEMV
 ])
 def test_supported_by_capability(monkeypatch, cc, args, want):
     monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice(cc)])
@@ -269,6 +275,18 @@ def test_lowers_for_cuda(types, m):
     assert out.shape == (m, n) and out.dtype == jnp.bfloat16
 
 
+def test_backward_lowers_for_cuda():
+    """`gguf_mgpu_matmul` under ``jax.grad`` (a LoRA step through a frozen GGUF weight):
+    the forward is the Mosaic kernel, ``dx`` an XLA dot with W decoded from the layout."""
+    ops, names = _layout_shapes(("Q4_K", "Q6_K"), 72, 512, 2)
+    x = jax.ShapeDtypeStruct((1, 512), jnp.bfloat16)
+    kind = jax.ShapeDtypeStruct((2,), jnp.int32)
+    loss = lambda x, o, kd: jnp.sum(gguf_mgpu_matmul(x, None, kd, fmts=names, layer=jnp.int32(1),  # noqa: E731
+                                                     kernel_layout=o).astype(jnp.float32) ** 2)
+    text = jax.jit(jax.grad(loss)).trace(x, ops, kind).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+
+
 def test_rejects_bad_operands():
     with pytest.raises(ValueError, match="no Mosaic GPU kernel"):
         gguf_kernel_layout({"qs": jnp.zeros((4, 1, 128), jnp.uint8)}, ("Q5_K",))
@@ -299,6 +317,24 @@ def test_kernel_matches_float64(qtype, n, k, m):
     y = gguf_mgpu_matmul(x, planes_of(raw, qtype, k), 0, fmts=(MODULES[qtype],))
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), np.asarray(got), rtol=2 ** -8, atol=1e-30)
+
+
+@hopper
+def test_matmul_gradient_matches_float64():
+    """``dx`` of `gguf_mgpu_matmul` (W decoded from the kernel layout, one XLA dot) against
+    float64 ``dy @ W``, and the forward it differentiates against float64."""
+    rng = np.random.default_rng()
+    n, k = 200, 768
+    raw = random_blocks(rng, "Q4_K", n, k)
+    ops = gguf_kernel_layout(planes_of(raw, "Q4_K", k), ("Q4_K",))
+    x, x64 = bf16_x(rng, 2, k)
+    dy = jnp.asarray(rng.standard_normal((2, n)), jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x: gguf_mgpu_matmul(x, None, 0, fmts=("Q4_K",), kernel_layout=ops), x)
+    (dx,) = vjp(dy)
+    w64 = dense64(raw, "Q4_K", n, k)
+    for got, want in ((y, x64 @ w64.T), (dx, np.asarray(dy.astype(jnp.float32), np.float64) @ w64)):
+        got = np.asarray(got.astype(jnp.float32), np.float64)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2 ** -7  # bf16 rounding of W, dx
 
 
 @hopper
