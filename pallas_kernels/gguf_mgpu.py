@@ -48,15 +48,18 @@ tiles) into shared memory by TMA (zero fill past N, M and K). Each step decodes 
 in registers (inline PTX, `_DECODE`) to one bfloat16 ``[64, S]`` block per sub-block,
 issues one wgmma per sub-block into its own float32 accumulator, waits, and folds them
 into the running ``y`` tile (the pipeline's carry) with the scales decoded in registers
-from shared memory (`_combine`: ``get_scale_min_k4`` for Q4_K). ``sum(x)`` per 32-value
-sub-block (for Q4_K's mins and Q4_1's ``m``) is an XLA reduction before the kernel.
+from shared memory (`_combine`: ``get_scale_min_k4`` for Q4_K). The sums of ``x`` per
+32-value sub-block that Q4_K's mins and Q4_1's ``m`` multiply come from one more wgmma
+per sub-block with an all-ones A (float32 sums of the bfloat16 x; the tensor cores are
+idle at decode M), so the launch needs no XLA op before it; after it, XLA sums the split-K
+partials.
 
 Built, not yet run: on a CPU machine every format's kernel was lowered by jax 0.10.2 and
 compiled through jax-cuda12-plugin 0.10.2's Mosaic GPU pipeline to PTX and by ptxas (CUDA
-13.0) for sm_90a (a stub CUDA driver answering compute capability 9.0): 122 registers per
-thread for Q4_K, Q4_0, Q4_1 and Q8_0, 154 for Q6_K and the mixed stack, no spills; about
-650 PTX instructions per thread per 256-value step (half the nibble decode, half the scale
-decode and fold).
+13.0) for sm_90a (a stub CUDA driver answering compute capability 9.0): registers per
+thread 158 (Q4_K), 154 (Q6_K), 160 (Q4_K + Q6_K), 167 (Q4_1), 122 (Q4_0, Q8_0), no
+spills; about 600 PTX instructions per thread for the whole Q4_K kernel, most of them in
+the step (the nibble decode, the scale decode and the fold).
 
 A mixed stack (``fmts = (Q4_K, Q6_K)``, an int32 ``kind [L]`` per layer, as the Triton
 kernel takes) shares ``codes`` and ``rec``; each program reads ``kind[layer]`` and runs
@@ -523,28 +526,28 @@ def _decode(name: str, words, hi):
     return dequant(*args)
 
 
-def _combine(name: str, total, parts, refs: dict):
-    """``total + sum_j scale[row, j] * parts[j] + bias[row, j] * xsum[col, j]`` (float32
-    fused multiply-adds,
-    layout ``WGMMA``, ``[64, BLOCK_M]``): the step's sub-block partial products scaled, the
-    scales decoded per row in registers from the step's SMEM tiles ``refs`` (``rec [64, 4]``
-    uint32, ``d``/``m`` float16 ``[1 or 8, 64]``, ``xs [BLOCK_M, 8]`` float32 sums of x per
-    32 values)."""
+def _combine(name: str, total, parts, sums, refs: dict):
+    """``total + sum_j scale[row, j] * parts[j] + bias[row, j] * sums[j]`` (float32 fused
+    multiply-adds, layout ``WGMMA``, ``[64, BLOCK_M]``): the step's sub-block partial
+    products scaled, and (Q4_K, Q4_1) the offsets times ``sums[j]``, the sums of x over
+    32-value sub-block ``j`` (the same in every row); either may be empty (the unused
+    scales' arithmetic is dead code). The scales are decoded per row in registers from the
+    step's SMEM tiles ``refs`` (``rec [64, 4]`` uint32, ``d``/``m`` float16 ``[1 or 8,
+    64]``)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.mosaic import gpu as mgpu
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, math, memref, vector
 
-    spec = _SPECS[name]
-    nsub = len(parts)
     keys = tuple(sorted(refs))
     layout = plgpu.Layout.WGMMA
     out_ty = plgpu.ShapeDtypeStruct(total.shape, jnp.float32, layout)
 
     @plgpu.inline_mgpu(arg_types=(layout, tuple(layout for _ in parts),
+                                  tuple(layout for _ in sums),
                                   tuple(plgpu.RefType() for _ in keys)),
                        return_type=out_ty)
-    def fold(_, tot, prts, rfs):
+    def fold(_, tot, prts, xsums, rfs):
         r = dict(zip(keys, rfs))
         i32 = ir.IntegerType.get_signless(32)
         i16 = ir.IntegerType.get_signless(16)
@@ -591,34 +594,31 @@ def _combine(name: str, total, parts, refs: dict):
                     out.append((d, m))
             return out
 
-        scales, xsums = {}, {}
+        scales = {}
         new = np.empty_like(tot.registers)
         offs = _offsets(tot.layout, tot.shape)
         for (reg, (ro, co)), idx in zip(offs.items(), tot.layout.thread_idxs(tot.shape)):
             if ro not in scales:
                 scales[ro] = row_scales(idx[0])
-            if spec.bias and co not in xsums:
-                col1 = arith.addi(idx[1], ci(1))
-                xsums[co] = [vector.from_elements(vec_ty, [memref.load(r["xs"], [idx[1], ci(j)]),
-                                                           memref.load(r["xs"], [col1, ci(j)])])
-                             for j in range(8)]
             acc = tot.registers[reg]
-            for j in range(nsub):
-                sc, mn = scales[ro][j]
-                acc = math.fma(prts[j].registers[reg], vector.broadcast(vec_ty, sc), acc)
-                if spec.bias:  # Q4_K subtracts its min, Q4_1 adds its m
-                    bias = arith.negf(mn) if name == "Q4_K" else mn
-                    acc = math.fma(xsums[co][j], vector.broadcast(vec_ty, bias), acc)
+            for j in range(len(prts)):
+                acc = math.fma(prts[j].registers[reg], vector.broadcast(vec_ty, scales[ro][j][0]), acc)
+            for j in range(len(xsums)):  # Q4_K subtracts its min, Q4_1 adds its m
+                mn = scales[ro][j][1]
+                bias = arith.negf(mn) if name == "Q4_K" else mn
+                acc = math.fma(xsums[j].registers[reg], vector.broadcast(vec_ty, bias), acc)
             new[reg] = acc
         return mgpu.FragmentedArray(_registers=new, _layout=tot.layout, _is_signed=None)
 
-    return fold(total, tuple(parts), tuple(refs[k] for k in keys))
+    return fold(total, tuple(parts), tuple(sums), tuple(refs[k] for k in keys))
 
 
-def _format_tile(name: str, x_gmem, xs_gmem, ops: dict, o_gmem, layer, *, steps: int,
-                 stages: int):
+def _format_tile(name: str, x_gmem, ops: dict, o_gmem, layer, *, steps: int, stages: int):
     """One program's work in format ``name``: rows ``[64 n, 64 n + 64)`` of the weight
-    times ``BLOCK_M`` tokens over this program's K split, written to the partials."""
+    times ``BLOCK_M`` tokens over this program's K split, written to the partials. Per step
+    one wgmma per sub-block (the decoded ``q`` times x) and, for formats with offsets, one
+    more per 32 values with an all-ones A (the sums of x the offsets multiply; the tensor
+    cores are idle at these M), each into its own accumulator; then `_combine`."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
@@ -644,30 +644,36 @@ def _format_tile(name: str, x_gmem, xs_gmem, ops: dict, o_gmem, layer, *, steps:
         specs.append(bs)
         gmems.append(ops[key].at[layer])
         kinds.append(key)
-    if spec.bias:
-        specs.append(plgpu.BlockSpec((BLOCK_M, 8), lambda t: (mi, kt(t))))
-        gmems.append(xs_gmem)
-        kinds.append("xs")
 
     def step(_, *refs):
         *refs, carry = refs
         r = dict(zip(kinds, refs))
-        words = plgpu.load(r["codes"], (), layout=plgpu.Layout.WGMMA)
-        hi = None
-        if "hi2" in r or "hi4" in r:
-            hi = plgpu.load(r["hi2" if "hi2" in r else "hi4"], (), layout=plgpu.Layout.WGMMA)
-        blocks = _decode(name, words, hi)
         x_smem = r["x"]
+        scale_refs = {k: v for k, v in r.items() if k in ("rec", "d", "m")}
 
         def mma(*accs):
+            words = plgpu.load(r["codes"], (), layout=plgpu.Layout.WGMMA)
+            hi = None
+            if "hi2" in r or "hi4" in r:
+                hi = plgpu.load(r["hi2" if "hi2" in r else "hi4"], (), layout=plgpu.Layout.WGMMA)
+            blocks = _decode(name, words, hi)
             for j, (acc, w) in enumerate(zip(accs, blocks)):
                 plgpu.wgmma(acc, w, x_smem.at[:, j * s:(j + 1) * s].T)
             plgpu.wgmma_wait(0)
             return tuple(a[...] for a in accs)
 
-        parts = pl.run_scoped(mma, *[plgpu.ACC((64, BLOCK_M)) for _ in blocks])
-        return _combine(name, carry, parts, {k: v for k, v in r.items()
-                                             if k in ("rec", "d", "m", "xs")})
+        def mma_sums(*accs):  # sums of x per 32 values: an all-ones A
+            ones = plgpu.layout_cast(jnp.full((64, 32), 1.0, dtype=jnp.bfloat16), plgpu.Layout.WGMMA)
+            for j, acc in enumerate(accs):
+                plgpu.wgmma(acc, ones, x_smem.at[:, j * 32:(j + 1) * 32].T)
+            plgpu.wgmma_wait(0)
+            return tuple(a[...] for a in accs)
+
+        if spec.bias:  # first the offsets' share, so that its accumulators are dead below
+            sums = pl.run_scoped(mma_sums, *[plgpu.ACC((64, BLOCK_M)) for _ in range(STEP // 32)])
+            carry = _combine(name, carry, (), sums, scale_refs)
+        parts = pl.run_scoped(mma, *[plgpu.ACC((64, BLOCK_M)) for _ in range(STEP // s)])
+        return _combine(name, carry, parts, (), scale_refs)
 
     zero = plgpu.layout_cast(jnp.full((64, BLOCK_M), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
     total = plgpu.emit_pipeline(step, grid=(steps,), in_specs=tuple(specs),
@@ -675,21 +681,21 @@ def _format_tile(name: str, x_gmem, xs_gmem, ops: dict, o_gmem, layer, *, steps:
     _store_rows(total, o_gmem, ni)
 
 
-def _kernel_body(meta_ref, x_gmem, xs_gmem, *refs, names: tuple, keys: tuple, steps: int,
+def _kernel_body(layer_ref, kind_ref, x_gmem, *refs, names: tuple, keys: tuple, steps: int,
                  stages: int):
-    """The kernel: ``meta = [layer, kind]`` (int32; ``kind`` the layer's index into
-    ``names``), ``x`` bfloat16 ``[M, K]``, ``xs`` float32 ``[M, K // 32 (padded)]``, the
+    """The kernel: ``layer [1]`` and ``kind [L]`` int32 (``kind[layer]`` the layer's index
+    into ``names``, read here: no XLA op before the launch), ``x`` bfloat16 ``[M, K]``, the
     kernel-layout operands ``refs[:-1]`` in the order of ``keys``, the partials
     ``refs[-1]``. One `pl.when` branch per format when ``names`` has several."""
     *arrs, o_gmem = refs
     ops = dict(zip(keys, arrs))
-    layer = meta_ref[0]
+    layer = layer_ref[0]
     if len(names) == 1:
-        _format_tile(names[0], x_gmem, xs_gmem, ops, o_gmem, layer, steps=steps, stages=stages)
+        _format_tile(names[0], x_gmem, ops, o_gmem, layer, steps=steps, stages=stages)
         return
-    kind = meta_ref[1]
+    kind = kind_ref[layer]
     for i, name in enumerate(names):
-        pl.when(kind == i)(functools.partial(_format_tile, name, x_gmem, xs_gmem, ops, o_gmem,
+        pl.when(kind == i)(functools.partial(_format_tile, name, x_gmem, ops, o_gmem,
                                              layer, steps=steps, stages=stages))
 
 
@@ -701,7 +707,7 @@ _OP_BYTES = {"codes": 64 * 32 * 4, "hi2": 64 * 16 * 4, "hi4": 64 * 32 * 4, "rec"
 def _stage_bytes(names) -> int:
     """Shared memory of one pipeline stage (the largest over the formats' branches)."""
     return max(BLOCK_M * STEP * 2 + sum(_OP_BYTES[key] for key in _SPECS[nm].operands)
-               + (BLOCK_M * 8 * 4 if _SPECS[nm].bias else 0) for nm in names)
+               for nm in names)
 
 
 @functools.partial(jax.jit, static_argnames=("fmts", "splits", "stages", "out_dtype"))
@@ -748,11 +754,6 @@ def gguf_mgpu_kernel(x: jax.Array, ops: dict, kind, layer=None, *, fmts: tuple,
         splits = _default_splits(tiles_n * tiles_m, tiles_k)
     steps = _check_splits("gguf_mgpu_kernel", splits, tiles_k, f"K/{STEP}={tiles_k}")
     stages = stages or max(1, min(4, steps, _SMEM_BUDGET // _stage_bytes(names)))
-    xs = jnp.zeros((1, 8), jnp.float32)
-    if any(_SPECS[nm].bias for nm in names):  # sum(x) per 32 values, 8 columns per step
-        xs = x.astype(jnp.float32).reshape(m, k // 32, 32).sum(axis=-1)
-        xs = jnp.pad(xs, ((0, 0), (0, kp // 32 - k // 32)))
-    meta = jnp.stack([layer, kind[layer]]).astype(jnp.int32)
     kernel = plgpu.kernel(
         functools.partial(_kernel_body, names=names, keys=keys, steps=steps, stages=stages),
         out_type=jax.ShapeDtypeStruct((splits, tiles_m, tiles_n * 64, BLOCK_M), jnp.float32),
@@ -760,7 +761,7 @@ def gguf_mgpu_kernel(x: jax.Array, ops: dict, kind, layer=None, *, fmts: tuple,
         grid_names=("n", "m", "s"),
     )
     # M > 8 is tiled by 8 rows: TMA boxes of 8-row tiles need M < 8 or a multiple of 8
-    y = _sum_partials(kernel(meta, _pad_rows(x), _pad_rows(xs), *(ops[key] for key in keys)), m)
+    y = _sum_partials(kernel(layer.reshape(1), kind, _pad_rows(x), *(ops[key] for key in keys)), m)
     return y[:, :n].astype(out_dtype or x.dtype)
 
 
