@@ -27,7 +27,8 @@ It holds the same bytes as the file, permuted, plus padding:
   thread's 32-bit load gives it the codes of four bfloat16 pairs of `plgpu.Layout.WGMMA`;
   pair ``t`` is nibbles ``t`` and ``t + 4``, so ``(w >> 4 t) & 0x000F000F | 0x43004300`` is
   the bfloat16 pair ``(128 + q0, 128 + q1)`` and one ``fma.rn.bf16x2`` subtracts the
-  format's constant (128, 136 for Q4_0's ``q - 8``, ...): three instructions per pair.
+  format's constant (128, 136 for Q4_0's ``q - 8``, ...): three instructions per pair
+  (Q6_K about five, Q8_0 about seven; `decode_program` lists them).
 * ``hi2`` uint32 ``[(L,) N, Kp // 16]`` (Q6_K): the high 2 bits (``qh``), 16 per word: word
   ``8 g + 2 p + e`` holds 32-value groups ``j = 4 g + 2 e + h``, value ``(h, t, b)`` at bit
   ``16 b + 8 h + 2 t``; moved to bits 4..5 of each half and OR-ed in (``128 + q``, q < 64).
@@ -38,6 +39,10 @@ It holds the same bytes as the file, permuted, plus padding:
   scales, transposed so that one K step's scales of 64 rows are one TMA box (``N8``: N
   rounded up to 8, zero rows; 16-byte TMA rows).
 
+The layout holds the weight in full (`gguf_mgpu_dequantize` decodes it back, and the
+backward of `gguf_mgpu_matmul` uses that), so a model serving through this kernel could
+drop the field planes from the device (nothing here rebuilds the GGUF bytes from it).
+
 The kernel (after `pallas_kernels.nf4_mgpu`: weight on wgmma's M side, tokens on its N
 side padded to 8). Grid ``(cdiv(N, 64), cdiv(M, 8), splits)``: a program owns 64 rows of W
 and 8 tokens over its share of K (split-K, float32 partials summed by XLA).
@@ -45,7 +50,8 @@ and 8 tokens over its share of K (split-K, float32 partials summed by XLA).
 legacy blocks), the ``[64, 32]`` words of ``codes`` (and ``hi2``/``hi4``), the step's
 scales and ``x [8, 256]`` (swizzled ``2 S`` bytes so that each sub-block of ``x`` is whole
 tiles) into shared memory by TMA (zero fill past N, M and K). Each step decodes the words
-in registers (inline PTX, `_DECODE`) to one bfloat16 ``[64, S]`` block per sub-block,
+in registers (inline PTX, `_decode` running `decode_program`) to one bfloat16 ``[64, S]``
+block per sub-block,
 issues one wgmma per sub-block into its own float32 accumulator, waits, and folds them
 into the running ``y`` tile (the pipeline's carry) with the scales decoded in registers
 from shared memory (`_combine`: ``get_scale_min_k4`` for Q4_K). The sums of ``x`` per
@@ -67,8 +73,8 @@ that format's pipeline under a `pl.when` branch: one launch per projection whate
 layer's format.
 
 Restrictions (`gguf_mgpu_supported`): a Hopper GPU (compute capability 9.0), bfloat16
-``x``, a format in `MGPU_FORMATS` (one, or Q4_K with Q6_K). Any N; K a multiple of the
-block size (32 or 256). The kernel has no CPU interpret mode (Mosaic GPU's interpreter has
+``x``, ``1 <= M <= GEMV_MAX_M``, a format in `MGPU_FORMATS` (one, or Q4_K with Q6_K). Any
+N; K a multiple of the block size (32 or 256). The kernel has no CPU interpret mode (Mosaic GPU's interpreter has
 no TMA); `gguf_mgpu_reference` (plain jnp over the kernel layout, the kernel's order of
 operations) is the oracle ``tests/test_gguf_mgpu.py`` checks against float64
 ``gguf.quants.dequantize`` products, and the CUDA lowering is checked on a CPU machine.
