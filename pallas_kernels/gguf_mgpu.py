@@ -74,10 +74,11 @@ layer's format.
 
 Restrictions (`gguf_mgpu_supported`): a Hopper GPU (compute capability 9.0), bfloat16
 ``x``, ``1 <= M <= GEMV_MAX_M``, a format in `MGPU_FORMATS` (one, or Q4_K with Q6_K). Any
-N; K a multiple of the block size (32 or 256). The kernel has no CPU interpret mode (Mosaic GPU's interpreter has
-no TMA); `gguf_mgpu_reference` (plain jnp over the kernel layout, the kernel's order of
-operations) is the oracle ``tests/test_gguf_mgpu.py`` checks against float64
-``gguf.quants.dequantize`` products, and the CUDA lowering is checked on a CPU machine.
+N; K a multiple of the block size (32 or 256). The kernel has no CPU interpret mode
+(Mosaic GPU's interpreter has no TMA); `gguf_mgpu_reference` (plain jnp over the kernel
+layout, the kernel's arithmetic) is the oracle ``tests/test_gguf_mgpu.py`` checks against
+float64 ``gguf.quants.dequantize`` products, and the CUDA lowering is checked on a CPU
+machine.
 
 Sources: ggml ``ggml-common.h`` (``block_q4_K``, ``block_q6_K``, ``block_q4_0``,
 ``block_q4_1``, ``block_q8_0``), ``ggml-quants.c`` (``dequantize_row_*``,

@@ -194,8 +194,9 @@ def test_decode_ptx_assembles():
 
 @pytest.mark.parametrize("qtype,n,k", RAGGED)
 def test_reference_matches_float64(qtype, n, k):
-    """`gguf_mgpu_reference` (the kernel's order of operations over the kernel layout) at
-    ragged N and K, M = 1 and 3, against float64 products of gguf's weights."""
+    """`gguf_mgpu_reference` (the kernel's arithmetic over the kernel layout: float32 sums
+    per sub-block, scaled) at ragged N and K, M = 1 and 3, against float64 products of
+    gguf's weights."""
     rng = np.random.default_rng()
     raw = random_blocks(rng, qtype, n, k)
     ops = gguf_kernel_layout(planes_of(raw, qtype, k), (qtype,))
