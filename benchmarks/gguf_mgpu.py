@@ -22,6 +22,7 @@ bytes of the stored blocks and the bandwidth they imply.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -31,14 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import gguf  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels import gguf_q4_0, gguf_q4_1, gguf_q4_k, gguf_q6_k, gguf_q8_0  # noqa: E402
-from pallas_kernels.gguf_matmul import F16, gguf_matmul, split_blocks, union_layout  # noqa: E402
-from pallas_kernels.gguf_mgpu import gguf_kernel_layout, gguf_mgpu_kernel, gguf_mgpu_supported  # noqa: E402
+from pallas_kernels import gguf_q4_0, gguf_q4_1, gguf_q4_k, gguf_q6_k, gguf_q8_0
+from pallas_kernels.gguf_matmul import F16, gguf_matmul, split_blocks, union_layout
+from pallas_kernels.gguf_mgpu import (
+    gguf_kernel_layout,
+    gguf_mgpu_kernel,
+    gguf_mgpu_supported,
+)
 
 MODULES = {m.NAME: m for m in (gguf_q4_0, gguf_q4_1, gguf_q8_0, gguf_q4_k, gguf_q6_k)}
 SUB = {"Q4_K": 32, "Q6_K": 16, "Q4_0": 32, "Q4_1": 32, "Q8_0": 32}
@@ -139,7 +144,7 @@ def run_case(rng, types, layer, n, k, *, calls, rounds, gpu, mosaic):
     for name, f in paths.items():
         y = np.asarray(f(*args[name]).astype(jnp.float32), np.float64)
         rel = np.linalg.norm(y - want) / np.linalg.norm(want)
-        t = bench(lambda: f(*args[name]), calls=calls, rounds=rounds)
+        t = bench(functools.partial(f, *args[name]), calls=calls, rounds=rounds)
         out[name] = t
         print(f"{label:14s} {n:5d}x{k:<5d} {name:16s} {t * 1e6:9.1f} us  {nbytes / t / 1e9:7.1f} GB/s "
               f"rel err (bf16 out) {rel:.2e}", flush=True)
@@ -154,7 +159,7 @@ def sweep(rng, qtypes, shapes, *, calls, rounds):
         for n, k in shapes:
             raw = random_blocks(rng, qtype, n, k, FIELD_SCALE[qtype])
             planes, kind, names = stack([raw], (qtype,), k)
-            ops = jax.block_until_ready(jax.jit(lambda p, kd: gguf_kernel_layout(p, names, kd))(planes, kind))
+            ops = jax.block_until_ready(jax.jit(functools.partial(gguf_kernel_layout, fmts=names))(planes, kind=kind))
             x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
             x64 = np.asarray(x.astype(jnp.float32), np.float64)
             w64 = gguf.quants.dequantize(raw, T[qtype]).reshape(n, k).astype(np.float64)
@@ -168,11 +173,11 @@ def sweep(rng, qtypes, shapes, *, calls, rounds):
                 for stages in (1, 2, 4):
                     if stages > per:
                         continue
-                    f = jax.jit(lambda x, o, kd, s=splits, st=stages: gguf_mgpu_kernel(
-                        x, o, kd, jnp.int32(0), fmts=names, splits=s, stages=st, out_dtype=jnp.float32))
+                    f = jax.jit(functools.partial(gguf_mgpu_kernel, layer=jnp.int32(0), fmts=names, splits=splits,
+                                                  stages=stages, out_dtype=jnp.float32))
                     err = np.abs(np.asarray(f(x, ops, kind), np.float64) - want)
                     ok = (err <= (SUB[qtype] + 2 * (k // SUB[qtype]) + 16) * 2.0 ** -23 * absum + 1e-30).all()
-                    t = bench(lambda: f(x, ops, kind), calls=calls, rounds=rounds)
+                    t = bench(functools.partial(f, x, ops, kind), calls=calls, rounds=rounds)
                     print(f"{qtype} {n:5d}x{k:<5d} splits={splits:2d} stages={stages} {t * 1e6:8.1f} us"
                           f"{'' if ok else '  WRONG (beyond float32 summation)'}", flush=True)
                     if ok and (best is None or t < best[0]):
@@ -180,6 +185,14 @@ def sweep(rng, qtypes, shapes, *, calls, rounds):
             if best:
                 print(f"# best {qtype} {n}x{k}: {best[0] * 1e6:.1f} us at splits={best[1]} stages={best[2]}",
                       flush=True)
+
+
+def _us(t) -> str:
+    return f"{t * 1e6:.1f}" if t else "-"
+
+
+def _ratio(t, base) -> str:
+    return f"{t / base:.2f}" if t and base else "-"
 
 
 def main(argv=None) -> int:
@@ -216,9 +229,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for label, n, k, t in rows:
         m, tr, x = (t.get(p) for p in ("mosaic", "triton", "xla dequant+dot"))
-        f = lambda v: f"{v * 1e6:.1f}" if v else "-"  # noqa: E731
-        r = lambda v: f"{v / m:.2f}" if v and m else "-"  # noqa: E731
-        print(f"| {label} | {n}x{k} | {f(m)} | {f(tr)} | {f(x)} | {r(tr)} | {r(x)} |")
+        print(f"| {label} | {n}x{k} | {_us(m)} | {_us(tr)} | {_us(x)} | {_ratio(tr, m)} | {_ratio(x, m)} |")
     return 0
 
 

@@ -111,10 +111,19 @@ from pallas_kernels.nf4_mgpu import (
     _swizzled,
 )
 
-__all__ = ["MGPU_FORMATS", "GEMV_MAX_M", "gguf_kernel_layout", "gguf_mgpu_matmul", "gguf_mgpu_kernel",
-           "gguf_mgpu_dequantize",
-           "gguf_mgpu_reference", "gguf_mgpu_supported", "decode_program", "emulate_program",
-           "program_ptx"]
+__all__ = [
+    "GEMV_MAX_M",
+    "MGPU_FORMATS",
+    "decode_program",
+    "emulate_program",
+    "gguf_kernel_layout",
+    "gguf_mgpu_dequantize",
+    "gguf_mgpu_kernel",
+    "gguf_mgpu_matmul",
+    "gguf_mgpu_reference",
+    "gguf_mgpu_supported",
+    "program_ptx",
+]
 
 #: Values of K per pipeline step: one k-quant super-block, eight legacy blocks.
 STEP = 256
@@ -357,7 +366,6 @@ def _q_of(name: str, planes: dict) -> tuple[jax.Array, jax.Array | None]:
     """The format's integers in natural K order, ``[.., N, K]`` int32: the low 4 bits and
     the high bits (Q6_K: 0..3; Q8_0: the high nibble of ``q + 128``; else None)."""
     qs = jnp.asarray(planes["qs"]).astype(jnp.int32)
-    lead = qs.shape[:-2]
     if name == "Q4_K":  # bytes 32c..32c+31: sub-block 2c low nibbles, 2c+1 high
         q = qs[..., :128].reshape(*qs.shape[:-1], 4, 1, 32)
         q = jnp.concatenate([q & 15, q >> 4], axis=-2)
@@ -469,10 +477,10 @@ def _decode(name: str, words, hi):
     step: 8 of 32 values, Q6_K 16 of 16) of the integers ``q`` held by a ``[64, 32]``
     uint32 ``codes`` tile (and the ``hi2`` ``[64, 16]`` or ``hi4`` ``[64, 32]`` tile)
     loaded in layout ``WGMMA`` (two words per register)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    from jax.experimental.mosaic import gpu as mgpu
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
     spec = _SPECS[name]
     s = spec.sub
@@ -541,10 +549,10 @@ def _combine(name: str, total, parts, sums, refs: dict):
     scales' arithmetic is dead code). The scales are decoded per row in registers from the
     step's SMEM tiles ``refs`` (``rec [64, 4]`` uint32, ``d``/``m`` float16 ``[1 or 8,
     64]``)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    from jax.experimental.mosaic import gpu as mgpu
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, math, memref, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
     keys = tuple(sorted(refs))
     layout = plgpu.Layout.WGMMA
@@ -562,8 +570,8 @@ def _combine(name: str, total, parts, sums, refs: dict):
         f16 = ir.F16Type.get()
         index = ir.IndexType.get()
         vec_ty = ir.VectorType.get((2,), f32)
-        c = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))  # noqa: E731
-        ci = lambda v: arith.constant(index, ir.IntegerAttr.get(index, v))  # noqa: E731
+        c = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))
+        ci = lambda v: arith.constant(index, ir.IntegerAttr.get(index, v))
 
         def f16_to_f32(bits):  # i32 holding f16 bits in its low half
             return arith.extf(f32, arith.bitcast(f16, arith.trunci(i16, bits)))
@@ -631,7 +639,7 @@ def _format_tile(name: str, x_gmem, ops: dict, o_gmem, layer, *, steps: int, sta
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     spec = _SPECS[name]
     s = spec.sub
-    kt = lambda t: si * steps + t  # noqa: E731
+    kt = lambda t: si * steps + t
     specs, gmems, kinds = [], [], []
     specs.append(plgpu.BlockSpec((BLOCK_M, STEP), lambda t: (mi, kt(t)),
                                  transforms=_swizzled(2 * s, 16)))
@@ -858,9 +866,7 @@ def _reference_parts(name: str, ops: dict, n: int, k: int):
     decodes them."""
     spec = _SPECS[name]
     lo = _unpack_codes(ops["codes"])[:, :k]
-    if name == "Q4_K":
-        q = lo
-    elif name == "Q4_1":
+    if name == "Q4_K" or name == "Q4_1":
         q = lo
     elif name == "Q4_0":
         q = lo - 8
