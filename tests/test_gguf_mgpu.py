@@ -307,7 +307,8 @@ hopper = pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU GGUF kernels need 
 
 @hopper
 @pytest.mark.parametrize("qtype,n,k", RAGGED + [("Q4_K", 4096, 4096), ("Q6_K", 1000, 2048),
-                                                 ("Q4_0", 520, 1056), ("Q8_0", 264, 512)])
+                                                 ("Q4_0", 520, 1056), ("Q8_0", 264, 512),
+                                                 ("Q4_1", 5, 32)])
 @pytest.mark.parametrize("m", [1, 3, 9])
 def test_kernel_matches_float64(qtype, n, k, m):
     """The compiled kernel (float32 out) against float64 ``x @ gguf.dequantize(W).T`` at
