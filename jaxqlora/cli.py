@@ -213,11 +213,16 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {str(default).replace('%', '%%')})"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, generation: bool = False) -> None:
     p.add_argument("--model", type=existing_path, default=None, metavar="PATH",
                    help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="parameter and activation dtype")
+    if generation:  # resolved by _check_generate
+        p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                       help="parameter and activation dtype (default: float16 on a CPU, where XLA runs bfloat16 "
+                            "matmuls and cache writes through float32 copies; bfloat16 elsewhere)")
+    else:
+        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                       help="parameter and activation dtype")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
@@ -723,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_merge)
 
     g = command("generate", "generate text (chat template applied by default)")
-    _add_model_args(g)
+    _add_model_args(g, generation=True)
     g.add_argument("--adapter", type=existing_dir, default=None, metavar="DIR",
                    help="PEFT LoRA adapter folder to apply (default: none)")
     _add_keep_quantized(g)
@@ -801,7 +806,11 @@ def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--speculative draft`` needs ``--draft-model`` and ``--draft-model`` needs it. A classification
     adapter (PEFT ``task_type`` SEQ_CLS) is refused: its LoRA weights were trained with a score head in
-    place of the LM head, which ``generate`` does not use."""
+    place of the LM head, which ``generate`` does not use. No ``--dtype``: float16 on a CPU, else bfloat16."""
+    if args.dtype is None:
+        import jax
+
+        args.dtype = "float16" if jax.default_backend() == "cpu" else "bfloat16"
     if args.messages is not None and (args.no_chat or args.system is not None):
         parser.error(f"argument --messages: not allowed with {'--no-chat' if args.no_chat else '--system'} (put "
                      "a system message in the conversation)")

@@ -7,6 +7,11 @@ The formats kept on the device are `GGUF_FORMATS` (name -> the kernel module und
 `pallas_kernels/`); a stack whose layers mix formats of one family (Q4_K and Q6_K in a
 Q4_K_M file) is one `GGUFWeight` whose ``kind`` names each layer's format.
 
+Off the GPU, `xla_matmul` multiplies by the blocks with XLA: each sub-block of every block is
+decoded to float32 in pieces of rows that stay in the CPU cache and multiplied at once (one dot
+per sub-block position, no reassembled weight), so a decode step reads the blocks' bytes, not
+a dequantized copy.
+
 Source: ggml ``ggml-common.h`` (block layouts), the GGUF spec (ggml ``docs/gguf.md``).
 """
 
@@ -19,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxqlora.model import by_row_pieces
 from pallas_kernels import gguf_q4_0, gguf_q4_1, gguf_q4_k, gguf_q5_k, gguf_q6_k, gguf_q8_0
 from pallas_kernels.gguf_matmul import F16, gguf_dequantize_reference, join_blocks, split_blocks, union_layout
 
@@ -71,6 +77,73 @@ class GGUFWeight:
         looked-up rows' blocks are read (an embedding lookup)."""
         planes = {k: jnp.take(v, ids, axis=0) for k, v in self.planes.items()}
         return gguf_dequantize_reference(planes, self.kind, fmts=self.modules).astype(dtype)
+
+
+def _piece_product(x: jax.Array, planes: dict, fmt) -> jax.Array:
+    """float32 ``x [M, K] @ W.T`` for the rows of ``planes`` (one format, no layer axis):
+    for each sub-block position j (``fmt.decode``), ``W_j = q * scale + bias`` over every
+    block ``[rows, nb * S]`` times the matching values of x."""
+
+    def ld(name, start, size=None):
+        p = planes[name]
+        if p.dtype == jnp.float16:
+            return p.astype(jnp.float32)
+        return (p[..., start] if size is None else p[..., start:start + size]).astype(jnp.int32)
+
+    m, k = x.shape
+    y = None
+    for j, q, scale, bias in fmt.decode(ld):
+        rows, nb, s = q.shape
+        w = q * scale[..., None]
+        if bias is not None:
+            w = w + bias[..., None]
+        xj = x.reshape(m, nb, fmt.BLOCK // s, s)[:, :, j, :].reshape(m, nb * s)
+        yj = jax.lax.dot_general(xj, w.reshape(rows, nb * s), (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        y = yj if y is None else y + yj
+    return y
+
+
+def xla_matmul(x: jax.Array, w: GGUFWeight, layer=None) -> jax.Array:
+    """``x @ W.T`` for a GGUF weight ``W [N, K]``, with XLA (the CPU path of
+    `jaxqlora.quantize.gguf_linear`).
+
+    The rows are taken in pieces of at most `jaxqlora.model.PIECE_VALUES` values
+    (`jaxqlora.model.by_row_pieces`); in each piece every sub-block position of every block is
+    decoded to float32 (the format's ``decode``, the operations of the Pallas kernel) and
+    multiplied by the matching values of x, so the dequantized weight never exists whole and
+    each decoded piece is read from the cache.
+
+    Args:
+      x: ``[..., K]`` float activations (computed in float32).
+      w: the weight; stacked (``[L, ...]`` planes) when ``layer`` is given.
+      layer: int or int32 scalar: multiply layer ``layer`` of a stacked weight (a stack mixing
+        formats picks the layer's format with ``lax.switch``).
+
+    Returns:
+      ``[..., N]`` in x's dtype (float32 accumulation).
+    """
+    n, k = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).astype(jnp.float32)
+    stacked = layer is not None
+    kind = w.kind[layer] if stacked else w.kind
+    fields = sorted(w.planes)
+
+    def product(start, rows):
+        planes = {}
+        for name in fields:
+            p = w.planes[name]
+            starts = ((layer,) if stacked else ()) + (start,) + (0,) * (p.ndim - 1 - stacked)
+            sizes = ((1,) if stacked else ()) + (rows,) + p.shape[1 + stacked:]
+            piece = jax.lax.dynamic_slice(p, starts, sizes)
+            planes[name] = piece[0] if stacked else piece
+        branches = [lambda pl, f=f: _piece_product(x2, pl, f) for f in w.modules]
+        if len(branches) == 1:
+            return branches[0](planes)
+        return jax.lax.switch(kind, branches, planes)
+
+    return by_row_pieces(product, n, k).reshape(*lead, n).astype(x.dtype)
 
 
 def from_blocks(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> GGUFWeight:
@@ -145,4 +218,4 @@ def to_device(w: GGUFWeight) -> GGUFWeight:
     return w.replace(planes={k: jnp.asarray(v) for k, v in w.planes.items()}, kind=jnp.asarray(w.kind, jnp.int32))
 
 
-__all__ = ["GGUF_FORMATS", "GGUFWeight", "from_blocks", "to_blocks", "stack_weights", "family_ok", "to_device"]
+__all__ = ["GGUF_FORMATS", "GGUFWeight", "xla_matmul", "from_blocks", "to_blocks", "stack_weights", "family_ok", "to_device"]

@@ -308,8 +308,12 @@ class Attention(nnx.Module):
             # through its K/V in the next layer, everywhere: let each query see itself
             mask = mask | jnp.eye(t, k.shape[1], dtype=bool)[None, None]
         scale = 1.0 / math.sqrt(self.head_dim)
+        dtype = q.dtype
+        if impl is None and dtype == jnp.float16 and jax.default_backend() == "cpu":
+            q, k, v = (a.astype(jnp.float32) for a in (q, k, v))  # XLA:CPU has no f16 x f16 -> f32 dot
         out = rowwise(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale,
                                                                       implementation=impl), (q, k, v, mask))
+        out = out.astype(dtype)
         out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "attention")
         return checkpoint_name(project(self.o_proj, out, layer, adapter), "o_proj"), kv
 
@@ -432,6 +436,34 @@ def segment_mask(segments: jax.Array) -> jax.Array:
 MATMUL_NAMES = ("q_proj", "k_proj", "v_proj", "attention", "o_proj", "gate_proj", "up_proj", "down_proj", "lora_a")
 """``checkpoint_name``s of a decoder layer's matmul outputs (the seven projections, the
 attention output, and LoRA's rank-r intermediate ``x @ lora_A.T``), for `remat_policy`."""
+
+
+PIECE_VALUES = 1 << 20
+"""Most weight values `by_row_pieces` makes float32 at once (4 MiB): on a CPU the piece is
+still in the cache when its dot reads it."""
+
+
+def by_row_pieces(product, n: int, k: int) -> jax.Array:
+    """A product with an ``[n, k]`` weight computed over its rows in pieces: ``product(start,
+    rows) -> [..., rows]`` (the outputs of weight rows ``start .. start + rows - 1``; ``start``
+    an int or int32 scalar) for pieces of at most `PIECE_VALUES` values, in a ``lax.map``,
+    concatenated to ``[..., n]``.
+
+    For XLA:CPU, which turns a weight of another dtype (bf16, f16, GGUF blocks) into a float32
+    copy before a dot: piece by piece the copy stays in the cache, and a weight that does not
+    change inside a decode loop is not converted whole outside it.
+    """
+    rows = max(1, min(n, PIECE_VALUES // max(k, 1)))
+    full, tail = divmod(n, rows)
+    if full == 1 and not tail:
+        return product(0, n)
+    outs = []
+    if full:
+        ys = jax.lax.map(lambda i: product(i * rows, rows), jnp.arange(full, dtype=jnp.int32))  # [full, ..., rows]
+        outs.append(jnp.moveaxis(ys, 0, -2).reshape(*ys.shape[1:-1], full * rows))
+    if tail:
+        outs.append(product(full * rows, tail))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
 
 
 def lm_logits(hidden: jax.Array, weight: jax.Array) -> jax.Array:
@@ -606,7 +638,11 @@ class CausalLM(nnx.Module):
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         if hasattr(head, "project"):
             return head.project(hidden)
-        return lm_logits(hidden, self.head_weight)
+        weight = self.head_weight
+        if jax.default_backend() == "cpu" and weight.dtype != jnp.float32:  # see by_row_pieces
+            return by_row_pieces(lambda start, rows: lm_logits(
+                hidden, jax.lax.dynamic_slice_in_dim(weight, start, rows)), *weight.shape)
+        return lm_logits(hidden, weight)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | None = None):

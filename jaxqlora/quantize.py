@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxqlora.ggml import GGUF_FORMATS, GGUFWeight
+from jaxqlora.ggml import GGUF_FORMATS, GGUFWeight, xla_matmul
 from jaxqlora.lora import ALL_TARGETS, LoRALinear, projection_owner
 from jaxqlora.model import Linear
 from jaxqlora.stacked import layer_slice, stack_trees
@@ -124,20 +124,24 @@ def _nf4_linear_local(x: jax.Array, q: NF4Weight, layer=None) -> jax.Array:
 
 def gguf_linear(x: jax.Array, w: GGUFWeight, layer=None) -> jax.Array:
     """``x @ W.T`` for a GGUF-format weight ``W [out, in]``; ``x [..., in]`` -> ``[..., out]``
-    in x.dtype (`pallas_kernels.gguf_matmul.gguf_matmul`: the Pallas kernel on GPU, which
-    reads the blocks in place, the jnp reference elsewhere).
+    in x.dtype: the Pallas kernel on GPU (`pallas_kernels.gguf_matmul.gguf_matmul`, which
+    reads the blocks in place), `jaxqlora.ggml.xla_matmul` elsewhere (blocks decoded piece
+    by piece into the dots).
 
     ``layer`` (int or int32 scalar): ``w`` is stacked over layers and layer ``layer`` is
     multiplied, read in place by the kernel. Under a device mesh the product runs on each
     device's rows (`jaxqlora.sharding.per_device`).
     """
+    from pallas_kernels.dispatch import resolve_impl
     from pallas_kernels.gguf_matmul import gguf_matmul
 
     if layer is not None and sharding_active():
         w, layer = layer_slice(w, layer), None
 
     def local(x, w):
-        return gguf_matmul(x, w.planes, w.kind, fmts=w.modules, layer=layer)
+        if resolve_impl() == "pallas":
+            return gguf_matmul(x, w.planes, w.kind, fmts=w.modules, layer=layer)
+        return xla_matmul(x, w, layer)
 
     return local(x, w) if layer is not None else per_device(local, x, w)
 

@@ -192,6 +192,41 @@ def test_kernel_mixed_stack_by_layer():
             _check(ref, want, f"xla layer {layer} M={m}")
 
 
+def test_xla_matmul_every_format_in_row_pieces(monkeypatch):
+    """`jaxqlora.ggml.xla_matmul` (the CPU path: sub-blocks decoded piece by piece into the
+    dots) against float64 NumPy over gguf.quants.dequantize: every format with N = 37 rows in
+    pieces of 8 (a lax.map of 4 pieces and a tail of 5), M = 1 and 3; a mixed Q4_K / Q6_K stack
+    by traced layer; bfloat16 x (within bf16 rounding of x)."""
+    import jaxqlora.model
+    from jaxqlora.ggml import xla_matmul
+
+    rng = np.random.default_rng(5)
+    n = 37
+    for qtype, fmt in GGUF_FORMATS.items():
+        k = 2 * fmt.BLOCK
+        monkeypatch.setattr(jaxqlora.model, "PIECE_VALUES", 8 * k)
+        raw = quantized_bytes(rng, qtype, n, k)
+        w = from_blocks(raw, qtype, (n, k))
+        for m in (1, 3):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            got = jax.jit(xla_matmul)(jnp.asarray(x), w)
+            _check(got, _oracle(x, (raw, qtype, (n, k))), f"{qtype} M={m}")
+    types = ("Q4_K", "Q6_K", "Q4_K")
+    k = 256
+    raws = [random_blocks(rng, q, n, k) for q in types]
+    w = stack_weights([from_blocks(r, q, (n, k)) for r, q in zip(raws, types)])
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    for layer in (0, 1):
+        got = jax.jit(xla_matmul)(jnp.asarray(x), w, jnp.int32(layer))
+        _check(got, _oracle(x, (raws[layer], types[layer], (n, k))), f"mixed stack layer {layer}")
+    xb = jnp.asarray(x, jnp.bfloat16)
+    got = jax.jit(xla_matmul)(xb, w, jnp.int32(1))
+    assert got.dtype == jnp.bfloat16
+    want = _oracle(np.asarray(xb.astype(jnp.float32)), (raws[1], types[1], (n, k)))
+    scale = np.abs(np.asarray(xb, np.float64)) @ np.abs(_oracle(np.eye(k), (raws[1], types[1], (n, k))))
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= 2 ** -7 * scale + 1e-3)
+
+
 @pytest.mark.parametrize("types,m", [(("Q4_K", "Q6_K"), 1), (("Q4_K", "Q6_K"), 5), (("Q4_0",), 1),
                                      (("Q4_1",), 20), (("Q8_0",), 1), (("Q5_K",), 3)])
 def test_kernel_lowers_for_triton(types, m):
