@@ -390,6 +390,23 @@ def test_eval_progress_and_a_run_that_fails_before_training(base_folder, tmp_pat
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1"]
 
 
+def test_lora_b_product_and_its_gradients_match_float64():
+    """`jaxqlora.lora.lora_b_product` (LoRA's second factor with its own backward) and its
+    gradients under a cotangent g equal the float64 NumPy formulas: y = s h B^T, dh = s g B,
+    dB = s g^T h, with h [2, 5, r] (leading axes are tokens)."""
+    from jaxqlora.lora import lora_b_product
+
+    rng = np.random.default_rng(0)
+    h, b, g = (rng.normal(size=s).astype(np.float32) for s in ((2, 5, 4), (6, 4), (2, 5, 6)))
+    with jax.default_matmul_precision("highest"):
+        y, vjp = jax.vjp(lambda h, b: lora_b_product(h, b, 1.5), jnp.asarray(h), jnp.asarray(b))
+        dh, db = vjp(jnp.asarray(g))
+    h64, b64, g64 = (a.astype(np.float64) for a in (h, b, g))
+    np.testing.assert_allclose(np.asarray(y), 1.5 * h64 @ b64.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dh), 1.5 * g64 @ b64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(db), 1.5 * np.einsum("bto,btr->or", g64, h64), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("chunk", [4, 7, 64])
 def test_chunked_cross_entropy_matches_float64(chunk):
     """The chunked masked cross-entropy sum and its gradients (hidden and head) equal the
