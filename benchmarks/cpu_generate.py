@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = "6f50c2a"  # main before issue 26 section 2 (CPU generation)
+BASE = "1c3bc4c"  # main just before issue 26 section 2 (CPU generation): the parent of its first commit
 NEW_TOKENS = 128
 STORY = "Write a long story about a dragon."
 LONG = 512

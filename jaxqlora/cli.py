@@ -213,13 +213,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {str(default).replace('%', '%%')})"
 
 
-def _add_model_args(p: argparse.ArgumentParser, generation: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, generation: bool = False, training: bool = False) -> None:
     p.add_argument("--model", type=existing_path, default=None, metavar="PATH",
                    help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     if generation:  # resolved by _check_generate
         p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                       help="parameter and activation dtype (default: float16 on a CPU, where XLA runs bfloat16 "
-                            "matmuls and cache writes through float32 copies; bfloat16 elsewhere)")
+                       help="parameter and activation dtype (default on a CPU, where XLA runs bfloat16 matmuls and "
+                            "cache writes through float32 copies: float16, or float32 with --keep-quantized, whose "
+                            "weights stay in their blocks; bfloat16 elsewhere)")
+    elif training:  # finetune, eval: resolved by FinetuneConfig (jaxqlora.finetune.default_dtype)
+        p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                       help="parameter and activation dtype (default: float32 on a CPU, where XLA runs bfloat16 "
+                            "matmuls and stacked activations through float32 copies; bfloat16 elsewhere)")
     else:
         p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                        help="parameter and activation dtype")
@@ -656,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
 
     f = command("finetune", "QLoRA fine-tuning (defaults: embedded model and data)")
-    _add_model_args(f)
+    _add_model_args(f, training=True)
     _add_data_args(f)
     f.add_argument("--pooling", default="last", choices=["last", "mean"],
                    help="classification: pool the last real token or the mean of all tokens")
@@ -713,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_finetune, check=functools.partial(_check_finetune, f))
 
     e = command("eval", "evaluate a saved adapter on the validation and test splits")
-    _add_model_args(e)
+    _add_model_args(e, training=True)
     _add_data_args(e)
     e.add_argument("--adapter", type=existing_dir, required=True, metavar="DIR", help="PEFT adapter folder (from finetune)")
     e.add_argument("--no-quantize", dest="quantize", action="store_false",
@@ -806,11 +811,15 @@ def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--speculative draft`` needs ``--draft-model`` and ``--draft-model`` needs it. A classification
     adapter (PEFT ``task_type`` SEQ_CLS) is refused: its LoRA weights were trained with a score head in
-    place of the LM head, which ``generate`` does not use. No ``--dtype``: float16 on a CPU, else bfloat16."""
+    place of the LM head, which ``generate`` does not use. No ``--dtype``: on a CPU float16, or float32 with
+    ``--keep-quantized`` (as fast there: the weights stay in their blocks); elsewhere bfloat16."""
     if args.dtype is None:
         import jax
 
-        args.dtype = "float16" if jax.default_backend() == "cpu" else "bfloat16"
+        if jax.default_backend() != "cpu":
+            args.dtype = "bfloat16"
+        else:
+            args.dtype = "float32" if args.keep_quantized else "float16"
     if args.messages is not None and (args.no_chat or args.system is not None):
         parser.error(f"argument --messages: not allowed with {'--no-chat' if args.no_chat else '--system'} (put "
                      "a system message in the conversation)")
