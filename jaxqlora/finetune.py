@@ -241,8 +241,9 @@ class FinetuneConfig:
 def default_dtype() -> str:
     """``"float32"`` on a CPU backend, ``"bfloat16"`` elsewhere: the default `FinetuneConfig.dtype`.
 
-    On a CPU the train step runs about 1.2-1.5x faster in float32 (issue 26, 2-core AVX2
-    CPU, SmolLM2-135M NF4 16x64; benchmarks/RESULTS.md): XLA:CPU multiplies bf16 x bf16 about 2x
+    On a CPU the default fine-tune runs about 1.6x faster in float32 (issue 26, 2-core AVX2
+    CPU, together with `jaxqlora.lora.lora_b_product`; benchmarks/cpu_train.py and
+    benchmarks/RESULTS.md): XLA:CPU multiplies bf16 x bf16 about 2x
     slower than float32 x float32 (no bf16 dot instructions there), and it writes each layer's
     bf16 activations into the scanned stack of saved residuals through a float32 copy of the
     whole stack (not in place), once per layer. NF4 weights dequantize to float32 instead of

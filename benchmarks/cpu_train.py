@@ -1,0 +1,194 @@
+"""The CPU train step of ``jaxqlora finetune`` (issue 26 section 1): this tree against another
+commit in the same run.
+
+What it times is what the README's first command runs, with each tree's own defaults
+(``jaxqlora finetune``: the embedded SmolLM2-135M-Instruct, NF4, LoRA r=16 on the seven
+projections, last-token classification head, the embedded Rotten Tomatoes training split, the
+``--dtype`` its parser gives on this machine):
+
+- ``train L``: one optimizer step of 16 x L tokens (L = 32 and 64, the two buckets the 350 default
+  steps use: 263 steps of 32 and 87 of 64), on the first training batch of that bucket in the
+  run's data order; seconds per step over ``--calls`` queued steps and one sync;
+- ``eval L``: one evaluation batch of 64 x L tokens (the validation and test splits are 42 batches
+  of 32 and 16 of 64).
+
+Each tree is one worker process that builds the model as `jaxqlora.finetune` does (compiled over
+the shapes-only model, then the weights loaded and attached) and warms every step up; the rounds
+then alternate between the workers (one call at a time, never two at once), so that whatever else
+runs on the machine falls on both alike. Every figure is the median of ``--rounds`` rounds with its
+[min-max]; the ratio is base time over this tree's. The last rows weigh the medians by the default
+run's batch counts (350 train steps, 58 evaluation batches) to estimate its training and
+evaluation time. The base tree is a ``git worktree`` of ``--base`` (removed afterwards).
+
+    python benchmarks/cpu_train.py                      # base: main before issue 26 section 1
+    python benchmarks/cpu_train.py --base 90a11ac --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "bb558bd"  # main just before issue 26 section 1 (the CPU train step): the parent of its first commit
+# (command, bucket, default-run count): 263 + 87 train steps, 42 + 16 evaluation batches
+WORK = (("train", 32, 263), ("train", 64, 87), ("eval", 32, 42), ("eval", 64, 16))
+
+
+# ------------------------------------------------------------------ worker side
+
+
+def _worker(calls: int) -> None:
+    """Build finetune's default trainer, compile and warm up, then answer one command per stdin
+    line ("train L" | "eval L") with one JSON line: seconds per call."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxqlora import data as D
+    from jaxqlora import finetune as F
+    from jaxqlora.cli import build_parser
+    from jaxqlora.train import Trainer, classification_loss, make_optimizer
+
+    args = build_parser().parse_args(["finetune"])
+    fields = {f.name for f in dataclasses.fields(F.FinetuneConfig)}
+    cfg = F.FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    pad_id, parts, enc, _, _ = F._prepare(cfg)
+    optimizer, _ = make_optimizer(cfg.lr, total_steps=cfg.max_steps, warmup_ratio=cfg.warmup_ratio,
+                                  schedule=cfg.schedule, weight_decay=cfg.weight_decay,
+                                  max_grad_norm=cfg.max_grad_norm)
+    trainer = Trainer(F._abstract_model(cfg, len(parts["train"].label_names)), classification_loss, optimizer)
+    t0 = time.perf_counter()
+    F._precompile(trainer, cfg, lambda *_: None)
+    compile_s = time.perf_counter() - t0
+    trainer.attach(F._load_model(cfg, len(parts["train"].label_names), lambda *_: None))
+
+    def first(split, batch_size, length, shuffle):
+        for b in D.batches(enc[split], batch_size, F._buckets(cfg), pad_id=pad_id, shuffle=shuffle, seed=cfg.seed,
+                           group_by_length=True):
+            if b["input_ids"].shape[1] == length:
+                return b
+        raise ValueError(f"no {split} batch of length {length}")
+
+    train = {n: {k: jnp.asarray(v)[None] for k, v in first("train", cfg.batch_size, n, True).items()}
+             for _, n, _ in WORK}
+    evals = {n: first("test", cfg.eval_batch_size, n, False) for _, n, _ in WORK}
+
+    def run(kind: str, length: int) -> float:
+        t0 = time.perf_counter()
+        out = [trainer.step(train[length]) if kind == "train" else trainer.evaluate_batch(evals[length])
+               for _ in range(calls)]
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / calls
+
+    for kind, length, _ in WORK:  # warm up
+        run(kind, length)
+    import jaxqlora
+
+    print(json.dumps({"ready": True, "dtype": cfg.param_dtype.name if hasattr(cfg, "param_dtype") else cfg.dtype,
+                      "backend": jax.default_backend(), "compile_s": compile_s,
+                      "package": str(Path(jaxqlora.__file__).parent)}), flush=True)
+    for line in sys.stdin:
+        if line.strip():
+            kind, length = line.split()
+            print(json.dumps({"s": run(kind, int(length))}), flush=True)
+
+
+# ------------------------------------------------------------------ driver side
+
+
+class Worker:
+    """One worker process over the tree at ``root``."""
+
+    def __init__(self, name: str, root: Path, calls: int):
+        self.name = name
+        env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", "--calls", str(calls)],
+                                     cwd=str(root), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"worker {self.name} exited with {self.proc.wait()}")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def ask(self, cmd: str) -> float:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()["s"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--base", default=BASE, help="commit to compare with (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    ap.add_argument("--calls", type=int, default=2, help="queued calls per timing (one sync)")
+    args = ap.parse_args()
+    if args.worker:
+        _worker(args.calls)
+        return 0
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           stdout=subprocess.PIPE, text=True).stdout.strip()
+    tmp = Path(tempfile.mkdtemp(prefix="cpu_train_base_"))
+    subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "tree"), args.base], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    workers = {}
+    try:
+        for tree, root in (("base", tmp / "tree"), ("ours", ROOT)):
+            t0 = time.perf_counter()
+            workers[tree] = w = Worker(tree, root, args.calls)
+            print(f"# {tree}: {w.info['package']}, {w.info['dtype']} on {w.info['backend']}, compiled in "
+                  f"{w.info['compile_s']:.0f} s, ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        times = {(tree, kind, n): [] for tree in workers for kind, n, _ in WORK}
+        for r in range(args.rounds):
+            for kind, n, _ in WORK:
+                for tree, w in workers.items():
+                    times[(tree, kind, n)].append(w.ask(f"{kind} {n}"))
+            print(f"# round {r + 1}/{args.rounds}: " + ", ".join(f"{t} {k} {n} {v[-1]:.2f}s" for (t, k, n), v in
+                                                               times.items()), file=sys.stderr, flush=True)
+    finally:
+        for w in workers.values():
+            w.close()
+        subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"CPU train step of `jaxqlora finetune` (defaults), {os.cpu_count()} cores; ours = {head.strip()}"
+          f"{' + uncommitted changes' if dirty else ''} ({workers['ours'].info['dtype']}), base = {args.base} "
+          f"({workers['base'].info['dtype']}); seconds per call, median [min-max] of {args.rounds} alternating rounds "
+          f"of {args.calls} queued calls\n")
+    print("| call | base s | ours s | ratio (base / ours) |")
+    print("|---|---|---|---|")
+    for kind, n, _ in WORK:
+        b, o = times[("base", kind, n)], times[("ours", kind, n)]
+        what = f"train step 16x{n}" if kind == "train" else f"eval batch 64x{n}"
+        print(f"| {what} | {_spread(b)} | {_spread(o)} | {statistics.median(b) / statistics.median(o):.2f}x |")
+    for kind, label in (("train", "350 default train steps (263 x 32 + 87 x 64), s"),
+                        ("eval", "validation + test (42 x 32 + 16 x 64 batches), s")):
+        est = {t: sum(count * statistics.median(times[(t, k, n)]) for k, n, count in WORK if k == kind)
+               for t in workers}
+        print(f"| {label} | {est['base']:.0f} | {est['ours']:.0f} | {est['base'] / est['ours']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
