@@ -104,3 +104,31 @@ def test_bf16_default_answers_paris(embedded_path):
 
     model, tokenizer = load_pretrained(embedded_path)
     assert "Paris" in generate(model, tokenizer, QUESTION, max_new_tokens=16)
+
+
+def test_float16_cpu_default_logits_match_transformers(hf_embedded, embedded_path):
+    """``jaxqlora generate``'s default on a CPU (float16 parameters and activations, float32
+    residual stream and logits): logits within 2**-7 of the largest |logit| of transformers'
+    float32 run (float16 rounds to 2**-11 relative; bf16, with 3 fewer bits, misses by ~1.1
+    here) and the same argmax everywhere; the CLI picks float16 on a CPU and float32 with
+    --keep-quantized; the float16 decode loop answers the question."""
+    import jax
+
+    from jaxqlora.cli import build_parser
+    from jaxqlora.io import load_pretrained
+
+    if jax.default_backend() == "cpu":
+        for extra, want in (([], "float16"), (["--keep-quantized"], "float32")):
+            args = build_parser().parse_args(["generate", "--prompt", "hi", *extra])
+            args.check(args)
+            assert args.dtype == want
+    hf, _ = hf_embedded
+    ids = np.random.default_rng(0).integers(0, 49152, (2, 24))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    model, tokenizer = load_pretrained(embedded_path, dtype=jnp.float16)
+    got = np.asarray(model(jnp.asarray(ids, jnp.int32)))
+    assert got.dtype == np.float32
+    assert np.abs(got - ref).max() < 2 ** -7 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert "Paris" in generate(model, tokenizer, QUESTION, max_new_tokens=16)  # the float16 cache and decode loop
