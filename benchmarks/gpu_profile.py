@@ -53,10 +53,10 @@ def category(name: str) -> str:
     return "other"
 
 
-def device_events(trace_dir: Path, with_ts: bool = False, module: str | None = None):
-    """(name, dur_us) of every kernel event on a GPU stream in the Perfetto trace
-    (``(name, dur_us, ts_us, in_cuda_graph)`` with ``with_ts``); with ``module``, only the
-    kernels of the XLA modules whose name contains it (the events' ``hlo_module``)."""
+def gpu_kernel_events(trace_dir: Path) -> list[dict]:
+    """The complete ("X") events on a GPU stream of the Perfetto trace under ``trace_dir`` (the
+    one ``jax.profiler.trace(..., create_perfetto_trace=True)`` writes); prints the processes
+    it holds when none is a GPU."""
     path = next(trace_dir.rglob("perfetto_trace.json.gz"))
     with gzip.open(path) as f:
         trace = json.load(f)
@@ -66,10 +66,15 @@ def device_events(trace_dir: Path, with_ts: bool = False, module: str | None = N
     if not gpu_pids:
         names = sorted({str(e.get("args", {}).get("name")) for e in events if e.get("name") == "process_name"})
         print(f"# no GPU process in {path}; processes: {names}")
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+
+
+def device_events(trace_dir: Path, with_ts: bool = False, module: str | None = None):
+    """(name, dur_us) of every kernel event on a GPU stream in the Perfetto trace
+    (``(name, dur_us, ts_us, in_cuda_graph)`` with ``with_ts``); with ``module``, only the
+    kernels of the XLA modules whose name contains it (the events' ``hlo_module``)."""
     out = []
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in gpu_pids or "dur" not in e:
-            continue
+    for e in gpu_kernel_events(trace_dir):
         args = e.get("args", {})
         if module is not None and module not in str(args.get("hlo_module", "")):
             continue
@@ -82,17 +87,9 @@ def module_profile(trace_dir: Path) -> dict:
     """GPU kernel time per XLA module (the events' ``hlo_module``, e.g. ``jit_decode_chunk``)
     in the Perfetto trace under ``trace_dir``: ``{"span_us": first kernel start to last kernel
     end, "busy_us": all kernels' summed time, "modules": {module: (kernels, busy_us)}}``."""
-    path = next(trace_dir.rglob("perfetto_trace.json.gz"))
-    with gzip.open(path) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
     mods = collections.defaultdict(lambda: [0, 0.0])
     t0, t1 = float("inf"), float("-inf")
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in gpu_pids or "dur" not in e:
-            continue
+    for e in gpu_kernel_events(trace_dir):
         m = mods[str(e.get("args", {}).get("hlo_module", "?"))]
         m[0] += 1
         m[1] += float(e["dur"])
