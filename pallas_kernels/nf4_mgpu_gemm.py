@@ -1,0 +1,397 @@
+"""NF4 GEMM on Hopper through Mosaic GPU for large M (prefill, training): ``y = x @ W.T``
+and ``dx = dy @ W`` with the NF4 codes decoded inside the GEMM, so that no bfloat16 copy
+of ``W`` is ever written to HBM.
+
+Today's large-M path (`pallas_kernels.nf4_matmul`, M > 64) dequantizes the whole weight
+to a bfloat16 ``[N, K]`` array in HBM and calls cuBLAS on it (H200: forward 1.09-1.20x,
+transposed 1.10-1.43x the dense bfloat16 dot; issue 27). Here each program decodes the
+``[block_n, 64]`` (forward) or ``[64, block_k]`` (transposed) tile of W it needs into
+shared memory, once per K step, and the tensor cores (wgmma) read it from there; the
+decode cost is spread over the ``block_m`` (default 128) rows of ``x`` that share it.
+
+Design (after jax's ``jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py``: a TMA
+pipeline feeding wgmma with a float32 accumulator in registers, a tiled epilogue through
+swizzled SMEM; the decode-to-SMEM step is `pallas_kernels.nf4_mgpu`'s transposed GEMV,
+itself after tokamax's sm90 quantized ragged dot):
+
+* Forward `nf4_mgpu_gemm`, grid ``(cdiv(M, block_m), cdiv(N, block_n))``, one warpgroup
+  per program owning a ``[block_m, block_n]`` tile of ``y``. `plgpu.emit_pipeline`
+  streams per K step of 64: the int4 codes ``[block_n, 64]`` (the bitcast view of bnb's
+  packed bytes, see `nf4_mgpu._int4_view`), their scales ``scale[k, n0:n0 + block_n]``
+  (`nf4_mgpu.nf4_kernel_scale`: one bfloat16 per row and 64-column block) and
+  ``x [block_m, 64]``, by TMA, zero-filled past the edges. The codes are decoded in
+  registers (`nf4_mgpu._nf4_dequant`: byte-permutes over the NF4 table held as PTX
+  immediates, one ``fma.rn.bf16x2`` for the scale) and stored as bfloat16 to one of two
+  swizzled SMEM tiles; wgmma multiplies ``x [block_m, 64]`` by that tile transposed
+  (``W.T [64, block_n]``, K-major B) into ``acc [block_m, block_n]`` float32. With
+  ``in_flight`` = 1 the two tiles alternate: step t+1's decode overlaps step t's wgmma,
+  and the pipeline releases its buffers one step late.
+* Transposed `nf4_mgpu_gemm_t` (``dx = dy @ W``, the input gradient), grid
+  ``(cdiv(M, block_m), cdiv(K, block_k))``: per step of 64 rows of W (the reduction runs
+  over N), the codes ``[64, block_k]``, their scales ``scale[k0 // 64 + j, n0:n0 + 64]``
+  and ``dy [block_m, 64]``; each 64-column block j of the codes is decoded with its own
+  per-row scale and stored to its 64 columns of the SMEM tile ``W [64, block_k]``, which
+  wgmma reads as an N-major B.
+* Epilogue: the float32 accumulator rounded to the output dtype, stored to a swizzled
+  SMEM tile and copied to HBM by TMA. When M, N (K for the transposed kernel) do not
+  divide the tiles, the output is allocated rounded up and sliced by XLA afterwards (the
+  Llama-3-8B shapes at M a multiple of 128 need no slice).
+
+Numerics: each weight element is ``bf16(bf16(NF4[code]) * bf16(scale))`` with
+``scale`` the decoded float32 absmax (double quantization included) rounded to
+bfloat16 once (`nf4_kernel_scale`); this is the rule of `pallas_kernels.nf4_mgpu`'s
+kernels (M <= 64), NOT bit-identical to `nf4_matmul`'s dequantize-to-bfloat16
+(``bf16(NF4[code] * absmax)`` in float32, one rounding): this W is within three
+bfloat16 roundings (code, scale, product; 3 * 2**-8 relative) of the exact
+``NF4[code] * absmax``, that one within one (2**-8). The products of that bfloat16 W with bfloat16 ``x`` are exact in
+float32 and accumulated in float32 on the tensor cores (``wgmma ... f32.bf16.bf16``), so
+the kernel equals `nf4_mgpu_gemm_reference` (the same W in plain jnp) up to float32
+summation order; the tests check it against float64 products of that W.
+
+Restrictions (`nf4_mgpu_gemm_supported`; the wrappers raise ValueError on shapes):
+a Hopper GPU (compute capability 9.0), bfloat16 ``x`` / ``dy``, ``K`` and ``blocksize``
+multiples of 64, ``N`` a multiple of 8 (16-byte TMA rows of the scales), ``M >= 1``
+(meant for ``M >= 64``: below that `pallas_kernels.nf4_mgpu`'s GEMV layout is the one to
+use). The kernel has no CPU interpret mode (Mosaic GPU's interpreter has no TMA):
+`nf4_mgpu_gemm_reference` and `nf4_mgpu_gemm_reference_t` at the bottom are the
+oracles of ``tests/test_nf4_mgpu_gemm.py``; on a CPU machine the tests check the
+references against float64 and lower both kernels for CUDA.
+
+Status: lowered for CUDA (jax 0.10.2, CPU machine); not yet run on a GPU.
+
+Sources: bitsandbytes NF4 (``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``,
+Dettmers et al. 2023, QLoRA App. E: 16-entry codebook, absmax per ``blocksize``
+block, optional double quantization of absmax); jax's Mosaic GPU examples
+``hopper_matmul_mgpu.py`` (pipeline + wgmma + swizzled epilogue) and
+``hopper_mixed_type_matmul_mgpu.py`` (registers -> wgmma); `pallas_kernels.nf4_mgpu`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.nf4_mgpu import (
+    _SMEM_BUDGET,
+    _int4_view,
+    _nf4_dequant,
+    _pad_rows,
+    _reference_weight,
+    _swizzled,
+)
+
+__all__ = ["nf4_mgpu_gemm", "nf4_mgpu_gemm_t", "nf4_mgpu_gemm_supported",
+           "nf4_mgpu_gemm_reference", "nf4_mgpu_gemm_reference_t"]
+
+
+def nf4_mgpu_gemm_supported(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
+    """True when `nf4_mgpu_gemm` / `nf4_mgpu_gemm_t` handle ``x [m, k]`` (``dy [m, n]``)
+    of ``dtype`` with an NF4 ``W [n, k]`` of this ``blocksize`` on this machine: bfloat16,
+    ``k`` and ``blocksize`` multiples of 64, ``n`` a multiple of 8, ``m >= 1``, and the
+    first device a Hopper GPU (compute capability 9.0)."""
+    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+        return False
+    if k % 64 or blocksize % 64 or n % 8 or m < 1 or n < 1 or k < 1:
+        return False
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover
+        return False
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+
+
+# ---------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------
+
+_CODE_BYTES = lambda rows, cols: rows * cols // 2  # noqa: E731  int4 tile bytes
+
+
+def _epilogue(acc, o_gmem, m0, c0, *, out_dtype):
+    """Round the float32 ``acc [block_m, block_c]`` (layout WGMMA) to ``out_dtype``,
+    store it to a swizzled SMEM tile and copy it by TMA to ``o_gmem[m0:, c0:]``."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    bm, bc = acc.shape
+    bits = 8 * jnp.dtype(out_dtype).itemsize
+    swizzle = plgpu.find_swizzle(bits * bc, "epilogue")
+
+    def store(o_smem):
+        o_smem[...] = acc.astype(out_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(m0, bm), pl.ds(c0, bc)])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM((bm, bc), out_dtype, transforms=_swizzled(swizzle, bits)))
+
+
+def _check_common(name, a, packed, scale, n, k, block_m, stages, in_flight):
+    if packed.ndim != 3 or scale.ndim != 3 or packed.shape[1:] != (n, k // 2) \
+            or scale.shape[1:] != (k // 64, n) or scale.shape[0] != packed.shape[0]:
+        raise ValueError(f"{name}: {a.shape}, packed {packed.shape} {packed.dtype}, scale "
+                         f"{scale.shape} disagree (want packed uint8 [(L,) N, K//2], scale "
+                         "[(L,) K//64, N] bfloat16)")
+    if packed.dtype != jnp.uint8:
+        raise ValueError(f"{name}: packed must be uint8 bnb bytes, got {packed.dtype}")
+    if a.dtype != jnp.bfloat16 or scale.dtype != jnp.bfloat16:
+        raise ValueError(f"{name}: activations and scale must be bfloat16, got {a.dtype}, "
+                         f"{scale.dtype}")
+    if k % 64 or n % 8 or k < 64 or n < 8:
+        raise ValueError(f"{name}: K={k} must be a multiple of 64 and N={n} of 8")
+    if block_m not in (64, 128):
+        raise ValueError(f"{name}: block_m={block_m} must be 64 or 128")
+    if in_flight not in (0, 1):
+        raise ValueError(f"{name}: in_flight={in_flight} must be 0 or 1")
+    if stages is not None and stages < 1:
+        raise ValueError(f"{name}: stages={stages} must be >= 1")
+
+
+def _stages(stages, steps, per_stage, fixed, in_flight):
+    """Pipeline buffers: given, or as many (2..4) as fit `_SMEM_BUDGET` after ``fixed``
+    bytes of scratch; at least 2 with ``in_flight`` (buffers are released a step late)."""
+    if stages is None:
+        stages = max(1, min(4, steps, (_SMEM_BUDGET - fixed) // per_stage))
+    return max(stages, 2) if in_flight else stages
+
+
+# ---------------------------------------------------------------------------
+# Forward: y = x @ W.T
+# ---------------------------------------------------------------------------
+
+
+def _fwd_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_n: int,
+              steps: int, stages: int, in_flight: int, out_dtype):
+    """One program: ``y[m0:m0 + block_m, n0:n0 + block_n]`` over all of K in ``steps``
+    steps of 64 (see the module docstring)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    mi, ni = lax.axis_index("m"), lax.axis_index("n")
+    layer = layer_ref[0]
+    c_swizzle = plgpu.find_swizzle(4 * 64, "codes")  # 32 bytes: a 64-column row of int4
+    swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes
+    bufs = 2 if in_flight else 1
+
+    def compute(acc_ref, w_smem):
+        def step(idx, c_smem, x_smem, s_smem):
+            codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            w = _nf4_dequant(plgpu.layout_cast(codes, plgpu.Layout.WGMMA), s_smem.at[0])
+            buf = w_smem.at[lax.rem(idx[0], bufs)] if bufs > 1 else w_smem.at[0]
+            buf[...] = w
+            plgpu.commit_smem()  # the generic-proxy stores, visible to wgmma
+            plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(buf, (1, 0)))
+            plgpu.wgmma_wait(in_flight)
+
+        c_spec = plgpu.BlockSpec((block_n, 64), lambda t: (ni, t),
+                                 transforms=_swizzled(c_swizzle, 4), delay_release=in_flight)
+        x_spec = plgpu.BlockSpec((block_m, 64), lambda t: (mi, t),
+                                 transforms=_swizzled(swizzle, 16), delay_release=in_flight)
+        s_spec = plgpu.BlockSpec((1, block_n), lambda t: (t, ni), delay_release=in_flight)
+        plgpu.emit_pipeline(step, grid=(steps,), in_specs=(c_spec, x_spec, s_spec),
+                            max_concurrent_steps=stages)(
+            w_gmem.at[layer], x_gmem, s_gmem.at[layer])
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+    acc = pl.run_scoped(compute, plgpu.ACC((block_m, block_n)),
+                        plgpu.SMEM((bufs, block_n, 64), jnp.bfloat16,
+                                   transforms=_swizzled(swizzle, 16)))
+    _epilogue(acc, o_gmem, mi * block_m, ni * block_n, out_dtype=out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "stages", "in_flight",
+                                             "out_dtype"))
+def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
+                  block_m: int = 128, block_n: int = 128, stages: int | None = None,
+                  in_flight: int = 1, out_dtype=None) -> jax.Array:
+    """``y = x @ W.T`` for an NF4 ``W [N, K]`` in bitsandbytes' packed bytes, on Hopper,
+    decoding W tile by tile into shared memory (no bfloat16 W in HBM).
+
+    Args:
+      x: ``[M, K]`` bfloat16 activations.
+      packed: ``[N, K // 2]`` uint8 bnb codes (element ``2i`` of a row in the HIGH
+        nibble), or ``[L, N, K // 2]`` stacked layers with ``layer`` given.
+      scale: `pallas_kernels.nf4_mgpu.nf4_kernel_scale`'s layout of the decoded absmax:
+        ``[K // 64, N]`` bfloat16 (``[L, K // 64, N]`` when stacked).
+      layer: int32 scalar, the stacked layer to multiply (read in place), or None.
+      block_m: rows of ``x`` per program, wgmma's M (64 or 128).
+      block_n: rows of W per program, wgmma's N (a multiple of 8 up to 256; default 128).
+      stages: pipeline buffers in flight (default: up to 4 within the shared memory).
+      in_flight: 1 (default): two decoded tiles alternate and one wgmma stays in flight
+        while the next tile is decoded; 0: wait for each wgmma.
+      out_dtype: the result's dtype (default ``x.dtype``; float32 keeps the accumulator).
+
+    Returns:
+      ``[M, N]`` in ``out_dtype``.
+
+    Raises:
+      ValueError: ``x``, ``packed`` and ``scale`` of disagreeing shapes or dtypes, ``K``
+        not a multiple of 64 or ``N`` not of 8, or a bad ``block_m``, ``block_n``,
+        ``stages`` or ``in_flight``.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    name = "nf4_mgpu_gemm"
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if layer is None:
+        packed, scale, layer = packed[None], scale[None], 0
+    if x.ndim != 2:
+        raise ValueError(f"{name}: x must be [M, K], got {x.shape}")
+    m, k = x.shape
+    n = packed.shape[1] if packed.ndim == 3 else -1
+    _check_common(name, x, packed, scale, n, k, block_m, stages, in_flight)
+    if block_n % 8 or not 8 <= block_n <= 256:
+        raise ValueError(f"{name}: block_n={block_n} must be a multiple of 8 in [8, 256]")
+    steps = k // 64
+    tiles_m, tiles_n = pl.cdiv(m, block_m), pl.cdiv(n, block_n)
+    if steps < 2:
+        in_flight = 0
+    bufs = 2 if in_flight else 1
+    per_stage = _CODE_BYTES(block_n, 64) + block_m * 64 * 2 + block_n * 2
+    fixed = bufs * block_n * 64 * 2 + block_m * block_n * out_dtype.itemsize
+    stages = _stages(stages, steps, per_stage, fixed, in_flight)
+    mp, np_ = tiles_m * block_m, tiles_n * block_n
+    kernel = plgpu.kernel(
+        functools.partial(_fwd_body, block_m=block_m, block_n=block_n, steps=steps,
+                          stages=stages, in_flight=in_flight, out_dtype=out_dtype),
+        out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        grid=(tiles_m, tiles_n),
+        grid_names=("m", "n"),
+    )
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    y = kernel(layer, _pad_rows(x), _int4_view(packed, n, k), scale)
+    return y if (mp, np_) == (m, n) else y[:m, :n]
+
+
+# ---------------------------------------------------------------------------
+# Transposed: dx = dy @ W (the backward of y = x @ W.T)
+# ---------------------------------------------------------------------------
+
+
+def _t_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_k: int,
+            steps: int, stages: int, in_flight: int, out_dtype):
+    """One program: ``dx[m0:m0 + block_m, k0:k0 + block_k]`` over all of N in ``steps``
+    steps of 64 rows of W (see the module docstring)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    mi, ki = lax.axis_index("m"), lax.axis_index("k")
+    layer = layer_ref[0]
+    sub = block_k // 64
+    c_swizzle = plgpu.find_swizzle(4 * block_k, "codes")
+    swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes
+    bufs = 2 if in_flight else 1
+
+    def compute(acc_ref, w_smem):
+        def step(idx, c_smem, dy_smem, s_smem):
+            codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            buf = w_smem.at[lax.rem(idx[0], bufs)] if bufs > 1 else w_smem.at[0]
+            for j in range(sub):
+                cj = plgpu.layout_cast(codes[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
+                buf.at[:, j * 64:(j + 1) * 64][...] = _nf4_dequant(cj, s_smem.at[j])
+            plgpu.commit_smem()  # the generic-proxy stores, visible to wgmma
+            plgpu.wgmma(acc_ref, dy_smem, buf)
+            plgpu.wgmma_wait(in_flight)
+
+        c_spec = plgpu.BlockSpec((64, block_k), lambda t: (t, ki),
+                                 transforms=_swizzled(c_swizzle, 4), delay_release=in_flight)
+        dy_spec = plgpu.BlockSpec((block_m, 64), lambda t: (mi, t),
+                                  transforms=_swizzled(swizzle, 16), delay_release=in_flight)
+        s_spec = plgpu.BlockSpec((sub, 64), lambda t: (ki, t), delay_release=in_flight)
+        plgpu.emit_pipeline(step, grid=(steps,), in_specs=(c_spec, dy_spec, s_spec),
+                            max_concurrent_steps=stages)(
+            w_gmem.at[layer], dy_gmem, s_gmem.at[layer])
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+    acc = pl.run_scoped(compute, plgpu.ACC((block_m, block_k)),
+                        plgpu.SMEM((bufs, 64, block_k), jnp.bfloat16,
+                                   transforms=_swizzled(swizzle, 16)))
+    _epilogue(acc, o_gmem, mi * block_m, ki * block_k, out_dtype=out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "stages", "in_flight",
+                                             "out_dtype"))
+def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
+                    block_m: int = 128, block_k: int | None = None, stages: int | None = None,
+                    in_flight: int = 1, out_dtype=None) -> jax.Array:
+    """``dx = dy @ W`` for an NF4 ``W [N, K]`` in bitsandbytes' packed bytes, on Hopper:
+    the input gradient of `nf4_mgpu_gemm`, decoding W tile by tile into shared memory.
+
+    Args:
+      dy: ``[M, N]`` bfloat16 output cotangent.
+      packed: ``[N, K // 2]`` uint8 bnb codes (``[L, N, K // 2]`` with ``layer``).
+      scale: `nf4_kernel_scale`'s ``[K // 64, N]`` bfloat16 (``[L, K // 64, N]``), the
+        operand the forward takes.
+      layer: int32 scalar, the stacked layer to multiply (read in place), or None.
+      block_m: rows of ``dy`` per program, wgmma's M (64 or 128).
+      block_k: columns of ``dx`` (of W) per program, wgmma's N (64, 128 or 256; default
+        128 when it divides K, else 64).
+      stages, in_flight, out_dtype: as in `nf4_mgpu_gemm`.
+
+    Returns:
+      ``[M, K]`` in ``out_dtype`` (default ``dy.dtype``).
+
+    Raises:
+      ValueError: ``dy``, ``packed`` and ``scale`` of disagreeing shapes or dtypes, ``K``
+        not a multiple of 64 or ``N`` not of 8, or a bad ``block_m``, ``block_k``,
+        ``stages`` or ``in_flight``.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    name = "nf4_mgpu_gemm_t"
+    out_dtype = jnp.dtype(out_dtype or dy.dtype)
+    if layer is None:
+        packed, scale, layer = packed[None], scale[None], 0
+    if dy.ndim != 2:
+        raise ValueError(f"{name}: dy must be [M, N], got {dy.shape}")
+    m, n = dy.shape
+    k = 2 * packed.shape[-1]
+    _check_common(name, dy, packed, scale, n, k, block_m, stages, in_flight)
+    block_k = block_k or (128 if k % 128 == 0 else 64)
+    if block_k not in (64, 128, 256):
+        raise ValueError(f"{name}: block_k={block_k} must be 64, 128 or 256")
+    steps = pl.cdiv(n, 64)
+    tiles_m, tiles_k = pl.cdiv(m, block_m), pl.cdiv(k, block_k)
+    if steps < 2:
+        in_flight = 0
+    bufs = 2 if in_flight else 1
+    per_stage = _CODE_BYTES(64, block_k) + block_m * 64 * 2 + (block_k // 64) * 64 * 2
+    fixed = bufs * 64 * block_k * 2 + block_m * block_k * out_dtype.itemsize
+    stages = _stages(stages, steps, per_stage, fixed, in_flight)
+    mp, kp = tiles_m * block_m, tiles_k * block_k
+    kernel = plgpu.kernel(
+        functools.partial(_t_body, block_m=block_m, block_k=block_k, steps=steps,
+                          stages=stages, in_flight=in_flight, out_dtype=out_dtype),
+        out_type=jax.ShapeDtypeStruct((mp, kp), out_dtype),
+        grid=(tiles_m, tiles_k),
+        grid_names=("m", "k"),
+    )
+    dy_in = _pad_rows(dy)
+    if n % 64:  # dy is tiled by 64 columns in SMEM: zero columns up to the next 64
+        dy_in = jnp.pad(dy_in, ((0, 0), (0, -n % 64)))
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    dx = kernel(layer, dy_in, _int4_view(packed, n, k), scale)
+    return dx if (mp, kp) == (m, k) else dx[:m, :k]
+
+
+# ---------------------------------------------------------------------------
+# References (the oracles): the same functions in plain jnp
+# ---------------------------------------------------------------------------
+
+
+def nf4_mgpu_gemm_reference(x: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
+    """What `nf4_mgpu_gemm` computes, in float32 jnp: ``W[n, k] = bf16(bf16(NF4[code]) *
+    scale[k // 64, n])`` (bnb's nibble order: element ``2i`` in the high nibble), then
+    ``x [M, K] @ W.T`` with float32 products and accumulation (float32 ``[M, N]``)."""
+    w = _reference_weight(packed, scale)
+    return jnp.dot(x.astype(jnp.float32), w.T, precision=lax.Precision.HIGHEST)
+
+
+def nf4_mgpu_gemm_reference_t(dy: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
+    """What `nf4_mgpu_gemm_t` computes, in float32 jnp: ``dy [M, N] @ W [N, K]`` with ``W``
+    as in `nf4_mgpu_gemm_reference` (float32 ``[M, K]``)."""
+    w = _reference_weight(packed, scale)
+    return jnp.dot(dy.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)

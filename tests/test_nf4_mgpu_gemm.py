@@ -1,0 +1,297 @@
+"""The Mosaic GPU NF4 GEMM for large M (`pallas_kernels.nf4_mgpu_gemm`) against float64.
+
+The kernels run only on a Hopper GPU (Mosaic GPU has no CPU interpreter for TMA
+pipelines): those tests are skipped elsewhere and run on the H100/H200 through the device
+tool (``python -m pytest -q tests/test_nf4_mgpu_gemm.py``). On a CPU machine (< 30 s) the
+plain-jnp references are checked against float64 NumPy at ragged shapes, both kernels are
+lowered for CUDA (layouts, the inline PTX, the pipeline), and the shape checks and
+`nf4_mgpu_gemm_supported` are exercised on a faked Hopper.
+
+Every weight is fresh random: random bnb bytes with random absmax, or a real
+double-quantized `jaxqlora.nf4.quantize_nf4` of a random matrix; activations are random
+normal (never zeros), so a decode or layout error cannot hide behind zeros.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.nf4_mgpu import nf4_kernel_scale
+from pallas_kernels.nf4_mgpu_gemm import (
+    nf4_mgpu_gemm,
+    nf4_mgpu_gemm_reference,
+    nf4_mgpu_gemm_reference_t,
+    nf4_mgpu_gemm_supported,
+    nf4_mgpu_gemm_t,
+)
+
+#: bitsandbytes' NF4 codebook (``bitsandbytes.functional.get_4bit_type('nf4')``, QLoRA
+#: App. E), written out here as the independent reference.
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0])
+
+ON_HOPPER = nf4_mgpu_gemm_supported(128, 64, 64, 64, jnp.bfloat16)
+BF16 = ml_dtypes.bfloat16
+
+
+def bf16(a):
+    """Round float64 to bfloat16 (round to nearest even) and back to float64."""
+    return np.asarray(a, np.float64).astype(np.float32).astype(BF16).astype(np.float64)
+
+
+def random_weight(rng, n, k, *, layers=None, blocksize=64, double_quant=False):
+    """bnb packed bytes ``[(L,) N, K // 2]`` and the float32 absmax ``[(L,) N, K // bs]``:
+    random bytes and scales, or (``double_quant``) a real double-quantized weight."""
+    if double_quant:
+        from jaxqlora.nf4 import absmax_float32, quantize_nf4
+
+        ps, as_ = [], []
+        for _ in range(layers or 1):
+            q = quantize_nf4(jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.float32),
+                             blocksize=blocksize, double_quant=True)
+            ps.append(np.asarray(q.packed).reshape(n, k // 2))
+            as_.append(np.asarray(absmax_float32(q)).reshape(n, k // blocksize))
+        packed, absmax = np.stack(ps), np.stack(as_)
+        return (packed, absmax) if layers else (packed[0], absmax[0])
+    lead = () if layers is None else (layers,)
+    packed = rng.integers(0, 256, (*lead, n, k // 2), dtype=np.uint8)
+    absmax = rng.uniform(0.01, 0.1, (*lead, n, k // blocksize)).astype(np.float32)
+    return packed, absmax
+
+
+def kernel_weight64(packed, absmax, blocksize=64):
+    """float64 ``W [N, K]`` by the kernels' rule, from bnb bytes (element 2i in the HIGH
+    nibble): ``bf16(bf16(NF4[code]) * bf16(absmax))`` (the product of two bfloat16 values
+    is exact in float64, then rounded once, as ``fma.rn.bf16x2`` does)."""
+    n, kh = packed.shape
+    codes = np.stack([packed >> 4, packed & 15], axis=-1).reshape(n, 2 * kh)
+    scale = bf16(np.repeat(absmax.astype(np.float64), blocksize, axis=1))
+    return bf16(bf16(NF4)[codes] * scale)
+
+
+def bnb_weight64(packed, absmax, blocksize=64):
+    """float64 ``NF4[code] * absmax``: bitsandbytes' dequantized weight before rounding."""
+    n, kh = packed.shape
+    codes = np.stack([packed >> 4, packed & 15], axis=-1).reshape(n, 2 * kh)
+    return NF4[codes] * np.repeat(absmax.astype(np.float64), blocksize, axis=1)
+
+
+def assert_close(got, a64, w64, *, transposed=False, out_bf16=False):
+    """``got`` against float64 ``a64 @ W.T`` (``a64 @ W`` transposed): within float32
+    accumulation error, elementwise ``2**-20 * (|a| @ |W|)`` (K up to 14336 terms; the
+    observed error is far smaller), plus one bfloat16 rounding when the output is bf16."""
+    w = w64 if transposed else w64.T
+    want = a64 @ w
+    bound = 2.0 ** -20 * (np.abs(a64) @ np.abs(w)) + 1e-30
+    if out_bf16:
+        bound = bound + 2.0 ** -8 * np.abs(want)
+    got = np.asarray(jnp.asarray(got).astype(jnp.float32), np.float64)
+    assert got.shape == want.shape
+    assert np.isfinite(got).all()
+    err = np.abs(got - want)
+    assert (err <= bound).all(), (float((err / bound).max()), np.argwhere(err > bound)[:5])
+
+
+# ---------------------------------------------------------------------------
+# CPU: references, shape checks, CUDA lowering
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,n,k,blocksize,double_quant", [
+    (70, 200, 320, 64, False),     # ragged M and N (N not a multiple of 64)
+    (129, 136, 512, 128, False),   # blocksize 128 (a scale repeated over two 64-blocks)
+    (64, 264, 192, 64, True),      # a real double-quantized weight
+])
+def test_references_match_float64(m, n, k, blocksize, double_quant):
+    """Both references equal float64 products of the kernel's bfloat16 W (to float32
+    accumulation), and that W is bnb's exact dequantized weight to within three bfloat16
+    roundings (code, scale, product: 3 * 2**-8 relative)."""
+    rng = np.random.default_rng()
+    packed, absmax = random_weight(rng, n, k, blocksize=blocksize, double_quant=double_quant)
+    scale = nf4_kernel_scale(jnp.asarray(absmax), n, k, blocksize)
+    w64 = kernel_weight64(packed, absmax, blocksize)
+    bnb = bnb_weight64(packed, absmax, blocksize)
+    assert np.all(np.abs(w64 - bnb) <= 3 * 2.0 ** -8 * np.abs(bnb))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    dy64 = np.asarray(dy.astype(jnp.float32), np.float64)
+    assert_close(nf4_mgpu_gemm_reference(x, jnp.asarray(packed), scale), x64, w64)
+    assert_close(nf4_mgpu_gemm_reference_t(dy, jnp.asarray(packed), scale), dy64, w64,
+                 transposed=True)
+
+
+def _args(fn, m, n, k, layers=None):
+    lead = () if layers is None else (layers,)
+    a = (m, k) if fn is nf4_mgpu_gemm else (m, n)
+    args = [jax.ShapeDtypeStruct(a, jnp.bfloat16),
+            jax.ShapeDtypeStruct((*lead, n, k // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((*lead, k // 64, n), jnp.bfloat16)]
+    if layers is not None:
+        args.append(jnp.int32(layers - 1))
+    return args
+
+
+def _mosaic_calls(text: str) -> int:
+    return text.count('stablehlo.custom_call @mosaic_gpu')
+
+
+@pytest.mark.parametrize("fn", [nf4_mgpu_gemm, nf4_mgpu_gemm_t], ids=["fwd", "t"])
+@pytest.mark.parametrize("m,n,k,layers,kw", [
+    (4096, 4096, 4096, None, {}),                    # 8B q/o: the default tiles, no slice
+    (512, 14336, 4096, None, {}),                    # 8B gate/up
+    (512, 4096, 14336, None, {}),                    # 8B down
+    (2048, 1024, 4096, None, {}),                    # 8B GQA k/v
+    (200, 200, 320, 3, {}),                          # ragged M, N (padded, sliced), stacked
+    (77, 72, 192, None, dict(block_m=64)),           # M not a multiple of 8, one M tile of 64
+    (256, 512, 64, None, {}),                        # one K step: in_flight off
+    (512, 1024, 4096, None, dict(out_dtype=jnp.float32)),
+    (512, 4096, 4096, None, dict(in_flight=0, stages=2)),
+])
+def test_lowers_for_cuda(fn, m, n, k, layers, kw):
+    """Forward and transposed kernels are built for CUDA without a GPU (Mosaic GPU's
+    lowering: TMA pipeline, int4 layouts, the decode's inline PTX, wgmma, epilogue)."""
+    args = _args(fn, m, n, k, layers)
+    f = lambda *a: fn(*a, **kw)  # noqa: E731
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_calls(text) == 1
+    out = jax.eval_shape(f, *args)
+    want = (m, n) if fn is nf4_mgpu_gemm else (m, k)
+    assert out.shape == want and out.dtype == kw.get("out_dtype", jnp.bfloat16)
+
+
+def test_wide_tiles_lower_for_cuda():
+    """The other wgmma shapes: block_m 64 with 256 rows of W (forward) or 256 columns of
+    dx (transposed)."""
+    for fn, kw in ((nf4_mgpu_gemm, dict(block_m=64, block_n=256)),
+                   (nf4_mgpu_gemm_t, dict(block_m=64, block_k=256))):
+        f = lambda *a, fn=fn, kw=kw: fn(*a, **kw)  # noqa: E731
+        text = jax.jit(f).trace(*_args(fn, 512, 4096, 4096)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert _mosaic_calls(text) == 1
+
+
+@pytest.mark.parametrize("fn,args,kw,match", [
+    (nf4_mgpu_gemm, ((8, 100), (16, 50), (1, 16)), {}, "multiple of 64"),
+    (nf4_mgpu_gemm, ((8, 128), (12, 64), (2, 12)), {}, "N=12"),
+    (nf4_mgpu_gemm, ((8, 128), (16, 64), (2, 8)), {}, "disagree"),
+    (nf4_mgpu_gemm, ((8, 128), (16, 64), (2, 16)), dict(block_m=32), "block_m"),
+    (nf4_mgpu_gemm, ((8, 128), (16, 64), (2, 16)), dict(block_n=12), "block_n"),
+    (nf4_mgpu_gemm, ((8, 128), (16, 64), (2, 16)), dict(in_flight=2), "in_flight"),
+    (nf4_mgpu_gemm_t, ((8, 16), (16, 64), (2, 16)), dict(block_k=96), "block_k"),
+    (nf4_mgpu_gemm_t, ((8, 24), (16, 64), (2, 16)), {}, "disagree"),
+])
+def test_rejects_bad_shapes(fn, args, kw, match):
+    a, p, s = args
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(lambda *z: fn(*z, **kw), jax.ShapeDtypeStruct(a, jnp.bfloat16),
+                       jax.ShapeDtypeStruct(p, jnp.uint8), jax.ShapeDtypeStruct(s, jnp.bfloat16))
+
+
+def test_rejects_float32_activations():
+    with pytest.raises(ValueError, match="bfloat16"):
+        jax.eval_shape(nf4_mgpu_gemm, jax.ShapeDtypeStruct((8, 128), jnp.float32),
+                       jax.ShapeDtypeStruct((16, 64), jnp.uint8),
+                       jax.ShapeDtypeStruct((2, 16), jnp.bfloat16))
+
+
+class _FakeDevice:
+    platform = "gpu"
+
+    def __init__(self, cc):
+        self.compute_capability = cc
+
+
+@pytest.mark.parametrize("cc,args,want", [
+    ("9.0", (4096, 4096, 4096, 64, jnp.bfloat16), True),
+    ("9.0", (512, 1024, 14336, 64, jnp.bfloat16), True),
+    ("9.0", (77, 200, 320, 128, jnp.bfloat16), True),
+    ("8.0", (4096, 4096, 4096, 64, jnp.bfloat16), False),   # Ampere
+    ("9.0", (4096, 4096, 4000, 64, jnp.bfloat16), False),   # K not a multiple of 64
+    ("9.0", (4096, 4100, 4096, 64, jnp.bfloat16), False),   # N not a multiple of 8
+    ("9.0", (4096, 4096, 4096, 32, jnp.bfloat16), False),   # blocksize 32
+    ("9.0", (4096, 4096, 4096, 64, jnp.float32), False),    # float32 activations
+])
+def test_supported_on_faked_hopper(monkeypatch, cc, args, want):
+    monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice(cc)])
+    assert nf4_mgpu_gemm_supported(*args) is want
+
+
+# ---------------------------------------------------------------------------
+# GPU (Hopper): the kernels against float64
+# ---------------------------------------------------------------------------
+
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU NF4 GEMM needs a Hopper GPU")
+
+#: (m, n, k, layers, blocksize, double_quant, kwargs): ragged shapes, then Llama-3-8B's.
+GPU_CASES = [
+    (64, 64, 64, None, 64, False, {}),
+    (200, 200, 320, 3, 64, False, {}),
+    (77, 72, 192, None, 128, False, dict(block_m=64)),
+    (300, 264, 704, None, 64, True, {}),
+    (256, 512, 1024, None, 64, False, dict(in_flight=0)),
+    (192, 520, 512, 2, 64, False, dict(out_dtype=jnp.float32)),
+    (512, 4096, 4096, None, 64, True, {}),
+    (512, 1024, 4096, None, 64, False, {}),
+    (256, 14336, 4096, None, 64, False, {}),
+    (256, 4096, 14336, None, 64, False, {}),
+]
+
+
+def _gpu_case(rng, m, n, k, layers, blocksize, double_quant):
+    packed, absmax = random_weight(rng, n, k, layers=layers, blocksize=blocksize,
+                                   double_quant=double_quant)
+    scale = nf4_kernel_scale(jnp.asarray(absmax), n, k, blocksize)
+    p_last, a_last = (packed, absmax) if layers is None else (packed[-1], absmax[-1])
+    extra = () if layers is None else (jnp.int32(layers - 1),)
+    return jnp.asarray(packed), scale, extra, kernel_weight64(p_last, a_last, blocksize)
+
+
+@needs_hopper
+@pytest.mark.parametrize("m,n,k,layers,blocksize,double_quant,kw", GPU_CASES)
+def test_forward_matches_float64(m, n, k, layers, blocksize, double_quant, kw):
+    rng = np.random.default_rng()
+    packed, scale, extra, w64 = _gpu_case(rng, m, n, k, layers, blocksize, double_quant)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = nf4_mgpu_gemm(x, packed, scale, *extra, **kw)
+    assert y.shape == (m, n) and y.dtype == kw.get("out_dtype", jnp.bfloat16)
+    assert_close(y, np.asarray(x.astype(jnp.float32), np.float64), w64,
+                 out_bf16=y.dtype == jnp.bfloat16)
+
+
+@needs_hopper
+@pytest.mark.parametrize("m,n,k,layers,blocksize,double_quant,kw", GPU_CASES)
+def test_transposed_matches_float64(m, n, k, layers, blocksize, double_quant, kw):
+    rng = np.random.default_rng()
+    packed, scale, extra, w64 = _gpu_case(rng, m, n, k, layers, blocksize, double_quant)
+    kw = {key: v for key, v in kw.items()}
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    dx = nf4_mgpu_gemm_t(dy, packed, scale, *extra, **kw)
+    assert dx.shape == (m, k) and dx.dtype == kw.get("out_dtype", jnp.bfloat16)
+    assert_close(dx, np.asarray(dy.astype(jnp.float32), np.float64), w64, transposed=True,
+                 out_bf16=dx.dtype == jnp.bfloat16)
+
+
+@needs_hopper
+@pytest.mark.parametrize("fn", [nf4_mgpu_gemm, nf4_mgpu_gemm_t], ids=["fwd", "t"])
+def test_large_m_rows_match_float64(fn):
+    """M = 4096 on the 8B q/o shape: 64 random rows of the result against float64, the
+    whole result against the float32 reference (the same W; summation order only)."""
+    rng = np.random.default_rng()
+    m, n, k = 4096, 4096, 4096
+    packed, scale, _, w64 = _gpu_case(rng, m, n, k, None, 64, True)
+    a = jnp.asarray(rng.standard_normal((m, k if fn is nf4_mgpu_gemm else n)), jnp.bfloat16)
+    out = fn(a, packed, scale, out_dtype=jnp.float32)
+    rows = rng.choice(m, 64, replace=False)
+    a64 = np.asarray(a.astype(jnp.float32), np.float64)[rows]
+    assert_close(np.asarray(out)[rows], a64, w64, transposed=fn is nf4_mgpu_gemm_t)
+    ref = (nf4_mgpu_gemm_reference if fn is nf4_mgpu_gemm else nf4_mgpu_gemm_reference_t)(
+        a, packed, scale)
+    assert float(jnp.max(jnp.abs(out - ref))) <= 2.0 ** -16 * float(jnp.max(jnp.abs(ref)))
