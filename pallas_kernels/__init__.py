@@ -12,6 +12,7 @@ This package must not import ``jaxqlora``: it only depends on jax and numpy.
 * `gguf_mgpu`: GGUF GEMVs (Q4_K, Q6_K, Q4_0, Q4_1, Q8_0; mixed Q4_K/Q6_K stacks) on
   Hopper through Mosaic GPU, over a kernel layout derived at load time
   (`pallas_kernels.gguf_mgpu`).
+* `nf4_mgpu_gemm`: large-M NF4 GEMM on Hopper, W decoded in SMEM (`pallas_kernels.nf4_mgpu_gemm`).
 * `decode_attention`: split-KV flash decoding of one query token over a KV cache, GQA,
   per-sequence valid ranges (`pallas_kernels.decode_attention`).
 

@@ -21,7 +21,9 @@ itself after tokamax's sm90 quantized ragged dot):
   (`nf4_mgpu.nf4_kernel_scale`: one bfloat16 per row and 64-column block) and
   ``x [block_m, 64]``, by TMA, zero-filled past the edges. The codes are decoded in
   registers (`nf4_mgpu._nf4_dequant`: byte-permutes over the NF4 table held as PTX
-  immediates, one ``fma.rn.bf16x2`` for the scale) and stored as bfloat16 to one of two
+  immediates, one ``fma.rn.bf16x2`` for the scale; with the codes in
+  `nf4_mgpu.nf4_kernel_codes`' uint32 layout, `nf4_mgpu._nf4_dequant_words`, which needs
+  no warp shuffles) and stored as bfloat16 to one of two
   swizzled SMEM tiles; wgmma multiplies ``x [block_m, 64]`` by that tile transposed
   (``W.T [64, block_n]``, K-major B) into ``acc [block_m, block_n]`` float32. With
   ``in_flight`` = 1 the two tiles alternate: step t+1's decode overlaps step t's wgmma,
@@ -32,6 +34,10 @@ itself after tokamax's sm90 quantized ragged dot):
   and ``dy [block_m, 64]``; each 64-column block j of the codes is decoded with its own
   per-row scale and stored to its 64 columns of the SMEM tile ``W [64, block_k]``, which
   wgmma reads as an N-major B.
+* Shared memory: by default up to `_SMEM_PER_PROGRAM` (112 KB) per program, so that two
+  programs, each one warpgroup, share an SM and one decodes while the other's wgmma runs
+  (the default tiles: 3 pipeline stages, 95 KB; the epilogue's tile reuses the
+  pipeline's space). ``stages=4`` gives one program per SM with a deeper pipeline.
 * Epilogue: the float32 accumulator rounded to the output dtype, stored to a swizzled
   SMEM tile and copied to HBM by TMA. When M, N (K for the transposed kernel) do not
   divide the tiles, the output is allocated rounded up and sliced by XLA afterwards (the
@@ -43,8 +49,9 @@ bfloat16 once (`nf4_kernel_scale`); this is the rule of `pallas_kernels.nf4_mgpu
 kernels (M <= 64), NOT bit-identical to `nf4_matmul`'s dequantize-to-bfloat16
 (``bf16(NF4[code] * absmax)`` in float32, one rounding): this W is within three
 bfloat16 roundings (code, scale, product; 3 * 2**-8 relative) of the exact
-``NF4[code] * absmax``, that one within one (2**-8). The products of that bfloat16 W with bfloat16 ``x`` are exact in
-float32 and accumulated in float32 on the tensor cores (``wgmma ... f32.bf16.bf16``), so
+``NF4[code] * absmax``, that one within one (2**-8). The products of that bfloat16 W
+with bfloat16 ``x`` are exact in float32 and accumulated in float32 on the tensor cores
+(``wgmma ... f32.bf16.bf16``), so
 the kernel equals `nf4_mgpu_gemm_reference` (the same W in plain jnp) up to float32
 summation order; the tests check it against float64 products of that W.
 
@@ -76,9 +83,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.nf4_mgpu import (
-    _SMEM_BUDGET,
     _int4_view,
     _nf4_dequant,
+    _nf4_dequant_words,
     _pad_rows,
     _reference_weight,
     _swizzled,
@@ -130,13 +137,17 @@ def _epilogue(acc, o_gmem, m0, c0, *, out_dtype):
 
 
 def _check_common(name, a, packed, scale, n, k, block_m, stages, in_flight):
-    if packed.ndim != 3 or scale.ndim != 3 or packed.shape[1:] != (n, k // 2) \
+    """The checks both wrappers share (see their Raises)."""
+    words = packed.dtype == jnp.uint32
+    if packed.dtype not in (jnp.uint8, jnp.uint32):
+        raise ValueError(f"{name}: packed must be uint8 bnb bytes or uint32 "
+                         f"`nf4_kernel_codes` words, got {packed.dtype}")
+    if packed.ndim != 3 or scale.ndim != 3 \
+            or packed.shape[1:] != (n, k // 8 if words else k // 2) \
             or scale.shape[1:] != (k // 64, n) or scale.shape[0] != packed.shape[0]:
         raise ValueError(f"{name}: {a.shape}, packed {packed.shape} {packed.dtype}, scale "
-                         f"{scale.shape} disagree (want packed uint8 [(L,) N, K//2], scale "
-                         "[(L,) K//64, N] bfloat16)")
-    if packed.dtype != jnp.uint8:
-        raise ValueError(f"{name}: packed must be uint8 bnb bytes, got {packed.dtype}")
+                         f"{scale.shape} disagree (want packed uint8 [(L,) N, K//2] or uint32 "
+                         "[(L,) N, K//8], scale [(L,) K//64, N] bfloat16)")
     if a.dtype != jnp.bfloat16 or scale.dtype != jnp.bfloat16:
         raise ValueError(f"{name}: activations and scale must be bfloat16, got {a.dtype}, "
                          f"{scale.dtype}")
@@ -150,11 +161,22 @@ def _check_common(name, a, packed, scale, n, k, block_m, stages, in_flight):
         raise ValueError(f"{name}: stages={stages} must be >= 1")
 
 
+def _codes_operand(packed, n, k):
+    """The kernels' codes operand: uint32 words as they are, bnb bytes as the int4 view."""
+    return packed if packed.dtype == jnp.uint32 else _int4_view(packed, n, k)
+
+
+#: Shared memory per program the default plan keeps within, so that two programs (two
+#: warpgroups: one decodes while the other's wgmma runs) fit one SM's 228 KB.
+_SMEM_PER_PROGRAM = 112 * 1024
+
+
 def _stages(stages, steps, per_stage, fixed, in_flight):
-    """Pipeline buffers: given, or as many (2..4) as fit `_SMEM_BUDGET` after ``fixed``
-    bytes of scratch; at least 2 with ``in_flight`` (buffers are released a step late)."""
+    """Pipeline buffers: given, or as many (up to 4) as fit `_SMEM_PER_PROGRAM` after
+    ``fixed`` bytes of scratch; at least 2 with ``in_flight`` (buffers are released a step
+    late)."""
     if stages is None:
-        stages = max(1, min(4, steps, (_SMEM_BUDGET - fixed) // per_stage))
+        stages = max(1, min(4, steps, (_SMEM_PER_PROGRAM - fixed) // per_stage))
     return max(stages, 2) if in_flight else stages
 
 
@@ -171,22 +193,31 @@ def _fwd_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_
 
     mi, ni = lax.axis_index("m"), lax.axis_index("n")
     layer = layer_ref[0]
-    c_swizzle = plgpu.find_swizzle(4 * 64, "codes")  # 32 bytes: a 64-column row of int4
+    words = w_gmem.dtype == jnp.uint32  # `nf4_kernel_codes` layout, else the int4 view
+    c_swizzle = plgpu.find_swizzle(4 * 64, "codes")  # 32 bytes: 64 codes of 4 bits
     swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes
     bufs = 2 if in_flight else 1
 
     def compute(acc_ref, w_smem):
         def step(idx, c_smem, x_smem, s_smem):
-            codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-            w = _nf4_dequant(plgpu.layout_cast(codes, plgpu.Layout.WGMMA), s_smem.at[0])
             buf = w_smem.at[lax.rem(idx[0], bufs)] if bufs > 1 else w_smem.at[0]
-            buf[...] = w
+            if words:  # per 64-row slab: [64, 8] words -> one [64, 64] bfloat16 block
+                for r in range(block_n // 64):
+                    rows = pl.ds(64 * r, 64)
+                    wr = plgpu.load(c_smem.at[rows], (), layout=plgpu.Layout.WGMMA)
+                    (blk,) = _nf4_dequant_words(wr, s_smem.at[:, rows], 1)
+                    buf.at[rows][...] = blk
+            else:
+                codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+                buf[...] = _nf4_dequant(plgpu.layout_cast(codes, plgpu.Layout.WGMMA),
+                                        s_smem.at[0])
             plgpu.commit_smem()  # the generic-proxy stores, visible to wgmma
             plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(buf, (1, 0)))
             plgpu.wgmma_wait(in_flight)
 
-        c_spec = plgpu.BlockSpec((block_n, 64), lambda t: (ni, t),
-                                 transforms=_swizzled(c_swizzle, 4), delay_release=in_flight)
+        c_spec = plgpu.BlockSpec((block_n, 8) if words else (block_n, 64), lambda t: (ni, t),
+                                 transforms=_swizzled(c_swizzle, 32 if words else 4),
+                                 delay_release=in_flight)
         x_spec = plgpu.BlockSpec((block_m, 64), lambda t: (mi, t),
                                  transforms=_swizzled(swizzle, 16), delay_release=in_flight)
         s_spec = plgpu.BlockSpec((1, block_n), lambda t: (t, ni), delay_release=in_flight)
@@ -213,13 +244,16 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
     Args:
       x: ``[M, K]`` bfloat16 activations.
       packed: ``[N, K // 2]`` uint8 bnb codes (element ``2i`` of a row in the HIGH
-        nibble), or ``[L, N, K // 2]`` stacked layers with ``layer`` given.
+        nibble), or ``[L, N, K // 2]`` stacked layers with ``layer`` given; or the same
+        codes in `pallas_kernels.nf4_mgpu.nf4_kernel_codes`' layout, uint32
+        ``[(L,) N, K // 8]`` (decoded without shuffles; ``block_n`` a multiple of 64).
       scale: `pallas_kernels.nf4_mgpu.nf4_kernel_scale`'s layout of the decoded absmax:
         ``[K // 64, N]`` bfloat16 (``[L, K // 64, N]`` when stacked).
       layer: int32 scalar, the stacked layer to multiply (read in place), or None.
       block_m: rows of ``x`` per program, wgmma's M (64 or 128).
       block_n: rows of W per program, wgmma's N (a multiple of 8 up to 256; default 128).
-      stages: pipeline buffers in flight (default: up to 4 within the shared memory).
+      stages: pipeline buffers in flight (default: up to 4 within `_SMEM_PER_PROGRAM`,
+        3 for the default tiles: two programs per SM).
       in_flight: 1 (default): two decoded tiles alternate and one wgmma stays in flight
         while the next tile is decoded; 0: wait for each wgmma.
       out_dtype: the result's dtype (default ``x.dtype``; float32 keeps the accumulator).
@@ -243,15 +277,16 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
     m, k = x.shape
     n = packed.shape[1] if packed.ndim == 3 else -1
     _check_common(name, x, packed, scale, n, k, block_m, stages, in_flight)
-    if block_n % 8 or not 8 <= block_n <= 256:
-        raise ValueError(f"{name}: block_n={block_n} must be a multiple of 8 in [8, 256]")
+    if block_n % 8 or not 8 <= block_n <= 256 or (packed.dtype == jnp.uint32 and block_n % 64):
+        raise ValueError(f"{name}: block_n={block_n} must be a multiple of 8 in [8, 256] "
+                         "(of 64 with uint32 words)")
     steps = k // 64
     tiles_m, tiles_n = pl.cdiv(m, block_m), pl.cdiv(n, block_n)
     if steps < 2:
         in_flight = 0
     bufs = 2 if in_flight else 1
     per_stage = _CODE_BYTES(block_n, 64) + block_m * 64 * 2 + block_n * 2
-    fixed = bufs * block_n * 64 * 2 + block_m * block_n * out_dtype.itemsize
+    fixed = bufs * block_n * 64 * 2  # the epilogue's tile reuses the pipeline's SMEM
     stages = _stages(stages, steps, per_stage, fixed, in_flight)
     mp, np_ = tiles_m * block_m, tiles_n * block_n
     kernel = plgpu.kernel(
@@ -262,7 +297,7 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
         grid_names=("m", "n"),
     )
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    y = kernel(layer, _pad_rows(x), _int4_view(packed, n, k), scale)
+    y = kernel(layer, _pad_rows(x), _codes_operand(packed, n, k), scale)
     return y if (mp, np_) == (m, n) else y[:m, :n]
 
 
@@ -279,6 +314,7 @@ def _t_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_k
 
     mi, ki = lax.axis_index("m"), lax.axis_index("k")
     layer = layer_ref[0]
+    words = w_gmem.dtype == jnp.uint32  # `nf4_kernel_codes` layout, else the int4 view
     sub = block_k // 64
     c_swizzle = plgpu.find_swizzle(4 * block_k, "codes")
     swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes
@@ -286,17 +322,27 @@ def _t_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_k
 
     def compute(acc_ref, w_smem):
         def step(idx, c_smem, dy_smem, s_smem):
-            codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
             buf = w_smem.at[lax.rem(idx[0], bufs)] if bufs > 1 else w_smem.at[0]
+            if words:  # [64, 8 * sub] words -> sub [64, 64] bfloat16 blocks
+                blocks = _nf4_dequant_words(plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA),
+                                            s_smem, sub)
+            else:
+                codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
             for j in range(sub):
-                cj = plgpu.layout_cast(codes[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
-                buf.at[:, j * 64:(j + 1) * 64][...] = _nf4_dequant(cj, s_smem.at[j])
+                if words:
+                    blk = blocks[j]
+                else:
+                    cj = plgpu.layout_cast(codes[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
+                    blk = _nf4_dequant(cj, s_smem.at[j])
+                buf.at[:, j * 64:(j + 1) * 64][...] = blk
             plgpu.commit_smem()  # the generic-proxy stores, visible to wgmma
             plgpu.wgmma(acc_ref, dy_smem, buf)
             plgpu.wgmma_wait(in_flight)
 
-        c_spec = plgpu.BlockSpec((64, block_k), lambda t: (t, ki),
-                                 transforms=_swizzled(c_swizzle, 4), delay_release=in_flight)
+        c_spec = plgpu.BlockSpec((64, block_k // 8) if words else (64, block_k),
+                                 lambda t: (t, ki),
+                                 transforms=_swizzled(c_swizzle, 32 if words else 4),
+                                 delay_release=in_flight)
         dy_spec = plgpu.BlockSpec((block_m, 64), lambda t: (mi, t),
                                   transforms=_swizzled(swizzle, 16), delay_release=in_flight)
         s_spec = plgpu.BlockSpec((sub, 64), lambda t: (ki, t), delay_release=in_flight)
@@ -322,7 +368,8 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
 
     Args:
       dy: ``[M, N]`` bfloat16 output cotangent.
-      packed: ``[N, K // 2]`` uint8 bnb codes (``[L, N, K // 2]`` with ``layer``).
+      packed: ``[N, K // 2]`` uint8 bnb codes (``[L, N, K // 2]`` with ``layer``), or
+        uint32 `nf4_kernel_codes` words ``[(L,) N, K // 8]``.
       scale: `nf4_kernel_scale`'s ``[K // 64, N]`` bfloat16 (``[L, K // 64, N]``), the
         operand the forward takes.
       layer: int32 scalar, the stacked layer to multiply (read in place), or None.
@@ -348,7 +395,7 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
     if dy.ndim != 2:
         raise ValueError(f"{name}: dy must be [M, N], got {dy.shape}")
     m, n = dy.shape
-    k = 2 * packed.shape[-1]
+    k = (8 if packed.dtype == jnp.uint32 else 2) * packed.shape[-1]
     _check_common(name, dy, packed, scale, n, k, block_m, stages, in_flight)
     block_k = block_k or (128 if k % 128 == 0 else 64)
     if block_k not in (64, 128, 256):
@@ -359,7 +406,7 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
         in_flight = 0
     bufs = 2 if in_flight else 1
     per_stage = _CODE_BYTES(64, block_k) + block_m * 64 * 2 + (block_k // 64) * 64 * 2
-    fixed = bufs * 64 * block_k * 2 + block_m * block_k * out_dtype.itemsize
+    fixed = bufs * 64 * block_k * 2  # the epilogue's tile reuses the pipeline's SMEM
     stages = _stages(stages, steps, per_stage, fixed, in_flight)
     mp, kp = tiles_m * block_m, tiles_k * block_k
     kernel = plgpu.kernel(
@@ -373,7 +420,7 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
     if n % 64:  # dy is tiled by 64 columns in SMEM: zero columns up to the next 64
         dy_in = jnp.pad(dy_in, ((0, 0), (0, -n % 64)))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    dx = kernel(layer, dy_in, _int4_view(packed, n, k), scale)
+    dx = kernel(layer, dy_in, _codes_operand(packed, n, k), scale)
     return dx if (mp, kp) == (m, k) else dx[:m, :k]
 
 

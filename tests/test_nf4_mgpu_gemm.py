@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.nf4_mgpu import nf4_kernel_scale
+from pallas_kernels.nf4_mgpu import nf4_kernel_codes, nf4_kernel_scale
 from pallas_kernels.nf4_mgpu_gemm import (
     nf4_mgpu_gemm,
     nf4_mgpu_gemm_reference,
@@ -167,6 +167,17 @@ def test_lowers_for_cuda(fn, m, n, k, layers, kw):
     assert out.shape == want and out.dtype == kw.get("out_dtype", jnp.bfloat16)
 
 
+@pytest.mark.parametrize("fn", [nf4_mgpu_gemm, nf4_mgpu_gemm_t], ids=["fwd", "t"])
+@pytest.mark.parametrize("m,n,k,layers", [(4096, 4096, 4096, None), (200, 200, 320, 3)])
+def test_words_lower_for_cuda(fn, m, n, k, layers):
+    """The codes in `nf4_kernel_codes`' uint32 layout (decoded without shuffles)."""
+    args = _args(fn, m, n, k, layers)
+    args[1] = jax.ShapeDtypeStruct(args[1].shape[:-1] + (k // 8,), jnp.uint32)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_calls(text) == 1
+    assert jax.eval_shape(fn, *args).shape == ((m, n) if fn is nf4_mgpu_gemm else (m, k))
+
+
 def test_wide_tiles_lower_for_cuda():
     """The other wgmma shapes: block_m 64 with 256 rows of W (forward) or 256 columns of
     dx (transposed)."""
@@ -193,6 +204,14 @@ def test_rejects_bad_shapes(fn, args, kw, match):
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(lambda *z: fn(*z, **kw), jax.ShapeDtypeStruct(a, jnp.bfloat16),
                        jax.ShapeDtypeStruct(p, jnp.uint8), jax.ShapeDtypeStruct(s, jnp.bfloat16))
+
+
+def test_rejects_words_with_partial_slabs():
+    with pytest.raises(ValueError, match="block_n"):
+        jax.eval_shape(lambda *a: nf4_mgpu_gemm(*a, block_n=96),
+                       jax.ShapeDtypeStruct((8, 128), jnp.bfloat16),
+                       jax.ShapeDtypeStruct((192, 16), jnp.uint32),
+                       jax.ShapeDtypeStruct((2, 192), jnp.bfloat16))
 
 
 def test_rejects_float32_activations():
@@ -295,3 +314,23 @@ def test_large_m_rows_match_float64(fn):
     ref = (nf4_mgpu_gemm_reference if fn is nf4_mgpu_gemm else nf4_mgpu_gemm_reference_t)(
         a, packed, scale)
     assert float(jnp.max(jnp.abs(out - ref))) <= 2.0 ** -16 * float(jnp.max(jnp.abs(ref)))
+
+
+@needs_hopper
+@pytest.mark.parametrize("fn", [nf4_mgpu_gemm, nf4_mgpu_gemm_t], ids=["fwd", "t"])
+@pytest.mark.parametrize("m,n,k,layers,kw", [
+    (200, 200, 320, 3, {}),
+    (512, 4096, 4096, None, {}),
+    (256, 1024, 4096, None, dict(block_m=64)),
+])
+def test_words_match_float64(fn, m, n, k, layers, kw):
+    """The codes in `nf4_kernel_codes`' uint32 layout: the same W, the same products."""
+    rng = np.random.default_rng()
+    packed, scale, extra, w64 = _gpu_case(rng, m, n, k, layers, 64, False)
+    words = nf4_kernel_codes(packed, n, k)
+    a = jnp.asarray(rng.standard_normal((m, k if fn is nf4_mgpu_gemm else n)), jnp.bfloat16)
+    out = fn(a, words, scale, *extra, out_dtype=jnp.float32, **kw)
+    assert_close(out, np.asarray(a.astype(jnp.float32), np.float64), w64,
+                 transposed=fn is nf4_mgpu_gemm_t)
+    same = fn(a, packed, scale, *extra, out_dtype=jnp.float32, **kw)
+    assert float(jnp.max(jnp.abs(out - same))) <= 2.0 ** -16 * float(jnp.max(jnp.abs(same)))
