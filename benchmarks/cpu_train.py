@@ -22,6 +22,7 @@ evaluation time. The base tree is a ``git worktree`` of ``--base`` (removed afte
 
     python benchmarks/cpu_train.py                      # base: main before issue 26 section 1
     python benchmarks/cpu_train.py --base 90a11ac --rounds 7
+    python benchmarks/cpu_train.py --profile 64         # this tree's step, split by what XLA:CPU runs
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ WORK = (("train", 32, 263), ("train", 64, 87), ("eval", 32, 42), ("eval", 64, 16
 # ------------------------------------------------------------------ worker side
 
 
-def _worker(calls: int) -> None:
-    """Build finetune's default trainer, compile and warm up, then answer one command per stdin
-    line ("train L" | "eval L") with one JSON line: seconds per call."""
-    import jax
+def _setup():
+    """finetune's default trainer on this tree, compiled and attached, with the first training batch
+    ``[1, 16, L]`` and test batch ``[64, L]`` of each bucket of `WORK`: ``(cfg, trainer, train, evals,
+    compile_s)``."""
     import jax.numpy as jnp
 
     from jaxqlora import data as D
@@ -81,6 +82,15 @@ def _worker(calls: int) -> None:
     train = {n: {k: jnp.asarray(v)[None] for k, v in first("train", cfg.batch_size, n, True).items()}
              for _, n, _ in WORK}
     evals = {n: first("test", cfg.eval_batch_size, n, False) for _, n, _ in WORK}
+    return cfg, trainer, train, evals, compile_s
+
+
+def _worker(calls: int) -> None:
+    """Build finetune's default trainer (`_setup`), warm up, then answer one command per stdin
+    line ("train L" | "eval L") with one JSON line: seconds per call."""
+    import jax
+
+    cfg, trainer, train, evals, compile_s = _setup()
 
     def run(kind: str, length: int) -> float:
         t0 = time.perf_counter()
@@ -100,6 +110,117 @@ def _worker(calls: int) -> None:
         if line.strip():
             kind, length = line.split()
             print(json.dumps({"s": run(kind, int(length))}), flush=True)
+
+
+# ------------------------------------------------------------------ profile (this tree)
+
+def _profile(length: int, steps: int = 2) -> None:
+    """Profile ``steps`` train steps of 16 x ``length`` tokens on this tree (``jax.profiler`` trace
+    after a warm-up) and print the time of XLA:CPU's compute threads per step, split by what each
+    executed HLO instruction computes: its fused computation's ops (a dot; uint8 codes looked up in
+    the NF4 codebook; a dynamic-update-slice into a ``[layers, ...]`` stack) and the source files and
+    functions of their stack frames (nf4_matmul, lora, Attention, optax). Thread time, not wall
+    time: on a busy machine a thread's time includes what others took from it. Another tree:
+    ``PYTHONPATH=that_tree python benchmarks/cpu_train.py --profile 64``."""
+    import collections
+    import glob
+    import re
+
+    import jax
+
+    from jaxqlora.compile import BucketKey
+
+    cfg, trainer, train, _, _ = _setup()
+    batch = train[length]
+    for _ in range(2):
+        jax.block_until_ready(trainer.step(batch))
+    hlo = trainer.executables[BucketKey("train", tuple(batch["input_ids"].shape))].as_text()
+    tmp = tempfile.mkdtemp(prefix="cpu_train_profile_")
+    t0 = time.perf_counter()
+    with jax.profiler.trace(tmp):
+        for _ in range(steps):
+            jax.block_until_ready(trainer.step(batch))
+    wall = (time.perf_counter() - t0) / steps
+    data = jax.profiler.ProfileData.from_file(glob.glob(tmp + "/**/*.xplane.pb", recursive=True)[0])
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    # the optimized HLO: stack frames, and each instruction's frames and fused computation
+    section, files, funcs, locs, frames = None, {}, {}, {}, {}
+    comps, calls, meta, comp = collections.defaultdict(list), {}, {}, None
+    for line in hlo.split("\n"):
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+            continue
+        if section and not line.strip():
+            section = None
+            continue
+        if section == "FileNames":
+            i, name = line.split(" ", 1)
+            files[int(i)] = name.strip('"')
+        elif section == "FunctionNames":
+            i, name = line.split(" ", 1)
+            funcs[int(i)] = name.strip('"')
+        elif section == "FileLocations":
+            m = re.match(r"(\d+) \{file_name_id=(\d+) function_name_id=(\d+)", line)
+            locs[int(m[1])] = f"{files[int(m[2])]}:{funcs[int(m[3])]}"
+        elif section == "StackFrames":  # printed parent ids are one more than the parent's id (0: none)
+            m = re.match(r"(\d+) \{file_location_id=(\d+)(?: parent_frame_id=(\d+))?", line)
+            frames[int(m[1])] = (locs[int(m[2])], int(m[3]) - 1 if m[3] else 0)
+        elif re.match(r"^(ENTRY )?%\S+ .*\{$", line):
+            comp = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        elif comp and re.match(r"^\s+(ROOT )?%\S+ = ", line):
+            name = re.match(r"^\s+(?:ROOT )?%(\S+) = ", line)[1]
+            frame = re.search(r"stack_frame_id=(\d+)", line)
+            fns = []
+            f = int(frame[1]) if frame else 0
+            while f:
+                loc, f = frames[f]
+                fns.append(loc)
+            fns = [x for x in fns if "SequenceClassifier" not in x and "classification_loss" not in x
+                   and "micro" not in x and "compile.py" not in x and "_train_step_flat" not in x]
+            comps[comp].append((line, fns))
+            meta[name] = (line, fns)
+            c = re.search(r"calls=%([\w.\-]+)", line)
+            if c:
+                calls[name] = c[1]
+
+    layers = trainer.model.lm.num_layers
+
+    def group(name: str) -> str:
+        own = [meta[name]] + comps.get(calls.get(name, ""), [])
+        body = "\n".join(line for line, _ in own)
+        fns = " ".join(f for _, fs in own for f in fs)
+        if "u8[" in body and "gather(" in body:
+            return "NF4 dequantization"
+        if " dot(" in body:
+            for key, label in (("nf4_matmul.py", "NF4 base projections: matmuls"), ("lora.py", "LoRA: matmuls"),
+                               ("Attention", "attention: matmuls")):
+                if key in fns:
+                    return label
+        elif "dynamic-update-slice(" in body and re.search(rf"= \w+\[{layers},", meta[name][0]):
+            return f"scanned stack of saved activations (dynamic-update-slice into [{layers}, ...])"
+        elif "lora.py" in fns:
+            return "LoRA: dropout masks (threefry bits), adds, copies"
+        elif "optax" in fns or "scale_by_lr_schedule" in fns:
+            return "optimizer (AdamW, clipping, schedule)"
+        return "other: norms, RoPE, SwiGLU, softmax, layer slices, zero-init, copies"
+
+    per = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):  # XLA:CPU's compute threads
+                continue
+            for ev in line.events:
+                if ev.name in meta:
+                    per[group(ev.name)] += ev.duration_ns / 1e9 / steps
+    total = sum(per.values())
+    print(f"CPU train step 16x{length} of `jaxqlora finetune` (defaults, {cfg.param_dtype.name if hasattr(cfg, 'param_dtype') else cfg.dtype}), "
+          f"{os.cpu_count()} cores: {wall:.2f} s wall per step under the trace, {total:.2f} s of XLA compute-thread "
+          f"time per step\n")
+    print("| part | thread s per step | share |")
+    print("|---|---|---|")
+    for label, t in per.most_common():
+        print(f"| {label} | {t:.2f} | {100 * t / total:.1f}% |")
 
 
 # ------------------------------------------------------------------ driver side
@@ -143,7 +264,11 @@ def main() -> int:
     ap.add_argument("--base", default=BASE, help="commit to compare with (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     ap.add_argument("--calls", type=int, default=2, help="queued calls per timing (one sync)")
+    ap.add_argument("--profile", type=int, metavar="L", help="profile this tree's train step of 16 x L tokens instead")
     args = ap.parse_args()
+    if args.profile:
+        _profile(args.profile)
+        return 0
     if args.worker:
         _worker(args.calls)
         return 0
