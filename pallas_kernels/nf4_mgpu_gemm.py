@@ -34,6 +34,15 @@ itself after tokamax's sm90 quantized ragged dot):
   and ``dy [block_m, 64]``; each 64-column block j of the codes is decoded with its own
   per-row scale and stored to its 64 columns of the SMEM tile ``W [64, block_k]``, which
   wgmma reads as an N-major B.
+* ``block_m=256`` (both directions): two compute warpgroups of 128 rows each and a third
+  that only issues the TMA copies (`plgpu.emit_pipeline_warp_specialized`, as jax's
+  ``hopper_matmul_mgpu.py``; 40 registers for it, 232 for the others). Per step each
+  compute warpgroup decodes half of the W tile (64 of the 128 rows forward, one of the two
+  64-column blocks transposed) into the step's shared bfloat16 tile, arrives at the
+  step's mbarrier and waits for the other half, then issues its wgmma on the whole tile:
+  the decode per multiply-add is half that of one warpgroup per 128 rows. Three decoded
+  tiles rotate (a warpgroup waits only for its wgmma two steps back), 3 pipeline stages
+  (189 KB of shared memory with the epilogue's 64-column slots), one program per SM.
 * Shared memory: by default up to `_SMEM_PER_PROGRAM` (112 KB) per program, so that two
   programs, each one warpgroup, share an SM and one decodes while the other's wgmma runs
   (the default tiles: 3 pipeline stages, 95 KB; the epilogue's tile reuses the
@@ -64,7 +73,13 @@ use). The kernel has no CPU interpret mode (Mosaic GPU's interpreter has no TMA)
 oracles of ``tests/test_nf4_mgpu_gemm.py``; on a CPU machine the tests check the
 references against float64 and lower both kernels for CUDA.
 
-Status: lowered for CUDA (jax 0.10.2, CPU machine); not yet run on a GPU.
+Status: lowered for CUDA (jax 0.10.2, CPU machine) and compiled through jax-cuda12-plugin
+0.10.2's Mosaic GPU pipeline to PTX and by ptxas (CUDA 13.0) for sm_90a with a stub
+driver (compute capability 9.0), M 4096 x W 4096x4096: no spills; 191-201 registers per
+thread for the one-warpgroup kernels (95 KB of shared memory), 168 at launch (setmaxnreg
+232 / 40) for ``block_m=256`` (189 KB); per K step the one-warpgroup forward issues about
+395 PTX instructions per thread with the `nf4_kernel_codes` words and 500 with the bnb
+bytes (warp shuffles of the int4 relayout). Not yet run on a GPU.
 
 Sources: bitsandbytes NF4 (``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``,
 Dettmers et al. 2023, QLoRA App. E: 16-entry codebook, absmax per ``blocksize``
@@ -136,7 +151,8 @@ def _epilogue(acc, o_gmem, m0, c0, *, out_dtype):
     pl.run_scoped(store, plgpu.SMEM((bm, bc), out_dtype, transforms=_swizzled(swizzle, bits)))
 
 
-def _check_common(name, a, packed, scale, n, k, block_m, stages, in_flight):
+def _check_common(name, a, packed, scale, n, k, block_m, stages, in_flight,
+                  block_ms=(64, 128, 256)):
     """The checks both wrappers share (see their Raises)."""
     words = packed.dtype == jnp.uint32
     if packed.dtype not in (jnp.uint8, jnp.uint32):
@@ -153,8 +169,8 @@ def _check_common(name, a, packed, scale, n, k, block_m, stages, in_flight):
                          f"{scale.dtype}")
     if k % 64 or n % 8 or k < 64 or n < 8:
         raise ValueError(f"{name}: K={k} must be a multiple of 64 and N={n} of 8")
-    if block_m not in (64, 128):
-        raise ValueError(f"{name}: block_m={block_m} must be 64 or 128")
+    if block_m not in block_ms:
+        raise ValueError(f"{name}: block_m={block_m} must be one of {block_ms}")
     if in_flight not in (0, 1):
         raise ValueError(f"{name}: in_flight={in_flight} must be 0 or 1")
     if stages is not None and stages < 1:
@@ -165,6 +181,10 @@ def _codes_operand(packed, n, k):
     """The kernels' codes operand: uint32 words as they are, bnb bytes as the int4 view."""
     return packed if packed.dtype == jnp.uint32 else _int4_view(packed, n, k)
 
+
+#: Shared memory the two-warpgroup kernels (``block_m`` 256, one program per SM) keep
+#: their pipeline, decoded tiles and epilogue within (of the 227 KB a block may have).
+_SMEM_WS = 216 * 1024
 
 #: Shared memory per program the default plan keeps within, so that two programs (two
 #: warpgroups: one decodes while the other's wgmma runs) fit one SM's 228 KB.
@@ -233,6 +253,105 @@ def _fwd_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_
     _epilogue(acc, o_gmem, mi * block_m, ni * block_n, out_dtype=out_dtype)
 
 
+#: Decoded W tiles the two-warpgroup kernels cycle through: a warpgroup writes tile t + 1
+#: while the other's wgmma t - 1 may still read tile t - 1 (it waits for wgmma t - 2 only,
+#: before it arrives at step t's barrier), so three.
+_WS_TILES = 3
+
+
+def _ws_epilogue(acc, o_gmem, out_smem, r0, c0, wg):
+    """The two-warpgroup kernels' epilogue: warpgroup ``wg`` writes its float32 ``acc
+    [128, cols]`` rounded to ``out_smem``'s dtype to ``o_gmem[r0:r0 + 128, c0:]`` in
+    64-column pieces through its slot of ``out_smem [2, 128, 64]`` (TMA stores)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    acc = acc.astype(out_smem.dtype)
+    for j in range(acc.shape[1] // 64):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the slot's last store has read it
+        out_smem[wg] = acc[:, j * 64:(j + 1) * 64]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                o_gmem.at[pl.ds(r0, 128), pl.ds(c0 + 64 * j, 64)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _fwd_ws_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_n: int, steps: int,
+                 stages: int, out_dtype):
+    """One program of the two-warpgroup forward kernel (``block_m`` 256): warpgroups 0 and 1
+    each own 128 rows of ``y``'s ``[256, block_n]`` tile, warpgroup 2 issues the TMA copies
+    (`plgpu.emit_pipeline_warp_specialized`, after jax's ``hopper_matmul_mgpu.py``). Per K
+    step each compute warpgroup decodes HALF of the ``[block_n, 64]`` W tile (its
+    ``block_n // 2`` rows) into the shared bfloat16 tile of this step, arrives at the
+    step's barrier and waits for the other half; then both multiply the whole tile. The
+    decode per product is half that of `_fwd_body`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    mi, ni = lax.axis_index("m"), lax.axis_index("n")
+    layer = layer_ref[0]
+    words = w_gmem.dtype == jnp.uint32
+    half = block_n // 2
+    c_swizzle = plgpu.find_swizzle(4 * 64, "codes")
+    swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes
+    out_swizzle = plgpu.find_swizzle(64 * 8 * jnp.dtype(out_dtype).itemsize, "out")
+
+    c_spec = plgpu.BlockSpec((block_n, 8) if words else (block_n, 64), lambda t: (ni, t),
+                             transforms=_swizzled(c_swizzle, 32 if words else 4),
+                             delay_release=1)
+    x_spec = plgpu.BlockSpec((256, 64), lambda t: (mi, t), transforms=_swizzled(swizzle, 16),
+                             delay_release=1)
+    s_spec = plgpu.BlockSpec((1, block_n), lambda t: (t, ni), delay_release=1)
+
+    def scope(dec, bar, out_smem):
+        wg = lax.axis_index("wg")
+
+        def decode_half(c_smem, s_smem, buf, w):
+            rows = slice(w * half, (w + 1) * half)
+            if words:
+                for r in range(half // 64):
+                    sl = slice(w * half + 64 * r, w * half + 64 * r + 64)
+                    wr = plgpu.load(c_smem.at[sl], (), layout=plgpu.Layout.WGMMA)
+                    (blk,) = _nf4_dequant_words(wr, s_smem.at[:, sl], 1)
+                    buf.at[sl][...] = blk
+            else:
+                codes = plgpu.load(c_smem.at[rows], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+                buf.at[rows][...] = _nf4_dequant(
+                    plgpu.layout_cast(codes, plgpu.Layout.WGMMA), s_smem.at[0, rows])
+
+        def step(idx, c_smem, x_smem, s_smem, acc_ref):
+            slot = lax.rem(idx[0], _WS_TILES)
+            buf = dec.at[slot]
+            for w in range(2):
+                pl.when(wg == w)(functools.partial(decode_half, c_smem, s_smem, buf, w))
+            plgpu.commit_smem()  # this warpgroup's stores, visible to the async proxy
+            plgpu.barrier_arrive(bar.at[slot])
+            plgpu.barrier_wait(bar.at[slot])  # both halves of the tile are in SMEM
+            plgpu.wgmma(acc_ref, x_smem.at[pl.ds(wg * 128, 128)],
+                        plgpu.transpose_ref(buf, (1, 0)))
+            plgpu.wgmma_wait(1)
+            return acc_ref
+
+        def compute_context(eval_pipeline):
+            def acc_scope(acc_ref):
+                eval_pipeline(acc_ref)
+                plgpu.wgmma_wait(0)
+                _ws_epilogue(acc_ref[...], o_gmem, out_smem, mi * 256 + wg * 128,
+                             ni * block_n, wg)
+            pl.run_scoped(acc_scope, plgpu.ACC((128, block_n)))
+
+        plgpu.emit_pipeline_warp_specialized(
+            step, grid=(steps,), memory_registers=40, in_specs=(c_spec, x_spec, s_spec),
+            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages,
+            compute_context=compute_context)(w_gmem.at[layer], x_gmem, s_gmem.at[layer])
+
+    pl.run_scoped(scope,
+                  plgpu.SMEM((_WS_TILES, block_n, 64), jnp.bfloat16,
+                             transforms=_swizzled(swizzle, 16)),
+                  plgpu.Barrier(num_arrivals=2, num_barriers=_WS_TILES),
+                  plgpu.SMEM((2, 128, 64), out_dtype,
+                             transforms=_swizzled(out_swizzle, 8 * jnp.dtype(out_dtype).itemsize)),
+                  collective_axes="wg")
+
+
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "stages", "in_flight",
                                              "out_dtype"))
 def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
@@ -250,7 +369,10 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
       scale: `pallas_kernels.nf4_mgpu.nf4_kernel_scale`'s layout of the decoded absmax:
         ``[K // 64, N]`` bfloat16 (``[L, K // 64, N]`` when stacked).
       layer: int32 scalar, the stacked layer to multiply (read in place), or None.
-      block_m: rows of ``x`` per program, wgmma's M (64 or 128).
+      block_m: rows of ``x`` per program: 64 or 128 (one warpgroup, wgmma's M), or 256:
+        two compute warpgroups of 128 rows share each decoded W tile and a third issues
+        the TMA copies (`_fwd_ws_body`; half the decode per product; ``block_n`` 128;
+        ``in_flight`` does not apply).
       block_n: rows of W per program, wgmma's N (a multiple of 8 up to 256; default 128).
       stages: pipeline buffers in flight (default: up to 4 within `_SMEM_PER_PROGRAM`,
         3 for the default tiles: two programs per SM).
@@ -282,13 +404,33 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
                          "(of 64 with uint32 words)")
     steps = k // 64
     tiles_m, tiles_n = pl.cdiv(m, block_m), pl.cdiv(n, block_n)
+    mp, np_ = tiles_m * block_m, tiles_n * block_n
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    operands = (layer, _pad_rows(x), _codes_operand(packed, n, k), scale)
+    if block_m == 256:  # two compute warpgroups share each decoded tile
+        if block_n != 128:
+            raise ValueError(f"{name}: block_n={block_n} must be 128 with block_m=256 "
+                             "(each warpgroup decodes 64 rows; a 128x256 accumulator "
+                             "spills)")
+        per_stage = _CODE_BYTES(block_n, 64) + 256 * 64 * 2 + block_n * 2
+        fixed = _WS_TILES * block_n * 64 * 2 + 2 * 128 * 64 * out_dtype.itemsize
+        stages = stages or max(2, min(4, (_SMEM_WS - fixed) // per_stage))
+        if stages < 2:
+            raise ValueError(f"{name}: stages={stages} must be >= 2 with block_m=256")
+        kernel = plgpu.kernel(
+            functools.partial(_fwd_ws_body, block_n=block_n, steps=steps, stages=stages,
+                              out_dtype=out_dtype),
+            out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+            grid=(tiles_m, tiles_n), grid_names=("m", "n"),
+            num_threads=3, thread_name="wg")
+        y = kernel(*operands)
+        return y if (mp, np_) == (m, n) else y[:m, :n]
     if steps < 2:
         in_flight = 0
     bufs = 2 if in_flight else 1
     per_stage = _CODE_BYTES(block_n, 64) + block_m * 64 * 2 + block_n * 2
     fixed = bufs * block_n * 64 * 2  # the epilogue's tile reuses the pipeline's SMEM
     stages = _stages(stages, steps, per_stage, fixed, in_flight)
-    mp, np_ = tiles_m * block_m, tiles_n * block_n
     kernel = plgpu.kernel(
         functools.partial(_fwd_body, block_m=block_m, block_n=block_n, steps=steps,
                           stages=stages, in_flight=in_flight, out_dtype=out_dtype),
@@ -296,8 +438,7 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
         grid=(tiles_m, tiles_n),
         grid_names=("m", "n"),
     )
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    y = kernel(layer, _pad_rows(x), _codes_operand(packed, n, k), scale)
+    y = kernel(*operands)
     return y if (mp, np_) == (m, n) else y[:m, :n]
 
 
@@ -358,6 +499,83 @@ def _t_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_k
     _epilogue(acc, o_gmem, mi * block_m, ki * block_k, out_dtype=out_dtype)
 
 
+def _t_ws_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_k: int, steps: int,
+               stages: int, out_dtype):
+    """One program of the two-warpgroup transposed kernel (``block_m`` 256): warpgroups 0 and
+    1 each own 128 rows of ``dx``'s ``[256, block_k]`` tile, warpgroup 2 issues the TMA
+    copies. Per step of 64 rows of W each compute warpgroup decodes half of the ``[64,
+    block_k]`` tile's 64-column blocks into the shared bfloat16 tile of this step, arrives
+    at the step's barrier and waits for the other half; then both multiply the whole tile
+    (see `_fwd_ws_body`)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    mi, ki = lax.axis_index("m"), lax.axis_index("k")
+    layer = layer_ref[0]
+    words = w_gmem.dtype == jnp.uint32
+    sub = block_k // 64
+    c_swizzle = plgpu.find_swizzle(4 * block_k, "codes")
+    swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes
+    out_swizzle = plgpu.find_swizzle(64 * 8 * jnp.dtype(out_dtype).itemsize, "out")
+
+    c_spec = plgpu.BlockSpec((64, block_k // 8) if words else (64, block_k), lambda t: (t, ki),
+                             transforms=_swizzled(c_swizzle, 32 if words else 4),
+                             delay_release=1)
+    dy_spec = plgpu.BlockSpec((256, 64), lambda t: (mi, t), transforms=_swizzled(swizzle, 16),
+                              delay_release=1)
+    s_spec = plgpu.BlockSpec((sub, 64), lambda t: (ki, t), delay_release=1)
+
+    def scope(dec, bar, out_smem):
+        wg = lax.axis_index("wg")
+
+        def decode_half(c_smem, s_smem, buf, w):
+            blocks = range(w * sub // 2, (w + 1) * sub // 2)
+            if words:
+                allw = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA)
+            else:
+                codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            for j in blocks:
+                if words:
+                    (blk,) = _nf4_dequant_words(allw[:, 8 * j:8 * j + 8],
+                                                s_smem.at[j:j + 1], 1)
+                else:
+                    cj = plgpu.layout_cast(codes[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
+                    blk = _nf4_dequant(cj, s_smem.at[j])
+                buf.at[:, j * 64:(j + 1) * 64][...] = blk
+
+        def step(idx, c_smem, dy_smem, s_smem, acc_ref):
+            slot = lax.rem(idx[0], _WS_TILES)
+            buf = dec.at[slot]
+            for w in range(2):
+                pl.when(wg == w)(functools.partial(decode_half, c_smem, s_smem, buf, w))
+            plgpu.commit_smem()  # this warpgroup's stores, visible to the async proxy
+            plgpu.barrier_arrive(bar.at[slot])
+            plgpu.barrier_wait(bar.at[slot])  # both halves of the tile are in SMEM
+            plgpu.wgmma(acc_ref, dy_smem.at[pl.ds(wg * 128, 128)], buf)
+            plgpu.wgmma_wait(1)
+            return acc_ref
+
+        def compute_context(eval_pipeline):
+            def acc_scope(acc_ref):
+                eval_pipeline(acc_ref)
+                plgpu.wgmma_wait(0)
+                _ws_epilogue(acc_ref[...], o_gmem, out_smem, mi * 256 + wg * 128,
+                             ki * block_k, wg)
+            pl.run_scoped(acc_scope, plgpu.ACC((128, block_k)))
+
+        plgpu.emit_pipeline_warp_specialized(
+            step, grid=(steps,), memory_registers=40, in_specs=(c_spec, dy_spec, s_spec),
+            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages,
+            compute_context=compute_context)(w_gmem.at[layer], dy_gmem, s_gmem.at[layer])
+
+    pl.run_scoped(scope,
+                  plgpu.SMEM((_WS_TILES, 64, block_k), jnp.bfloat16,
+                             transforms=_swizzled(swizzle, 16)),
+                  plgpu.Barrier(num_arrivals=2, num_barriers=_WS_TILES),
+                  plgpu.SMEM((2, 128, 64), out_dtype,
+                             transforms=_swizzled(out_swizzle, 8 * jnp.dtype(out_dtype).itemsize)),
+                  collective_axes="wg")
+
+
 @functools.partial(jax.jit, static_argnames=("block_m", "block_k", "stages", "in_flight",
                                              "out_dtype"))
 def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
@@ -373,9 +591,10 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
       scale: `nf4_kernel_scale`'s ``[K // 64, N]`` bfloat16 (``[L, K // 64, N]``), the
         operand the forward takes.
       layer: int32 scalar, the stacked layer to multiply (read in place), or None.
-      block_m: rows of ``dy`` per program, wgmma's M (64 or 128).
-      block_k: columns of ``dx`` (of W) per program, wgmma's N (64, 128 or 256; default
-        128 when it divides K, else 64).
+      block_m: rows of ``dy`` per program: 64, 128, or 256 with two compute warpgroups
+        sharing each decoded tile (`_t_ws_body`), as in `nf4_mgpu_gemm`.
+      block_k: columns of ``dx`` (of W) per program, wgmma's N (64, 128 or 256, dividing
+        K; default 128 when it divides K, else 64; 128 with ``block_m`` 256).
       stages, in_flight, out_dtype: as in `nf4_mgpu_gemm`.
 
     Returns:
@@ -398,17 +617,41 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
     k = (8 if packed.dtype == jnp.uint32 else 2) * packed.shape[-1]
     _check_common(name, dy, packed, scale, n, k, block_m, stages, in_flight)
     block_k = block_k or (128 if k % 128 == 0 else 64)
-    if block_k not in (64, 128, 256):
-        raise ValueError(f"{name}: block_k={block_k} must be 64, 128 or 256")
+    if block_k not in (64, 128, 256) or k % block_k:
+        raise ValueError(f"{name}: block_k={block_k} must be 64, 128 or 256 and divide "
+                         f"K={k} (the codes' TMA tiles span block_k columns)")
     steps = pl.cdiv(n, 64)
     tiles_m, tiles_k = pl.cdiv(m, block_m), pl.cdiv(k, block_k)
+    mp, kp = tiles_m * block_m, tiles_k * block_k
+    dy_in = _pad_rows(dy)
+    if n % 64:  # dy is tiled by 64 columns in SMEM: zero columns up to the next 64
+        dy_in = jnp.pad(dy_in, ((0, 0), (0, -n % 64)))
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    operands = (layer, dy_in, _codes_operand(packed, n, k), scale)
+    if block_m == 256:  # two compute warpgroups share each decoded tile
+        if block_k != 128:
+            raise ValueError(f"{name}: block_k={block_k} must be 128 with block_m=256 "
+                             "(each warpgroup decodes one 64-column block; a 128x256 "
+                             "accumulator spills)")
+        per_stage = _CODE_BYTES(64, block_k) + 256 * 64 * 2 + (block_k // 64) * 64 * 2
+        fixed = _WS_TILES * 64 * block_k * 2 + 2 * 128 * 64 * out_dtype.itemsize
+        stages = stages or max(2, min(4, (_SMEM_WS - fixed) // per_stage))
+        if stages < 2:
+            raise ValueError(f"{name}: stages={stages} must be >= 2 with block_m=256")
+        kernel = plgpu.kernel(
+            functools.partial(_t_ws_body, block_k=block_k, steps=steps, stages=stages,
+                              out_dtype=out_dtype),
+            out_type=jax.ShapeDtypeStruct((mp, kp), out_dtype),
+            grid=(tiles_m, tiles_k), grid_names=("m", "k"),
+            num_threads=3, thread_name="wg")
+        dx = kernel(*operands)
+        return dx if (mp, kp) == (m, k) else dx[:m, :k]
     if steps < 2:
         in_flight = 0
     bufs = 2 if in_flight else 1
     per_stage = _CODE_BYTES(64, block_k) + block_m * 64 * 2 + (block_k // 64) * 64 * 2
     fixed = bufs * 64 * block_k * 2  # the epilogue's tile reuses the pipeline's SMEM
     stages = _stages(stages, steps, per_stage, fixed, in_flight)
-    mp, kp = tiles_m * block_m, tiles_k * block_k
     kernel = plgpu.kernel(
         functools.partial(_t_body, block_m=block_m, block_k=block_k, steps=steps,
                           stages=stages, in_flight=in_flight, out_dtype=out_dtype),
@@ -416,11 +659,7 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
         grid=(tiles_m, tiles_k),
         grid_names=("m", "k"),
     )
-    dy_in = _pad_rows(dy)
-    if n % 64:  # dy is tiled by 64 columns in SMEM: zero columns up to the next 64
-        dy_in = jnp.pad(dy_in, ((0, 0), (0, -n % 64)))
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    dx = kernel(layer, dy_in, _codes_operand(packed, n, k), scale)
+    dx = kernel(*operands)
     return dx if (mp, kp) == (m, k) else dx[:m, :k]
 
 
