@@ -42,12 +42,17 @@ class GGUFWeight:
       kind: int32 ``[(L,)]``: each layer's index into ``formats``.
       formats: the GGUF type names in the weight (static), e.g. ``("Q4_K", "Q6_K")``.
       shape: ``(out, in)`` of one layer (static).
+      kernel_layout: None, or the Mosaic GPU GEMV's layout of the same weight
+        (`pallas_kernels.gguf_mgpu.gguf_kernel_layout`: ``{name: array}`` with the planes'
+        leading layer axis), added on a Hopper GPU by `jaxqlora.quantize.use_kernel_codes`
+        and never saved; the planes stay the source of truth.
     """
 
     planes: dict
     kind: jax.Array
     formats: tuple = flax.struct.field(pytree_node=False)
     shape: tuple = flax.struct.field(pytree_node=False)
+    kernel_layout: dict | None = None
 
     @property
     def modules(self) -> tuple:
@@ -61,8 +66,10 @@ class GGUFWeight:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes of the planes (the file's bytes, plus padding of mixed stacks)."""
-        return sum(int(p.size) * jnp.dtype(p.dtype).itemsize for p in self.planes.values())
+        """Device bytes of the planes (the file's bytes, plus padding of mixed stacks) and of
+        the kernel layout when there is one."""
+        arrays = list(self.planes.values()) + list((self.kernel_layout or {}).values())
+        return sum(int(p.size) * jnp.dtype(p.dtype).itemsize for p in arrays)
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """``[(L,) out, in]`` in ``dtype`` (float32 values bit-identical to

@@ -29,6 +29,7 @@ reference path elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Iterable
 
 import jax
@@ -124,9 +125,11 @@ def _nf4_linear_local(x: jax.Array, q: NF4Weight, layer=None) -> jax.Array:
 
 def gguf_linear(x: jax.Array, w: GGUFWeight, layer=None) -> jax.Array:
     """``x @ W.T`` for a GGUF-format weight ``W [out, in]``; ``x [..., in]`` -> ``[..., out]``
-    in x.dtype: the Pallas kernel on GPU (`pallas_kernels.gguf_matmul.gguf_matmul`, which
-    reads the blocks in place), `jaxqlora.ggml.xla_matmul` elsewhere (blocks decoded piece
-    by piece into the dots).
+    in x.dtype: on a GPU the Mosaic GPU GEMV (`pallas_kernels.gguf_mgpu.gguf_mgpu_matmul`)
+    where ``w`` has its kernel layout (`use_kernel_codes`) and `gguf_mgpu_supported` says
+    yes (Hopper, bfloat16, at most 16 tokens), else the Pallas kernel
+    (`pallas_kernels.gguf_matmul.gguf_matmul`, which reads the blocks in place);
+    `jaxqlora.ggml.xla_matmul` elsewhere (blocks decoded piece by piece into the dots).
 
     ``layer`` (int or int32 scalar): ``w`` is stacked over layers and layer ``layer`` is
     multiplied, read in place by the kernel. Under a device mesh the product runs on each
@@ -134,12 +137,16 @@ def gguf_linear(x: jax.Array, w: GGUFWeight, layer=None) -> jax.Array:
     """
     from pallas_kernels.dispatch import resolve_impl
     from pallas_kernels.gguf_matmul import gguf_matmul
+    from pallas_kernels.gguf_mgpu import gguf_mgpu_matmul, gguf_mgpu_supported
 
     if layer is not None and sharding_active():
         w, layer = layer_slice(w, layer), None
 
     def local(x, w):
         if resolve_impl() == "pallas":
+            if w.kernel_layout is not None and not sharding_active() and gguf_mgpu_supported(
+                    math.prod(x.shape[:-1]), *w.shape, w.formats, x.dtype):
+                return gguf_mgpu_matmul(x, None, w.kind, fmts=w.formats, layer=layer, kernel_layout=w.kernel_layout)
             return gguf_matmul(x, w.planes, w.kind, fmts=w.modules, layer=layer)
         return xla_matmul(x, w, layer)
 
@@ -427,8 +434,9 @@ def quantize_model(model: nnx.Module, *, blocksize: int = 64, double_quant: bool
 
 def use_kernel_codes(model: nnx.Module) -> int:
     """Give every NF4 projection of ``model`` the forward kernel's layout of its codes
-    (`jaxqlora.nf4.with_kernel_layout` with ``codes=True``), in place; returns the bytes
-    added on the device.
+    (`jaxqlora.nf4.with_kernel_layout` with ``codes=True``), and every GGUF projection the
+    Mosaic GPU GEMV's layout of its blocks (`gguf_with_kernel_layout`), in place; returns the
+    bytes added on the device.
 
     For decoding on a Hopper GPU: the Mosaic GPU GEMV over `NF4Weight.kernel_codes` issues
     about 16% fewer instructions per weight than over the bnb bytes (H200, issue 13),
@@ -449,10 +457,34 @@ def use_kernel_codes(model: nnx.Module) -> int:
     """
     added = 0
     for _, node in list(nnx.iter_graph(model)):
-        if isinstance(node, QuantizedLinear) and isinstance(node.weight.get_value(), NF4Weight):
-            q = node.weight.get_value()
+        if not isinstance(node, QuantizedLinear):
+            continue
+        q = node.weight.get_value()
+        if isinstance(q, NF4Weight):
             new = with_kernel_layout(q, codes=True)
-            if new is not q:
-                added += new.nbytes - q.nbytes
-                node.weight.set_value(new)
+        elif isinstance(q, GGUFWeight):
+            new = gguf_with_kernel_layout(q)
+        else:
+            continue
+        if new is not q:
+            added += new.nbytes - q.nbytes
+            node.weight.set_value(new)
     return added
+
+
+def gguf_with_kernel_layout(w: GGUFWeight, force: bool = False) -> GGUFWeight:
+    """``w`` with the Mosaic GPU GEMV's layout of its blocks
+    (`pallas_kernels.gguf_mgpu.gguf_kernel_layout`, built once on the device) beside the
+    planes, which stay unchanged. Returns ``w`` itself when it has the layout already, or
+    (unless ``force``: tests that trace for a faked Hopper) when the kernel does not run here
+    (`pallas_kernels.gguf_mgpu.gguf_mgpu_supported` for one token: not a Hopper GPU, or
+    formats without a Mosaic kernel, e.g. Q5_K)."""
+    from pallas_kernels.gguf_mgpu import gguf_kernel_layout, gguf_mgpu_supported
+
+    if w.kernel_layout is not None or not (force or gguf_mgpu_supported(1, *w.shape, w.formats, jnp.bfloat16)):
+        return w
+    try:
+        layout = jax.jit(gguf_kernel_layout, static_argnums=1)(w.planes, tuple(w.formats), w.kind)
+    except ValueError:  # formats without a Mosaic GPU kernel (Q5_K, other mixes)
+        return w
+    return w.replace(kernel_layout=layout)

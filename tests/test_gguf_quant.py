@@ -508,3 +508,58 @@ def test_cli_keep_quantized_reaches_the_loader(monkeypatch, tiny_path, tmp_path,
     assert main(["eval", "--adapter", str(adapter), "--model", str(tiny_path), "--keep-quantized"]) == 0
     assert calls == [True]
     assert "stop here" in capsys.readouterr().err
+
+
+def test_decode_step_on_hopper_uses_mosaic_gemv(monkeypatch, tiny_path):
+    """On a (faked) Hopper, with the GGUF kernel layout (`gguf_with_kernel_layout`, what
+    `use_kernel_codes` adds there), a one-token decode step of the kept-quantized Q4_K_M-style
+    model traces to one Mosaic GPU GGUF GEMV per projection (the mixed Q4_K/Q6_K stacks and the
+    Q6_K head included) and no Triton GGUF kernel; a prefill of more than 16 tokens keeps the
+    Triton kernel. The layout decodes back to the planes' weights (which match
+    ``gguf.quants.dequantize`` bit for bit: test_dequantize_random_tensors_bit_exact). The
+    head, which multiplies float32 activations, keeps the Triton kernel."""
+    from jaxqlora.ggml import GGUFWeight
+    from jaxqlora.model import KVCache
+    from jaxqlora.quantize import QuantizedLinear, gguf_with_kernel_layout
+    from pallas_kernels import dispatch, gguf_mgpu
+
+    mq, _ = load_pretrained(tiny_path, dtype=jnp.bfloat16, keep_quantized=True)
+    laid = 0
+    for _, node in list(nnx.iter_graph(mq)):
+        if isinstance(node, QuantizedLinear) and isinstance(node.weight.get_value(), GGUFWeight):
+            w = node.weight.get_value()
+            new = gguf_with_kernel_layout(w, force=True)
+            assert new.kernel_layout is not None and new.nbytes > w.nbytes
+            layers = [None] if not w.stacked else range(w.kind.shape[0])
+            for i in layers:
+                got = gguf_mgpu.gguf_mgpu_dequantize(new.kernel_layout, w.shape[1], w.kind, None if i is None
+                                                     else jnp.int32(i), fmts=w.formats)
+                want = w.dequantize(jnp.float32) if i is None else w.dequantize(jnp.float32)[i]
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-7, atol=0)
+            node.weight.set_value(new)
+            laid += 1
+    assert laid == 8  # q, k, v, o, gate, up, down stacks and the head
+
+    real_supported = gguf_mgpu.gguf_mgpu_supported
+
+    def on_hopper(*args):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(jax, "devices", lambda *a: [type("D", (), {"platform": "gpu", "compute_capability": "9.0"})()])
+            return real_supported(*args)
+
+    monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(gguf_mgpu, "gguf_mgpu_supported", on_hopper)
+    graphdef, state = nnx.split(mq)
+
+    def step(s, t, c):
+        return nnx.merge(graphdef, s)(t, cache=c)[0]
+
+    cache = KVCache.init(mq.config, 1, 40, jnp.bfloat16)
+    text = str(jax.make_jaxpr(step)(state, jnp.ones((1, 1), jnp.int32), cache))
+    n_proj = 7 * mq.config.num_hidden_layers
+    assert text.count("name=_mgpu_vjp") == n_proj
+    assert text.count("name=_gguf_matmul_vjp") == 1  # the head: float32 activations, the Triton kernel
+    prefill = str(jax.make_jaxpr(step)(state, jnp.ones((1, 24), jnp.int32), cache))
+    # the prefill's layers may be scanned (one traced body): every projection there is Triton's
+    assert prefill.count("name=_mgpu_vjp") == 0 and prefill.count("name=_gguf_matmul_vjp") >= 8
