@@ -60,20 +60,23 @@ kernels (M <= 64), NOT bit-identical to `nf4_matmul`'s dequantize-to-bfloat16
 bfloat16 roundings (code, scale, product; 3 * 2**-8 relative) of the exact
 ``NF4[code] * absmax``, that one within one (2**-8). The products of that bfloat16 W
 with bfloat16 ``x`` are exact in float32 and accumulated in float32 on the tensor cores
-(``wgmma ... f32.bf16.bf16``), so
-the kernel equals `nf4_mgpu_gemm_reference` (the same W in plain jnp) up to float32
-summation order; the tests check it against float64 products of that W.
+(``wgmma ... f32.bf16.bf16``), so the kernel equals `nf4_mgpu_gemm_reference` (the same
+W in plain jnp) up to float32 summation order; the tests check it against float64
+products of that W. Bit-identity with today's path would need the float32 product
+``NF4[code] * absmax`` per element (a float32 codebook lookup and a float32 multiply
+before the rounding), about twice the decode instructions of the bfloat16 ``fma``.
 
 Restrictions (`nf4_mgpu_gemm_supported`; the wrappers raise ValueError on shapes):
 a Hopper GPU (compute capability 9.0), bfloat16 ``x`` / ``dy``, ``K`` and ``blocksize``
-multiples of 64, ``N`` a multiple of 8 (16-byte TMA rows of the scales), ``M >= 1``
-(meant for ``M >= 64``: below that `pallas_kernels.nf4_mgpu`'s GEMV layout is the one to
-use). The kernel has no CPU interpret mode (Mosaic GPU's interpreter has no TMA):
+multiples of 64, ``N`` a multiple of 8 (16-byte TMA rows of the scales), the transposed
+kernel's ``block_k`` dividing ``K``, ``M >= 1`` (meant for ``M >= 64``: below that
+`pallas_kernels.nf4_mgpu`'s GEMV layout is the one to use). The kernel has no CPU interpret mode (Mosaic GPU's interpreter has no TMA):
 `nf4_mgpu_gemm_reference` and `nf4_mgpu_gemm_reference_t` at the bottom are the
 oracles of ``tests/test_nf4_mgpu_gemm.py``; on a CPU machine the tests check the
 references against float64 and lower both kernels for CUDA.
 
-Status: lowered for CUDA (jax 0.10.2, CPU machine) and compiled through jax-cuda12-plugin
+Status: lowered for CUDA on a CPU machine by jax 0.10.2 and by jax 0.11.2 (the GPU
+machine's version; a Python 3.12 virtual environment), and compiled through jax-cuda12-plugin
 0.10.2's Mosaic GPU pipeline to PTX and by ptxas (CUDA 13.0) for sm_90a with a stub
 driver (compute capability 9.0), M 4096 x W 4096x4096: no spills; 191-201 registers per
 thread for the one-warpgroup kernels (95 KB of shared memory), 168 at launch (setmaxnreg
