@@ -66,23 +66,25 @@ products of that W. Bit-identity with today's path would need the float32 produc
 ``NF4[code] * absmax`` per element (a float32 codebook lookup and a float32 multiply
 before the rounding), about twice the decode instructions of the bfloat16 ``fma``.
 
-Restrictions (`nf4_mgpu_gemm_supported`; the wrappers raise ValueError on shapes):
-a Hopper GPU (compute capability 9.0), bfloat16 ``x`` / ``dy``, ``K`` and ``blocksize``
+Restrictions (`nf4_mgpu_gemm_supported`; the wrappers raise ValueError on shapes): a
+Hopper GPU (compute capability 9.0), bfloat16 ``x`` / ``dy``, ``K`` and ``blocksize``
 multiples of 64, ``N`` a multiple of 8 (16-byte TMA rows of the scales), the transposed
 kernel's ``block_k`` dividing ``K``, ``M >= 1`` (meant for ``M >= 64``: below that
-`pallas_kernels.nf4_mgpu`'s GEMV layout is the one to use). The kernel has no CPU interpret mode (Mosaic GPU's interpreter has no TMA):
-`nf4_mgpu_gemm_reference` and `nf4_mgpu_gemm_reference_t` at the bottom are the
-oracles of ``tests/test_nf4_mgpu_gemm.py``; on a CPU machine the tests check the
-references against float64 and lower both kernels for CUDA.
+`pallas_kernels.nf4_mgpu`'s GEMV layout is the one to use). The kernel has no CPU
+interpret mode (Mosaic GPU's interpreter has no TMA): `nf4_mgpu_gemm_reference` and
+`nf4_mgpu_gemm_reference_t` at the bottom are the oracles of
+``tests/test_nf4_mgpu_gemm.py``; on a CPU machine the tests check the references against
+float64 and lower both kernels for CUDA.
 
 Status: lowered for CUDA on a CPU machine by jax 0.10.2 and by jax 0.11.2 (the GPU
-machine's version; a Python 3.12 virtual environment), and compiled through jax-cuda12-plugin
-0.10.2's Mosaic GPU pipeline to PTX and by ptxas (CUDA 13.0) for sm_90a with a stub
-driver (compute capability 9.0), M 4096 x W 4096x4096: no spills; 191-201 registers per
-thread for the one-warpgroup kernels (95 KB of shared memory), 168 at launch (setmaxnreg
-232 / 40) for ``block_m=256`` (189 KB); per K step the one-warpgroup forward issues about
-395 PTX instructions per thread with the `nf4_kernel_codes` words and 500 with the bnb
-bytes (warp shuffles of the int4 relayout). Not yet run on a GPU.
+machine's version; a Python 3.12 virtual environment), and compiled through
+jax-cuda12-plugin 0.10.2's Mosaic GPU pipeline to PTX and by ptxas (CUDA 13.0) for
+sm_90a with a stub driver (compute capability 9.0), M 4096 x W 4096x4096: no spills;
+191-201 registers per thread for the one-warpgroup kernels (95 KB of shared memory), 168
+at launch (setmaxnreg 232 / 40) for ``block_m=256`` (189 KB); per K step the
+one-warpgroup forward issues about 395 PTX instructions per thread with the
+`nf4_kernel_codes` words and 500 with the bnb bytes (warp shuffles of the int4
+relayout). Not yet run on a GPU.
 
 Sources: bitsandbytes NF4 (``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``,
 Dettmers et al. 2023, QLoRA App. E: 16-entry codebook, absmax per ``blocksize``
