@@ -226,7 +226,11 @@ def worker_gguf(args) -> dict:
     load_s = time.perf_counter() - t0
     tok = common.TokenIds()
     state = nnx.split(lm)[1]
-    weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))  # a step reads these
+    if args.kernel_codes:  # Hopper: the Mosaic GPU GEMV's layout beside the planes (read instead of them)
+        from jaxqlora.quantize import use_kernel_codes
+
+        print(f"# use_kernel_codes: {use_kernel_codes(lm) / 1e9:.2f} GB added", file=sys.stderr)
     stats = jax.local_devices()[0].memory_stats() or {}
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": {}, "load_s": load_s,
            "weight_bytes": weights, "bytes_in_use": stats.get("bytes_in_use"), "compile_s": 0.0}
@@ -264,7 +268,8 @@ def gguf_main(args) -> int:
     results = {}
     for model, _, _ in runs:
         wargs = ["--worker", "gguf", "--model", model, "--shapes", shape, "--new", str(new), "--rounds",
-                 str(rounds), "--scan-layers", args.scan_layers] + (["--smoke"] if args.smoke else [])
+                 str(rounds), "--scan-layers", args.scan_layers] + (["--smoke"] if args.smoke else []) + (
+                 ["--kernel-codes"] if args.kernel_codes else [])
         results[model] = common.run_worker(__file__, wargs, args.budget - (time.perf_counter() - t_start), env)
     first = next((r for r in results.values() if "device" in r), {})
     print(f"\n# GGUF kept quantized, {time.strftime('%Y-%m-%d')} | {first.get('device', '?')} | jax "
