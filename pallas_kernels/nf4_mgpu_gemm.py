@@ -15,7 +15,8 @@ swizzled SMEM; the decode-to-SMEM step is `pallas_kernels.nf4_mgpu`'s transposed
 itself after tokamax's sm90 quantized ragged dot):
 
 * Forward `nf4_mgpu_gemm`, grid ``(cdiv(M, block_m), cdiv(N, block_n))``, one warpgroup
-  per program owning a ``[block_m, block_n]`` tile of ``y``. `plgpu.emit_pipeline`
+  per program owning a ``[block_m, block_n]`` tile of ``y`` (default 128 x 128, or 128 x
+  64 where that leaves fewer than two programs per SM: `_default_tile`). `plgpu.emit_pipeline`
   streams per K step of 64: the int4 codes ``[block_n, 64]`` (the bitcast view of bnb's
   packed bytes, see `nf4_mgpu._int4_view`), their scales ``scale[k, n0:n0 + block_n]``
   (`nf4_mgpu.nf4_kernel_scale`: one bfloat16 per row and 64-column block) and
@@ -196,6 +197,21 @@ _SMEM_WS = 216 * 1024
 _SMEM_PER_PROGRAM = 112 * 1024
 
 
+#: Programs the default tile aims for: two per SM of a 132-SM H100 / H200 (the
+#: one-warpgroup kernels run two per SM).
+_TARGET_PROGRAMS = 264
+
+
+def _default_tile(m: int, cols: int, block_m: int) -> int:
+    """The default output-column tile (forward ``block_n``, transposed ``block_k``): 128,
+    or 64 where 128 leaves fewer than `_TARGET_PROGRAMS` programs (M = 512 with 4096
+    columns: 128 programs of 128 x 128, 256 of 128 x 64; the decode per multiply-add
+    stays one per ``block_m`` rows). Always 128 for ``block_m`` 256."""
+    if block_m == 256 or pl.cdiv(m, block_m) * pl.cdiv(cols, 128) >= _TARGET_PROGRAMS:
+        return 128
+    return 64
+
+
 def _stages(stages, steps, per_stage, fixed, in_flight):
     """Pipeline buffers: given, or as many (up to 4) as fit `_SMEM_PER_PROGRAM` after
     ``fixed`` bytes of scratch; at least 2 with ``in_flight`` (buffers are released a step
@@ -360,7 +376,7 @@ def _fwd_ws_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_n: int, ste
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "stages", "in_flight",
                                              "out_dtype"))
 def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None, *,
-                  block_m: int = 128, block_n: int = 128, stages: int | None = None,
+                  block_m: int = 128, block_n: int | None = None, stages: int | None = None,
                   in_flight: int = 1, out_dtype=None) -> jax.Array:
     """``y = x @ W.T`` for an NF4 ``W [N, K]`` in bitsandbytes' packed bytes, on Hopper,
     decoding W tile by tile into shared memory (no bfloat16 W in HBM).
@@ -378,7 +394,8 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
         two compute warpgroups of 128 rows share each decoded W tile and a third issues
         the TMA copies (`_fwd_ws_body`; half the decode per product; ``block_n`` 128;
         ``in_flight`` does not apply).
-      block_n: rows of W per program, wgmma's N (a multiple of 8 up to 256; default 128).
+      block_n: rows of W per program, wgmma's N (a multiple of 8 up to 256; default
+        `_default_tile`: 128, or 64 where 128 leaves the GPU short of programs).
       stages: pipeline buffers in flight (default: up to 4 within `_SMEM_PER_PROGRAM`,
         3 for the default tiles: two programs per SM).
       in_flight: 1 (default): two decoded tiles alternate and one wgmma stays in flight
@@ -404,6 +421,7 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
     m, k = x.shape
     n = packed.shape[1] if packed.ndim == 3 else -1
     _check_common(name, x, packed, scale, n, k, block_m, stages, in_flight)
+    block_n = block_n or _default_tile(m, n, block_m)
     if block_n % 8 or not 8 <= block_n <= 256 or (packed.dtype == jnp.uint32 and block_n % 64):
         raise ValueError(f"{name}: block_n={block_n} must be a multiple of 8 in [8, 256] "
                          "(of 64 with uint32 words)")
@@ -599,7 +617,7 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
       block_m: rows of ``dy`` per program: 64, 128, or 256 with two compute warpgroups
         sharing each decoded tile (`_t_ws_body`), as in `nf4_mgpu_gemm`.
       block_k: columns of ``dx`` (of W) per program, wgmma's N (64, 128 or 256, dividing
-        K; default 128 when it divides K, else 64; 128 with ``block_m`` 256).
+        K; default `_default_tile` where 128 divides K, else 64; 128 with ``block_m`` 256).
       stages, in_flight, out_dtype: as in `nf4_mgpu_gemm`.
 
     Returns:
@@ -621,7 +639,7 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
     m, n = dy.shape
     k = (8 if packed.dtype == jnp.uint32 else 2) * packed.shape[-1]
     _check_common(name, dy, packed, scale, n, k, block_m, stages, in_flight)
-    block_k = block_k or (128 if k % 128 == 0 else 64)
+    block_k = block_k or (_default_tile(m, k, block_m) if k % 128 == 0 else 64)
     if block_k not in (64, 128, 256) or k % block_k:
         raise ValueError(f"{name}: block_k={block_k} must be 64, 128 or 256 and divide "
                          f"K={k} (the codes' TMA tiles span block_k columns)")

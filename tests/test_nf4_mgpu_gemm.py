@@ -209,6 +209,19 @@ def test_wide_tiles_lower_for_cuda():
         assert _mosaic_calls(text) == 1
 
 
+def test_default_tile():
+    """The default output-column tile for Llama-3-8B shapes: 128 where that gives at least
+    two programs per SM of a 132-SM GPU, else 64; always 128 with two warpgroups."""
+    from pallas_kernels.nf4_mgpu_gemm import _default_tile
+
+    assert _default_tile(4096, 4096, 128) == 128      # 32 x 32 programs
+    assert _default_tile(2048, 14336, 128) == 128
+    assert _default_tile(512, 14336, 128) == 128      # 4 x 112
+    assert _default_tile(512, 4096, 128) == 64        # 4 x 32 = 128 -> 4 x 64
+    assert _default_tile(512, 1024, 128) == 64
+    assert _default_tile(512, 4096, 256) == 128
+
+
 @pytest.mark.parametrize("fn,args,kw,match", [
     (nf4_mgpu_gemm, ((8, 100), (16, 50), (1, 16)), {}, "multiple of 64"),
     (nf4_mgpu_gemm, ((8, 128), (12, 64), (2, 12)), {}, "N=12"),
