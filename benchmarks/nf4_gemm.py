@@ -29,7 +29,8 @@ to compile or to check is printed as FAILED and skipped). ``--smoke`` runs the w
 script on a CPU at tiny shapes with the kernel
 replaced by its reference (checks the script, times nothing meaningful).
 
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 python benchmarks/nf4_gemm.py [--sweep]   # Hopper only
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 python benchmarks/nf4_gemm.py \
+        [--only forward|transposed] [--ms 512,2048,4096] [--sweep]   # Hopper only
 
 Without a Hopper GPU (and without ``--smoke``) it exits with status 2 and says so.
 """
@@ -205,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--sets", type=int, default=2, help="distinct input sets per call (R)")
     ap.add_argument("--only", choices=("forward", "transposed"), default=None)
+    ap.add_argument("--ms", default=None,
+                    help="comma-separated M values (default 512,2048,4096)")
     args = ap.parse_args(argv)
     if not args.smoke and not nf4_mgpu_gemm_supported(512, 4096, 4096, BLOCKSIZE, jnp.bfloat16):
         print(f"nf4_gemm.py: needs a Hopper GPU (compute capability 9.0); found "
@@ -212,6 +215,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     shapes, ms = (SMOKE_SHAPES, SMOKE_MS) if args.smoke else (SHAPES, MS)
+    if args.ms:
+        ms = tuple(int(v) for v in args.ms.split(","))
     if args.smoke:
         args.calls, args.rounds, args.sets = 1, 1, 1
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; us per product (median "
