@@ -53,19 +53,29 @@ itself after tokamax's sm90 quantized ragged dot):
   divide the tiles, the output is allocated rounded up and sliced by XLA afterwards (the
   Llama-3-8B shapes at M a multiple of 128 need no slice).
 
-Numerics: each weight element is ``bf16(bf16(NF4[code]) * bf16(scale))`` with
-``scale`` the decoded float32 absmax (double quantization included) rounded to
-bfloat16 once (`nf4_kernel_scale`); this is the rule of `pallas_kernels.nf4_mgpu`'s
-kernels (M <= 64), NOT bit-identical to `nf4_matmul`'s dequantize-to-bfloat16
-(``bf16(NF4[code] * absmax)`` in float32, one rounding): this W is within three
-bfloat16 roundings (code, scale, product; 3 * 2**-8 relative) of the exact
-``NF4[code] * absmax``, that one within one (2**-8). The products of that bfloat16 W
-with bfloat16 ``x`` are exact in float32 and accumulated in float32 on the tensor cores
-(``wgmma ... f32.bf16.bf16``), so the kernel equals `nf4_mgpu_gemm_reference` (the same
-W in plain jnp) up to float32 summation order; the tests check it against float64
-products of that W. Bit-identity with today's path would need the float32 product
-``NF4[code] * absmax`` per element (a float32 codebook lookup and a float32 multiply
-before the rounding), about twice the decode instructions of the bfloat16 ``fma``.
+Numerics: the dtype of the scale operand picks the rounding of W.
+
+* float32 scales (`nf4_kernel_scale_f32`: the decoded absmax, double quantization
+  included, not rounded): each weight is ``bf16(NF4[code] * absmax)`` of float32
+  operands, the product rounded once to float32 and then to bfloat16, bit for bit the
+  bfloat16 W of today's dequantize path (`nf4_dequantize_reference` / the Triton
+  dequantize kernel rounded to bfloat16, bnb's ``dequantize_4bit``): the SAME products
+  as dequantize-then-matmul. The decode (`_ASM8_EXACT`, `_ASM_EXACT`) looks each of
+  the four bytes of the float32 codebook values up with byte-permutes, assembles the
+  float32 values, multiplies (``mul.rn.f32``) and rounds pairs (``cvt.rn.bf16x2.f32``):
+  about 7.5 instructions per weight against 3 for the bfloat16 rule.
+* bfloat16 scales (`nf4_mgpu.nf4_kernel_scale`: absmax rounded to bfloat16 once): each
+  weight is ``bf16(bf16(NF4[code]) * bf16(absmax))`` (one ``fma.rn.bf16x2``), the rule
+  of `pallas_kernels.nf4_mgpu`'s kernels (M <= 64): within three bfloat16 roundings (3 *
+  2**-8 relative) of the exact ``NF4[code] * absmax``, not bit-identical to the
+  dequantize path.
+
+Either way the products of the bfloat16 W with bfloat16 ``x`` are exact in float32 and
+accumulated in float32 on the tensor cores (``wgmma ... f32.bf16.bf16``): the kernel
+equals `nf4_mgpu_gemm_reference` (the same W in plain jnp) up to float32 summation
+order. The tests check the references and (on a GPU) the kernels against float64
+products of that W, and run the decode's inline PTX on the CPU through a small
+interpreter of its instructions (bit for bit against bnb's rounding).
 
 Restrictions (`nf4_mgpu_gemm_supported`; the wrappers raise ValueError on shapes): a
 Hopper GPU (compute capability 9.0), bfloat16 ``x`` / ``dy``, ``K`` and ``blocksize``
@@ -80,12 +90,13 @@ float64 and lower both kernels for CUDA.
 Status: lowered for CUDA on a CPU machine by jax 0.10.2 and by jax 0.11.2 (the GPU
 machine's version; a Python 3.12 virtual environment), and compiled through
 jax-cuda12-plugin 0.10.2's Mosaic GPU pipeline to PTX and by ptxas (CUDA 13.0) for
-sm_90a with a stub driver (compute capability 9.0), M 4096 x W 4096x4096: no spills;
-191-201 registers per thread for the one-warpgroup kernels (95 KB of shared memory), 168
-at launch (setmaxnreg 232 / 40) for ``block_m=256`` (189 KB); per K step the
-one-warpgroup forward issues about 395 PTX instructions per thread with the
-`nf4_kernel_codes` words and 500 with the bnb bytes (warp shuffles of the int4
-relayout). Not yet run on a GPU.
+sm_90a with a stub driver (compute capability 9.0), M 4096 x W 4096x4096 (and M 512 for
+the 128 x 64 default tile): no spills in any variant. One warpgroup: 191-201 registers
+per thread with bfloat16 scales, 198-233 with float32 scales (95-96 KB of shared memory;
+112 registers and 91 KB at 128 x 64); two warpgroups (block_m=256): 168 at launch with
+setmaxnreg 232 / 40, 189-190 KB. Per K step the one-warpgroup forward with bfloat16
+scales issues about 395 PTX instructions per thread with the `nf4_kernel_codes` words
+and 500 with the bnb bytes (warp shuffles of the int4 relayout). Not yet run on a GPU.
 
 Sources: bitsandbytes NF4 (``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``,
 Dettmers et al. 2023, QLoRA App. E: 16-entry codebook, absmax per ``blocksize``
@@ -100,19 +111,23 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.nf4_mgpu import (
+    _NF4,
+    _i32_to_vec,
     _int4_view,
     _nf4_dequant,
     _nf4_dequant_words,
     _pad_rows,
     _reference_weight,
     _swizzled,
+    _vec_to_i8,
 )
 
-__all__ = ["nf4_mgpu_gemm", "nf4_mgpu_gemm_t", "nf4_mgpu_gemm_supported",
+__all__ = ["nf4_mgpu_gemm", "nf4_mgpu_gemm_t", "nf4_mgpu_gemm_supported", "nf4_kernel_scale_f32",
            "nf4_mgpu_gemm_reference", "nf4_mgpu_gemm_reference_t"]
 
 
@@ -170,9 +185,9 @@ def _check_common(name, a, packed, scale, n, k, block_m, stages, in_flight,
         raise ValueError(f"{name}: {a.shape}, packed {packed.shape} {packed.dtype}, scale "
                          f"{scale.shape} disagree (want packed uint8 [(L,) N, K//2] or uint32 "
                          "[(L,) N, K//8], scale [(L,) K//64, N] bfloat16)")
-    if a.dtype != jnp.bfloat16 or scale.dtype != jnp.bfloat16:
-        raise ValueError(f"{name}: activations and scale must be bfloat16, got {a.dtype}, "
-                         f"{scale.dtype}")
+    if a.dtype != jnp.bfloat16 or scale.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"{name}: activations must be bfloat16 and scale bfloat16 or "
+                         f"float32, got {a.dtype}, {scale.dtype}")
     if k % 64 or n % 8 or k < 64 or n < 8:
         raise ValueError(f"{name}: K={k} must be a multiple of 64 and N={n} of 8")
     if block_m not in block_ms:
@@ -222,6 +237,181 @@ def _stages(stages, steps, per_stage, fixed, in_flight):
 
 
 # ---------------------------------------------------------------------------
+# The exact decode (float32 scales): bf16(NF4[code] * absmax) in float32, bnb's rounding
+# ---------------------------------------------------------------------------
+
+#: bitsandbytes' NF4 codebook as float32 bit patterns, and its four byte planes as
+#: 32-bit immediates (plane b, word w: byte b of codes 4w..4w+3), for `_exact_ptx`.
+_NF4_F32_BITS = _NF4.astype(np.float32).view(np.uint32)
+_PLANES = [[int(sum(((int(_NF4_F32_BITS[4 * w + i]) >> (8 * b)) & 0xFF) << (8 * i)
+                    for i in range(4))) for w in range(4)] for b in range(4)]
+
+
+def _exact_ptx(idx: str, sel: str, scales: tuple, pairs: tuple, outs: tuple) -> list[str]:
+    """PTX of the exact decode of four codes: ``idx`` holds their low 3 bits as prmt
+    selector nibbles (code ``i`` in nibble ``i``), ``sel`` the selectors that take the
+    upper half of the table for codes >= 8 (as in `nf4_mgpu._lookup_ptx`). Each of the four
+    bytes of the float32 codebook values is looked up as its own plane (3 prmt), the
+    planes are interleaved into the four float32 values ``f0..f3`` (8 prmt), multiplied by
+    the float32 ``scales[i]`` (``mul.rn.f32``) and rounded in pairs to bfloat16
+    (``cvt.rn.bf16x2.f32``, round to nearest even): ``outs[j]`` gets codes ``pairs[j] =
+    (lo, hi)`` (``lo`` in the low half)."""
+    lines = []
+    for b in range(4):
+        lines += [f"prmt.b32 q0, {_PLANES[b][0]}, {_PLANES[b][1]}, {idx};",
+                  f"prmt.b32 q1, {_PLANES[b][2]}, {_PLANES[b][3]}, {idx};",
+                  f"prmt.b32 b{b}, q0, q1, {sel};"]
+    lines += ["prmt.b32 l01, b0, b1, 0x5140;", "prmt.b32 h01, b2, b3, 0x5140;",
+              "prmt.b32 l23, b0, b1, 0x7362;", "prmt.b32 h23, b2, b3, 0x7362;",
+              "prmt.b32 f0, l01, h01, 0x5410;", "prmt.b32 f1, l01, h01, 0x7632;",
+              "prmt.b32 f2, l23, h23, 0x5410;", "prmt.b32 f3, l23, h23, 0x7632;"]
+    lines += [f"mul.rn.f32 f{i}, f{i}, {scales[i]};" for i in range(4)]
+    lines += [f"cvt.rn.bf16x2.f32 {o}, f{hi}, f{lo};" for o, (lo, hi) in zip(outs, pairs)]
+    return lines
+
+
+_EXACT_REGS = (".reg .b32 idx, sel, ih, sh, q0, q1, b0, b1, b2, b3, l01, h01, l23, h23;\n"
+               ".reg .f32 f0, f1, f2, f3;")
+
+#: Four codes (selector nibbles in $2's low 16 bits: register a's byte, then b's; the
+#: int4 view holds bnb's element 2i in the HIGH nibble, so a pair is (nibble 1, nibble 0))
+#: -> two bfloat16 pairs ($0 for a, $1 for b), scaled by the float32 $3 (a) and $4 (b).
+_ASM_EXACT = "\n".join(["{", _EXACT_REGS,
+                        "and.b32 idx, $2, 0x7777;", "and.b32 sel, $2, 0x8888;",
+                        "shr.u32 sel, sel, 1;", "or.b32 sel, sel, 0x3210;",
+                        *_exact_ptx("idx", "sel", ("$3", "$3", "$4", "$4"), ((1, 0), (3, 2)),
+                                    ("$0", "$1")), "}"])
+
+#: Eight codes (the word $4, code i in nibble i) -> four bfloat16 pairs $0..$3 (pair t:
+#: codes 2t, 2t+1, low half first), scaled by the float32 $5.
+_ASM8_EXACT = "\n".join(["{", _EXACT_REGS,
+                         "and.b32 idx, $4, 0x77777777;", "and.b32 sel, $4, 0x88888888;",
+                         "shr.u32 sel, sel, 1;", "or.b32 sel, sel, 0x32103210;",
+                         "shr.u32 ih, idx, 16;", "shr.u32 sh, sel, 16;",
+                         *_exact_ptx("idx", "sel", ("$5",) * 4, ((0, 1), (2, 3)),
+                                     ("$0", "$1")),
+                         *_exact_ptx("ih", "sh", ("$5",) * 4, ((0, 1), (2, 3)),
+                                     ("$2", "$3")),
+                         "}"])
+
+
+def _f32_bits(s_smem, index):
+    """The float32 at ``s_smem[index]`` as an i32 (the inline PTX's ``r`` operand)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref
+    return arith.bitcast(ir.IntegerType.get_signless(32), memref.load(s_smem, index))
+
+
+def _nf4_dequant_exact(codes, scale_ref):
+    """`nf4_mgpu._nf4_dequant` with bitsandbytes' rounding: bfloat16 ``bf16(NF4[code] *
+    scale[row])`` computed in float32 (`_ASM_EXACT`) for an int4 ``codes [rows, c]`` value
+    in layout ``WGMMA``; ``scale_ref`` a ``[rows]`` float32 SMEM ref. Result in layout
+    ``WGMMA``, one bfloat16 pair per register."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm
+
+    layout = plgpu.Layout.WGMMA
+
+    @plgpu.inline_mgpu(
+        arg_types=(layout, plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct(codes.shape, jnp.bfloat16, layout),
+    )
+    def dequant(_, w, s_smem):
+        i32 = ir.IntegerType.get_signless(32)
+        c = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))  # noqa: E731
+        struct = llvm.StructType.get_literal([i32, i32])
+        pair_ty = ir.VectorType.get((2,), ir.BF16Type.get())
+        strides = w.layout.tiling.tile_strides(tuple(mgpu.utils.get_contiguous_strides(w.shape)))
+        regs, scales = [], {}
+        for idx, reg_idx in zip(w.layout.thread_idxs(w.shape), np.ndindex(w.registers.shape)):
+            key = sum(i * st for i, st in zip(reg_idx, strides)) // w.shape[1]
+            if key not in scales:  # one load per row the thread's registers lie in
+                scales[key] = _f32_bits(s_smem, [idx[0]])
+            regs.append((scales[key], reg_idx))
+        assert len(regs) % 2 == 0, len(regs)
+        new_regs = np.empty_like(w.registers)
+        for (sa, ra), (sb, rb) in zip(regs[0::2], regs[1::2]):
+            bytes_ = [arith.extui(i32, _vec_to_i8(w.registers[r])) for r in (ra, rb)]
+            sel = arith.ori(bytes_[0], arith.shli(bytes_[1], c(8)))
+            res = llvm.inline_asm(struct, [sel, sa, sb], _ASM_EXACT, "=r,=r,r,r,r")
+            for j, r in enumerate((ra, rb)):
+                out = llvm.extractvalue(i32, res, ir.DenseI64ArrayAttr.get([j]))
+                new_regs[r] = _i32_to_vec(out, pair_ty)
+        return mgpu.FragmentedArray(_registers=new_regs, _layout=w.layout, _is_signed=None)
+
+    return dequant(codes, scale_ref)
+
+
+def _nf4_dequant_words_exact(words, scale_ref, sub: int):
+    """`nf4_mgpu._nf4_dequant_words` with bitsandbytes' rounding (`_ASM8_EXACT`): the
+    ``sub`` bfloat16 ``[64, 64]`` blocks (layout ``WGMMA``) of ``bf16(NF4[code] *
+    scale[j, row])`` computed in float32, for a uint32 ``words [64, 8 * sub]`` tile of the
+    `nf4_kernel_codes` layout (layout ``WGMMA``); ``scale_ref`` the ``[sub, 64]`` float32
+    SMEM scales."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+
+    layout = plgpu.Layout.WGMMA
+    out_ty = plgpu.ShapeDtypeStruct((64, 64), jnp.bfloat16, layout)
+
+    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()),
+                       return_type=tuple(out_ty for _ in range(sub)))
+    def dequant(_, w, s_smem):
+        i32 = ir.IntegerType.get_signless(32)
+        index = ir.IndexType.get()
+        struct = llvm.StructType.get_literal([i32] * 4)
+        pair_ty = ir.VectorType.get((2,), ir.BF16Type.get())
+
+        def offsets(arr_layout, shape):  # register index -> static (row, col) offset
+            strides = arr_layout.tiling.tile_strides(
+                tuple(mgpu.utils.get_contiguous_strides(shape)))
+            return {r: divmod(sum(i * st for i, st in zip(r, strides)), shape[1])
+                    for r in np.ndindex(arr_layout.registers_shape(shape))}
+
+        src = {}  # the words of each (row offset, word column)
+        for r, (ro, co) in offsets(w.layout, w.shape).items():
+            for e in range(2):
+                src[(ro, co + e)] = vector.extract(w.registers[r], [], [e])
+        out_layout = mgpu.WGMMA_LAYOUT
+        out_offsets = offsets(out_layout, (64, 64))
+        rows = {r: idx[0] for r, idx in zip(np.ndindex(out_layout.registers_shape((64, 64))),
+                                             out_layout.thread_idxs((64, 64)))}
+        by_off = {off: r for r, off in out_offsets.items()}
+        row_offs = sorted({ro for ro, _ in out_offsets.values()})
+        outs = []
+        for j in range(sub):
+            regs = np.empty(out_layout.registers_shape((64, 64)), dtype=object)
+            for row_off in row_offs:
+                scale = _f32_bits(s_smem, [arith.constant(index, j),
+                                           rows[by_off[(row_off, 0)]]])
+                for e in range(2):  # word column 8 j + e of this thread's quad: pairs 4 e + t
+                    word = src[(row_off, 8 * j + e)]
+                    res = llvm.inline_asm(struct, [word, scale], _ASM8_EXACT,
+                                          "=r,=r,=r,=r,r,r")
+                    for t in range(4):
+                        out = llvm.extractvalue(i32, res, ir.DenseI64ArrayAttr.get([t]))
+                        regs[by_off[(row_off, 8 * (4 * e + t))]] = _i32_to_vec(out, pair_ty)
+            assert all(x is not None for x in regs.flat)
+            outs.append(mgpu.FragmentedArray(_registers=regs, _layout=out_layout,
+                                             _is_signed=None))
+        return tuple(outs)
+
+    return dequant(words, scale_ref)
+
+
+def _decoders(scale_dtype):
+    """The (int4 view, words) decoders for a scale operand of this dtype: bfloat16 scales
+    take `nf4_mgpu`'s ``fma.rn.bf16x2`` rule, float32 scales the exact one."""
+    if jnp.dtype(scale_dtype) == jnp.dtype(jnp.float32):
+        return _nf4_dequant_exact, _nf4_dequant_words_exact
+    return _nf4_dequant, _nf4_dequant_words
+
+
+# ---------------------------------------------------------------------------
 # Forward: y = x @ W.T
 # ---------------------------------------------------------------------------
 
@@ -235,6 +425,7 @@ def _fwd_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_
     mi, ni = lax.axis_index("m"), lax.axis_index("n")
     layer = layer_ref[0]
     words = w_gmem.dtype == jnp.uint32  # `nf4_kernel_codes` layout, else the int4 view
+    dequant, dequant_words = _decoders(s_gmem.dtype)
     c_swizzle = plgpu.find_swizzle(4 * 64, "codes")  # 32 bytes: 64 codes of 4 bits
     swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes
     bufs = 2 if in_flight else 1
@@ -246,12 +437,11 @@ def _fwd_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_
                 for r in range(block_n // 64):
                     rows = pl.ds(64 * r, 64)
                     wr = plgpu.load(c_smem.at[rows], (), layout=plgpu.Layout.WGMMA)
-                    (blk,) = _nf4_dequant_words(wr, s_smem.at[:, rows], 1)
+                    (blk,) = dequant_words(wr, s_smem.at[:, rows], 1)
                     buf.at[rows][...] = blk
             else:
                 codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-                buf[...] = _nf4_dequant(plgpu.layout_cast(codes, plgpu.Layout.WGMMA),
-                                        s_smem.at[0])
+                buf[...] = dequant(plgpu.layout_cast(codes, plgpu.Layout.WGMMA), s_smem.at[0])
             plgpu.commit_smem()  # the generic-proxy stores, visible to wgmma
             plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(buf, (1, 0)))
             plgpu.wgmma_wait(in_flight)
@@ -310,6 +500,7 @@ def _fwd_ws_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_n: int, ste
     mi, ni = lax.axis_index("m"), lax.axis_index("n")
     layer = layer_ref[0]
     words = w_gmem.dtype == jnp.uint32
+    dequant, dequant_words = _decoders(s_gmem.dtype)
     half = block_n // 2
     c_swizzle = plgpu.find_swizzle(4 * 64, "codes")
     swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes
@@ -331,11 +522,11 @@ def _fwd_ws_body(layer_ref, x_gmem, w_gmem, s_gmem, o_gmem, *, block_n: int, ste
                 for r in range(half // 64):
                     sl = slice(w * half + 64 * r, w * half + 64 * r + 64)
                     wr = plgpu.load(c_smem.at[sl], (), layout=plgpu.Layout.WGMMA)
-                    (blk,) = _nf4_dequant_words(wr, s_smem.at[:, sl], 1)
+                    (blk,) = dequant_words(wr, s_smem.at[:, sl], 1)
                     buf.at[sl][...] = blk
             else:
                 codes = plgpu.load(c_smem.at[rows], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-                buf.at[rows][...] = _nf4_dequant(
+                buf.at[rows][...] = dequant(
                     plgpu.layout_cast(codes, plgpu.Layout.WGMMA), s_smem.at[0, rows])
 
         def step(idx, c_smem, x_smem, s_smem, acc_ref):
@@ -387,8 +578,10 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
         nibble), or ``[L, N, K // 2]`` stacked layers with ``layer`` given; or the same
         codes in `pallas_kernels.nf4_mgpu.nf4_kernel_codes`' layout, uint32
         ``[(L,) N, K // 8]`` (decoded without shuffles; ``block_n`` a multiple of 64).
-      scale: `pallas_kernels.nf4_mgpu.nf4_kernel_scale`'s layout of the decoded absmax:
-        ``[K // 64, N]`` bfloat16 (``[L, K // 64, N]`` when stacked).
+      scale: the decoded absmax as ``[K // 64, N]`` (``[L, K // 64, N]`` when stacked):
+        float32 (`nf4_kernel_scale_f32`) for W rounded as bnb's dequantize rounds it,
+        bit for bit; bfloat16 (`pallas_kernels.nf4_mgpu.nf4_kernel_scale`) for the
+        cheaper ``fma.rn.bf16x2`` rule (see the module docstring).
       layer: int32 scalar, the stacked layer to multiply (read in place), or None.
       block_m: rows of ``x`` per program: 64 or 128 (one warpgroup, wgmma's M), or 256:
         two compute warpgroups of 128 rows share each decoded W tile and a third issues
@@ -435,7 +628,7 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
             raise ValueError(f"{name}: block_n={block_n} must be 128 with block_m=256 "
                              "(each warpgroup decodes 64 rows; a 128x256 accumulator "
                              "spills)")
-        per_stage = _CODE_BYTES(block_n, 64) + 256 * 64 * 2 + block_n * 2
+        per_stage = _CODE_BYTES(block_n, 64) + 256 * 64 * 2 + block_n * scale.dtype.itemsize
         fixed = _WS_TILES * block_n * 64 * 2 + 2 * 128 * 64 * out_dtype.itemsize
         stages = stages or max(2, min(4, (_SMEM_WS - fixed) // per_stage))
         if stages < 2:
@@ -451,7 +644,7 @@ def nf4_mgpu_gemm(x: jax.Array, packed: jax.Array, scale: jax.Array, layer=None,
     if steps < 2:
         in_flight = 0
     bufs = 2 if in_flight else 1
-    per_stage = _CODE_BYTES(block_n, 64) + block_m * 64 * 2 + block_n * 2
+    per_stage = _CODE_BYTES(block_n, 64) + block_m * 64 * 2 + block_n * scale.dtype.itemsize
     fixed = bufs * block_n * 64 * 2  # the epilogue's tile reuses the pipeline's SMEM
     stages = _stages(stages, steps, per_stage, fixed, in_flight)
     kernel = plgpu.kernel(
@@ -479,6 +672,7 @@ def _t_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_k
     mi, ki = lax.axis_index("m"), lax.axis_index("k")
     layer = layer_ref[0]
     words = w_gmem.dtype == jnp.uint32  # `nf4_kernel_codes` layout, else the int4 view
+    dequant, dequant_words = _decoders(s_gmem.dtype)
     sub = block_k // 64
     c_swizzle = plgpu.find_swizzle(4 * block_k, "codes")
     swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes
@@ -488,8 +682,8 @@ def _t_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_k
         def step(idx, c_smem, dy_smem, s_smem):
             buf = w_smem.at[lax.rem(idx[0], bufs)] if bufs > 1 else w_smem.at[0]
             if words:  # [64, 8 * sub] words -> sub [64, 64] bfloat16 blocks
-                blocks = _nf4_dequant_words(plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA),
-                                            s_smem, sub)
+                blocks = dequant_words(plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA),
+                                       s_smem, sub)
             else:
                 codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
             for j in range(sub):
@@ -497,7 +691,7 @@ def _t_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_m: int, block_k
                     blk = blocks[j]
                 else:
                     cj = plgpu.layout_cast(codes[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
-                    blk = _nf4_dequant(cj, s_smem.at[j])
+                    blk = dequant(cj, s_smem.at[j])
                 buf.at[:, j * 64:(j + 1) * 64][...] = blk
             plgpu.commit_smem()  # the generic-proxy stores, visible to wgmma
             plgpu.wgmma(acc_ref, dy_smem, buf)
@@ -535,6 +729,7 @@ def _t_ws_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_k: int, step
     mi, ki = lax.axis_index("m"), lax.axis_index("k")
     layer = layer_ref[0]
     words = w_gmem.dtype == jnp.uint32
+    dequant, dequant_words = _decoders(s_gmem.dtype)
     sub = block_k // 64
     c_swizzle = plgpu.find_swizzle(4 * block_k, "codes")
     swizzle = plgpu.find_swizzle(16 * 64, "wgmma operands")  # 128 bytes
@@ -558,11 +753,10 @@ def _t_ws_body(layer_ref, dy_gmem, w_gmem, s_gmem, o_gmem, *, block_k: int, step
                 codes = plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
             for j in blocks:
                 if words:
-                    (blk,) = _nf4_dequant_words(allw[:, 8 * j:8 * j + 8],
-                                                s_smem.at[j:j + 1], 1)
+                    (blk,) = dequant_words(allw[:, 8 * j:8 * j + 8], s_smem.at[j:j + 1], 1)
                 else:
                     cj = plgpu.layout_cast(codes[:, j * 64:(j + 1) * 64], plgpu.Layout.WGMMA)
-                    blk = _nf4_dequant(cj, s_smem.at[j])
+                    blk = dequant(cj, s_smem.at[j])
                 buf.at[:, j * 64:(j + 1) * 64][...] = blk
 
         def step(idx, c_smem, dy_smem, s_smem, acc_ref):
@@ -611,8 +805,8 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
       dy: ``[M, N]`` bfloat16 output cotangent.
       packed: ``[N, K // 2]`` uint8 bnb codes (``[L, N, K // 2]`` with ``layer``), or
         uint32 `nf4_kernel_codes` words ``[(L,) N, K // 8]``.
-      scale: `nf4_kernel_scale`'s ``[K // 64, N]`` bfloat16 (``[L, K // 64, N]``), the
-        operand the forward takes.
+      scale: ``[K // 64, N]`` float32 (`nf4_kernel_scale_f32`) or bfloat16
+        (`nf4_kernel_scale`) (``[L, K // 64, N]`` stacked), the operand the forward takes.
       layer: int32 scalar, the stacked layer to multiply (read in place), or None.
       block_m: rows of ``dy`` per program: 64, 128, or 256 with two compute warpgroups
         sharing each decoded tile (`_t_ws_body`), as in `nf4_mgpu_gemm`.
@@ -656,7 +850,8 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
             raise ValueError(f"{name}: block_k={block_k} must be 128 with block_m=256 "
                              "(each warpgroup decodes one 64-column block; a 128x256 "
                              "accumulator spills)")
-        per_stage = _CODE_BYTES(64, block_k) + 256 * 64 * 2 + (block_k // 64) * 64 * 2
+        per_stage = (_CODE_BYTES(64, block_k) + 256 * 64 * 2
+                     + (block_k // 64) * 64 * scale.dtype.itemsize)
         fixed = _WS_TILES * 64 * block_k * 2 + 2 * 128 * 64 * out_dtype.itemsize
         stages = stages or max(2, min(4, (_SMEM_WS - fixed) // per_stage))
         if stages < 2:
@@ -672,7 +867,8 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
     if steps < 2:
         in_flight = 0
     bufs = 2 if in_flight else 1
-    per_stage = _CODE_BYTES(64, block_k) + block_m * 64 * 2 + (block_k // 64) * 64 * 2
+    per_stage = (_CODE_BYTES(64, block_k) + block_m * 64 * 2
+                 + (block_k // 64) * 64 * scale.dtype.itemsize)
     fixed = bufs * 64 * block_k * 2  # the epilogue's tile reuses the pipeline's SMEM
     stages = _stages(stages, steps, per_stage, fixed, in_flight)
     kernel = plgpu.kernel(
@@ -691,16 +887,44 @@ def nf4_mgpu_gemm_t(dy: jax.Array, packed: jax.Array, scale: jax.Array, layer=No
 # ---------------------------------------------------------------------------
 
 
+def nf4_kernel_scale_f32(absmax_f32: jax.Array, n: int, k: int, blocksize: int) -> jax.Array:
+    """The float32 scale operand of the exact decode: ``absmax`` (float32, ``[N *
+    K // blocksize]`` or ``[N, K // blocksize]``, double quantization already decoded, e.g.
+    ``jaxqlora.nf4.absmax_float32``) repeated to one scale per 64 columns and transposed,
+    NOT rounded: float32 ``[K // 64, N]`` (a leading layer axis is kept). With it the
+    kernels compute each weight as ``bf16(NF4[code] * absmax)`` in float32, bit for bit
+    the bfloat16 weight of bnb's ``dequantize_4bit`` and of
+    `pallas_kernels.nf4_matmul.nf4_dequantize_reference` rounded to bfloat16."""
+    lead = absmax_f32.shape[:-2] if absmax_f32.ndim >= 2 and absmax_f32.shape[-2:] == (
+        n, k // blocksize) else absmax_f32.shape[:-1]
+    a = absmax_f32.astype(jnp.float32).reshape(*lead, n, k // blocksize)
+    return jnp.swapaxes(jnp.repeat(a, blocksize // 64, axis=-1), -1, -2)
+
+
+def _gemm_weight(packed: jax.Array, scale: jax.Array) -> jax.Array:
+    """float32 ``W [N, K]`` as the kernels decode it: bfloat16 ``scale`` (the
+    `nf4_kernel_scale` layout): ``bf16(bf16(NF4[code]) * scale)``; float32 ``scale``
+    (`nf4_kernel_scale_f32`): ``bf16(NF4[code] * scale)`` in float32."""
+    if scale.dtype != jnp.float32:
+        return _reference_weight(packed, scale)
+    n, kh = packed.shape
+    codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(n, 2 * kh).astype(jnp.int32)
+    s = jnp.repeat(scale.T, 64, axis=1)  # [N, K]
+    w = jnp.asarray(_NF4, jnp.float32)[codes] * s
+    return w.astype(jnp.bfloat16).astype(jnp.float32)
+
+
 def nf4_mgpu_gemm_reference(x: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
     """What `nf4_mgpu_gemm` computes, in float32 jnp: ``W[n, k] = bf16(bf16(NF4[code]) *
-    scale[k // 64, n])`` (bnb's nibble order: element ``2i`` in the high nibble), then
-    ``x [M, K] @ W.T`` with float32 products and accumulation (float32 ``[M, N]``)."""
-    w = _reference_weight(packed, scale)
+    scale[k // 64, n])`` for a bfloat16 ``scale``, ``bf16(NF4[code] * scale[k // 64, n])``
+    in float32 for a float32 one (bnb's nibble order: element ``2i`` in the high nibble),
+    then ``x [M, K] @ W.T`` with float32 products and accumulation (float32 ``[M, N]``)."""
+    w = _gemm_weight(packed, scale)
     return jnp.dot(x.astype(jnp.float32), w.T, precision=lax.Precision.HIGHEST)
 
 
 def nf4_mgpu_gemm_reference_t(dy: jax.Array, packed: jax.Array, scale: jax.Array) -> jax.Array:
     """What `nf4_mgpu_gemm_t` computes, in float32 jnp: ``dy [M, N] @ W [N, K]`` with ``W``
     as in `nf4_mgpu_gemm_reference` (float32 ``[M, K]``)."""
-    w = _reference_weight(packed, scale)
+    w = _gemm_weight(packed, scale)
     return jnp.dot(dy.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)

@@ -22,6 +22,7 @@ import pytest
 
 from pallas_kernels.nf4_mgpu import nf4_kernel_codes, nf4_kernel_scale
 from pallas_kernels.nf4_mgpu_gemm import (
+    nf4_kernel_scale_f32,
     nf4_mgpu_gemm,
     nf4_mgpu_gemm_reference,
     nf4_mgpu_gemm_reference_t,
@@ -76,6 +77,16 @@ def kernel_weight64(packed, absmax, blocksize=64):
     return bf16(bf16(NF4)[codes] * scale)
 
 
+def exact_weight64(packed, absmax, blocksize=64):
+    """float64 ``W [N, K]`` by the exact rule (float32 scales): ``bf16(NF4[code] * absmax)``
+    of float32 operands, the product rounded to float32 and then to bfloat16 (bnb's
+    ``dequantize_4bit`` to bfloat16)."""
+    n, kh = packed.shape
+    codes = np.stack([packed >> 4, packed & 15], axis=-1).reshape(n, 2 * kh)
+    prod = NF4.astype(np.float32)[codes] * np.repeat(absmax.astype(np.float32), blocksize, axis=1)
+    return prod.astype(np.float32).astype(BF16).astype(np.float64)
+
+
 def bnb_weight64(packed, absmax, blocksize=64):
     """float64 ``NF4[code] * absmax``: bitsandbytes' dequantized weight before rounding."""
     n, kh = packed.shape
@@ -110,7 +121,7 @@ def assert_close(got, a64, w64, *, transposed=False, out_bf16=False):
 @pytest.mark.parametrize("m,n,k,blocksize,double_quant", [
     (70, 200, 320, 64, False),     # ragged M and N (N not a multiple of 64)
     (129, 136, 512, 128, False),   # blocksize 128 (a scale repeated over two 64-blocks)
-    (64, 264, 192, 64, True),      # a real double-quantized weight
+    (64, 136, 256, 64, True),      # a real double-quantized weight
 ])
 def test_references_match_float64(m, n, k, blocksize, double_quant):
     """Both references equal float64 products of the kernel's bfloat16 W (to float32
@@ -129,6 +140,161 @@ def test_references_match_float64(m, n, k, blocksize, double_quant):
     assert_close(nf4_mgpu_gemm_reference(x, jnp.asarray(packed), scale), x64, w64)
     assert_close(nf4_mgpu_gemm_reference_t(dy, jnp.asarray(packed), scale), dy64, w64,
                  transposed=True)
+
+
+# ---------------------------------------------------------------------------
+# The decode's inline PTX, run by a small interpreter (its instructions only)
+# ---------------------------------------------------------------------------
+
+
+def _prmt(a, b, c):
+    """``prmt.b32`` (default mode): byte i of the result is byte ``c[4i:4i+3]`` of the
+    8-byte pool ``b:a``, its sign replicated when bit ``4i + 3`` of ``c`` is set."""
+    pool = (a & 0xFFFFFFFF) | ((b & 0xFFFFFFFF) << 32)
+    out = 0
+    for i in range(4):
+        s = (c >> (4 * i)) & 0xF
+        byte = (pool >> (8 * (s & 7))) & 0xFF
+        if s & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def _f32(bits):
+    return np.array([bits & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
+
+
+def _bits(x):
+    return int(np.array([x], np.float32).view(np.uint32)[0])
+
+
+def _bf16_bits(x):
+    return int(np.array([x], np.float32).astype(BF16).view(np.uint16)[0])
+
+
+def run_ptx(asm: str, args: dict) -> dict:
+    """Run the inline-PTX block ``asm`` (operands ``$i`` given as 32-bit ints in ``args``)
+    and return every ``$i`` register after it: the subset of PTX the decode uses."""
+    regs = {f"${i}": v for i, v in args.items()}
+
+    def val(tok):
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg") or line.startswith("//"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *src = [t.strip() for t in rest.split(",")]
+        v = [val(t) for t in src]
+        if op == "and.b32":
+            r = v[0] & v[1]
+        elif op == "or.b32":
+            r = v[0] | v[1]
+        elif op == "shr.u32":
+            r = (v[0] & 0xFFFFFFFF) >> v[1]
+        elif op == "mov.b32":
+            r = v[0]
+        elif op == "prmt.b32":
+            r = _prmt(*v)
+        elif op == "mul.rn.f32":
+            r = _bits(np.float32(_f32(v[0])) * np.float32(_f32(v[1])))
+        elif op == "cvt.rn.bf16x2.f32":  # a -> upper half, b -> lower half
+            r = (_bf16_bits(_f32(v[0])) << 16) | _bf16_bits(_f32(v[1]))
+        elif op == "fma.rn.bf16x2":  # per half: bf16(a * b + c), the product exact in f32
+            r = 0
+            for h in range(2):
+                a, b, c = (np.array([(x >> (16 * h)) & 0xFFFF], np.uint16).view(BF16)[0]
+                           .astype(np.float32) for x in v)
+                r |= _bf16_bits(np.float32(a * b + c)) << (16 * h)
+        else:
+            raise NotImplementedError(op)
+        regs[d] = r & 0xFFFFFFFF
+    return regs
+
+
+def _pair(word):
+    """An i32 of two bfloat16 -> float32 (low half, high half)."""
+    return tuple(np.array([(word >> s) & 0xFFFF], np.uint16).view(BF16)[0].astype(np.float32)
+                 for s in (0, 16))
+
+
+def test_exact_decode_ptx_rounds_like_bnb():
+    """The float32-scale decode (`_ASM8_EXACT` on `nf4_kernel_codes` words, `_ASM_EXACT` on
+    bnb bytes), run instruction by instruction: every weight is ``bf16(NF4[code] * absmax)``
+    of float32 operands, bit for bit what bnb's dequantize rounds to bfloat16."""
+    from pallas_kernels.nf4_mgpu_gemm import _ASM8_EXACT, _ASM_EXACT
+
+    rng = np.random.default_rng()
+    nf4 = NF4.astype(np.float32)
+    want = lambda code, a: _bf16_bits(np.float32(nf4[code] * np.float32(a)))  # noqa: E731
+    scales = [np.float32(v) for v in rng.uniform(1e-3, 0.2, 24)] + [np.float32(1.0)]
+    for a in scales:
+        for _ in range(4):
+            codes = rng.integers(0, 16, 8)
+            word = int(sum(int(c) << (4 * i) for i, c in enumerate(codes)))
+            out = run_ptx(_ASM8_EXACT, {4: word, 5: _bits(a)})
+            got = [(out[f"${t}"] >> (16 * h)) & 0xFFFF for t in range(4) for h in range(2)]
+            assert got == [want(c, a) for c in codes]
+        for byte_a, byte_b in rng.integers(0, 256, (4, 2)):
+            b_scale = np.float32(a * 0.75)
+            out = run_ptx(_ASM_EXACT, {2: int(byte_a) | int(byte_b) << 8, 3: _bits(a),
+                                       4: _bits(b_scale)})
+            for reg, byte, sc in (("$0", byte_a, a), ("$1", byte_b, b_scale)):
+                lo, hi = out[reg] & 0xFFFF, out[reg] >> 16  # bnb element 2i: the high nibble
+                assert (lo, hi) == (want(byte >> 4, sc), want(byte & 15, sc))
+    # all 16 codes, exhaustively, at one scale
+    word_lo, word_hi = int("76543210", 16), int("fedcba98", 16)
+    for word, base in ((word_lo, 0), (word_hi, 8)):
+        out = run_ptx(_ASM8_EXACT, {4: word, 5: _bits(np.float32(0.0371))})
+        got = [(out[f"${t}"] >> (16 * h)) & 0xFFFF for t in range(4) for h in range(2)]
+        assert got == [want(base + c, np.float32(0.0371)) for c in range(8)]
+
+
+def test_bf16_decode_ptx_matches_reference_rule():
+    """`nf4_mgpu`'s bfloat16-scale decode (`_ASM8`), run instruction by instruction:
+    ``bf16(bf16(NF4[code]) * scale)``, the rule of `nf4_mgpu_gemm_reference`."""
+    from pallas_kernels.nf4_mgpu import _ASM8
+
+    rng = np.random.default_rng()
+    for a in rng.uniform(1e-3, 0.2, 8):
+        s16 = _bf16_bits(np.float32(a))
+        codes = rng.integers(0, 16, 8)
+        word = int(sum(int(c) << (4 * i) for i, c in enumerate(codes)))
+        out = run_ptx(_ASM8, {4: word, 5: s16 | s16 << 16})
+        got = [v for t in range(4) for v in _pair(out[f"${t}"])]
+        sb = np.float32(bf16(a))
+        want = [np.float32(bf16(np.float64(np.float32(bf16(NF4[c])) * sb))) for c in codes]
+        assert got == want
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_exact_reference_is_the_dequantize_path(double_quant):
+    """With float32 scales (`nf4_kernel_scale_f32`) the reference's W is, bit for bit,
+    today's large-M path's bfloat16 W (`nf4_dequantize_reference` rounded to bfloat16),
+    and the references equal float64 products of it."""
+    from pallas_kernels.nf4_matmul import nf4_dequantize_reference
+    from pallas_kernels.nf4_mgpu_gemm import _gemm_weight
+
+    rng = np.random.default_rng()
+    n, k, m = 136, 256, 70
+    packed, absmax = random_weight(rng, n, k, double_quant=double_quant)
+    scale = nf4_kernel_scale_f32(jnp.asarray(absmax), n, k, 64)
+    assert scale.dtype == jnp.float32 and scale.shape == (k // 64, n)
+    w = np.asarray(_gemm_weight(jnp.asarray(packed), scale))
+    today = np.asarray(nf4_dequantize_reference(jnp.asarray(packed), jnp.asarray(absmax),
+                                                shape=(n, k)).astype(jnp.bfloat16)
+                       .astype(jnp.float32))
+    assert np.array_equal(w.view(np.uint32), today.view(np.uint32))
+    w64 = exact_weight64(packed, absmax)
+    assert np.array_equal(w64, today.astype(np.float64))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    assert_close(nf4_mgpu_gemm_reference(x, jnp.asarray(packed), scale),
+                 np.asarray(x.astype(jnp.float32), np.float64), w64)
+    assert_close(nf4_mgpu_gemm_reference_t(dy, jnp.asarray(packed), scale),
+                 np.asarray(dy.astype(jnp.float32), np.float64), w64, transposed=True)
 
 
 def _args(fn, m, n, k, layers=None):
@@ -196,6 +362,22 @@ def test_two_warpgroups_lower_for_cuda(fn, m, n, k, layers, words, kw):
     out = jax.eval_shape(f, *args)
     assert out.shape == ((m, n) if fn is nf4_mgpu_gemm else (m, k))
     assert out.dtype == kw.get("out_dtype", jnp.bfloat16)
+
+
+@pytest.mark.parametrize("fn", [nf4_mgpu_gemm, nf4_mgpu_gemm_t], ids=["fwd", "t"])
+@pytest.mark.parametrize("words,block_m", [(False, 128), (True, 256)])
+def test_exact_lowers_for_cuda(fn, words, block_m):
+    """Float32 scales (the exact decode) with bnb bytes and with words, one and two
+    compute warpgroups, ragged and stacked."""
+    m, n, k, layers = 300, 264, 384, 2
+    args = _args(fn, m, n, k, layers)
+    if words:
+        args[1] = jax.ShapeDtypeStruct(args[1].shape[:-1] + (k // 8,), jnp.uint32)
+    args[2] = jax.ShapeDtypeStruct(args[2].shape, jnp.float32)
+    f = lambda *a: fn(*a, block_m=block_m)  # noqa: E731
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert _mosaic_calls(text) == 1
+    assert jax.eval_shape(f, *args).shape == ((m, n) if fn is nf4_mgpu_gemm else (m, k))
 
 
 def test_wide_tiles_lower_for_cuda():
@@ -376,3 +558,31 @@ def test_words_match_float64(fn, m, n, k, layers, kw):
                  transposed=fn is nf4_mgpu_gemm_t)
     same = fn(a, packed, scale, *extra, out_dtype=jnp.float32, **kw)
     assert float(jnp.max(jnp.abs(out - same))) <= 2.0 ** -16 * float(jnp.max(jnp.abs(same)))
+
+
+@needs_hopper
+@pytest.mark.parametrize("fn", [nf4_mgpu_gemm, nf4_mgpu_gemm_t], ids=["fwd", "t"])
+@pytest.mark.parametrize("m,n,k,layers,words,block_m", [
+    (300, 264, 384, 2, False, 128),
+    (300, 264, 384, 2, True, 256),
+    (512, 4096, 4096, None, True, 128),
+    (512, 4096, 4096, None, False, 256),
+    (256, 14336, 4096, None, False, 128),
+])
+def test_exact_matches_float64(fn, m, n, k, layers, words, block_m):
+    """Float32 scales: the kernel's W is bnb's bfloat16 W (``bf16(NF4[code] * absmax)``
+    in float32, today's dequantize path), so its products match float64 products of that
+    W to float32 accumulation."""
+    rng = np.random.default_rng()
+    packed, absmax = random_weight(rng, n, k, layers=layers, double_quant=True)
+    scale = nf4_kernel_scale_f32(jnp.asarray(absmax), n, k, 64)
+    p_last, a_last = (packed, absmax) if layers is None else (packed[-1], absmax[-1])
+    w64 = exact_weight64(p_last, a_last)
+    codes = jnp.asarray(packed)
+    if words:
+        codes = nf4_kernel_codes(codes, n, k)
+    extra = () if layers is None else (jnp.int32(layers - 1),)
+    a = jnp.asarray(rng.standard_normal((m, k if fn is nf4_mgpu_gemm else n)), jnp.bfloat16)
+    out = fn(a, codes, scale, *extra, block_m=block_m, out_dtype=jnp.float32)
+    assert_close(out, np.asarray(a.astype(jnp.float32), np.float64), w64,
+                 transposed=fn is nf4_mgpu_gemm_t)
