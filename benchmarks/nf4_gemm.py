@@ -8,18 +8,20 @@ transposed ``dx = dy @ W``.
 Shapes: M = 512, 2048, 4096 rows of ``x`` (``dy``) x W ``[N, K]`` = 4096x4096 (q/o),
 14336x4096 (gate/up), 4096x14336 (down), blocksize 64. Every shape gets fresh random data
 (bnb packed codes, float32 absmax, bfloat16 activations from a normal distribution), and
-before any timing each path is checked on it: the kernel against its own rule
-(`nf4_mgpu_gemm_reference`, float32: relative Frobenius error < 2**-8, the output's
-bfloat16 rounding), and all three against ``x @ dequantize(W)`` in float32 (< 1e-2; the
-kernel's bfloat16 scales differ from bnb's float32 absmax by up to 2**-8 per element).
+before any timing each path is checked on it: each kernel configuration against its own
+rule (`nf4_mgpu_gemm_reference` with the same scales, float32: relative Frobenius error <
+2**-8, the output's bfloat16 rounding), and every path against ``x @ dequantize(W)`` in
+float32 (< 1e-2).
 
 Timing: ``R`` distinct weight/activation sets per jitted call (back to back), two warm-up
 calls, then per round ``--calls`` queued calls and one ``block_until_ready``; the median
 over ``--rounds`` rounds divided by ``R``. The table gives microseconds, TFLOP/s and the
-ratio of each NF4 path to the dense dot measured in the same run: the kernel at its
-default tiles (``kernel``: ``block_m`` 128, one warpgroup per program) and with
-``block_m=256`` (``kernel256``: two compute warpgroups sharing each decoded tile), both on
-the bnb bytes, and today's path (issue 27 targets: <= 1.03x dense forward, <= 1.05x
+ratio of each NF4 path to the dense dot measured in the same run: the kernel on the bnb
+bytes at its default tiles (``kernel``: ``block_m`` 128, one warpgroup per program) and
+with ``block_m=256`` (``kernel256``: two compute warpgroups sharing each decoded tile),
+both with bfloat16 scales (``bf16(bf16(code) * bf16(absmax))``); the same two with float32
+scales (``exact``, ``exact256``: W bit for bit today's bfloat16 W, so the same products as
+today's path); and today's path (issue 27 targets: <= 1.03x dense forward, <= 1.05x
 transposed).
 
 ``--sweep`` also times the kernel over its tiles (`SWEEP`: block_m, block_n / block_k,
@@ -57,6 +59,7 @@ from pallas_kernels.nf4_matmul import (  # noqa: E402
 )
 from pallas_kernels.nf4_mgpu import nf4_kernel_codes, nf4_kernel_scale  # noqa: E402
 from pallas_kernels.nf4_mgpu_gemm import (  # noqa: E402
+    nf4_kernel_scale_f32,
     nf4_mgpu_gemm,
     nf4_mgpu_gemm_reference,
     nf4_mgpu_gemm_reference_t,
@@ -76,14 +79,24 @@ SWEEP = ([dict(block_m=bm, tile=bt, stages=st, in_flight=1, words=w)
          + [dict(block_m=128, tile=256, stages=2, in_flight=1, words=True),
             dict(block_m=128, tile=64, stages=4, in_flight=1, words=True)]
          + [dict(block_m=256, tile=128, stages=st, in_flight=1, words=w)
-            for st in (None, 2) for w in (False, True)])
+            for st in (None, 2) for w in (False, True)]
+         + [dict(block_m=bm, tile=128, stages=None, in_flight=1, words=True, scale="f32")
+            for bm in (128, 256)])
 
 
-HEADER = ("| product | W [N, K] | M | kernel us | kernel256 us | today us | dense us "
-          "| best kernel TFLOP/s | dense TFLOP/s | kernel / dense | kernel256 / dense "
-          "| today / dense |")
-ROW = ("| {} | {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.0f} | {:.0f} | {:.3f} | {:.3f} "
-       "| {:.3f} |")
+#: The kernel configurations of the main table: name -> (block_m, scale dtype). ``kernel``
+#: is the default (one warpgroup per 128 rows, bfloat16 scales), ``kernel256`` two compute
+#: warpgroups sharing each decoded tile; ``exact``/``exact256`` the same with float32
+#: scales (W bit for bit today's bfloat16 W: the same products).
+KERNELS = {"kernel": (128, "bf16"), "kernel256": (256, "bf16"),
+           "exact": (128, "f32"), "exact256": (256, "f32")}
+PATHS = (*KERNELS, "today", "dense")
+
+HEADER = ("| product | W [N, K] | M | " + " | ".join(f"{p} us" for p in PATHS)
+          + " | best kernel TFLOP/s | dense TFLOP/s | "
+          + " | ".join(f"{p} / dense" for p in PATHS if p != "dense") + " |")
+ROW = ("| {} | {} | {} | " + " | ".join(["{:.1f}"] * len(PATHS)) + " | {:.0f} | {:.0f} | "
+       + " | ".join(["{:.3f}"] * (len(PATHS) - 1)) + " |")
 
 
 def bench(fn, sets, *, calls: int, rounds: int) -> float:
@@ -109,10 +122,11 @@ def rel_err(a, b) -> float:
 
 
 def make_sets(n: int, k: int, m: int, transposed: bool, seed: int, count: int):
-    """``count`` fresh ``(a, packed, absmax, scale, words, w_bf16)``: ``a`` bfloat16 ``[m, k]``
-    (``[m, n]`` transposed), bnb codes uint8 ``[n, k // 2]``, float32 absmax
-    ``[n, k // 64]``, its kernel layout, the same codes as `nf4_kernel_codes` words, and
-    the dequantized bfloat16 W (the dense path's operand)."""
+    """``count`` fresh ``(a, packed, absmax, scales, words, w_bf16)``: ``a`` bfloat16
+    ``[m, k]`` (``[m, n]`` transposed), bnb codes uint8 ``[n, k // 2]``, float32 absmax
+    ``[n, k // 64]``, its two kernel layouts ``(bfloat16, float32)``
+    (`nf4_kernel_scale`, `nf4_kernel_scale_f32`), the same codes as `nf4_kernel_codes`
+    words, and the dequantized bfloat16 W (the dense path's operand)."""
     out = []
     for r in range(count):
         ka, kp, ks = jax.random.split(jax.random.key(seed * 100 + r), 3)
@@ -120,36 +134,38 @@ def make_sets(n: int, k: int, m: int, transposed: bool, seed: int, count: int):
         absmax = jax.random.uniform(ks, (n, k // BLOCKSIZE), jnp.float32, 0.01, 0.1)
         a = jax.random.normal(ka, (m, n if transposed else k), jnp.bfloat16)
         w = nf4_dequantize_reference(packed, absmax, shape=(n, k), blocksize=BLOCKSIZE)
-        out.append((a, packed, absmax, nf4_kernel_scale(absmax, n, k, BLOCKSIZE),
-                    nf4_kernel_codes(packed, n, k), w.astype(jnp.bfloat16)))
+        scales = (nf4_kernel_scale(absmax, n, k, BLOCKSIZE),
+                  nf4_kernel_scale_f32(absmax, n, k, BLOCKSIZE))
+        out.append((a, packed, absmax, scales, nf4_kernel_codes(packed, n, k),
+                    w.astype(jnp.bfloat16)))
     return out
 
 
+
+
 def paths(transposed: bool, smoke: bool):
-    """name -> fn(a, packed, absmax, scale, words, w): the kernel at its default tiles
-    (``block_m`` 128, one warpgroup per program, two programs per SM) and with
-    ``block_m=256`` (two compute warpgroups sharing each decoded tile), today's path and
-    the dense dot."""
+    """name -> fn(a, packed, absmax, scales, words, w) for `PATHS`: the kernel
+    configurations of `KERNELS`, today's path (dequantize + dot) and the dense dot."""
     code = jnp.asarray(NF4_CODE)
-    if smoke:  # CPU: the kernel's reference stands in for the kernel
-        ref = nf4_mgpu_gemm_reference_t if transposed else nf4_mgpu_gemm_reference
-        kern = lambda a, p, am, s, wd, w: ref(a, p, s).astype(a.dtype)  # noqa: E731
-        kern256 = kern
-    elif transposed:
-        kern = lambda a, p, am, s, wd, w: nf4_mgpu_gemm_t(a, p, s)  # noqa: E731
-        kern256 = lambda a, p, am, s, wd, w: nf4_mgpu_gemm_t(a, p, s, block_m=256)  # noqa: E731
-    else:
-        kern = lambda a, p, am, s, wd, w: nf4_mgpu_gemm(a, p, s)  # noqa: E731
-        kern256 = lambda a, p, am, s, wd, w: nf4_mgpu_gemm(a, p, s, block_m=256)  # noqa: E731
+    ref = nf4_mgpu_gemm_reference_t if transposed else nf4_mgpu_gemm_reference
+    gemm = nf4_mgpu_gemm_t if transposed else nf4_mgpu_gemm
+    out = {}
+    for name, (block_m, sdt) in KERNELS.items():
+        si = 1 if sdt == "f32" else 0
+        if smoke:  # CPU: the kernel's reference stands in for the kernel
+            out[name] = lambda a, p, am, s, wd, w, si=si: ref(a, p, s[si]).astype(a.dtype)
+        else:
+            out[name] = lambda a, p, am, s, wd, w, si=si, bm=block_m: gemm(a, p, s[si],
+                                                                          block_m=bm)
     if transposed:
-        today = lambda a, p, am, s, wd, w: nf4_matmul_t_pallas(  # noqa: E731
+        out["today"] = lambda a, p, am, s, wd, w: nf4_matmul_t_pallas(  # noqa: E731
             a, p, am, code, blocksize=BLOCKSIZE, interpret=smoke)
-        dense = lambda a, p, am, s, wd, w: a @ w  # noqa: E731
+        out["dense"] = lambda a, p, am, s, wd, w: a @ w  # noqa: E731
     else:
-        today = lambda a, p, am, s, wd, w: nf4_matmul_pallas(  # noqa: E731
+        out["today"] = lambda a, p, am, s, wd, w: nf4_matmul_pallas(  # noqa: E731
             a, p, am, code, blocksize=BLOCKSIZE, interpret=smoke)
-        dense = lambda a, p, am, s, wd, w: a @ w.T  # noqa: E731
-    return {"kernel": kern, "kernel256": kern256, "today": today, "dense": dense}
+        out["dense"] = lambda a, p, am, s, wd, w: a @ w.T  # noqa: E731
+    return out
 
 
 def check(name, fn, sets, transposed):
@@ -164,8 +180,10 @@ def check(name, fn, sets, transposed):
         err = rel_err(got, bnb)
         if not err < 1e-2:
             raise SystemExit(f"{name}: relative error {err:.3g} vs x @ dequantize(W) (float32)")
-        if name.startswith("kernel"):
-            ref = (nf4_mgpu_gemm_reference_t if transposed else nf4_mgpu_gemm_reference)(a, p, s)
+        if name.startswith(("kernel", "exact")):
+            si = 1 if name.startswith("exact") else 0
+            ref = (nf4_mgpu_gemm_reference_t if transposed else nf4_mgpu_gemm_reference)(
+                a, p, s[si])
             err = rel_err(got, ref)
             if not err < 2.0 ** -8:
                 raise SystemExit(f"{name}: relative error {err:.3g} vs nf4_mgpu_gemm_reference")
@@ -178,12 +196,12 @@ def sweep(n, k, m, transposed, sets, args):
     for cfg in SWEEP:
         kw = dict(block_m=cfg["block_m"], stages=cfg["stages"], in_flight=cfg["in_flight"])
         kw["block_k" if transposed else "block_n"] = cfg["tile"]
-        words = cfg["words"]
-        fn = lambda a, p, am, s, wd, w, kw=kw, words=words: fn0(  # noqa: E731
-            a, wd if words else p, s, **kw)
-        label = dict(kw, words=words)
+        words, si = cfg["words"], 1 if cfg.get("scale") == "f32" else 0
+        fn = lambda a, p, am, s, wd, w, kw=kw, words=words, si=si: fn0(  # noqa: E731
+            a, wd if words else p, s[si], **kw)
+        label = dict(kw, words=words, scale=cfg.get("scale", "bf16"))
         try:
-            check(f"kernel {label}", fn, sets[:1], transposed)
+            check(f"{'exact' if si else 'kernel'} {label}", fn, sets[:1], transposed)
             t = bench(fn, sets, calls=args.calls, rounds=args.rounds)
         except (SystemExit, Exception) as e:  # noqa: BLE001  report and go on
             print(f"  sweep {label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -233,19 +251,17 @@ def main(argv=None) -> int:
             t = {name: bench(fn, sets, calls=args.calls, rounds=args.rounds)
                  for name, fn in ps.items()}
             flop = 2 * m * n * k
-            best = min(t["kernel"], t["kernel256"])
             row = (("dx = dy @ W" if transposed else "y = x @ W.T"), f"{n}x{k}", m,
-                   *(t[p] * 1e6 for p in ("kernel", "kernel256", "today", "dense")),
-                   flop / best / 1e12, flop / t["dense"] / 1e12,
-                   t["kernel"] / t["dense"], t["kernel256"] / t["dense"],
-                   t["today"] / t["dense"])
+                   *(t[p] * 1e6 for p in PATHS),
+                   flop / min(t[p] for p in KERNELS) / 1e12, flop / t["dense"] / 1e12,
+                   *(t[p] / t["dense"] for p in PATHS if p != "dense"))
             table.append(row)
             print(ROW.format(*row), flush=True)
             if args.sweep and not args.smoke and (args.sweep_all or m == max(ms)):
                 sweep(n, k, m, transposed, sets, args)
             del sets
     print("\n" + HEADER)
-    print("|---" * 12 + "|")
+    print("|---" * (3 + len(PATHS) + 2 + len(PATHS) - 1) + "|")
     for row in table:
         print(ROW.format(*row))
     return 0
