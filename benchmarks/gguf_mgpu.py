@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import bench
 
 from pallas_kernels import gguf_q4_0, gguf_q4_1, gguf_q4_k, gguf_q6_k, gguf_q8_0
 from pallas_kernels.gguf_matmul import F16, gguf_matmul, split_blocks, union_layout
@@ -50,22 +50,6 @@ SUB = {"Q4_K": 32, "Q6_K": 16, "Q4_0": 32, "Q4_1": 32, "Q8_0": 32}
 #: Llama-3-8B: q/o (4096x4096), gate/up (14336x4096), down (4096x14336); [N, K]
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 T = gguf.GGMLQuantizationType
-
-
-def bench(fn, *, calls: int, rounds: int, warmup: int = 3) -> float:
-    """Median seconds per call of ``fn()``: ``warmup`` calls, then per round ``calls``
-    queued calls and one ``block_until_ready`` on the last result (benchmarks/common.py)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
 
 
 def random_blocks(rng, qtype, n, k, scale):
@@ -144,7 +128,7 @@ def run_case(rng, types, layer, n, k, *, calls, rounds, gpu, mosaic):
     for name, f in paths.items():
         y = np.asarray(f(*args[name]).astype(jnp.float32), np.float64)
         rel = np.linalg.norm(y - want) / np.linalg.norm(want)
-        t = bench(functools.partial(f, *args[name]), calls=calls, rounds=rounds)
+        t = bench(functools.partial(f, *args[name]), calls=calls, rounds=rounds, warmup=3)
         out[name] = t
         print(f"{label:14s} {n:5d}x{k:<5d} {name:16s} {t * 1e6:9.1f} us  {nbytes / t / 1e9:7.1f} GB/s "
               f"rel err (bf16 out) {rel:.2e}", flush=True)
@@ -177,7 +161,7 @@ def sweep(rng, qtypes, shapes, *, calls, rounds):
                                                   stages=stages, out_dtype=jnp.float32))
                     err = np.abs(np.asarray(f(x, ops, kind), np.float64) - want)
                     ok = (err <= (SUB[qtype] + 2 * (k // SUB[qtype]) + 16) * 2.0 ** -23 * absum + 1e-30).all()
-                    t = bench(functools.partial(f, x, ops, kind), calls=calls, rounds=rounds)
+                    t = bench(functools.partial(f, x, ops, kind), calls=calls, rounds=rounds, warmup=3)
                     print(f"{qtype} {n:5d}x{k:<5d} splits={splits:2d} stages={stages} {t * 1e6:8.1f} us"
                           f"{'' if ok else '  WRONG (beyond float32 summation)'}", flush=True)
                     if ok and (best is None or t < best[0]):
