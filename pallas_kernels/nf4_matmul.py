@@ -48,6 +48,11 @@ with ``interpret=True``):
   at least `MGPU_MIN_WEIGHT` elements (`_mgpu_takes`): the Mosaic GPU kernels of
   `pallas_kernels.nf4_mgpu` instead, ``nf4_mgpu_matmul`` forward and
   ``nf4_mgpu_matmul_t`` for ``dx = dy @ W``.
+* On a Hopper GPU, bfloat16 M > `MGPU_MAX_M` and a weight of at least `MGPU_MIN_WEIGHT`
+  elements (`_gemm_takes`, switch `MGPU_GEMM`): the Mosaic GPU GEMMs of
+  `pallas_kernels.nf4_mgpu_gemm` instead of the bfloat16 W in HBM, ``nf4_mgpu_gemm``
+  forward and ``nf4_mgpu_gemm_t`` for ``dx = dy @ W``: W decoded tile by tile into shared
+  memory with float32 scales, bit for bit the bfloat16 W of the dequantize path (issue 27).
 * Double quantization is dequantized INSIDE the kernels: the uint8 absmax codes
   are looked up in the 256-entry ``nested_code`` table by a gather and combined
   with the gathered ``nested_absmax[i // nested_blocksize]`` and ``offset``.
@@ -74,6 +79,12 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.nf4_mgpu_gemm import (
+    nf4_kernel_scale_f32,
+    nf4_mgpu_gemm,
+    nf4_mgpu_gemm_supported,
+    nf4_mgpu_gemm_t,
+)
 from pallas_kernels.nf4_mgpu import (
     nf4_mgpu_matmul,
     nf4_mgpu_matmul_multi,
@@ -576,6 +587,11 @@ MGPU_MAX_M = 64
 #: through the Triton GEMV; Llama-3-8B shapes, >= 4096x4096, went from 155-163 to 245).
 MGPU_MIN_WEIGHT = 1 << 22
 
+#: Whether a product with more than `MGPU_MAX_M` rows takes the Mosaic GPU GEMM
+#: `pallas_kernels.nf4_mgpu_gemm` on Hopper (`_gemm_takes`) instead of the bfloat16 W
+#: written by `nf4_dequantize_pallas` and cuBLAS (False: today's path, for comparisons).
+MGPU_GEMM = True
+
 #: Largest M (rows of x or dy) that takes the GEMV kernels; above it W is
 #: dequantized once by `nf4_dequantize_pallas` and multiplied on the matrix units.
 GEMV_MAX_M = 16
@@ -664,6 +680,48 @@ def _mgpu_takes(cfg: _Config, a2, kernel_scale) -> bool:
     return _mgpu_applies(cfg, a2, kernel_scale) and n * k >= MGPU_MIN_WEIGHT
 
 
+def _gemm_takes(cfg: _Config, a2) -> bool:
+    """Whether ONE product of ``a2`` (``x2 [M, K]`` forward, ``dy2 [M, N]`` transposed)
+    takes the Mosaic GPU GEMM `pallas_kernels.nf4_mgpu_gemm` (codes decoded into shared
+    memory, no bfloat16 W in HBM): the 'pallas' path, not interpreted, more than
+    `MGPU_MAX_M` rows, `nf4_mgpu_gemm_supported` (Hopper, bfloat16, K and blocksize
+    multiples of 64) and a weight of at least `MGPU_MIN_WEIGHT` elements."""
+    n, k = cfg.shape
+    m = a2.shape[0]
+    return (MGPU_GEMM and cfg.impl == "pallas" and not cfg.interpret and m > MGPU_MAX_M
+            and n * k >= MGPU_MIN_WEIGHT
+            and nf4_mgpu_gemm_supported(m, n, k, cfg.blocksize, a2.dtype))
+
+
+def _opaque_product(a, b):
+    """float32 ``a * b`` rounded to float32 before any following add: XLA may not fuse it
+    into an FMA (``b`` must be >= +0: its sign bit, 0, is OR-ed into the product's bits)."""
+    bits = lax.bitcast_convert_type(a * b, jnp.uint32) | lax.shift_right_logical(
+        lax.bitcast_convert_type(b, jnp.uint32), jnp.uint32(31))
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _gemm(cfg: _Config, kernel, a2, packed, absmax, nested_absmax, nested_code, offset,
+          layer, kernel_codes):
+    """`nf4_mgpu_gemm` (``kernel``) or `nf4_mgpu_gemm_t` on weight ``layer`` (stacked
+    operands sliced) with float32 scales (`nf4_kernel_scale_f32` of the decoded absmax):
+    W bit for bit the bfloat16 W of the dequantize path, so the same products. Double
+    quantization as bnb rounds it: ``nested_code[absmax] * nested_absmax`` rounded to
+    float32, then ``+ offset``."""
+    n, k = cfg.shape
+    if layer is not None:
+        packed, absmax, nested_absmax, nested_code, offset, kernel_codes = _layer_of(
+            layer, packed, absmax, nested_absmax, nested_code, offset, kernel_codes)
+    a = absmax.reshape(-1)
+    if a.dtype == jnp.uint8:
+        blk = jnp.arange(a.shape[0], dtype=jnp.int32) // cfg.nested_blocksize
+        scale = nested_absmax.reshape(-1)[blk]
+        a = (_opaque_product(nested_code[a.astype(jnp.int32)], scale)
+             + jnp.asarray(offset, jnp.float32).reshape(()))
+    scale = nf4_kernel_scale_f32(a, n, k, cfg.blocksize)
+    return kernel(a2, packed if kernel_codes is None else kernel_codes, scale)
+
+
 def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset, code, layer,
              kernel_scale, kernel_codes=None):
     n, k = cfg.shape
@@ -671,7 +729,10 @@ def _forward(cfg: _Config, x, packed, absmax, nested_absmax, nested_code, offset
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return jnp.zeros((*batch, n), x.dtype)
-    if _mgpu_takes(cfg, x2, kernel_scale):
+    if _gemm_takes(cfg, x2):
+        y = _gemm(cfg, nf4_mgpu_gemm, x2, packed, absmax, nested_absmax, nested_code, offset,
+                  layer, kernel_codes)
+    elif _mgpu_takes(cfg, x2, kernel_scale):
         y = nf4_mgpu_matmul(x2, packed if kernel_codes is None else kernel_codes, kernel_scale, layer)
     elif cfg.impl == "xla":
         y = nf4_matmul_reference(x2, packed, absmax, nested_absmax, nested_code, offset,
@@ -697,7 +758,10 @@ def _backward_dx(cfg: _Config, dy, packed, absmax, nested_absmax, nested_code, o
     dy2 = dy.reshape(-1, n)
     if dy2.shape[0] == 0:
         return jnp.zeros((*batch, k), dy.dtype)
-    if _mgpu_takes(cfg, dy2, kernel_scale):
+    if _gemm_takes(cfg, dy2):
+        dx = _gemm(cfg, nf4_mgpu_gemm_t, dy2, packed, absmax, nested_absmax, nested_code,
+                   offset, layer, kernel_codes)
+    elif _mgpu_takes(cfg, dy2, kernel_scale):
         dx = nf4_mgpu_matmul_t(dy2, packed, kernel_scale, layer)
     elif cfg.impl == "xla":
         w = nf4_dequantize_reference(packed, absmax, nested_absmax, nested_code, offset,

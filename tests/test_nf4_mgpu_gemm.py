@@ -461,6 +461,102 @@ def test_supported_on_faked_hopper(monkeypatch, cc, args, want):
     assert nf4_mgpu_gemm_supported(*args) is want
 
 
+def _fake_gemm_hopper(monkeypatch):
+    """Make `nf4_matmul` take its Mosaic GEMM path on this machine (tracing and CUDA
+    lowering only): a GPU default backend and the real `nf4_mgpu_gemm_supported` checks on
+    a faked Hopper."""
+    from pallas_kernels import dispatch, nf4_matmul as op
+
+    monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    real = op.nf4_mgpu_gemm_supported
+
+    def on_hopper(*args):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(jax, "devices", lambda *a: [_FakeDevice("9.0")])
+            return real(*args)
+
+    monkeypatch.setattr(op, "nf4_mgpu_gemm_supported", on_hopper)
+
+
+@pytest.mark.parametrize("m,n,k,layers,dq,words", [
+    (4096, 4096, 4096, None, False, False),   # 8B q/o
+    (65, 14336, 4096, 3, True, False),        # just past the GEMV's M, stacked, double quant
+    (512, 4096, 14336, None, False, True),    # 8B down, the forward on kernel_codes words
+])
+def test_nf4_matmul_takes_the_gemm_on_faked_hopper(monkeypatch, m, n, k, layers, dq, words):
+    """`nf4_matmul` forward and backward (bfloat16, M > MGPU_MAX_M, a weight >=
+    MGPU_MIN_WEIGHT, stacked layers, double quantization) lower to the two Mosaic GEMMs and
+    no dequantize kernel on a (faked) Hopper; with ``MGPU_GEMM`` off, float32 ``x`` or M <=
+    MGPU_MAX_M they do not."""
+    from pallas_kernels import nf4_matmul as op
+
+    _fake_gemm_hopper(monkeypatch)
+    lead = () if layers is None else (layers,)
+    nb = n * k // 64
+    w = dict(packed=jax.ShapeDtypeStruct((*lead, n, k // 2), jnp.uint8))
+    if dq:
+        w |= dict(absmax=jax.ShapeDtypeStruct((*lead, n, k // 64), jnp.uint8),
+                  nested_absmax=jax.ShapeDtypeStruct((*lead, -(-nb // 256)), jnp.float32),
+                  nested_code=jax.ShapeDtypeStruct((*lead, 256), jnp.float32),
+                  offset=jax.ShapeDtypeStruct(lead, jnp.float32))
+    else:
+        w["absmax"] = jax.ShapeDtypeStruct((*lead, n, k // 64), jnp.float32)
+    if words:
+        w["kernel_codes"] = jax.ShapeDtypeStruct((*lead, n, k // 8), jnp.uint32)
+    layer = None if layers is None else jnp.int32(layers - 1)
+
+    def lowered(m, dtype=jnp.bfloat16):
+        def grad(x, dy, w):
+            y, vjp = jax.vjp(lambda x: op.nf4_matmul(x, **w, layer=layer, impl="pallas"), x)
+            return y, vjp(dy)[0]
+
+        return jax.jit(grad).trace(jax.ShapeDtypeStruct((m, k), dtype),
+                                   jax.ShapeDtypeStruct((m, n), dtype), w).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+    text = lowered(m)
+    assert _mosaic_calls(text) == 2 and "nf4_dequantize" not in text
+    monkeypatch.setattr(op, "MGPU_GEMM", False)
+    text = lowered(m)
+    assert _mosaic_calls(text) == 0 and "nf4_dequantize" in text
+    monkeypatch.setattr(op, "MGPU_GEMM", True)
+    assert _mosaic_calls(lowered(m, jnp.float32)) == 0
+    text = lowered(op.MGPU_MAX_M)  # no kernel_scale: the dequantize path at this M
+    assert _mosaic_calls(text) == 0 and "nf4_dequantize" in text
+
+
+def test_nf4_matmul_gemm_scale_is_the_dequantize_path():
+    """The float32 scales `nf4_matmul` hands the GEMM (its own decode of a double-quantized
+    absmax, layer ``layer`` of a stack) give, bit for bit, the bfloat16 W of
+    `nf4_dequantize_reference` (today's large-M path) of that layer."""
+    from jaxqlora.nf4 import quantize_nf4
+    from pallas_kernels import nf4_matmul as op
+    from pallas_kernels.nf4_matmul import nf4_dequantize_reference
+    from pallas_kernels.nf4_mgpu_gemm import _gemm_weight
+
+    rng = np.random.default_rng()
+    n, k, layers = 72, 640, 3
+    qs = [quantize_nf4(jnp.asarray(rng.standard_normal((n, k)) * 0.03, jnp.float32))
+          for _ in range(layers)]
+    st = lambda f: jnp.stack([f(q) for q in qs])  # noqa: E731
+    ops = dict(packed=st(lambda q: q.packed.reshape(n, k // 2)),
+               absmax=st(lambda q: q.absmax.reshape(n, k // 64)),
+               nested_absmax=st(lambda q: q.nested_absmax), nested_code=st(lambda q: q.nested_code),
+               offset=st(lambda q: q.offset))
+    cfg = op._Config("pallas", (n, k), 64, 256, False)
+    for layer in range(layers):
+        p, scale = op._gemm(cfg, lambda a2, p, s: (p, s), None, ops["packed"], ops["absmax"],
+                            ops["nested_absmax"], ops["nested_code"], ops["offset"],
+                            jnp.int32(layer), None)
+        got = np.asarray(_gemm_weight(p, scale))
+        q = qs[layer]
+        want = np.asarray(nf4_dequantize_reference(
+            q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, shape=(n, k))
+            .astype(jnp.bfloat16).astype(jnp.float32))
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), layer
+
+
 # ---------------------------------------------------------------------------
 # GPU (Hopper): the kernels against float64
 # ---------------------------------------------------------------------------
