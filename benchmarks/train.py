@@ -54,6 +54,10 @@ SMOKE_ROWS = [
 def worker_ours(args) -> dict:
     import jax
 
+    from pallas_kernels import nf4_matmul
+
+    nf4_matmul.MGPU_GEMM = args.gemm == "on"
+
     from jaxqlora.lora import apply_lora
     from jaxqlora.memory import memory_estimate, trainer_bytes
     from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
@@ -138,6 +142,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gemm", choices=["on", "off", "both"], default="on",
+                    help="the Mosaic NF4 GEMM for large M on Hopper (pallas_kernels.nf4_matmul.MGPU_GEMM): "
+                         "on (the library's default), off (the bf16 W + cuBLAS path), or both rows in the same run")
     ap.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run (rows past it are skipped)")
     # worker arguments
     ap.add_argument("--worker", choices=["ours", "peer"])
@@ -167,12 +174,15 @@ def main(argv=None) -> int:
     for name, model, batch, length, ckpt, peer_ref, target in rows:
         base = ["--model", model, "--batch", str(batch), "--length", str(length)]
         for policy in (policies if ckpt else ["none"]):
-            remaining = args.budget - (time.perf_counter() - t_start)
-            wa = list(common_args)
-            wa[1] = "ours"
-            r = common.run_worker(__file__, wa + base + ["--remat", policy], timeout=remaining, env=env)
-            results.append((name, f"jaxqlora remat={policy}", r, peer_ref, target))
-            print(f"# {name} jaxqlora remat={policy}: {r}", file=sys.stderr, flush=True)
+            for gemm in (("on", "off") if args.gemm == "both" else (args.gemm,)):
+                remaining = args.budget - (time.perf_counter() - t_start)
+                wa = list(common_args)
+                wa[1] = "ours"
+                r = common.run_worker(__file__, wa + base + ["--remat", policy, "--gemm", gemm],
+                                      timeout=remaining, env=env)
+                run = f"jaxqlora remat={policy}" + ("" if gemm == "on" else " gemm=off")
+                results.append((name, run, r, peer_ref, target))
+                print(f"# {name} {run}: {r}", file=sys.stderr, flush=True)
         if peer_reason is None:
             remaining = args.budget - (time.perf_counter() - t_start)
             wa = list(common_args)
