@@ -15,11 +15,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -259,6 +262,65 @@ def run_worker(script: str, args: list[str], timeout: float, env: dict | None = 
     if proc.returncode != 0 or not lines:
         return {"error": f"exit code {proc.returncode}" + (f": {proc.stdout.strip()[-300:]}" if proc.stdout else "")}
     return json.loads(lines[-1])
+
+
+class TreeWorker:
+    """A long-lived worker process running ``script --worker *args`` over the source tree at
+    ``root`` (CPU only): it prints one JSON line when ready (`info`) and one per command
+    read from stdin (`ask`). Used by the same-run comparisons of two trees (cpu_train.py,
+    cpu_generate.py), so that both trees' workers alternate on one machine."""
+
+    def __init__(self, name: str, root: Path, script: str, args: list[str]):
+        self.name = name
+        env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+        self.proc = subprocess.Popen([sys.executable, str(Path(script).resolve()), "--worker", *args],
+                                     cwd=str(root), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"worker {self.name} exited with {self.proc.wait()}")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def ask(self, cmd: str) -> dict:
+        """Send one command line; return the worker's JSON answer."""
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def base_tree(rev: str, prefix: str):
+    """A ``git worktree`` of ``rev`` in a temporary folder (its path), removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "tree"), rev], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    try:
+        yield tmp / "tree"
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tree_state() -> tuple[str, str]:
+    """``(short HEAD commit, git status --porcelain of tracked files)`` of this tree."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           stdout=subprocess.PIPE, text=True).stdout.strip()
+    return head.strip(), dirty
+
+
+def spread(values: list[float], fmt: str = ".2f") -> str:
+    """``median [min-max]`` of ``values`` in ``fmt``."""
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def emit(result: dict) -> None:

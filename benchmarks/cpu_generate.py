@@ -35,7 +35,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -99,37 +98,6 @@ def _worker(keep_quantized: bool) -> None:
 # ------------------------------------------------------------------ driver side
 
 
-class Worker:
-    """One worker process over the tree at ``root``."""
-
-    def __init__(self, name: str, root: Path, keep_quantized: bool):
-        self.name = name
-        env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"] + (["--keep-quantized"] if keep_quantized else [])
-        self.proc = subprocess.Popen(cmd, cwd=str(root), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"worker {self.name} exited with {self.proc.wait()}")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def ask(self, cmd: str) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-def _spread(values: list[float], fmt: str) -> str:
-    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def _llama_bench(threads: int) -> str:
@@ -157,32 +125,29 @@ def main() -> int:
     if args.worker:
         _worker(args.keep_quantized)
         return 0
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           stdout=subprocess.PIPE, text=True).stdout.strip()
-    tmp = Path(tempfile.mkdtemp(prefix="cpu_generate_base_"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "tree"), args.base], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
+    import common  # the driver only: a worker imports nothing from this tree but its own jaxqlora
+
+    head, dirty = common.tree_state()
     workers = {}
-    try:
-        for mode, kq in (("default", False), ("--keep-quantized", True)):
-            for tree, root in (("base", tmp / "tree"), ("ours", ROOT)):
-                t0 = time.perf_counter()
-                workers[(tree, mode)] = w = Worker(f"{tree} {mode}", root, kq)
-                print(f"# {tree} {mode}: {w.info['package']}, {w.info['dtype']} on {w.info['backend']}, compiled in "
-                      f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        results = {k: {"tok_s": [], "ttft_s": []} for k in workers}
-        for r in range(args.rounds):
-            for cmd, key in (("decode", "tok_s"), ("ttft", "ttft_s")):
-                for k, w in workers.items():
-                    results[k][key].append(w.ask(cmd)[key])
-            print(f"# round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    finally:
-        for w in workers.values():
-            w.close()
-        subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT)
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"CPU generation, embedded SmolLM2-135M-Instruct Q4_1, {os.cpu_count()} cores; ours = {head.strip()}"
+    with common.base_tree(args.base, "cpu_generate_base_") as base_root:
+        try:
+            for mode, kq in (("default", False), ("--keep-quantized", True)):
+                for tree, root in (("base", base_root), ("ours", ROOT)):
+                    t0 = time.perf_counter()
+                    workers[(tree, mode)] = w = common.TreeWorker(f"{tree} {mode}", root, __file__,
+                                                                  ["--keep-quantized"] if kq else [])
+                    print(f"# {tree} {mode}: {w.info['package']}, {w.info['dtype']} on {w.info['backend']}, "
+                          f"compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            results = {k: {"tok_s": [], "ttft_s": []} for k in workers}
+            for r in range(args.rounds):
+                for cmd, key in (("decode", "tok_s"), ("ttft", "ttft_s")):
+                    for k, w in workers.items():
+                        results[k][key].append(w.ask(cmd)[key])
+                print(f"# round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        finally:
+            for w in workers.values():
+                w.close()
+    print(f"CPU generation, embedded SmolLM2-135M-Instruct Q4_1, {os.cpu_count()} cores; ours = {head}"
           f"{' + uncommitted changes' if dirty else ''}, base = {args.base}; median [min-max] of {args.rounds} "
           "alternating rounds\n")
     print(f"| tree, mode (dtype) | decode tok/s ({NEW_TOKENS} new) | ratio | TTFT, {LONG}-token prompt (s) | ratio |")
@@ -191,8 +156,8 @@ def main() -> int:
         base = results[("base", mode)]
         ratio = statistics.median(res["tok_s"]) / statistics.median(base["tok_s"])
         tratio = statistics.median(base["ttft_s"]) / statistics.median(res["ttft_s"])
-        print(f"| {tree}, {mode} ({workers[(tree, mode)].info['dtype']}) | {_spread(res['tok_s'], '.1f')} | "
-              f"{ratio:.2f}x | {_spread(res['ttft_s'], '.2f')} | {tratio:.2f}x |")
+        print(f"| {tree}, {mode} ({workers[(tree, mode)].info['dtype']}) | {common.spread(res['tok_s'], '.1f')} | "
+              f"{ratio:.2f}x | {common.spread(res['ttft_s'], '.2f')} | {tratio:.2f}x |")
     print(_llama_bench(args.threads))
     return 0
 

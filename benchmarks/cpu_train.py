@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -226,36 +225,6 @@ def _profile(length: int, steps: int = 2) -> None:
 # ------------------------------------------------------------------ driver side
 
 
-class Worker:
-    """One worker process over the tree at ``root``."""
-
-    def __init__(self, name: str, root: Path, calls: int):
-        self.name = name
-        env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", "--calls", str(calls)],
-                                     cwd=str(root), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"worker {self.name} exited with {self.proc.wait()}")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def ask(self, cmd: str) -> float:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._read()["s"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
 def main() -> int:
@@ -272,32 +241,29 @@ def main() -> int:
     if args.worker:
         _worker(args.calls)
         return 0
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           stdout=subprocess.PIPE, text=True).stdout.strip()
-    tmp = Path(tempfile.mkdtemp(prefix="cpu_train_base_"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "tree"), args.base], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
+    import common  # the driver only: a worker imports nothing from this tree but its own jaxqlora
+
+    head, dirty = common.tree_state()
     workers = {}
-    try:
-        for tree, root in (("base", tmp / "tree"), ("ours", ROOT)):
-            t0 = time.perf_counter()
-            workers[tree] = w = Worker(tree, root, args.calls)
-            print(f"# {tree}: {w.info['package']}, {w.info['dtype']} on {w.info['backend']}, compiled in "
-                  f"{w.info['compile_s']:.0f} s, ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        times = {(tree, kind, n): [] for tree in workers for kind, n, _ in WORK}
-        for r in range(args.rounds):
-            for kind, n, _ in WORK:
-                for tree, w in workers.items():
-                    times[(tree, kind, n)].append(w.ask(f"{kind} {n}"))
-            print(f"# round {r + 1}/{args.rounds}: " + ", ".join(f"{t} {k} {n} {v[-1]:.2f}s" for (t, k, n), v in
-                                                               times.items()), file=sys.stderr, flush=True)
-    finally:
-        for w in workers.values():
-            w.close()
-        subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT)
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"CPU train step of `jaxqlora finetune` (defaults), {os.cpu_count()} cores; ours = {head.strip()}"
+    with common.base_tree(args.base, "cpu_train_base_") as base_root:
+        try:
+            for tree, root in (("base", base_root), ("ours", ROOT)):
+                t0 = time.perf_counter()
+                workers[tree] = w = common.TreeWorker(tree, root, __file__, ["--calls", str(args.calls)])
+                print(f"# {tree}: {w.info['package']}, {w.info['dtype']} on {w.info['backend']}, compiled in "
+                      f"{w.info['compile_s']:.0f} s, ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+                      flush=True)
+            times = {(tree, kind, n): [] for tree in workers for kind, n, _ in WORK}
+            for r in range(args.rounds):
+                for kind, n, _ in WORK:
+                    for tree, w in workers.items():
+                        times[(tree, kind, n)].append(w.ask(f"{kind} {n}")["s"])
+                print(f"# round {r + 1}/{args.rounds}: " + ", ".join(f"{t} {k} {n} {v[-1]:.2f}s" for (t, k, n), v in
+                                                                   times.items()), file=sys.stderr, flush=True)
+        finally:
+            for w in workers.values():
+                w.close()
+    print(f"CPU train step of `jaxqlora finetune` (defaults), {os.cpu_count()} cores; ours = {head}"
           f"{' + uncommitted changes' if dirty else ''} ({workers['ours'].info['dtype']}), base = {args.base} "
           f"({workers['base'].info['dtype']}); seconds per call, median [min-max] of {args.rounds} alternating rounds "
           f"of {args.calls} queued calls\n")
@@ -306,7 +272,7 @@ def main() -> int:
     for kind, n, _ in WORK:
         b, o = times[("base", kind, n)], times[("ours", kind, n)]
         what = f"train step 16x{n}" if kind == "train" else f"eval batch 64x{n}"
-        print(f"| {what} | {_spread(b)} | {_spread(o)} | {statistics.median(b) / statistics.median(o):.2f}x |")
+        print(f"| {what} | {common.spread(b)} | {common.spread(o)} | {statistics.median(b) / statistics.median(o):.2f}x |")
     for kind, label in (("train", "350 default train steps (263 x 32 + 87 x 64), s"),
                         ("eval", "validation + test (42 x 32 + 16 x 64 batches), s")):
         est = {t: sum(count * statistics.median(times[(t, k, n)]) for k, n, count in WORK if k == kind)
