@@ -134,11 +134,17 @@ _CPU_FT_PEER = Src((CPU, FINETUNE), {
     "p_wall": T(r"^wall time", r"transformers", r"^[^(]+"),
     "p_step": T(r"^seconds per step \|", r"transformers", NUM)})
 
+_CPU_FT_QUIET = Src((CPU, FINETUNE, r"quiet"), {
+    "acc": T(r"quiet\) \|", r"test accuracy", r"/ (\d\.\d+)"),
+    "wall": T(r"quiet\) \|", r"^wall", r"^[\d,]+ s"),
+    "step": T(r"quiet\) \|", r"^training loop", r"\(([\d.]+) s/step")},
+    note="an AVX2 2-core machine with nothing else running")
+
 FINE_TUNING = [
-    Row("`jaxqlora finetune` (defaults: 350 steps of 16)", (_CPU_FT,),
+    Row("`jaxqlora finetune` (defaults: 350 steps of 16)", (_CPU_FT_QUIET, _CPU_FT),
         "test {acc}, {wall} wall, {step} s/step",
         (Cmp((_CPU_FT_PEER,), "transformers + PEFT: test {p_acc}, {p_wall} wall, {p_step} s/step",
-             same_run=False, note="the issue's figure, same split, 2 cores"),)),
+             same_run=False, note="2026-11-21 on another 2-core machine, same split; not the same run"),)),
     Row("`jaxqlora finetune --epochs 2` (1,154 steps of 16)",
         (Src((GPU, r"finetune --epochs 2"), {
             "acc": T(r"^after, empty compile cache \|", r"^test accuracy"),
@@ -187,6 +193,19 @@ GENERATION = [
         (Src((CPU,), {"tps": T(r"^concurrency 1 \|", r"^offline decode", NUM)},
              note="decode only: the offline baseline of `benchmarks/serve.py`, 512-token prompt, float32"),),
         "{tps} tok/s"),
+    Row("embedded SmolLM2-135M-Instruct Q4_1 GGUF, CLI `jaxqlora generate`, 128 new tokens",
+        (Src((CPU, r"CPU generation", r"quiet"), {
+            "cli": R(r"default \(float16\) (" + NUM + r") tok/s after the first token"),
+            "kq": R(r"`--keep-quantized` \(float32\) (" + NUM + r") tok/s, first token"),
+            "ttft": T(r"^ours, default \(float16\) \|", r"^TTFT", r"^" + NUM)},
+            note="an AVX2 2-core machine with nothing else running; llama.cpp's 139 tok/s (REFERENCE.md "
+                 "section 11) was measured on another machine"),),
+        "{cli} tok/s by default (float16), {kq} with `--keep-quantized`; 512-token prompt: first token in {ttft} s",
+        (Cmp((Src((CPU, r"CPU generation", r"quiet"), {
+            "bdec": T(r"^base, default \(bfloat16\) \|", r"^decode", r"^" + NUM),
+            "odec": T(r"^ours, default \(float16\) \|", r"^decode", r"^" + NUM)}),),
+            "`benchmarks/cpu_generate.py`: {odec} vs {bdec} tok/s before issue 26 ({r})",
+            {"r": ("odec", "bdec")}),)),
 ]
 
 # Serving -------------------------------------------------------------------------------
