@@ -30,15 +30,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))  # kernel_checks: the tests' random GGUF blocks
 
 import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 from common import bench
+from kernel_checks import random_blocks, stacked_planes
 
 from pallas_kernels import gguf_q4_0, gguf_q4_1, gguf_q4_k, gguf_q6_k, gguf_q8_0
-from pallas_kernels.gguf_matmul import F16, gguf_matmul, split_blocks, union_layout
+from pallas_kernels.gguf_matmul import gguf_matmul
 from pallas_kernels.gguf_mgpu import (
     gguf_kernel_layout,
     gguf_mgpu_kernel,
@@ -52,53 +54,17 @@ SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 T = gguf.GGMLQuantizationType
 
 
-def random_blocks(rng, qtype, n, k, scale):
-    """Random bytes of an ``[n, k]`` tensor of ``qtype``: any bytes with finite f16 fields
-    are valid blocks (f16 fields uniform in ``±scale``)."""
-    fmt = MODULES[qtype]
-    nb = k // fmt.BLOCK
-    raw = rng.integers(0, 256, (n, nb, fmt.TYPE_SIZE), dtype=np.uint8)
-    at = 0
-    for _, kind in fmt.LAYOUT:
-        if kind == F16:
-            raw[:, :, at:at + 2] = rng.uniform(-scale, scale, (n, nb)).astype(np.float16)[..., None].view(np.uint8)
-            at += 2
-        else:
-            at += kind
-    return raw.reshape(n, nb * fmt.TYPE_SIZE)
-
 
 #: f16 field scale per format: weights of magnitude about 0.02
 FIELD_SCALE = {"Q4_K": 1e-3, "Q6_K": 1e-3, "Q4_0": 3e-3, "Q4_1": 3e-3, "Q8_0": 2e-4}
 
-
-def stack(raws, types, k):
-    """Field planes ``[L, ...]`` of layers of mixed types (union layout) and ``kind [L]``."""
-    names = tuple(sorted(set(types)))
-    layout = union_layout([MODULES[q] for q in names])
-    layers = []
-    for raw, q in zip(raws, types):
-        p = split_blocks(raw, MODULES[q], k)
-        ref = next(iter(p.values()))
-        full = {}
-        for f, kind in layout.items():
-            if kind == F16:
-                full[f] = p.get(f, np.zeros(ref.shape[:2], np.float16))
-            else:
-                a = np.zeros(ref.shape[:2] + (int(kind),), np.uint8)
-                if f in p:
-                    a[..., :p[f].shape[-1]] = p[f]
-                full[f] = a
-        layers.append(full)
-    planes = {f: jnp.asarray(np.stack([lay[f] for lay in layers])) for f in layout}
-    return planes, jnp.asarray([names.index(q) for q in types], jnp.int32), names
 
 
 def run_case(rng, types, layer, n, k, *, calls, rounds, gpu, mosaic):
     """Check and time one projection: ``types`` the stacked layers' formats, ``layer`` the
     one multiplied. Returns ``{path: seconds}``."""
     raws = [random_blocks(rng, q, n, k, FIELD_SCALE[q]) for q in types]
-    planes, kind, names = stack(raws, types, k)
+    planes, kind, names = stacked_planes(raws, types, k)
     fmts = tuple(MODULES[q] for q in names)
     qtype = types[layer]
     x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
@@ -142,7 +108,7 @@ def sweep(rng, qtypes, shapes, *, calls, rounds):
     for qtype in qtypes:
         for n, k in shapes:
             raw = random_blocks(rng, qtype, n, k, FIELD_SCALE[qtype])
-            planes, kind, names = stack([raw], (qtype,), k)
+            planes, kind, names = stacked_planes([raw], (qtype,), k)
             ops = jax.block_until_ready(jax.jit(functools.partial(gguf_kernel_layout, fmts=names))(planes, kind=kind))
             x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
             x64 = np.asarray(x.astype(jnp.float32), np.float64)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_checks import random_blocks, stacked_planes
 
 from pallas_kernels import gguf_q4_0, gguf_q4_1, gguf_q4_k, gguf_q6_k, gguf_q8_0
 from pallas_kernels.gguf_matmul import F16, split_blocks, union_layout
@@ -45,21 +46,6 @@ SUB = {"Q4_K": 32, "Q6_K": 16, "Q4_0": 32, "Q4_1": 32, "Q8_0": 32}
 ON_HOPPER = gguf_mgpu_supported(1, 64, 256, ("Q4_K",), jnp.bfloat16)
 
 
-def random_blocks(rng, qtype, n, k, scale=1.0):
-    """Random bytes of an ``[n, k]`` tensor of ``qtype`` (uint8 ``[n, k / BLOCK *
-    TYPE_SIZE]``, ``gguf.GGUFReader``'s rows) with finite f16 fields uniform in ``±scale``."""
-    fmt = MODULES[qtype]
-    nb = k // fmt.BLOCK
-    raw = rng.integers(0, 256, (n, nb, fmt.TYPE_SIZE), dtype=np.uint8)
-    at = 0
-    for _, kind in fmt.LAYOUT:
-        if kind == F16:
-            raw[:, :, at:at + 2] = rng.uniform(-scale, scale, (n, nb)).astype(np.float16)[..., None].view(np.uint8)
-            at += 2
-        else:
-            at += kind
-    return raw.reshape(n, nb * fmt.TYPE_SIZE)
-
 
 def dense64(raw, qtype, n, k):
     """float64 ``W [n, k]`` by ``gguf.quants.dequantize`` (the independent oracle)."""
@@ -69,29 +55,6 @@ def dense64(raw, qtype, n, k):
 def planes_of(raw, qtype, k):
     return {f: jnp.asarray(p) for f, p in split_blocks(raw, MODULES[qtype], k).items()}
 
-
-def stacked_planes(raws, types, k):
-    """One stack ``[L, ...]`` of layers whose types mix (the union layout of
-    `pallas_kernels.gguf_matmul.union_layout`, as a Q4_K_M file's projections) and the
-    int32 ``kind [L]``."""
-    names = tuple(sorted(set(types)))
-    layout = union_layout([MODULES[q] for q in names])
-    layers = []
-    for raw, q in zip(raws, types):
-        p = split_blocks(raw, MODULES[q], k)
-        ref = next(iter(p.values()))
-        full = {}
-        for f, kind in layout.items():
-            if kind == F16:
-                full[f] = p.get(f, np.zeros(ref.shape[:2], np.float16))
-            else:
-                a = np.zeros(ref.shape[:2] + (int(kind),), np.uint8)
-                if f in p:
-                    a[..., :p[f].shape[-1]] = p[f]
-                full[f] = a
-        layers.append(full)
-    planes = {f: jnp.asarray(np.stack([lay[f] for lay in layers])) for f in layout}
-    return planes, jnp.asarray([names.index(q) for q in types], jnp.int32), names
 
 
 def bf16_x(rng, m, k):

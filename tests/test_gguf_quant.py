@@ -27,32 +27,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernel_checks import INTERPRET
+from kernel_checks import INTERPRET, random_blocks
 from jaxqlora.errors import CheckpointError
 from jaxqlora.ggml import GGUF_FORMATS, from_blocks, stack_weights, to_blocks
 from jaxqlora.io import load_pretrained
 from jaxqlora.io.gguf import GGUFCheckpoint
-from pallas_kernels.gguf_matmul import F16, gguf_matmul
+from pallas_kernels.gguf_matmul import gguf_matmul
 
 T = gguf.GGMLQuantizationType
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
 LEGACY = ("Q4_0", "Q4_1", "Q8_0")
 
-
-def random_blocks(rng, qtype, n, k, scale=1.0):
-    """Random bytes of a ``[n, k]`` tensor of ``qtype`` with finite f16 fields (uniform in
-    ``±scale``): any such bytes are a valid block."""
-    fmt = GGUF_FORMATS[qtype]
-    nb = k // fmt.BLOCK
-    raw = rng.integers(0, 256, (n, nb, fmt.TYPE_SIZE), dtype=np.uint8)
-    at = 0
-    for _, kind in fmt.LAYOUT:
-        size = 2 if kind == F16 else kind
-        if kind == F16:
-            f = rng.uniform(-scale, scale, (n, nb)).astype(np.float16)
-            raw[:, :, at:at + 2] = f[..., None].view(np.uint8)
-        at += size
-    return raw.reshape(n, nb * fmt.TYPE_SIZE)
 
 
 def quantized_bytes(rng, qtype, n, k, scale=1.0):
