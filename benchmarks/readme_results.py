@@ -195,12 +195,13 @@ GENERATION = [
         "{tps} tok/s"),
     Row("embedded SmolLM2-135M-Instruct Q4_1 GGUF, CLI `jaxqlora generate`, 128 new tokens",
         (Src((CPU, r"CPU generation", r"quiet"), {
-            "cli": R(r"default \(float16\) (" + NUM + r") tok/s after the first token"),
-            "kq": R(r"`--keep-quantized` \(float32\) (" + NUM + r") tok/s, first token"),
+            "cli": R(r"by default [\d-]+ tok/s \(median (" + NUM + r") of"),
+            "kq": R(r"kept quantized [\d-]+ \(median (" + NUM + r") of"),
             "ttft": T(r"^ours, default \(float16\) \|", r"^TTFT", r"^" + NUM)},
             note="an AVX2 2-core machine with nothing else running; llama.cpp's 139 tok/s (REFERENCE.md "
                  "section 11) was measured on another machine"),),
-        "{cli} tok/s by default (float16), {kq} with `--keep-quantized`; 512-token prompt: first token in {ttft} s",
+        "{cli} tok/s by default (float16), {kq} with `--keep-quantized` (medians of 4 and 7 runs); 512-token prompt: "
+        "first token in {ttft} s",
         (Cmp((Src((CPU, r"CPU generation", r"quiet"), {
             "bdec": T(r"^base, default \(bfloat16\) \|", r"^decode", r"^" + NUM),
             "odec": T(r"^ours, default \(float16\) \|", r"^decode", r"^" + NUM)}),),
