@@ -56,7 +56,8 @@ def worker_ours(args) -> dict:
 
     from pallas_kernels import nf4_matmul
 
-    nf4_matmul.MGPU_GEMM = args.gemm == "on"
+    if args.gemm in ("on", "off"):
+        nf4_matmul.MGPU_GEMM = args.gemm == "on"
 
     from jaxqlora.lora import apply_lora
     from jaxqlora.memory import memory_estimate, trainer_bytes
@@ -142,9 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--gemm", choices=["on", "off", "both"], default="on",
-                    help="the Mosaic NF4 GEMM for large M on Hopper (pallas_kernels.nf4_matmul.MGPU_GEMM): "
-                         "on (the library's default), off (the bf16 W + cuBLAS path), or both rows in the same run")
+    ap.add_argument("--gemm", choices=["default", "on", "off", "both"], default="default",
+                    help="the Mosaic NF4 GEMM for large M on Hopper (pallas_kernels.nf4_matmul.MGPU_GEMM): the "
+                         "library's default, on, off (the bf16 W + cuBLAS path), or both rows in the same run")
     ap.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run (rows past it are skipped)")
     # worker arguments
     ap.add_argument("--worker", choices=["ours", "peer"])
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
                 wa[1] = "ours"
                 r = common.run_worker(__file__, wa + base + ["--remat", policy, "--gemm", gemm],
                                       timeout=remaining, env=env)
-                run = f"jaxqlora remat={policy}" + ("" if gemm == "on" else " gemm=off")
+                run = f"jaxqlora remat={policy}" + ("" if gemm == "default" else f" gemm={gemm}")
                 results.append((name, run, r, peer_ref, target))
                 print(f"# {name} {run}: {r}", file=sys.stderr, flush=True)
         if peer_reason is None:

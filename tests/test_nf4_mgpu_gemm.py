@@ -485,13 +485,14 @@ def _fake_gemm_hopper(monkeypatch):
     (512, 4096, 14336, None, False, True),    # 8B down, the forward on kernel_codes words
 ])
 def test_nf4_matmul_takes_the_gemm_on_faked_hopper(monkeypatch, m, n, k, layers, dq, words):
-    """`nf4_matmul` forward and backward (bfloat16, M > MGPU_MAX_M, a weight >=
-    MGPU_MIN_WEIGHT, stacked layers, double quantization) lower to the two Mosaic GEMMs and
-    no dequantize kernel on a (faked) Hopper; with ``MGPU_GEMM`` off, float32 ``x`` or M <=
-    MGPU_MAX_M they do not."""
+    """With ``MGPU_GEMM`` on, `nf4_matmul` forward and backward (bfloat16, M > MGPU_MAX_M, a
+    weight >= MGPU_MIN_WEIGHT, stacked layers, double quantization) lower to the two Mosaic
+    GEMMs and no dequantize kernel on a (faked) Hopper; with it off (the default), float32
+    ``x`` or M <= MGPU_MAX_M they do not."""
     from pallas_kernels import nf4_matmul as op
 
     _fake_gemm_hopper(monkeypatch)
+    monkeypatch.setattr(op, "MGPU_GEMM", True)
     lead = () if layers is None else (layers,)
     nb = n * k // 64
     w = dict(packed=jax.ShapeDtypeStruct((*lead, n, k // 2), jnp.uint8))
