@@ -48,7 +48,7 @@ with ``interpret=True``):
   at least `MGPU_MIN_WEIGHT` elements (`_mgpu_takes`): the Mosaic GPU kernels of
   `pallas_kernels.nf4_mgpu` instead, ``nf4_mgpu_matmul`` forward and
   ``nf4_mgpu_matmul_t`` for ``dx = dy @ W``.
-* With `MGPU_GEMM` set (off by default until run on a GPU), on a Hopper GPU, bfloat16
+* With `MGPU_GEMM` set (off by default: slower than the dequantize path so far), on a Hopper GPU, bfloat16
   M > `MGPU_MAX_M` and a weight of at least `MGPU_MIN_WEIGHT` elements (`_gemm_takes`): the
   Mosaic GPU GEMMs of
   `pallas_kernels.nf4_mgpu_gemm` instead of the bfloat16 W in HBM, ``nf4_mgpu_gemm``
@@ -590,10 +590,10 @@ MGPU_MIN_WEIGHT = 1 << 22
 
 #: Whether a product with more than `MGPU_MAX_M` rows takes the Mosaic GPU GEMM
 #: `pallas_kernels.nf4_mgpu_gemm` on Hopper (`_gemm_takes`) instead of the bfloat16 W
-#: written by `nf4_dequantize_pallas` and cuBLAS. Off by default until the kernels have
-#: run on a GPU (tests/test_nf4_mgpu_gemm.py, benchmarks/nf4_gemm.py): they are so far
-#: checked on the CPU only (references, the decode's PTX, CUDA lowering). Set it to True
-#: to use them (benchmarks/train.py ``--gemm on``).
+#: written by `nf4_dequantize_pallas` and cuBLAS. Off: on an H100 (2026-12-07) the GEMMs
+#: passed every test of tests/test_nf4_mgpu_gemm.py but took 1.50-2.43x the dense bf16 dot
+#: at M = 4096 against 1.11-1.30x for the dequantize path (benchmarks/nf4_gemm.py,
+#: benchmarks/RESULTS.md). Set it to True to use them (benchmarks/train.py ``--gemm on``).
 MGPU_GEMM = False
 
 #: Largest M (rows of x or dy) that takes the GEMV kernels; above it W is

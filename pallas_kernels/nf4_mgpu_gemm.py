@@ -96,7 +96,11 @@ per thread with bfloat16 scales, 198-233 with float32 scales (95-96 KB of shared
 112 registers and 91 KB at 128 x 64); two warpgroups (block_m=256): 168 at launch with
 setmaxnreg 232 / 40, 189-190 KB. Per K step the one-warpgroup forward with bfloat16
 scales issues about 395 PTX instructions per thread with the `nf4_kernel_codes` words
-and 500 with the bnb bytes (warp shuffles of the int4 relayout). Not yet run on a GPU.
+and 500 with the bnb bytes (warp shuffles of the int4 relayout). On an H100 (2026-12-07) every
+test of ``tests/test_nf4_mgpu_gemm.py`` passed; at M = 4096 the best variant (``block_m=256``,
+bfloat16 scales) took 1.50-1.55x the dense bfloat16 dot and the float32-scale one 1.80-2.43x,
+slower than dequantize-then-cuBLAS (1.11-1.30x; benchmarks/RESULTS.md), so
+`pallas_kernels.nf4_matmul` does not use it by default (``MGPU_GEMM``).
 
 Sources: bitsandbytes NF4 (``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``,
 Dettmers et al. 2023, QLoRA App. E: 16-entry codebook, absmax per ``blocksize``
