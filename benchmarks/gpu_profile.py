@@ -244,7 +244,7 @@ def decode_profile(lm, cfg, args, out: Path) -> int:
             with jax.profiler.trace(str(d), create_perfetto_trace=True):
                 generate(lm, tok, prompt, max_new_tokens=new, ignore_eos=True, return_ids=True,
                          executables=ex)
-            events[new] = device_events(d, with_ts=True, module="decode_loop")
+            events[new] = device_events(d, with_ts=True, module="decode_chunk")
         report_decode(f"decode batch {b} x 512-token prompt, {cfg.num_hidden_layers} layers "
                       f"(tokens {short + 1}..{long})", per_token(events[short], events[long], long - short), b)
     return 0
