@@ -80,7 +80,12 @@ __all__ = [
 #: The 16 NF4 code values, index 0..15 (QLoRA paper App. E; bnb
 #: ``functional.get_4bit_type("nf4")``), float32 [16], sorted ascending. One copy, kept
 #: beside the kernel that decodes it (``pallas_kernels`` cannot import jaxqlora).
-from pallas_kernels.nf4_matmul import NF4_CODE, nf4_dequantize_reference  # noqa: E402
+from pallas_kernels.nf4_matmul import (  # noqa: E402
+    NF4_CODE,
+    double_quant_absmax,
+    nf4_dequantize_reference,
+    opaque_f32,
+)
 
 #: Block sizes bitsandbytes accepts for 4-bit quantization (``quantize_4bit``).
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -430,22 +435,7 @@ def _torch_cpu_mean_f32(x: jax.Array, lanes: int = _TORCH_SUM_LANES) -> jax.Arra
         final = _row_sum(x.reshape(n, 1))[0]
     # XLA rewrites `x / constant` as `x * (1/constant)`, which is not exact;
     # make the divisor opaque (final >= +0, so its sign bit is a runtime 0).
-    return final / _opaque_f32(n, final)
-
-
-def _sign_bit(x: jax.Array) -> jax.Array:
-    """uint32 sign bit of float32 ``x``: 0 for x >= +0, unknown to the compiler."""
-    return jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(x, jnp.uint32), jnp.uint32(31))
-
-
-def _opaque_f32(x: jax.Array | float, nonneg: jax.Array) -> jax.Array:
-    """float32 ``x`` unchanged, but opaque to XLA/LLVM: a constant is not folded, and a
-    product is materialized (not fused into an FMA with a following add).
-
-    ``nonneg`` must be >= +0 (its sign bit, OR-ed into ``x``, is 0).
-    """
-    bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32) | _sign_bit(nonneg)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return final / opaque_f32(n, final)
 
 
 # ---------------------------------------------------------------------------
@@ -601,14 +591,7 @@ def absmax_float32(q: NF4Weight) -> jax.Array:
     """
     if not q.double_quant:
         return q.absmax
-    nb = q.absmax.shape[0]
-    blk = jnp.arange(nb, dtype=jnp.int32) // NESTED_BLOCKSIZE
-    scale = q.nested_absmax[blk]
-    prod = q.nested_code[q.absmax.astype(jnp.int32)] * scale
-    # Round the product to float32 before the add, as bnb does (two kernels);
-    # XLA on CPU would otherwise contract `a * b + c` into one FMA. The sign
-    # bit of `scale` (a max of |x|, so >= +0) is the opaque zero used.
-    return _opaque_f32(prod, scale) + q.offset
+    return double_quant_absmax(q.absmax, q.nested_absmax, q.nested_code, q.offset, NESTED_BLOCKSIZE)
 
 
 def with_kernel_layout(q: NF4Weight, *, codes: bool = False, force: bool = False) -> NF4Weight:

@@ -109,6 +109,8 @@ __all__ = [
     "nf4_matmul_multi",
     "nf4_dequantize_reference",
     "nf4_matmul_reference",
+    "double_quant_absmax",
+    "opaque_f32",
 ]
 
 #: The 16 NF4 code values, index 0..15 (QLoRA paper App. E; bnb
@@ -697,14 +699,6 @@ def _gemm_takes(cfg: _Config, a2) -> bool:
             and nf4_mgpu_gemm_supported(m, n, k, cfg.blocksize, a2.dtype))
 
 
-def _opaque_product(a, b):
-    """float32 ``a * b`` rounded to float32 before any following add: XLA may not fuse it
-    into an FMA (``b`` must be >= +0: its sign bit, 0, is OR-ed into the product's bits)."""
-    bits = lax.bitcast_convert_type(a * b, jnp.uint32) | lax.shift_right_logical(
-        lax.bitcast_convert_type(b, jnp.uint32), jnp.uint32(31))
-    return lax.bitcast_convert_type(bits, jnp.float32)
-
-
 def _gemm(cfg: _Config, kernel, a2, packed, absmax, nested_absmax, nested_code, offset,
           layer, kernel_codes):
     """`nf4_mgpu_gemm` (``kernel``) or `nf4_mgpu_gemm_t` on weight ``layer`` (stacked
@@ -718,10 +712,7 @@ def _gemm(cfg: _Config, kernel, a2, packed, absmax, nested_absmax, nested_code, 
             layer, packed, absmax, nested_absmax, nested_code, offset, kernel_codes)
     a = absmax.reshape(-1)
     if a.dtype == jnp.uint8:
-        blk = jnp.arange(a.shape[0], dtype=jnp.int32) // cfg.nested_blocksize
-        scale = nested_absmax.reshape(-1)[blk]
-        a = (_opaque_product(nested_code[a.astype(jnp.int32)], scale)
-             + jnp.asarray(offset, jnp.float32).reshape(()))
+        a = double_quant_absmax(a, nested_absmax, nested_code, offset, cfg.nested_blocksize)
     scale = nf4_kernel_scale_f32(a, n, k, cfg.blocksize)
     return kernel(a2, packed if kernel_codes is None else kernel_codes, scale)
 
@@ -1132,6 +1123,42 @@ def nf4_matmul_multi(x, weights, *, impl: str | None = None, interpret: bool = F
 # ---------------------------------------------------------------------------
 
 
+def opaque_f32(x, nonneg) -> jax.Array:
+    """float32 ``x`` unchanged, but opaque to XLA/LLVM: a constant is not folded, and a
+    product is materialized (not contracted into an FMA with a following add).
+
+    ``nonneg`` must be >= +0: its sign bit (a runtime 0 the compiler cannot see) is OR-ed
+    into ``x``'s bits.
+    """
+    sign = lax.shift_right_logical(lax.bitcast_convert_type(jnp.asarray(nonneg, jnp.float32), jnp.uint32),
+                                   jnp.uint32(31))
+    bits = lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32) | sign
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def double_quant_absmax(absmax, nested_absmax, nested_code, offset,
+                        nested_blocksize: int = 256) -> jax.Array:
+    """The float32 absmax of every 4-bit block from bnb's double quantization, ``[nblocks]``.
+
+    ``nested_code[absmax[i]] * nested_absmax[i // nested_blocksize] + offset``, the product
+    rounded to float32 before the add as bnb does it (``dequantize_blockwise(absmax, state2)
+    + offset`` in ``bitsandbytes.functional.dequantize_4bit``: two kernels); a plain
+    ``a * b + c`` may be contracted into one FMA by XLA and differ in the last bit.
+
+    Args:
+      absmax: uint8 codes ``[nblocks]`` (any shape of that size).
+      nested_absmax: float32 ``[ceil(nblocks / nested_blocksize)]``, each >= +0 (a max of
+        absolute values; its sign bit is the opaque zero `opaque_f32` uses).
+      nested_code: float32 ``[256]`` (bnb's dynamic map).
+      offset: float32 scalar (the mean bnb subtracted before the nested quantization).
+    """
+    a = jnp.asarray(absmax).reshape(-1).astype(jnp.int32)
+    blk = jnp.arange(a.shape[0], dtype=jnp.int32) // int(nested_blocksize)
+    scale = jnp.asarray(nested_absmax, jnp.float32).reshape(-1)[blk]
+    prod = jnp.asarray(nested_code, jnp.float32)[a] * scale
+    return opaque_f32(prod, scale) + jnp.asarray(offset, jnp.float32).reshape(())
+
+
 def nf4_dequantize_reference(packed, absmax, nested_absmax=None, nested_code=None,
                              offset=None, *, shape: tuple[int, int], code=None,
                              blocksize: int = 64, nested_blocksize: int = 256) -> jax.Array:
@@ -1181,9 +1208,7 @@ def nf4_dequantize_reference(packed, absmax, nested_absmax=None, nested_code=Non
             raise ValueError(f"nested_absmax must have ceil(nblocks/nested_blocksize) = "
                              f"{-(-nblocks // nested_blocksize)} elements, got "
                              f"{nested_absmax.size}")
-        scales = (jnp.asarray(nested_code, jnp.float32)[absmax.astype(jnp.int32)]
-                  * jnp.repeat(nested_absmax, nested_blocksize)[:nblocks]
-                  + jnp.asarray(offset, jnp.float32).reshape(()))
+        scales = double_quant_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     else:
         scales = absmax.astype(jnp.float32)
     nibbles = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)[:numel]
