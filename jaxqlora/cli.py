@@ -695,9 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between checkpoints; 0 = only at the end")
     f.add_argument("--log-every", type=positive_int, default=10, help="steps between metrics.jsonl records")
     f.add_argument("--seed", type=nonnegative_int, default=0, help="data order, LoRA initialisation and dropout")
-    f.add_argument("--remat", nargs="?", const="full", default=None, choices=["none", "full", "dots"],
+    f.add_argument("--remat", nargs="?", const="full", default=None, choices=["none", "full", "dots", "offload"],
                    help="recompute decoder layers in the backward pass: full (keep layer inputs only; the "
-                        "default of a bare --remat) or dots (keep matmul outputs, recompute elementwise work); "
+                        "default of a bare --remat), dots (keep matmul outputs, recompute elementwise work) or "
+                        "offload (matmul outputs kept in pinned host memory); "
                         "off without the flag")
     f.add_argument("--precompile-only", action="store_true",
                    help="compile every train/eval step for its shape buckets (warming the on-disk cache) and exit")

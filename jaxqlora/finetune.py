@@ -97,7 +97,8 @@ class FinetuneConfig:
       dtype: ``"bfloat16"`` or ``"float32"`` for the base weights and activations; None
         (default): `default_dtype`, float32 on a CPU and bfloat16 elsewhere.
       remat: rematerialisation of each decoder layer: False, True / ``"full"``, ``"dots"``
-        (keep matmul outputs, recompute elementwise work); see `jaxqlora.model.remat_policy`.
+        (keep matmul outputs, recompute elementwise work), ``"offload"`` (matmul outputs
+        kept in pinned host memory); see `jaxqlora.model.remat_policy`.
       precompile_only: compile every step for its buckets (warming the persistent cache)
         and return without loading weights or training (single device only).
       dry_run: compile (shapes only), estimate the device memory the run needs
@@ -194,8 +195,8 @@ class FinetuneConfig:
                               ("schedule", ("cosine", "constant")), ("dtype", (None, "bfloat16", "float32"))):
             if getattr(self, name) not in choices:
                 raise bad(name, getattr(self, name), f"must be one of {', '.join(map(repr, choices))}")
-        if self.remat not in (False, True, "none", "full", "dots"):
-            raise bad("remat", self.remat, "must be False, True, 'none', 'full' or 'dots'")
+        if self.remat not in (False, True, "none", "full", "dots", "offload"):
+            raise bad("remat", self.remat, "must be False, True, 'none', 'full', 'dots' or 'offload'")
         for name in ("text_column", "label_column", "prompt_column", "response_column", "messages_column", "output"):
             value = getattr(self, name)
             if not isinstance(value, (str, os.PathLike)) or not str(value).strip():

@@ -483,7 +483,11 @@ def remat_policy(remat) -> Any:
         ``"dots"``: keep the outputs of every matmul (`MATMUL_NAMES`) and recompute only
         the elementwise work between them (norms, RoPE, SiLU, residual adds) and the
         attention scores (which a flash-attention backward recomputes anyway); no
-        projection runs twice. A tuple of names from `MATMUL_NAMES`: keep only those
+        projection runs twice. ``"offload"``: as ``"dots"``, but the matmul outputs are
+        copied to pinned host memory in the forward pass and back in the backward pass
+        (``save_and_offload_only_these_names``): device memory near ``"full"``, no
+        recomputed projection, at the cost of the host transfers (which XLA overlaps with
+        compute where it can). A tuple of names from `MATMUL_NAMES`: keep only those
         (e.g. the attention side, recomputing the MLP).
 
     Raises:
@@ -496,10 +500,14 @@ def remat_policy(remat) -> Any:
         return None
     if remat is True or remat == "full":
         return jax.checkpoint_policies.nothing_saveable
+    if remat == "offload":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(MATMUL_NAMES),
+            offload_src="device", offload_dst="pinned_host")
     names = MATMUL_NAMES if remat == "dots" else remat
     if isinstance(names, (tuple, list)) and names and set(names) <= set(MATMUL_NAMES):
         return jax.checkpoint_policies.save_only_these_names(*names)
-    raise ValueError(f"remat must be False/'none', True/'full', 'dots' or a tuple of names from "
+    raise ValueError(f"remat must be False/'none', True/'full', 'dots', 'offload' or a tuple of names from "
                      f"{MATMUL_NAMES}; got {remat!r}")
 
 
@@ -515,8 +523,9 @@ class CausalLM(nnx.Module):
       lm_head: `Linear` ``[vocab, hidden]``, or None when embeddings are tied.
       remat: rematerialisation of each decoder layer in the backward pass (``nnx.remat``,
         i.e. ``jax.checkpoint``): ``False`` (none), ``True`` / ``"full"`` (keep only layer
-        inputs), ``"dots"`` (keep matmul outputs, recompute elementwise work) or a tuple of
-        `MATMUL_NAMES`; see `remat_policy`.
+        inputs), ``"dots"`` (keep matmul outputs, recompute elementwise work), ``"offload"``
+        (matmul outputs kept in pinned host memory) or a tuple of `MATMUL_NAMES`; see
+        `remat_policy`.
       scan_layers: the layer loop: ``True`` runs the stacked layers under ``jax.lax.scan``
         (the compiled program holds one layer), ``False`` unrolls them in Python (one copy
         per layer), ``None`` (default) picks per call with `default_scan`.
@@ -527,7 +536,7 @@ class CausalLM(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.model = Decoder(cfg, dtype=dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
-        self.remat = False  # see remat_policy: False, True / "full", "dots" or a tuple of MATMUL_NAMES
+        self.remat = False  # see remat_policy: False, True / "full", "dots", "offload" or a tuple of MATMUL_NAMES
         self.scan_layers = None  # None: default_scan per call; True: always scan; False: always unroll
 
     @property
