@@ -51,6 +51,30 @@ SMOKE_ROWS = [
 ]
 
 
+#: Dense bfloat16 tensor-core peak (FLOP/s, no sparsity) by device name: the NVIDIA H100 SXM
+#: and H200 datasheets (989.4 TFLOP/s each); other devices get no MFU column.
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}
+
+
+def model_flops_per_token(cfg, length: int) -> float:
+    """Model FLOPs per trained token of a QLoRA step (the MFU numerator): ``4 N`` for the
+    frozen projections and the LM head (forward ``2 N`` plus the input gradients ``2 N``;
+    frozen weights get no weight gradient) plus ``12 L T d_attn`` for attention (the PaLM
+    paper's convention, appendix B: QK^T and PV, forward and backward, not halved for the
+    causal mask). LoRA's rank-16 products (<1%) and recomputation are not counted."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * f
+    n = cfg.num_hidden_layers * per_layer + d * cfg.vocab_size
+    return 4.0 * n + 12.0 * cfg.num_hidden_layers * length * q
+
+
+def mfu(cfg, length: int, tok_s: float, device: str) -> float | None:
+    """Model FLOPs utilisation: `model_flops_per_token` x tokens/s over `PEAK_BF16`."""
+    peak = next((v for k, v in PEAK_BF16.items() if k in device), None)
+    return None if peak is None else model_flops_per_token(cfg, length) * tok_s / peak
+
+
 def worker_ours(args) -> dict:
     import jax
 
@@ -137,7 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, no peer")
     ap.add_argument("--only", default="", help="run rows whose name contains this")
     ap.add_argument("--policies", default="dots,full",
-                    help="remat policies of the checkpointing rows: full, dots, or names joined by + "
+                    help="remat policies of the checkpointing rows: full, dots, offload, or names joined by + "
                          "(e.g. q_proj+k_proj+v_proj+attention+o_proj+lora_a)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.05)
@@ -196,13 +220,14 @@ def main(argv=None) -> int:
     print(f"\n# QLoRA train step, {time.strftime('%Y-%m-%d')} | {device} | NF4+DQ bf16, LoRA r=16 a=32 all 7 "
           f"projections, dropout {args.dropout}, AdamW | median of {args.rounds} x {args.calls} steps"
           + ("" if peer_reason is None else f" | peer not run: {peer_reason}"))
-    print("| config | run | tokens/s | peak GB | estimate GB (dry-run) / peak | compile s | vs peer (same run) | "
+    print("| config | run | tokens/s | MFU | peak GB | estimate GB (dry-run) / peak | compile s | vs peer (same run) | "
           "vs peer (issue) | target |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    models = {name: (common.MODELS[model], length) for name, model, _, length, *_ in (SMOKE_ROWS + ROWS)}
     peer_now = {name: r for name, run, r, _, _ in results if run.startswith("transformers") and "tok_s" in r}
     for name, run, r, (ref_tok, ref_gb), (tgt_tok, tgt_gb) in results:
         if "tok_s" not in r:
-            print(f"| {name} | {run} | {r.get('error', '?')} | | | | | | |")
+            print(f"| {name} | {run} | {r.get('error', '?')} | | | | | | | |")
             continue
         same = peer_now.get(name)
         vs_now = f"{r['tok_s'] / same['tok_s']:.2f}x" if same and not run.startswith("transformers") else ""
@@ -214,7 +239,9 @@ def main(argv=None) -> int:
         comp = f"{r['compile_s']:.1f}" + (" (cache)" if r.get("compile_cache_hits") else "") if "compile_s" in r else ""
         est = (r.get("memory_analysis") or {}).get("estimate")
         est = "" if est is None else f"{est / 1e9:.2f}" + (f" / {est / r['peak']:.3f}" if r.get("peak") else "")
-        print(f"| {name} | {run} | {r['tok_s']:,.0f} | {common.gb(r['peak'])} | {est} | {comp} | {vs_now} | "
+        u = mfu(*models[name], r["tok_s"], device)
+        u = "" if u is None else f"{100 * u:.1f}%"
+        print(f"| {name} | {run} | {r['tok_s']:,.0f} | {u} | {common.gb(r['peak'])} | {est} | {comp} | {vs_now} | "
               f"{vs_issue} | {target} |")
     return 0
 
