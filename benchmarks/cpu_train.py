@@ -6,13 +6,15 @@ What it times is what the README's first command runs, with each tree's own defa
 projections, last-token classification head, the embedded Rotten Tomatoes training split, the
 ``--dtype`` its parser gives on this machine):
 
-- ``train L``: one optimizer step of 16 x L tokens (L = 32 and 64, the two buckets the 350 default
-  steps use: 263 steps of 32 and 87 of 64), on the first training batch of that bucket in the
-  run's data order; seconds per step over ``--calls`` queued steps and one sync;
-- ``eval L``: one evaluation batch of 64 x L tokens (the validation and test splits are 42 batches
-  of 32 and 16 of 64).
+- ``train L``: one optimizer step of 16 x L tokens, for every bucket L the default run's 350
+  steps use (with the CPU buckets of 2026-12-07, 16, 24, 32, 40, 48 and 64; before, 32 and 64),
+  on the first training batch of that bucket in the run's data order; seconds per step over
+  ``--calls`` queued steps and one sync;
+- ``eval L``: one evaluation batch of 64 x L tokens, for every bucket the validation and test
+  splits use.
 
-Each tree is one worker process that builds the model as `jaxqlora.finetune` does (compiled over
+Each tree counts its own default run's batches per bucket (its own buckets, data order and
+step count) and times its own buckets. Each tree is one worker process that builds the model as `jaxqlora.finetune` does (compiled over
 the shapes-only model, then the weights loaded and attached) and warms every step up; the rounds
 then alternate between the workers (one call at a time, never two at once), so that whatever else
 runs on the machine falls on both alike. Every figure is the median of ``--rounds`` rounds with its
@@ -40,8 +42,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "bb558bd"  # main just before issue 26 section 1 (the CPU train step): the parent of its first commit
-# (command, bucket, default-run count): 263 + 87 train steps, 42 + 16 evaluation batches
-WORK = (("train", 32, 263), ("train", 64, 87), ("eval", 32, 42), ("eval", 64, 16))
 
 
 # ------------------------------------------------------------------ worker side
@@ -49,8 +49,8 @@ WORK = (("train", 32, 263), ("train", 64, 87), ("eval", 32, 42), ("eval", 64, 16
 
 def _setup():
     """finetune's default trainer on this tree, compiled and attached, with the first training batch
-    ``[1, 16, L]`` and test batch ``[64, L]`` of each bucket of `WORK`: ``(cfg, trainer, train, evals,
-    compile_s)``."""
+    ``[1, 16, L]`` and test batch ``[64, L]`` of each bucket the default run uses, and the run's batch
+    counts ``{"train L" | "eval L": count}``: ``(cfg, trainer, train, evals, compile_s, work)``."""
     import jax.numpy as jnp
 
     from jaxqlora import data as D
@@ -62,6 +62,10 @@ def _setup():
     fields = {f.name for f in dataclasses.fields(F.FinetuneConfig)}
     cfg = F.FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     pad_id, parts, enc, _, _ = F._prepare(cfg)
+    per_epoch = max(1, D.num_batches(len(enc["train"].ids), cfg.batch_size) // cfg.grad_accum)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(round(cfg.epochs * per_epoch)))
+    if cfg.buckets is None and hasattr(F, "default_buckets"):  # as finetune chooses them (trees since 2026-12-07)
+        cfg = dataclasses.replace(cfg, buckets=F.default_buckets(total * cfg.batch_size * cfg.grad_accum))
     optimizer, _ = make_optimizer(cfg.lr, total_steps=cfg.max_steps, warmup_ratio=cfg.warmup_ratio,
                                   schedule=cfg.schedule, weight_decay=cfg.weight_decay,
                                   max_grad_norm=cfg.max_grad_norm)
@@ -71,17 +75,20 @@ def _setup():
     compile_s = time.perf_counter() - t0
     trainer.attach(F._load_model(cfg, len(parts["train"].label_names), lambda *_: None))
 
-    def first(split, batch_size, length, shuffle):
-        for b in D.batches(enc[split], batch_size, F._buckets(cfg), pad_id=pad_id, shuffle=shuffle, seed=cfg.seed,
-                           group_by_length=True):
-            if b["input_ids"].shape[1] == length:
-                return b
-        raise ValueError(f"no {split} batch of length {length}")
-
-    train = {n: {k: jnp.asarray(v)[None] for k, v in first("train", cfg.batch_size, n, True).items()}
-             for _, n, _ in WORK}
-    evals = {n: first("test", cfg.eval_batch_size, n, False) for _, n, _ in WORK}
-    return cfg, trainer, train, evals, compile_s
+    # The default run's batches: its train steps in data order, then validation and test.
+    train, evals, work = {}, {}, {}
+    for i, (_, b) in enumerate(F._epoch_batches(enc["train"], cfg, pad_id, 0, 0)):
+        if i == total:
+            break
+        n = b["input_ids"].shape[-1]
+        train.setdefault(n, {k: jnp.asarray(v) for k, v in b.items()})
+        work[f"train {n}"] = work.get(f"train {n}", 0) + 1
+    for split in ("validation", "test"):
+        for b in D.batches(enc[split], cfg.eval_batch_size, F._buckets(cfg), pad_id=pad_id, group_by_length=True):
+            n = b["input_ids"].shape[1]
+            evals.setdefault(n, b)
+            work[f"eval {n}"] = work.get(f"eval {n}", 0) + 1
+    return cfg, trainer, train, evals, compile_s, work
 
 
 def _worker(calls: int) -> None:
@@ -89,7 +96,7 @@ def _worker(calls: int) -> None:
     line ("train L" | "eval L") with one JSON line: seconds per call."""
     import jax
 
-    cfg, trainer, train, evals, compile_s = _setup()
+    cfg, trainer, train, evals, compile_s, work = _setup()
 
     def run(kind: str, length: int) -> float:
         t0 = time.perf_counter()
@@ -98,12 +105,13 @@ def _worker(calls: int) -> None:
         jax.block_until_ready(out)
         return (time.perf_counter() - t0) / calls
 
-    for kind, length, _ in WORK:  # warm up
-        run(kind, length)
+    for key in work:  # warm up
+        kind, length = key.split()
+        run(kind, int(length))
     import jaxqlora
 
     print(json.dumps({"ready": True, "dtype": cfg.param_dtype.name if hasattr(cfg, "param_dtype") else cfg.dtype,
-                      "backend": jax.default_backend(), "compile_s": compile_s,
+                      "backend": jax.default_backend(), "compile_s": compile_s, "work": work,
                       "package": str(Path(jaxqlora.__file__).parent)}), flush=True)
     for line in sys.stdin:
         if line.strip():
@@ -129,7 +137,7 @@ def _profile(length: int, steps: int = 2) -> None:
 
     from jaxqlora.compile import BucketKey
 
-    cfg, trainer, train, _, _ = _setup()
+    cfg, trainer, train, _, _, _ = _setup()
     batch = train[length]
     for _ in range(2):
         jax.block_until_ready(trainer.step(batch))
@@ -253,12 +261,15 @@ def main() -> int:
                 print(f"# {tree}: {w.info['package']}, {w.info['dtype']} on {w.info['backend']}, compiled in "
                       f"{w.info['compile_s']:.0f} s, ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
                       flush=True)
-            times = {(tree, kind, n): [] for tree in workers for kind, n, _ in WORK}
+            keys = sorted({k for w in workers.values() for k in w.info["work"]},
+                          key=lambda k: (k.split()[0] != "train", int(k.split()[1])))
+            times = {(tree, k): [] for tree, w in workers.items() for k in keys if k in w.info["work"]}
             for r in range(args.rounds):
-                for kind, n, _ in WORK:
+                for k in keys:
                     for tree, w in workers.items():
-                        times[(tree, kind, n)].append(w.ask(f"{kind} {n}")["s"])
-                print(f"# round {r + 1}/{args.rounds}: " + ", ".join(f"{t} {k} {n} {v[-1]:.2f}s" for (t, k, n), v in
+                        if (tree, k) in times:
+                            times[(tree, k)].append(w.ask(k)["s"])
+                print(f"# round {r + 1}/{args.rounds}: " + ", ".join(f"{t} {k} {v[-1]:.2f}s" for (t, k), v in
                                                                    times.items()), file=sys.stderr, flush=True)
         finally:
             for w in workers.values():
@@ -267,15 +278,18 @@ def main() -> int:
           f"{' + uncommitted changes' if dirty else ''} ({workers['ours'].info['dtype']}), base = {args.base} "
           f"({workers['base'].info['dtype']}); seconds per call, median [min-max] of {args.rounds} alternating rounds "
           f"of {args.calls} queued calls\n")
-    print("| call | base s | ours s | ratio (base / ours) |")
+    print("| call | base s (batches) | ours s (batches) | ratio (base / ours) |")
     print("|---|---|---|---|")
-    for kind, n, _ in WORK:
-        b, o = times[("base", kind, n)], times[("ours", kind, n)]
+    med = {key: statistics.median(v) for key, v in times.items()}
+    for k in keys:
+        kind, n = k.split()
         what = f"train step 16x{n}" if kind == "train" else f"eval batch 64x{n}"
-        print(f"| {what} | {common.spread(b)} | {common.spread(o)} | {statistics.median(b) / statistics.median(o):.2f}x |")
-    for kind, label in (("train", "350 default train steps (263 x 32 + 87 x 64), s"),
-                        ("eval", "validation + test (42 x 32 + 16 x 64 batches), s")):
-        est = {t: sum(count * statistics.median(times[(t, k, n)]) for k, n, count in WORK if k == kind)
+        cells = [f"{common.spread(times[(t, k)])} ({workers[t].info['work'][k]})" if (t, k) in times else "-"
+                 for t in ("base", "ours")]
+        ratio = f"{med[('base', k)] / med[('ours', k)]:.2f}x" if all((t, k) in med for t in workers) else "-"
+        print(f"| {what} | {cells[0]} | {cells[1]} | {ratio} |")
+    for kind, label in (("train", "the default run's train steps, s"), ("eval", "validation + test, s")):
+        est = {t: sum(c * med[(t, k)] for k, c in workers[t].info["work"].items() if k.startswith(kind))
                for t in workers}
         print(f"| {label} | {est['base']:.0f} | {est['ours']:.0f} | {est['base'] / est['ours']:.2f}x |")
     return 0

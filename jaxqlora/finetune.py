@@ -51,7 +51,7 @@ from flax import nnx
 from jaxqlora import data as D
 from jaxqlora import sharding
 from jaxqlora.checkpoint import kill_point
-from jaxqlora.compile import buckets_up_to
+from jaxqlora.compile import DEFAULT_BUCKETS, buckets_up_to
 from jaxqlora.errors import JaxQLoRAError
 from jaxqlora.io.atomic import atomic_write_bytes, atomic_write_dir, atomic_write_json, remove_leftovers
 from jaxqlora.lora import ALL_TARGETS, apply_lora
@@ -86,7 +86,8 @@ class FinetuneConfig:
       group_by_length: batch rows of similar length together (fewer padded tokens).
       batch_size, grad_accum: micro-batch size and micro-batches per step.
       lr, schedule, warmup_ratio, weight_decay, max_grad_norm: optimizer settings.
-      max_seq_len: longer texts are truncated; buckets: sequence-length buckets (<= max_seq_len used).
+      max_seq_len: longer texts are truncated; buckets: sequence-length buckets (<= max_seq_len used;
+        None = `default_buckets` of the run's training rows: finer on a CPU for long runs).
       eval_batch_size: batch size of evaluation.
       output: output folder; resume: continue from its latest checkpoint; overwrite: delete an
         earlier run's adapter, checkpoints, metrics and results there when training starts
@@ -142,7 +143,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3
     max_seq_len: int = 64
-    buckets: tuple[int, ...] = D.DEFAULT_BUCKETS
+    buckets: tuple[int, ...] | None = None
     eval_batch_size: int = 64
     output: str = "runs/finetune"
     resume: bool = False
@@ -207,7 +208,7 @@ class FinetuneConfig:
                 raise bad(name, value, "must be a path or None")
         if not isinstance(self.targets, tuple) or not self.targets or not set(self.targets) <= set(ALL_TARGETS):
             raise bad("targets", self.targets, f"must be a non-empty tuple of {', '.join(ALL_TARGETS)}")
-        if (not isinstance(self.buckets, tuple) or not self.buckets
+        if self.buckets is not None and (not isinstance(self.buckets, tuple) or not self.buckets
                 or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1
                            for b in self.buckets)):
             raise bad("buckets", self.buckets, "must be a non-empty tuple of positive integers")
@@ -251,6 +252,34 @@ def default_dtype() -> str:
     being rounded to bf16, and activations stay float32: the same computation with less rounding.
     """
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+CPU_BUCKETS = (16, 24, 32, 40, 48, 64) + tuple(b for b in DEFAULT_BUCKETS if b > 64)
+"""The CPU's sequence-length buckets for long runs: every 8 tokens from 16 to 48, then
+`jaxqlora.compile.DEFAULT_BUCKETS` from 64 on."""
+
+FINE_BUCKET_ROWS = 1024
+"""Rows a CPU run passes through the model (training: steps x batch x accumulation;
+``jaxqlora eval``: the validation and test rows) from which `CPU_BUCKETS` pay."""
+
+
+def default_buckets(rows: int = 0) -> tuple[int, ...]:
+    """The default `FinetuneConfig.buckets` (tokens) of a run over ``rows`` rows (see
+    `FINE_BUCKET_ROWS`): `CPU_BUCKETS` on a CPU backend from `FINE_BUCKET_ROWS`
+    rows on, else `jaxqlora.compile.DEFAULT_BUCKETS`.
+
+    A CPU step costs about its padded tokens (it is bound by matmul FLOPs), so short buckets
+    pay for their extra compiles (two executables, about 5 s each on 2 cores) once a run is
+    long enough. For ``jaxqlora finetune``'s defaults (350 steps of 16 embedded Rotten
+    Tomatoes rows, median 24 tokens, truncated to 64) length-grouped batches fill 84% of their
+    slots with tokens over the 350 steps against 61% with (32, 64); on a 2-core AVX2 CPU the 350 steps were
+    estimated at 1,003 s against 1,382 s and evaluation at 185 s against 254 s, for 25 s more
+    compile (benchmarks/cpu_train.py, benchmarks/RESULTS.md, 2026-12-07). A GPU step of that
+    size is bound by per-step costs, not tokens (benchmarks/RESULTS.md, packing), so there a
+    bucket only adds a compile; so does it in a short run (a test, a smoke run).
+    """
+    fine = jax.default_backend() == "cpu" and rows >= FINE_BUCKET_ROWS
+    return CPU_BUCKETS if fine else DEFAULT_BUCKETS
 
 
 class FinetuneConfigError(JaxQLoRAError, ValueError):
@@ -332,7 +361,7 @@ def _check_output(cfg: FinetuneConfig) -> Path:
 
 
 def _buckets(cfg: FinetuneConfig) -> tuple[int, ...]:
-    return buckets_up_to(cfg.max_seq_len, cfg.buckets)
+    return buckets_up_to(cfg.max_seq_len, cfg.buckets or default_buckets())
 
 
 def _train_buckets(cfg: FinetuneConfig) -> tuple[int, ...]:
@@ -604,6 +633,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     n_rows = len(train_enc.ids)  # rows of the training batches: examples, or packed rows
     per_epoch = max(1, D.num_batches(n_rows, cfg.batch_size) // cfg.grad_accum)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(round(cfg.epochs * per_epoch)))
+    if cfg.buckets is None:  # chosen once here: compiles, batches and evaluation all use these
+        cfg = dataclasses.replace(cfg, buckets=default_buckets(total * cfg.batch_size * cfg.grad_accum))
     # Every optimizer setting (and the step count) lives in the optimizer state, so the
     # compiled steps (and their persistent-cache entries) do not depend on them.
     optimizer, _ = make_optimizer(cfg.lr, total_steps=total, warmup_ratio=cfg.warmup_ratio,
@@ -723,6 +754,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     if cfg.max_steps > 0:
         config["epochs"] = None  # max_steps set the length; epochs was not used
     config["dtype"] = cfg.param_dtype.name  # the dtype used, also when chosen by default
+    config["buckets"] = list(_buckets(cfg))  # the buckets used (up to max_seq_len), also when chosen by default
     results = {"config": config, "steps": step, "epochs": round(rows_seen / n_rows, 4),
                "train_rows": n_train, "baseline": baseline, "nonfinite_skipped": nonfinite_steps(trainer.opt_state)}
     if cfg.packing:
@@ -851,6 +883,8 @@ def evaluate_adapter(cfg: FinetuneConfig, adapter: str | Path, log=lambda *_: No
 
     cfg.validate()
     pad_id, parts, enc, label_words, _ = _prepare(cfg, training=False, log=log)
+    if cfg.buckets is None:
+        cfg = dataclasses.replace(cfg, buckets=default_buckets(len(enc["validation"].ids) + len(enc["test"].ids)))
     t0 = time.perf_counter()
     log(f"loading {cfg.model or 'the embedded SmolLM2-135M-Instruct'} ...")
     lm, _ = load_pretrained(cfg.model, dtype=cfg.param_dtype, keep_quantized=keep_quantized)
