@@ -272,11 +272,13 @@ def default_buckets(rows: int = 0) -> tuple[int, ...]:
     pay for their extra compiles (two executables, about 5 s each on 2 cores) once a run is
     long enough. For ``jaxqlora finetune``'s defaults (350 steps of 16 embedded Rotten
     Tomatoes rows, median 24 tokens, truncated to 64) length-grouped batches fill 84% of their
-    slots with tokens over the 350 steps against 61% with (32, 64); on a 2-core AVX2 CPU the 350 steps were
-    estimated at 1,003 s against 1,382 s and evaluation at 185 s against 254 s, for 25 s more
-    compile (benchmarks/cpu_train.py, benchmarks/RESULTS.md, 2026-12-07). A GPU step of that
-    size is bound by per-step costs, not tokens (benchmarks/RESULTS.md, packing), so there a
-    bucket only adds a compile; so does it in a short run (a test, a smoke run).
+    slots with tokens over the 350 steps against 61% with (32, 64). On a 2-core AVX2 CPU, in
+    the same run, the 350 steps were estimated at 1,037 s against 1,403 s and the evaluation at
+    188 s against 259 s; the whole command took 1,242-1,275 s against 1,492-1,563 s, compiling
+    12 executables in 65-74 s (benchmarks/cpu_train.py, benchmarks/RESULTS.md, 2026-12-07). A
+    GPU step of that size is bound by per-step costs, not tokens (benchmarks/RESULTS.md,
+    packing), so there a bucket only adds a compile; so does it in a short run (a test, a
+    smoke run).
     """
     fine = jax.default_backend() == "cpu" and rows >= FINE_BUCKET_ROWS
     return CPU_BUCKETS if fine else DEFAULT_BUCKETS
