@@ -14,8 +14,9 @@ projections, last-token classification head, the embedded Rotten Tomatoes traini
   splits use.
 
 Each tree counts its own default run's batches per bucket (its own buckets, data order and
-step count) and times its own buckets. Each tree is one worker process that builds the model as `jaxqlora.finetune` does (compiled over
-the shapes-only model, then the weights loaded and attached) and warms every step up; the rounds
+step count) and times its own buckets. Each tree is one worker process that builds the model as
+`jaxqlora.finetune` does (compiled over the shapes-only model, then the weights loaded and
+attached) and warms every step up; the rounds
 then alternate between the workers (one call at a time, never two at once), so that whatever else
 runs on the machine falls on both alike. Every figure is the median of ``--rounds`` rounds with its
 [min-max]; the ratio is base time over this tree's. The last rows weigh the medians by the default
