@@ -225,6 +225,31 @@ def test_gguf_truncated_names_file(tmp_path):
     assert "cut.gguf" in str(e.value)
 
 
+def test_gguf_rewritten_in_place_is_read_again(tmp_path):
+    """`open_gguf` keeps parsed readers per process: a file rewritten at the same path, with
+    other weights under the same header and then with another config, reads as the new
+    file each time (weights against transformers' state dict, config against its config)."""
+    path = tmp_path / "same.gguf"
+
+    def check(model):
+        ckpt = GGUFCheckpoint(path)
+        assert ckpt.config.vocab_size == model.config.vocab_size
+        assert ckpt.config.intermediate_size == model.config.intermediate_size
+        ref = {k: v.numpy() for k, v in model.state_dict().items()}
+        got = dict(ckpt.iter_hf_tensors())
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+            np.testing.assert_array_equal(np.asarray(got[name], np.float32), ref[name])
+
+    for seed in (11, 12):  # the same header: the cached reader, new bytes through its mapping
+        model = _hf_model("llama", seed=seed)
+        _write_gguf(path, model, "llama")
+        check(model)
+    model = random_model(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, rope_theta=10000.0, seed=13)
+    _write_gguf(path, model, "llama")  # another header: a new reader
+    check(model)
+
+
 def test_gguf_missing_metadata_field(tmp_path):
     path = tmp_path / "nofield.gguf"
     w = gguf.GGUFWriter(str(path), arch="llama")

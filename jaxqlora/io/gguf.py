@@ -10,6 +10,8 @@ Source: the GGUF spec (ggml ``docs/gguf.md``) and llama.cpp ``gguf-py``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import mmap
 import re
 import struct
@@ -136,7 +138,7 @@ class _HeaderScanner:
         return None, offs
 
 
-def check_gguf_header(path: str | Path) -> None:
+def check_gguf_header(path: str | Path) -> str:
     """Validate a GGUF file's header, metadata and tensor table without trusting any count in it.
 
     Every count and length (tensor count, metadata count, string and array lengths, tensor
@@ -144,6 +146,11 @@ def check_gguf_header(path: str | Path) -> None:
     is read or allocated, so a damaged or hostile file is refused in time proportional to its
     size. `GGUFCheckpoint` and `jaxqlora.tokenizer.Tokenizer.from_gguf` call it before
     ``gguf.GGUFReader``.
+
+    Returns:
+      A digest (BLAKE2b, hex) of the header bytes: magic, metadata and tensor table, up to the
+      aligned start of the tensor data (what ``gguf.GGUFReader`` parses; `open_gguf` keys its
+      readers by it).
 
     Raises:
       CheckpointError: no such file, not GGUF (magic), an unsupported version, a truncated
@@ -236,25 +243,47 @@ def check_gguf_header(path: str | Path) -> None:
                     scan.fail(name, f"type and shape need {n_bytes} bytes of data but only {next_offs - data_offs} "
                                     f"lie before the next tensor ({other!r}): the stored size disagrees with the "
                                     "type and shape")
+            return hashlib.blake2b(buf[:data_start], digest_size=16).hexdigest()
 
 
 def open_gguf(path: str | Path):
     """``gguf.GGUFReader`` of a file that passed `check_gguf_header`; any failure of the reader
     becomes a `CheckpointError` naming the file.
 
+    Readers are kept per process (`READER_CACHE_SIZE` of them, least recently used first out),
+    keyed by the resolved path, size, inode and a digest of the header (`check_gguf_header`):
+    ``gguf.GGUFReader`` parses every element of every metadata array into Python objects
+    (about 3 s for the embedded SmolLM2 file's 49,152-token vocabulary and merges on a 2-core
+    CPU), and one load opens a file for its tokenizer and again for its weights. The reader maps the file read-only, so a
+    shared one cannot be written through; a file replaced (new inode), resized or with another
+    header gets a new reader, and tensor bytes rewritten in place are read through the shared
+    mapping. The header is checked (and hashed) on every call.
+
     Raises:
       CheckpointError: see `check_gguf_header`; also a missing file (``"file not found"``).
     """
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "file not found")
-    check_gguf_header(path)
+    digest = check_gguf_header(path)
+    st = path.stat()
     try:
-        return gguf.GGUFReader(str(path))
+        return _cached_reader(str(path.resolve()), st.st_size, st.st_ino, digest)
     except Exception as e:  # gguf raises ValueError/IndexError/KeyError/... on damaged files
         raise CheckpointError(path, f"not a readable GGUF file, or truncated ({type(e).__name__}: {e})") from e
+
+
+#: How many ``gguf.GGUFReader`` objects `open_gguf` keeps (each maps its file; no tensor data
+#: is read until used).
+READER_CACHE_SIZE = 4
+
+
+@functools.lru_cache(maxsize=READER_CACHE_SIZE)
+def _cached_reader(path: str, size: int, inode: int, header_digest: str):
+    """``gguf.GGUFReader(path)``, once per (path, size, inode, header digest); see `open_gguf`."""
+    import gguf
+
+    return gguf.GGUFReader(path)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
