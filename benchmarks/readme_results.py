@@ -209,6 +209,24 @@ GENERATION = [
             "odec": T(r"^ours, default \(float16\) \|", r"^decode", r"^" + NUM)}),),
             "`benchmarks/cpu_generate.py`: {odec} vs {bdec} tok/s before issue 26 ({r})",
             {"r": ("odec", "bdec")}),)),
+    Row("embedded SmolLM2-135M-Instruct Q4_1 GGUF against llama.cpp on the same 2-core machine and file",
+        (Src((CPU, r"against llama\.cpp"), {
+            "o1": T(r"^ours, default \(float16\): decode", r"^run 1"),
+            "o2": T(r"^ours, default \(float16\): decode", r"^run 2"),
+            "k1": T(r"^ours, `--keep-quantized` \(float32\): decode", r"^run 1"),
+            "k2": T(r"^ours, `--keep-quantized` \(float32\): decode", r"^run 2"),
+            "t1": T(r"^ours, default: first token", r"^run 1"),
+            "t2": T(r"^ours, default: first token", r"^run 2")}),),
+        "decode {o1} / {o2} tok/s by default, {k1} / {k2} with `--keep-quantized` (two runs); first token of a "
+        "512-token prompt {t1} / {t2} s",
+        (Cmp((Src((CPU, r"against llama\.cpp"), {
+            "l1": T(r"^llama\.cpp `llama-bench -t 2`: tg128", r"^run 1"),
+            "l2": T(r"^llama\.cpp `llama-bench -t 2`: tg128", r"^run 2"),
+            "p1": T(r"^llama\.cpp: pp512", r"^run 1", r"^" + NUM),
+            "p2": T(r"^llama\.cpp: pp512", r"^run 2", r"^" + NUM)}),),
+            "llama.cpp `llama-bench -t 2` decodes {l1} / {l2} tok/s (default {r1} / {r2}) and prefills 512 tokens "
+            "in {p1} / {p2} s",
+            {"r1": ("o1", "l1"), "r2": ("o2", "l2")}),)),
 ]
 
 # Serving -------------------------------------------------------------------------------
