@@ -254,10 +254,10 @@ def open_gguf(path: str | Path):
     keyed by the resolved path, size, inode and a digest of the header (`check_gguf_header`):
     ``gguf.GGUFReader`` parses every element of every metadata array into Python objects
     (about 3 s for the embedded SmolLM2 file's 49,152-token vocabulary and merges on a 2-core
-    CPU), and one load opens a file for its tokenizer and again for its weights. The reader maps the file read-only, so a
-    shared one cannot be written through; a file replaced (new inode), resized or with another
-    header gets a new reader, and tensor bytes rewritten in place are read through the shared
-    mapping. The header is checked (and hashed) on every call.
+    CPU), and one load opens a file for its tokenizer and again for its weights. The reader
+    maps the file read-only, so a shared one cannot be written through; a file replaced (new
+    inode), resized or with another header gets a new reader, and tensor bytes rewritten in
+    place are read through the shared mapping. The header is checked (and hashed) on every call.
 
     Raises:
       CheckpointError: see `check_gguf_header`; also a missing file (``"file not found"``).
