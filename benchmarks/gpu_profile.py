@@ -143,12 +143,23 @@ def report_decode(title: str, tok: dict, batch: int = 1) -> None:
 
 
 def report(title: str, events, steps: int) -> None:
-    total = sum(d for _, d in events) or 1.0
+    """Print GPU time per category and the top kernels of ``steps`` traced steps; with
+    ``device_events(..., with_ts=True)`` events, also kernels per step, the span from the
+    first kernel's start to the last one's end per step (busy against span: a span far
+    above the busy time means the GPU waits for the host) and the share launched from CUDA
+    graphs."""
+    total = sum(e[1] for e in events) or 1.0
     by_cat, by_name = collections.Counter(), collections.Counter()
-    for name, dur in events:
+    for name, dur, *_ in events:
         by_cat[category(name)] += dur
         by_name[name] += dur
     print(f"\n## {title}: GPU kernel time {total / steps / 1e3:.2f} ms per step ({len(events)} kernels traced)")
+    if events and len(events[0]) == 4:
+        span = max(t + d for _, d, t, _ in events) - min(t for _, _, t, _ in events)
+        print(f"{len(events) / steps:.1f} kernels per step; GPU busy {total / steps / 1e3:.2f} ms of a "
+              f"{span / steps / 1e3:.2f} ms span per step ({100 * total / span:.1f}% busy; "
+              f"{(span - total) / len(events):.2f} us idle per kernel; "
+              f"{100 * sum(g for *_, g in events) / len(events):.0f}% launched from CUDA graphs)")
     print("| category | ms per step | share |\n|---|---|---|")
     for cat, d in by_cat.most_common():
         print(f"| {cat} | {d / steps / 1e3:.3f} | {100 * d / total:.1f}% |")
@@ -204,7 +215,8 @@ def main() -> int:
         for _ in range(args.steps):
             m = trainer.step(batch)
         jax.block_until_ready(m["loss"])
-    report(f"train step {args.batch}x{args.length} remat={args.remat}", device_events(out / "train"), args.steps)
+    report(f"train step {args.batch}x{args.length} remat={args.remat}", device_events(out / "train", with_ts=True),
+           args.steps)
 
     trainer.sync_model()  # the step donated the LoRA buffers: write the live ones back
     lm.remat = False
