@@ -7,10 +7,12 @@ The formats kept on the device are `GGUF_FORMATS` (name -> the kernel module und
 `pallas_kernels/`); a stack whose layers mix formats of one family (Q4_K and Q6_K in a
 Q4_K_M file) is one `GGUFWeight` whose ``kind`` names each layer's format.
 
-Off the GPU, `xla_matmul` multiplies by the blocks with XLA: each sub-block of every block is
-decoded to float32 in pieces of rows that stay in the CPU cache and multiplied at once (one dot
-per sub-block position, no reassembled weight), so a decode step reads the blocks' bytes, not
-a dequantized copy.
+Off the GPU, `xla_matmul` multiplies by the blocks: a decode-sized product by a Q4_0, Q4_1 or
+Q8_0 weight runs the CPU kernel `pallas_kernels.gguf_cpu` (C++ through XLA's FFI, the blocks
+read in place); everything else runs with XLA, each sub-block of every block decoded to float32
+in pieces of rows that stay in the CPU cache and multiplied at once (one dot per sub-block
+position, no reassembled weight), so a decode step reads the blocks' bytes, not a dequantized
+copy.
 
 Source: ggml ``ggml-common.h`` (block layouts), the GGUF spec (ggml ``docs/gguf.md``).
 """
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxqlora.model import by_row_pieces
-from pallas_kernels import gguf_q4_0, gguf_q4_1, gguf_q4_k, gguf_q5_k, gguf_q6_k, gguf_q8_0
+from pallas_kernels import gguf_cpu, gguf_q4_0, gguf_q4_1, gguf_q4_k, gguf_q5_k, gguf_q6_k, gguf_q8_0
 from pallas_kernels.gguf_matmul import F16, gguf_dequantize_reference, join_blocks, split_blocks, union_layout
 
 #: GGUF tensor types kept quantized on the device -> their kernel module.
@@ -115,6 +117,11 @@ def xla_matmul(x: jax.Array, w: GGUFWeight, layer=None) -> jax.Array:
     """``x @ W.T`` for a GGUF weight ``W [N, K]``, with XLA (the CPU path of
     `jaxqlora.quantize.gguf_linear`).
 
+    A product of at most `pallas_kernels.gguf_cpu.MAX_M` rows (decoding) by a Q4_0, Q4_1 or
+    Q8_0 weight runs the CPU kernel `pallas_kernels.gguf_cpu.gguf_gemv` where it is available
+    (it reads the blocks in place and never writes a decoded weight); everything else, and
+    derivatives, take XLA's path below.
+
     The rows are taken in pieces of at most `jaxqlora.model.PIECE_VALUES` values
     (`jaxqlora.model.by_row_pieces`); in each piece every sub-block position of every block is
     decoded to float32 (the format's ``decode``, the operations of the Pallas kernel) and
@@ -137,20 +144,27 @@ def xla_matmul(x: jax.Array, w: GGUFWeight, layer=None) -> jax.Array:
     kind = w.kind[layer] if stacked else w.kind
     fields = sorted(w.planes)
 
-    def product(start, rows):
-        planes = {}
-        for name in fields:
-            p = w.planes[name]
-            starts = ((layer,) if stacked else ()) + (start,) + (0,) * (p.ndim - 1 - stacked)
-            sizes = ((1,) if stacked else ()) + (rows,) + p.shape[1 + stacked:]
-            piece = jax.lax.dynamic_slice(p, starts, sizes)
-            planes[name] = piece[0] if stacked else piece
-        branches = [lambda pl, f=f: _piece_product(x2, pl, f) for f in w.modules]
-        if len(branches) == 1:
-            return branches[0](planes)
-        return jax.lax.switch(kind, branches, planes)
+    def pieces(x2):
+        def product(start, rows):
+            planes = {}
+            for name in fields:
+                p = w.planes[name]
+                starts = ((layer,) if stacked else ()) + (start,) + (0,) * (p.ndim - 1 - stacked)
+                sizes = ((1,) if stacked else ()) + (rows,) + p.shape[1 + stacked:]
+                piece = jax.lax.dynamic_slice(p, starts, sizes)
+                planes[name] = piece[0] if stacked else piece
+            branches = [lambda pl, f=f: _piece_product(x2, pl, f) for f in w.modules]
+            if len(branches) == 1:
+                return branches[0](planes)
+            return jax.lax.switch(kind, branches, planes)
 
-    return by_row_pieces(product, n, k).reshape(*lead, n).astype(x.dtype)
+        return by_row_pieces(product, n, k)
+
+    if len(w.formats) == 1 and gguf_cpu.applies(w.formats[0], x2.shape[0]):
+        y = gguf_cpu.gguf_gemv(x2, w.planes, w.formats[0], layer, fallback=pieces)
+    else:
+        y = pieces(x2)
+    return y.reshape(*lead, n).astype(x.dtype)
 
 
 def from_blocks(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> GGUFWeight:
