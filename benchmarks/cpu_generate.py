@@ -2,8 +2,9 @@
 tree against another commit in the same run, and llama.cpp's ``llama-bench`` beside them.
 
 What the command line runs: ``jaxqlora generate`` (`jaxqlora.generate.stream`, the CLI's
-path) with each tree's own CLI defaults (the ``--dtype`` its parser gives on this machine),
-plain and ``--keep-quantized``:
+path) with each tree's own CLI defaults (the ``--dtype`` and, where the tree decides it, the
+``--keep-quantized`` its parser gives on this machine; the table says which), plain and
+``--keep-quantized``:
 
 - decode tokens/s: a chat prompt ("Write a long story about a dragon.", a 64-token bucket),
   128 new tokens, greedy; tokens/s after the first piece, counted as the CLI counts
@@ -63,6 +64,7 @@ def _worker(keep_quantized: bool) -> None:
     if check is not None:
         check(args)
     dtype = getattr(jax.numpy, args.dtype)
+    keep_quantized = bool(args.keep_quantized)  # the CLI's choice: since ee65838 kept quantized by default on a CPU
     model, tok = load_pretrained(None, dtype=dtype, keep_quantized=keep_quantized)
     chat = [{"role": "user", "content": STORY}]
     long_ids = (tok.encode(" ".join(["the quick brown fox jumps over the lazy dog"] * 80)) * 2)[:LONG]
@@ -86,7 +88,8 @@ def _worker(keep_quantized: bool) -> None:
     decode(), ttft()  # compile both buckets
     import jaxqlora
 
-    print(json.dumps({"ready": True, "dtype": args.dtype, "backend": jax.default_backend(),
+    print(json.dumps({"ready": True, "dtype": args.dtype + (", kept quantized" if keep_quantized else ""),
+                      "backend": jax.default_backend(),
                       "package": str(Path(jaxqlora.__file__).parent)}), flush=True)
     for line in sys.stdin:
         cmd = line.strip()
