@@ -213,7 +213,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {str(default).replace('%', '%%')})"
 
 
-def _add_model_args(p: argparse.ArgumentParser, generation: bool = False, training: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, generation: bool = False, training: bool = False,
+                    serving: bool = False) -> None:
     p.add_argument("--model", type=existing_path, default=None, metavar="PATH",
                    help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     if generation:  # resolved by _check_generate
@@ -225,6 +226,10 @@ def _add_model_args(p: argparse.ArgumentParser, generation: bool = False, traini
         p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                        help="parameter and activation dtype (default: float32 on a CPU, where XLA runs bfloat16 "
                             "matmuls and stacked activations through float32 copies; bfloat16 elsewhere)")
+    elif serving:  # resolved by _check_serve
+        p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                       help="parameter and activation dtype (default: float32 on a CPU when the model is kept "
+                            "quantized, see --keep-quantized; bfloat16 otherwise)")
     else:
         p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                        help="parameter and activation dtype")
@@ -238,30 +243,31 @@ def _add_keep_quantized(p: argparse.ArgumentParser, auto: bool = False) -> None:
         p.add_argument("--keep-quantized", action="store_true", help=text)
         return
     p.add_argument("--keep-quantized", action=argparse.BooleanOptionalAction, default=None,
-                   help=text + " (default: on a CPU where the file's weights are all Q4_0 / Q4_1 / Q8_0 and the "
-                               "CPU kernel builds, as for the embedded model: those decode about 1.7x faster kept "
-                               "in their blocks there; off elsewhere)")
+                   help=text + " (default: on a CPU when the file's weights are all Q4_0 / Q4_1 / Q8_0, as the "
+                               "embedded model's: they decode faster kept in their blocks there; off elsewhere)")
 
 
 def _cpu_keeps_quantized(model) -> bool:
-    """The default of ``generate --keep-quantized``: True on a CPU for a .gguf model (the embedded
-    one when ``model`` is None) whose quantized weights are all in a format of the CPU GGUF kernel
-    (`pallas_kernels.gguf_cpu.FORMATS`), when that kernel is available. Never raises: a missing or
-    bad file is left for the load to report."""
+    """The default of ``generate`` / ``serve --keep-quantized``: True on a CPU for a .gguf model
+    (the embedded one when ``model`` is None) whose quantized weights are all in a format of the
+    CPU GGUF kernel (`pallas_kernels.gguf_cpu.FORMATS`: Q4_0, Q4_1, Q8_0). Kept in its blocks such
+    a file decodes faster on a CPU than a float16 copy, through the kernel (1.9x on 2 cores) and
+    also through XLA's path where the kernel cannot be built (1.1-1.3x; benchmarks/RESULTS.md).
+    Reads the tensor table only (about 0.1 s). Never raises: a missing or bad file is left for the
+    load to report."""
     import jax
 
     if jax.default_backend() != "cpu":
         return False
     try:
         from jaxqlora.io.embedded import embedded_model_path
-        from jaxqlora.io.gguf import open_gguf
+        from jaxqlora.io.gguf import gguf_tensor_types
         from pallas_kernels import gguf_cpu
 
         path = Path(model) if model is not None else embedded_model_path(verify=False)
         if path.suffix.lower() != ".gguf" or not path.is_file():
             return False
-        types = {t.tensor_type.name for t in open_gguf(path).tensors}
-        return types <= set(gguf_cpu.FORMATS) | {"F32", "F16"} and gguf_cpu.available()
+        return set(gguf_tensor_types(path).values()) <= set(gguf_cpu.FORMATS) | {"F32", "F16"}
     except Exception:  # noqa: BLE001 - the load reports what is wrong with the file
         return False
 
@@ -799,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate, check=functools.partial(_check_generate, g))
 
     s = command("serve", "an OpenAI-compatible HTTP server (continuous batching, several LoRA adapters per batch)")
-    _add_model_args(s)
+    _add_model_args(s, serving=True)
     s.add_argument("--adapter", type=adapter_spec, action="append", default=None, metavar="NAME=DIR",
                    help="serve the PEFT LoRA adapter in DIR under NAME (a request's \"model\": NAME); repeatable "
                         "(default: none)")
@@ -819,7 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "longer behind the call)")
     s.add_argument("--grace", type=nonnegative_float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM / SIGINT (then aborted)")
-    _add_keep_quantized(s)
+    _add_keep_quantized(s, auto=True)
     s.add_argument("--kernel-codes", action="store_true",
                    help="NF4 weights on a Hopper GPU: keep a second copy of the codes in the decode kernel's layout "
                         "(faster decoding, for half a byte per weight)")
@@ -866,7 +872,7 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"argument --adapter: {args.adapter} is a classification adapter (task_type SEQ_CLS, "
                          "trained with a score head instead of the LM head); generate needs a causal-LM adapter "
                          "(jaxqlora finetune --task causal-lm); use jaxqlora eval for a classification adapter")
-    # Defaults last, after every refusal (the first reads the GGUF header: about 3 s on a first open).
+    # Defaults last, after every refusal (the first reads the GGUF tensor table).
     if args.keep_quantized is None:
         args.keep_quantized = _cpu_keeps_quantized(args.model)
     if args.dtype is None:
@@ -898,6 +904,14 @@ def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if task == "SEQ_CLS":
             parser.error(f"argument --adapter: {folder} is a classification adapter (task_type SEQ_CLS, trained "
                          "with a score head instead of the LM head); serve needs causal-LM adapters")
+    # Defaults last, after every refusal (as generate's): kept quantized in float32 where the CPU kernel
+    # reads the file's blocks, else bfloat16.
+    if args.keep_quantized is None:
+        args.keep_quantized = _cpu_keeps_quantized(args.model)
+    if args.dtype is None:
+        import jax
+
+        args.dtype = "float32" if args.keep_quantized and jax.default_backend() == "cpu" else "bfloat16"
 
 
 def _check_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -111,20 +111,20 @@ def test_float16_cpu_default_logits_match_transformers(hf_embedded, embedded_pat
     residual stream and logits): logits within 2**-7 of the largest |logit| of transformers'
     float32 run (float16 rounds to 2**-11 relative; bf16, with 3 fewer bits, misses by ~1.1
     here) and the same argmax everywhere; on a CPU the CLI keeps the embedded Q4_1 / Q8_0 file
-    quantized in float32 by default where the CPU GGUF kernel builds (float16 dense otherwise),
-    float16 with --no-keep-quantized, float32 with --keep-quantized; the float16 decode loop
-    answers the question."""
+    quantized in float32 by default (generate and serve), float16 with --no-keep-quantized (serve:
+    bfloat16), float32 with --keep-quantized; the float16 decode loop answers the question."""
     import jax
 
     from jaxqlora.cli import build_parser
     from jaxqlora.io import load_pretrained
-    from pallas_kernels import gguf_cpu
-
     if jax.default_backend() == "cpu":
-        default = (True, "float32") if gguf_cpu.available() else (False, "float16")
-        for extra, want in (([], default), (["--no-keep-quantized"], (False, "float16")),
+        for extra, want in (([], (True, "float32")), (["--no-keep-quantized"], (False, "float16")),
                             (["--keep-quantized"], (True, "float32"))):
             args = build_parser().parse_args(["generate", "--prompt", "hi", *extra])
+            args.check(args)
+            assert (args.keep_quantized, args.dtype) == want, extra
+        for extra, want in (([], (True, "float32")), (["--no-keep-quantized"], (False, "bfloat16"))):
+            args = build_parser().parse_args(["serve", *extra])
             args.check(args)
             assert (args.keep_quantized, args.dtype) == want, extra
     hf, _ = hf_embedded

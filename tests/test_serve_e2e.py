@@ -108,7 +108,7 @@ def server(tmp_path_factory):
     a2 = _write_adapter(root / "a2", cfg, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"), seed=2, use_rslora=True)
     env = {**os.environ, "JAXQLORA_FAULT_INJECTION": "1", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    args = ["--dtype", "float32", "--max-batch", MAX_BATCH, "--max-model-len", MAX_MODEL_LEN, "--max-queue", MAX_QUEUE,
+    args = ["--dtype", "float32", "--no-keep-quantized", "--max-batch", MAX_BATCH, "--max-model-len", MAX_MODEL_LEN, "--max-queue", MAX_QUEUE,
             "--prefill-chunk", 64,  # prompts over 64 tokens are prefilled in chunks between decode steps
             "--grace", 120, "--adapter", f"a1={a1}", "--adapter", f"a2={a2}"]
     s = _Server([str(a) for a in args], env)
