@@ -31,6 +31,14 @@ FORMATS = ("Q4_0", "Q4_1", "Q8_0")
 pytestmark = pytest.mark.skipif(not gguf_cpu.available(), reason=f"CPU kernel: {gguf_cpu.unavailable_reason()}")
 
 
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """Every computation here on the CPU device (on a GPU machine the jitted products would
+    otherwise run on the GPU, where `gguf_gemv` takes its XLA fallback)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def _quantized(rng, qtype, n, k, layers=None):
     shape = (n, k) if layers is None else (layers, n, k)
     w = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.02, 2.0)
