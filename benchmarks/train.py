@@ -94,8 +94,9 @@ def worker_ours(args) -> dict:
     remat = tuple(args.remat.split("+")) if "+" in args.remat else args.remat  # "none": no remat
     optimizer, _ = make_optimizer(2e-4, total_steps=1000)
     # as `jaxqlora.finetune`: compile over the shapes-only model, then build the weights and attach
-    trainer = Trainer(common.abstract_nf4_model(cfg, lora=True, remat=remat, dropout=args.dropout),
-                      causal_lm_loss, optimizer)
+    abstract = common.abstract_nf4_model(cfg, lora=True, remat=remat, dropout=args.dropout)
+    abstract.params_in_place = args.in_place == "on"  # jaxqlora.model.CausalLM.params_in_place
+    trainer = Trainer(abstract, causal_lm_loss, optimizer)
     ex = trainer.precompile(args.batch, (args.length,), log=lambda m: print(m, file=sys.stderr))
     step_hits = len(hits)
     compiled = next(iter(ex.values()))
@@ -110,6 +111,7 @@ def worker_ours(args) -> dict:
     lm = common.random_nf4_model(cfg, seed=args.seed)
     apply_lora(lm, r=16, alpha=32.0, dropout=args.dropout, seed=args.seed)
     lm.remat = remat
+    lm.params_in_place = args.in_place == "on"
     trainer.attach(lm)
     build_s = time.perf_counter() - t0
     batch = jax.device_put(common.causal_batch(cfg, args.batch, args.length, args.seed))
@@ -170,6 +172,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gemm", choices=["default", "on", "off", "both"], default="default",
                     help="the Mosaic NF4 GEMM for large M on Hopper (pallas_kernels.nf4_matmul.MGPU_GEMM): the "
                          "library's default, on, off (the bf16 W + cuBLAS path), or both rows in the same run")
+    ap.add_argument("--in-place", choices=["off", "on", "both"], default="off",
+                    help="CausalLM.params_in_place: layers index the stacked parameters (on) instead of the scan "
+                         "slicing them (off, the default), or both rows in the same run")
     ap.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run (rows past it are skipped)")
     # worker arguments
     ap.add_argument("--worker", choices=["ours", "peer"])
@@ -199,13 +204,15 @@ def main(argv=None) -> int:
     for name, model, batch, length, ckpt, peer_ref, target in rows:
         base = ["--model", model, "--batch", str(batch), "--length", str(length)]
         for policy in (policies if ckpt else ["none"]):
-            for gemm in (("on", "off") if args.gemm == "both" else (args.gemm,)):
+            for gemm, in_place in ((g, p) for g in (("on", "off") if args.gemm == "both" else (args.gemm,))
+                                   for p in (("off", "on") if args.in_place == "both" else (args.in_place,))):
                 remaining = args.budget - (time.perf_counter() - t_start)
                 wa = list(common_args)
                 wa[1] = "ours"
-                r = common.run_worker(__file__, wa + base + ["--remat", policy, "--gemm", gemm],
-                                      timeout=remaining, env=env)
-                run = f"jaxqlora remat={policy}" + ("" if gemm == "default" else f" gemm={gemm}")
+                r = common.run_worker(__file__, wa + base + ["--remat", policy, "--gemm", gemm, "--in-place",
+                                                             in_place], timeout=remaining, env=env)
+                run = (f"jaxqlora remat={policy}" + ("" if gemm == "default" else f" gemm={gemm}")
+                       + ("" if args.in_place == "off" else f" in-place={in_place}"))
                 results.append((name, run, r, peer_ref, target))
                 print(f"# {name} {run}: {r}", file=sys.stderr, flush=True)
         if peer_reason is None:

@@ -529,6 +529,16 @@ class CausalLM(nnx.Module):
       scan_layers: the layer loop: ``True`` runs the stacked layers under ``jax.lax.scan``
         (the compiled program holds one layer), ``False`` unrolls them in Python (one copy
         per layer), ``None`` (default) picks per call with `default_scan`.
+      params_in_place: without a cache (training, evaluation), how a layer reads its
+        parameters: ``False`` (default), the scan hands each step one layer's slices (XLA
+        materialises each slice that a custom call reads: on a GPU a copy kernel per frozen
+        array per layer, forward and backward; the SmolLM2 16x64 train step's profile on
+        an H100 spends 41% of its GPU time in copy kernels, benchmarks/RESULTS.md);
+        ``True``, every module indexes the stacked arrays by the layer itself (the Pallas
+        kernels read the frozen NF4 codes in place, as decoding does; LoRA factors by
+        ``v[layer]``; loop-invariant, so not stacked as residuals). Same numbers either
+        way (tests/test_train.py against PEFT); ``True`` is not yet measured on a GPU, so
+        it is not the default. With a cache the parameters are always read in place.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
@@ -538,6 +548,7 @@ class CausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
         self.remat = False  # see remat_policy: False, True / "full", "dots", "offload" or a tuple of MATMUL_NAMES
         self.scan_layers = None  # None: default_scan per call; True: always scan; False: always unroll
+        self.params_in_place = False  # True: layers index the stacked parameters (see the class docstring)
 
     @property
     def num_layers(self) -> int:
@@ -604,12 +615,13 @@ class CausalLM(nnx.Module):
         layer axis, or a Python loop. Only the residual stream, the shared RNG streams and
         the cache are carried out of the body, never the parameters (XLA would copy the
         frozen weights). Without a cache (training, evaluation) the parameters go in as
-        scanned inputs, one layer's slice per step (gradients leave as stacked outputs);
-        with a cache (generation) every module indexes the stacked parameters by layer
-        itself, so that the NF4 GEMV and decode-attention kernels read the layer in place
-        instead of XLA copying each slice. The remat policy wraps the body."""
+        scanned inputs, one layer's slice per step (gradients leave as stacked outputs),
+        unless ``params_in_place`` says otherwise; with a cache (generation) every module
+        indexes the stacked parameters by layer itself, so that the NF4 GEMV and
+        decode-attention kernels read the layer in place instead of XLA copying each slice.
+        The remat policy wraps the body."""
         graphdef, rng, params = nnx.split(self.model.layers, nnx.RngState, ...)
-        in_place = kv is not None
+        in_place = bool(self.params_in_place) or kv is not None
 
         def body(carry, xs):
             x, rng, kv = carry

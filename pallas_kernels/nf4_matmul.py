@@ -144,23 +144,24 @@ NF4_CODE.setflags(write=False)
 # ---------------------------------------------------------------------------
 
 
-def _load_codes(packed_ref, code_ref, n0, byte0, mask_n, *, block_n: int, block_k: int):
+def _load_codes(packed_ref, code_ref, n0, byte0, mask_n, *, block_n: int, block_k: int,
+                lead: tuple = ()):
     """Codebook values of the W tile ``[n0:n0+block_n, 2*byte0 : 2*byte0+block_k]``.
 
-    Loads ``packed[n0:n0+block_n, byte0:byte0+block_k//2]`` (rows past ``N``
+    Loads ``packed[*lead, n0:n0+block_n, byte0:byte0+block_k//2]`` (rows past ``N``
     masked to byte 0), splits each byte into (high, low) nibbles, interleaves them
-    along K (high nibble = even k) and gathers ``code[nibble]``: float32
+    along K (high nibble = even k) and gathers ``code[*lead, nibble]``: float32
     ``[block_n, block_k]``.
     """
     half = block_k // 2
     mask = jnp.broadcast_to(mask_n[:, None], (block_n, half))
     p = plgpu.load(
-        packed_ref.at[pl.ds(n0, block_n), pl.ds(byte0, half)],
+        packed_ref.at[(*lead, pl.ds(n0, block_n), pl.ds(byte0, half))],
         mask=mask,
         other=_zero(packed_ref.dtype),
     ).astype(jnp.int32)
     nibbles = jnp.stack([p >> 4, p & 15], axis=-1).reshape(block_n, block_k)
-    return plgpu.load(code_ref.at[nibbles])
+    return plgpu.load(code_ref.at[(*lead, nibbles)])
 
 
 def _nested_scale(q, block_index, mask, nested_refs, *, nested_blocksize: int, lead: tuple = ()):
@@ -514,28 +515,31 @@ def nf4_gemv_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_code=
 # ---------------------------------------------------------------------------
 
 
-def nf4_dequantize_kernel(packed_ref, absmax_ref, code_ref, *refs, blocksize: int,
+def nf4_dequantize_kernel(layer_ref, packed_ref, absmax_ref, code_ref, *refs, blocksize: int,
                           nested_blocksize: int, double_quant: bool, block_rows: int):
     """``block_rows`` quantization blocks of W: ``o[r, :] = code[nibbles] * scale[r]``.
 
-    Works on the flat block view (``packed [nblocks, blocksize/2]``, ``absmax
-    [nblocks]``, ``o [nblocks, blocksize]``), so every load and store is one
-    contiguous run of memory.
+    Works on the flat block view of L stacked weights (``packed [L, nblocks,
+    blocksize/2]``, ``absmax [L, nblocks]``, ``code [L, 16]``, nested operands ``[L,
+    ...]``; L = 1 for one weight), layer ``layer_ref[0]`` read in place, ``o [nblocks,
+    blocksize]``: every load and store is one contiguous run of memory.
     """
     if double_quant:
         *nested_refs, o_ref = refs
     else:
         (o_ref,) = refs
-    nblocks = packed_ref.shape[0]
+    lead = (layer_ref[0],)
+    nblocks = packed_ref.shape[1]
     r0 = pl.program_id(0) * block_rows
     rows = r0 + jnp.arange(block_rows, dtype=jnp.int32)
     mask = rows < nblocks
     codes = _load_codes(packed_ref, code_ref, r0, 0, mask, block_n=block_rows,
-                        block_k=blocksize)
-    q = plgpu.load(absmax_ref.at[pl.ds(r0, block_rows)], mask=mask,
+                        block_k=blocksize, lead=lead)
+    q = plgpu.load(absmax_ref.at[(*lead, pl.ds(r0, block_rows))], mask=mask,
                    other=_zero(absmax_ref.dtype))
     if double_quant:
-        scale = _nested_scale(q, rows, mask, nested_refs, nested_blocksize=nested_blocksize)
+        scale = _nested_scale(q, rows, mask, nested_refs, nested_blocksize=nested_blocksize,
+                              lead=lead)
     else:
         scale = q.astype(jnp.float32)
     plgpu.store(o_ref.at[pl.ds(r0, block_rows), :],
@@ -547,7 +551,7 @@ def nf4_dequantize_kernel(packed_ref, absmax_ref, code_ref, *refs, blocksize: in
                                              "nested_blocksize", "interpret",
                                              "block_rows", "num_warps", "num_stages"))
 def nf4_dequantize_pallas(packed, absmax, code, nested_absmax=None, nested_code=None,
-                          offset=None, *, shape: tuple[int, int], dtype=jnp.bfloat16,
+                          offset=None, layer=None, *, shape: tuple[int, int], dtype=jnp.bfloat16,
                           blocksize: int, nested_blocksize: int = 256,
                           interpret: bool = False, block_rows: int | None = None,
                           num_warps: int = 4, num_stages: int = 1):
@@ -555,11 +559,20 @@ def nf4_dequantize_pallas(packed, absmax, code, nested_absmax=None, nested_code=
 
     Needs ``blocksize`` a power of two and ``N*K % blocksize == 0``. Reads the
     packed codes and the (possibly double-quantized) absmax once and writes W
-    once: the large-M matmul path then runs W on the matrix units.
+    once: the large-M matmul path then runs W on the matrix units. With ``layer``
+    (int32 scalar) every operand carries a leading axis of L stacked weights (the
+    scanned decoder's layers) and layer ``layer`` is read in place: nothing is sliced
+    or copied before the kernel (as `nf4_gemv_pallas`).
     """
     n, k = shape
     nblocks = n * k // blocksize
     block_rows = block_rows or max(1, 8192 // blocksize)
+    if layer is None:
+        packed, absmax, code, layer = packed[None], absmax[None], code[None], 0
+        if nested_absmax is not None:
+            nested_absmax, nested_code, offset = nested_absmax[None], nested_code[None], offset[None]
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    stack = packed.shape[0]
     nested = _nested_args(nested_absmax, nested_code, offset)
     kernel = functools.partial(
         nf4_dequantize_kernel, blocksize=blocksize, nested_blocksize=nested_blocksize,
@@ -571,7 +584,7 @@ def nf4_dequantize_pallas(packed, absmax, code, nested_absmax=None, nested_code=
         compiler_params=_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="nf4_dequantize",
-    )(packed.reshape(nblocks, blocksize // 2), absmax.reshape(nblocks), code, *nested)
+    )(layer, packed.reshape(stack, nblocks, blocksize // 2), absmax.reshape(stack, nblocks), code, *nested)
     return w.reshape(n, k)
 
 
@@ -614,18 +627,16 @@ def nf4_matmul_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=N
     power of two >= 32 dividing K. M <= `GEMV_MAX_M`: the split-K GEMV kernel
     (`nf4_gemv_pallas`); larger M: `nf4_dequantize_pallas` to ``x.dtype`` and one
     dense matmul. With ``layer``, ``packed`` and ``absmax`` are stacked ``[L, ...]``
-    (`nf4_gemv_pallas`); the GEMV reads the layer in place, the larger-M path slices it.
+    (`nf4_gemv_pallas`); the GEMV and the dequantize kernel read the layer in place.
     Use `nf4_matmul`; this skips its checks.
     """
     kw = dict(blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret)
     if x.shape[0] <= GEMV_MAX_M:
         return nf4_gemv_pallas(x, packed, absmax, code, nested_absmax, nested_code,
                                offset, layer, **kw)
-    if layer is not None:
-        packed, absmax, code, nested_absmax, nested_code, offset = _layer_of(
-            layer, packed, absmax, code, nested_absmax, nested_code, offset)
-    w = nf4_dequantize_pallas(packed, absmax, code, nested_absmax, nested_code, offset,
-                              shape=(packed.shape[0], x.shape[1]), dtype=x.dtype, **kw)
+    n = packed.shape[-2]
+    w = nf4_dequantize_pallas(packed, absmax, code, nested_absmax, nested_code, offset, layer,
+                              shape=(n, x.shape[1]), dtype=x.dtype, **kw)
     return _dot(x, w, 1).astype(x.dtype)
 
 
@@ -638,17 +649,18 @@ def nf4_matmul_t_pallas(dy, packed, absmax, code, nested_absmax=None, nested_cod
                         offset=None, layer=None, *, blocksize: int, nested_blocksize: int = 256,
                         interpret: bool = False):
     """Transposed (backward) product ``dy[M, N] @ W -> [M, K]`` (operands as in
-    `nf4_matmul_pallas`; a stacked weight is sliced): `nf4_gemv_t_pallas` for M <=
-    `GEMV_MAX_M`, else dequantize + one dense matmul."""
+    `nf4_matmul_pallas`; a stacked weight is sliced for the GEMV, read in place by the
+    dequantize kernel): `nf4_gemv_t_pallas` for M <= `GEMV_MAX_M`, else dequantize + one
+    dense matmul."""
     kw = dict(blocksize=blocksize, nested_blocksize=nested_blocksize, interpret=interpret)
-    if layer is not None:
-        packed, absmax, code, nested_absmax, nested_code, offset = _layer_of(
-            layer, packed, absmax, code, nested_absmax, nested_code, offset)
     if dy.shape[0] <= GEMV_MAX_M:
+        if layer is not None:
+            packed, absmax, code, nested_absmax, nested_code, offset = _layer_of(
+                layer, packed, absmax, code, nested_absmax, nested_code, offset)
         return nf4_gemv_t_pallas(dy, packed, absmax, code, nested_absmax, nested_code,
                                  offset, **kw)
-    w = nf4_dequantize_pallas(packed, absmax, code, nested_absmax, nested_code, offset,
-                              shape=(packed.shape[0], 2 * packed.shape[1]),
+    w = nf4_dequantize_pallas(packed, absmax, code, nested_absmax, nested_code, offset, layer,
+                              shape=(packed.shape[-2], 2 * packed.shape[-1]),
                               dtype=dy.dtype, **kw)
     return _dot(dy, w, 0).astype(dy.dtype)
 

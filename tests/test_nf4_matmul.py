@@ -407,8 +407,9 @@ def test_errors():
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_stacked_weights_with_layer_index(m, double_quant):
     """``layer`` picks one of L stacked weights (a scanned decoder's layers): the GEMV
-    reads it in place (M <= 16), larger M slices it; both match the float64 oracle of
-    that layer, ragged N, and the gradient in x goes through the same layer."""
+    (M <= 16) and the dequantize kernel of larger M read it in place; both match the
+    float64 oracle of that layer, ragged N, and the gradient in x goes through the same
+    layer (larger M: the dequantize kernel in place again)."""
     n, k, bs, layers, pick = 40, 256, 64, 3, 1
     ws = [make_weight(20 + i, n, k, bs, double_quant, nested_blocksize=8) for i in range(layers)]
     stack = {key: np.stack([np.asarray(w[key]) for w in ws]) for key in ("packed", "absmax")}

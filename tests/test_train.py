@@ -87,18 +87,22 @@ def _peft_causal_reference(base_folder, adapter_dir, ids, mask, loss_mask):
     return float(out.loss), float(norm), out.logits.detach().numpy()
 
 
-@pytest.mark.parametrize("remat,precompiled", [(False, False), (True, False), ("dots", True), ("offload", False),
-                                               (("q_proj", "k_proj", "v_proj", "attention"), False)])
-def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, tmp_path, remat, precompiled):
+@pytest.mark.parametrize("remat,precompiled,in_place", [
+    (False, False, False), (True, False, False), ("dots", True, False), ("offload", False, False),
+    (("q_proj", "k_proj", "v_proj", "attention"), False, False), (False, False, True), ("dots", True, True)])
+def test_accumulated_loss_and_grad_norm_match_whole_batch_in_peft(base_folder, tmp_path, remat, precompiled,
+                                                                   in_place):
     """Two micro-batches with different response-token counts: our accumulated loss and
     gradient norm equal transformers' loss over the whole batch (normalised by the total
     token count, transformers issue 34191), without and with per-layer rematerialisation
     (full, matmul outputs kept, matmul outputs offloaded to host memory, attention side
-    kept), jitted or precompiled."""
+    kept), jitted or precompiled, with each scan step given its layer's slices or reading
+    the stacked parameters in place (``params_in_place``)."""
     lm, _ = load_pretrained(base_folder, dtype=jnp.float32)
     apply_lora(lm, r=4, alpha=8.0, seed=5)
     _randomize_lora(lm, 6)
     lm.remat = remat
+    lm.params_in_place = in_place
     save_adapter(lm, tmp_path)
     ids, mask = _right_padded([12, 5, 10, 3], 12, seed=7)
     loss_mask = np.zeros(ids.shape, np.float32)
