@@ -278,14 +278,17 @@ ffi::Error gemv_q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqloraGgufGemvQ4_0, gemv_q4_0,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// The binding of the formats with planes d and qs (Q4_0, Q8_0): x, layer, d, qs -> y.
+#define JQ_BIND_D_QS                                                                                   \
+  ffi::Ffi::Bind()                                                                                     \
+      .Ctx<ffi::ThreadPool>()                                                                          \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                    \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                                    \
+      .Arg<ffi::Buffer<ffi::F16>>()                                                                    \
+      .Arg<ffi::Buffer<ffi::U8>>()                                                                     \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqloraGgufGemvQ4_0, gemv_q4_0, JQ_BIND_D_QS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqloraGgufGemvQ4_1, gemv_q4_1,
                               ffi::Ffi::Bind()
@@ -297,11 +300,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqloraGgufGemvQ4_1, gemv_q4_1,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqloraGgufGemvQ8_0, gemv_q8_0,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxqloraGgufGemvQ8_0, gemv_q8_0, JQ_BIND_D_QS);

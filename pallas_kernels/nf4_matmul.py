@@ -382,6 +382,16 @@ def nf4_gemv_t_kernel(dy_ref, packed_ref, absmax_ref, code_ref, *refs, blocksize
                 mask=jnp.broadcast_to(mask_m[:, None], (block_m, block_k)))
 
 
+def _as_stacked(packed, absmax, code, nested_absmax, nested_code, offset, layer):
+    """The weight operands with a leading layer axis (one weight: L = 1, layer 0) and
+    ``layer`` as int32 ``[1]``: what the kernels that read a layer in place take."""
+    if layer is None:
+        packed, absmax, code, layer = packed[None], absmax[None], code[None], 0
+        if nested_absmax is not None:
+            nested_absmax, nested_code, offset = nested_absmax[None], nested_code[None], offset[None]
+    return packed, absmax, code, nested_absmax, nested_code, offset, jnp.asarray(layer, jnp.int32).reshape(1)
+
+
 def _pow2_divisor(k: int, cap: int) -> int:
     """The largest power of two dividing ``k``, at most ``cap``."""
     return min(k & -k, cap)
@@ -447,11 +457,8 @@ def nf4_gemv_pallas(x, packed, absmax, code, nested_absmax=None, nested_code=Non
     `nf4_matmul_pallas`.
     """
     m, k = x.shape
-    if layer is None:
-        packed, absmax, code, layer = packed[None], absmax[None], code[None], 0
-        if nested_absmax is not None:
-            nested_absmax, nested_code, offset = nested_absmax[None], nested_code[None], offset[None]
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    packed, absmax, code, nested_absmax, nested_code, offset, layer = _as_stacked(
+        packed, absmax, code, nested_absmax, nested_code, offset, layer)
     n = packed.shape[1]
     # Defaults from benchmarks/nf4_tune.py on an H200 (W 4096x11008): M = 1 best with
     # 64-row tiles of 128 K and 16 splits; M = 2..16 with 32 x 256 tiles and 4 splits.
@@ -567,11 +574,8 @@ def nf4_dequantize_pallas(packed, absmax, code, nested_absmax=None, nested_code=
     n, k = shape
     nblocks = n * k // blocksize
     block_rows = block_rows or max(1, 8192 // blocksize)
-    if layer is None:
-        packed, absmax, code, layer = packed[None], absmax[None], code[None], 0
-        if nested_absmax is not None:
-            nested_absmax, nested_code, offset = nested_absmax[None], nested_code[None], offset[None]
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    packed, absmax, code, nested_absmax, nested_code, offset, layer = _as_stacked(
+        packed, absmax, code, nested_absmax, nested_code, offset, layer)
     stack = packed.shape[0]
     nested = _nested_args(nested_absmax, nested_code, offset)
     kernel = functools.partial(
