@@ -15,6 +15,8 @@ This package must not import ``jaxqlora``: it only depends on jax and numpy.
 * `nf4_mgpu_gemm`: large-M NF4 GEMM on Hopper, W decoded in SMEM (`pallas_kernels.nf4_mgpu_gemm`).
 * `decode_attention`: split-KV flash decoding of one query token over a KV cache, GQA,
   per-sequence valid ranges (`pallas_kernels.decode_attention`).
+* `gguf_cpu`: the one CPU kernel, not Pallas: a C++ GEMV over GGUF Q4_0 / Q4_1 / Q8_0 blocks
+  through XLA's FFI, built on first use (`pallas_kernels.gguf_cpu`, ``gguf_cpu.cc``).
 
 Every op takes ``impl`` ('auto', 'pallas', 'xla') and ``interpret``; `pallas_kernels.dispatch`
 resolves them (Pallas on GPU, the plain-jnp reference elsewhere, ``$JAXQLORA_KERNELS``
