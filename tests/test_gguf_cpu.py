@@ -7,7 +7,8 @@ tensors quantized by ``gguf.quants.quantize``.
 * A stacked weight read by a traced layer index inside ``lax.scan`` (nothing sliced).
 * Derivatives in x (through the XLA path) equal ``dy @ W`` in float64.
 * ``jaxqlora.ggml.xla_matmul`` takes the kernel for decode-sized products and XLA's path for
-  more rows, with ``JAXQLORA_CPU_KERNELS=0``, and for the k-quants.
+  more rows, with ``JAXQLORA_CPU_KERNELS=0``, and for the k-quants; without a compiler it
+  falls back to XLA's path.
 
 The embedded SmolLM2 model served quantized decodes through this kernel on a CPU; its greedy
 tokens are checked against the dense model's argmax in
@@ -128,3 +129,19 @@ def test_xla_matmul_takes_the_kernel_for_decode_only(monkeypatch):
     assert not gguf_cpu.available() and "JAXQLORA_CPU_KERNELS" in gguf_cpu.unavailable_reason()
     assert not _has_kernel(xla_matmul, x1, w)
     _check(xla_matmul(x1, w), gguf_cpu.gguf_gemv_reference(np.asarray(x1), raw, "Q4_1", (n, k)), "off, M=1")
+
+
+def test_no_compiler_falls_back_to_xla(monkeypatch, tmp_path):
+    """Without a working compiler (and nothing in the cache) the kernel is unavailable, the
+    reason names the compiler's failure, and products take XLA's path with the same numbers."""
+    rng = np.random.default_rng()
+    n, k = 33, 96
+    raw = _quantized(rng, "Q8_0", n, k)
+    w = from_blocks(raw, "Q8_0", (n, k))
+    x = jnp.asarray(rng.standard_normal((2, k)), jnp.float32)
+    monkeypatch.setattr(gguf_cpu, "_state", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    assert not gguf_cpu.available() and "no-such-c++" in gguf_cpu.unavailable_reason()
+    assert not _has_kernel(xla_matmul, x, w)
+    _check(xla_matmul(x, w), gguf_cpu.gguf_gemv_reference(np.asarray(x), raw, "Q8_0", (n, k)), "no compiler")
