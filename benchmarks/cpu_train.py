@@ -26,6 +26,16 @@ evaluation time. The base tree is a ``git worktree`` of ``--base`` (removed afte
     python benchmarks/cpu_train.py                      # base: main before issue 26 section 1
     python benchmarks/cpu_train.py --base 90a11ac --rounds 7
     python benchmarks/cpu_train.py --profile 64         # this tree's step, split by what XLA:CPU runs
+    python benchmarks/cpu_train.py --floor              # this tree's calls against their matmuls alone
+
+``--floor`` times, in one process, each call of the default run and the float32 matmuls it
+cannot avoid: the frozen projections of every layer (``x @ W.T`` and, for a train step, the input
+gradient ``g @ W``) at the call's token count, as plain XLA:CPU dots of the same shapes on fresh
+random data. Their sum over the default run's batch counts is the time the run's matmuls need at
+the speed this machine's XLA:CPU gives them, before any dequantization, attention, LoRA,
+elementwise work, compilation or loading. Each round times every call, then every call's dots;
+a call's figure is its median over the rounds, its dots' figure the fastest round (the least the
+products took on this machine).
 """
 
 from __future__ import annotations
@@ -118,6 +128,84 @@ def _worker(calls: int) -> None:
         if line.strip():
             kind, length = line.split()
             print(json.dumps({"s": run(kind, int(length))}), flush=True)
+
+
+# ------------------------------------------------------------------ floor (this tree)
+
+
+def _floor(calls: int, rounds: int) -> None:
+    """Each call of the default run (`_setup`) and the float32 XLA:CPU dots of its frozen
+    projections alone, ``rounds`` rounds of ``calls`` queued calls; prints the table (see the
+    module docstring)."""
+    import common
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxqlora.io.pretrained import load_config
+
+    cfg, trainer, train, evals, compile_s, work = _setup()
+    mc = load_config(cfg.model)
+    d, f = mc.hidden_size, mc.intermediate_size
+    q, kv = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
+    shapes = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)]  # q k v o gate up down: W [out, in]
+    rng = np.random.default_rng(0)
+    weights = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+
+    @jax.jit
+    def fwd(xs, ws):
+        return [x @ w.T for x, w in zip(xs, ws)]
+
+    @jax.jit
+    def fwd_dx(xs, gs, ws):
+        return [x @ w.T for x, w in zip(xs, ws)] + [g @ w for g, w in zip(gs, ws)]
+
+    def timed(fn, *a):
+        t0 = time.perf_counter()
+        out = [fn(*a) for _ in range(calls)]
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / calls
+
+    keys = sorted(work, key=lambda k: (k.split()[0] != "train", int(k.split()[1])))
+    layers = mc.num_hidden_layers
+    plan = {}
+    for k in keys:
+        kind, n = k.split()
+        tokens = (16 if kind == "train" else cfg.eval_batch_size) * int(n)
+        xs = [jnp.asarray(rng.standard_normal((tokens, w.shape[1])), jnp.float32) for w in weights]
+        gs = [jnp.asarray(rng.standard_normal((tokens, w.shape[0])), jnp.float32) for w in weights]
+        dots = (lambda xs=xs, gs=gs: fwd_dx(xs, gs, weights)) if kind == "train" else (lambda xs=xs: fwd(xs, weights))
+        call = ((lambda n=int(n): trainer.step(train[n])) if kind == "train"
+                else (lambda n=int(n): trainer.evaluate_batch(evals[n])))
+        flop = (4 if kind == "train" else 2) * tokens * layers * sum(a * b for a, b in shapes)
+        plan[k] = (dots, call, flop)
+        timed(dots), timed(call)  # warm up
+    times = {(k, what): [] for k in keys for what in ("call", "dots")}
+    for r in range(rounds):  # a round: every call, then every call's dots (each after the others' dots)
+        for k in keys:
+            times[(k, "call")].append(timed(plan[k][1]))
+        for k in keys:
+            times[(k, "dots")].append(timed(plan[k][0]) * layers)  # one layer's products, times the layers
+        print(f"# round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    # the calls: median; the dots: the fastest round (a floor: the least these products took here)
+    med = {key: (statistics.median if key[1] == "call" else min)(v) for key, v in times.items()}
+    head, dirty = common.tree_state()
+    print(f"CPU calls of `jaxqlora finetune` (defaults, {cfg.param_dtype.name}) against the "
+          f"float32 XLA:CPU dots of their frozen projections ({layers} layers), {os.cpu_count()} cores, tree {head}"
+          f"{' + uncommitted changes' if dirty else ''}; seconds per call over {rounds} rounds of {calls} "
+          f"queued calls\n")
+    print("| call (batches in the run) | this tree s (median [min-max]) | projections' dots alone s (fastest [min-max]) "
+          "| GFLOP/s of the dots | call / dots |")
+    print("|---|---|---|---|---|")
+    for k in keys:
+        kind, n = k.split()
+        what = f"train step 16x{n}" if kind == "train" else f"eval batch {cfg.eval_batch_size}x{n}"
+        print(f"| {what} ({work[k]}) | {common.spread(times[(k, 'call')])} | {common.spread(times[(k, 'dots')])} | "
+              f"{plan[k][2] / med[(k, 'dots')] / 1e9:.0f} | {med[(k, 'call')] / med[(k, 'dots')]:.2f}x |")
+    for kind, label in (("train", "the default run's train steps, s"), ("eval", "validation + test, s")):
+        est = {w: sum(c * med[(k, w)] for k, c in work.items() if k.startswith(kind)) for w in ("call", "dots")}
+        print(f"| {label} | {est['call']:.0f} | {est['dots']:.0f} | | {est['call'] / est['dots']:.2f}x |")
+    print(f"\ncompile (this process, cold or from the persistent cache): {compile_s:.1f} s")
 
 
 # ------------------------------------------------------------------ profile (this tree)
@@ -243,7 +331,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     ap.add_argument("--calls", type=int, default=2, help="queued calls per timing (one sync)")
     ap.add_argument("--profile", type=int, metavar="L", help="profile this tree's train step of 16 x L tokens instead")
+    ap.add_argument("--floor", action="store_true",
+                    help="this tree's calls against the float32 dots of their projections alone (no base tree)")
     args = ap.parse_args()
+    if args.floor:
+        _floor(args.calls, args.rounds)
+        return 0
     if args.profile:
         _profile(args.profile)
         return 0
