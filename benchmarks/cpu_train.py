@@ -171,7 +171,7 @@ def _floor(calls: int, rounds: int) -> None:
     plan = {}
     for k in keys:
         kind, n = k.split()
-        tokens = (16 if kind == "train" else cfg.eval_batch_size) * int(n)
+        tokens = (train if kind == "train" else evals)[int(n)]["input_ids"].size  # the call's rows x length
         xs = [jnp.asarray(rng.standard_normal((tokens, w.shape[1])), jnp.float32) for w in weights]
         gs = [jnp.asarray(rng.standard_normal((tokens, w.shape[0])), jnp.float32) for w in weights]
         dots = (lambda xs=xs, gs=gs: fwd_dx(xs, gs, weights)) if kind == "train" else (lambda xs=xs: fwd(xs, weights))
@@ -199,7 +199,8 @@ def _floor(calls: int, rounds: int) -> None:
     print("|---|---|---|---|---|")
     for k in keys:
         kind, n = k.split()
-        what = f"train step 16x{n}" if kind == "train" else f"eval batch {cfg.eval_batch_size}x{n}"
+        rows = (train if kind == "train" else evals)[int(n)]["input_ids"].size // int(n)
+        what = f"train step {rows}x{n}" if kind == "train" else f"eval batch {rows}x{n}"
         print(f"| {what} ({work[k]}) | {common.spread(times[(k, 'call')])} | {common.spread(times[(k, 'dots')])} | "
               f"{plan[k][2] / med[(k, 'dots')] / 1e9:.0f} | {med[(k, 'call')] / med[(k, 'dots')]:.2f}x |")
     for kind, label in (("train", "the default run's train steps, s"), ("eval", "validation + test, s")):
