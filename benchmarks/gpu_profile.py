@@ -168,6 +168,20 @@ def report(title: str, events, steps: int) -> None:
         print(f"| `{name[:70]}` | {d / steps / 1e3:.3f} | {100 * d / total:.1f}% |")
 
 
+def report_ops(events: list[dict], steps: int, n: int) -> None:
+    """Print the ``n`` HLO ops (each kernel event's ``hlo_op`` argument, with its kernel name)
+    that take the most GPU time per step, with their launches per step: maps a kernel such
+    as ``memcpy32_post`` back to the ops of the optimized HLO (``XLA_FLAGS=--xla_dump_to``)."""
+    time, count = collections.Counter(), collections.Counter()
+    for e in events:
+        key = (str(e.get("args", {}).get("hlo_op", "?")), e["name"][:48])
+        time[key] += float(e["dur"])
+        count[key] += 1
+    print(f"\n| hlo_op | kernel | launches per step | ms per step |\n|---|---|---|---|")
+    for (op, name), d in time.most_common(n):
+        print(f"| `{op[:60]}` | `{name}` | {count[(op, name)] / steps:.1f} | {d / steps / 1e3:.3f} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b")
@@ -184,6 +198,9 @@ def main() -> int:
                     help="with --decode-only: comma-separated batch sizes, 512-token prompts")
     ap.add_argument("--params-in-place", action="store_true",
                     help="train step: CausalLM.params_in_place (layers index the stacked parameters)")
+    ap.add_argument("--ops", type=int, default=0, metavar="N",
+                    help="train step: also print the N HLO ops (the events' hlo_op) with the most GPU time")
+    ap.add_argument("--train-only", action="store_true", help="skip the generation profile")
     ap.add_argument("--kernel-codes", action="store_true",
                     help="jaxqlora.quantize.use_kernel_codes first (the GEMV's layout of the codes)")
     args = ap.parse_args()
@@ -220,6 +237,10 @@ def main() -> int:
         jax.block_until_ready(m["loss"])
     report(f"train step {args.batch}x{args.length} remat={args.remat}", device_events(out / "train", with_ts=True),
            args.steps)
+    if args.ops:
+        report_ops(gpu_kernel_events(out / "train"), args.steps, args.ops)
+    if args.train_only:
+        return 0
 
     trainer.sync_model()  # the step donated the LoRA buffers: write the live ones back
     lm.remat = False

@@ -90,23 +90,84 @@ class LoRALinear(nnx.Module):
         ``__call__`` returns; `jaxqlora.model.project_together` computes several base
         products in one kernel and adds each adapter here). The rank-r intermediate is
         tagged ``"lora_a"``; the dropout draws from this module's RNG stream."""
-        h = x if self.dropout is None else self.dropout(x)
-        dims = (((h.ndim - 1,), (1,)), ((), ()))
-        a, b = (v[...] if layer is None else v[layer] for v in (self.lora_A, self.lora_B))
+        a, b = (self._factor(v, layer) for v in (self.lora_A, self.lora_B))
         if self.adapters:  # each row's factors and scale, gathered (Punica's BGMV in jnp)
+            h = x if self.dropout is None else self.dropout(x)
             ids = jnp.zeros((x.shape[0],), jnp.int32) if adapter is None else adapter
             a, b = jnp.take(a, ids, axis=0), jnp.take(b, ids, axis=0)  # [B, r, in], [B, out, r]
             scaling = self.adapter_scaling[...] if layer is None else self.adapter_scaling[layer]
             scale = jnp.take(scaling, ids).reshape((-1,) + (1,) * (x.ndim - 1))
             h = checkpoint_name(jnp.einsum("b...i,bri->b...r", h.astype(jnp.float32), a), "lora_a")
             return (y.astype(jnp.float32) + scale * jnp.einsum("b...r,bor->b...o", h, b)).astype(x.dtype)
-        h = checkpoint_name(jax.lax.dot_general(h.astype(jnp.float32), a, dims), "lora_a")
+        keep, scale = self._dropout_keep(x)
+        h = checkpoint_name(lora_a_product(x, keep, a, scale), "lora_a")
         return (y.astype(jnp.float32) + lora_b_product(h, b, self.scaling)).astype(x.dtype)
+
+    def _dropout_keep(self, x: jax.Array) -> tuple[jax.Array | None, float]:
+        """This call's dropout: ``(keep, scale)``, ``keep`` bool of x's shape drawn by the
+        module's ``nnx.Dropout`` (its RNG stream, one key per call) and ``scale = 1 / (1 -
+        rate)``; ``(None, 1.0)`` when no dropout applies (none configured, or evaluation)."""
+        d = self.dropout
+        if d is None or d.deterministic or d.rate == 0.0:
+            return None, 1.0
+        keep = d(jnp.ones(x.shape, jnp.float32)) != 0  # the mask nnx.Dropout would apply to x
+        return keep, (0.0 if d.rate >= 1.0 else 1.0 / (1.0 - d.rate))
+
+    def _factor(self, v: nnx.Variable, layer) -> jax.Array:
+        """One layer's ``lora_A`` / ``lora_B``: ``v[layer]`` of a stacked factor, or ``v``
+        itself when ``layer`` is None or the factor is already one layer's slice (the scan
+        of `jaxqlora.model.CausalLM` with ``params_in_place`` hands each step its layer's
+        factors while the frozen base is read in place by ``layer``)."""
+        stacked = v.ndim > 2 + (1 if self.adapters else 0)
+        return v[layer] if layer is not None and stacked else v[...]
 
     def delta_weight(self) -> jax.Array:
         """The adapter's weight update ``scaling * lora_B @ lora_A``, float32 ``[out, in]``
         (``[layers, out, in]`` when stacked)."""
         return self.scaling * (self.lora_B[...] @ self.lora_A[...])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_a_product(x: jax.Array, keep: jax.Array | None, a: jax.Array, scale: float) -> jax.Array:
+    """``dropout(x) @ a.T``: LoRA's first factor, float32 ``[..., r]`` from ``x [..., in]``
+    (any float dtype, cast to float32 first, as PEFT casts the input to ``lora_A``'s dtype),
+    the dropout keep mask ``keep`` (bool ``[..., in]``, or None for no dropout; kept values
+    are multiplied by ``scale``, torch's inverted dropout) and ``a`` (``lora_A``, float32
+    ``[r, in]``).
+
+    The backward keeps ``x`` itself (in its own dtype, one copy shared by the projections
+    that read the same input, q/k/v and gate/up) and the bool mask, and recomputes the
+    float32 dropped input for ``lora_A``'s gradient, instead of saving a float32 copy of
+    the dropped input per projection (JAX's rule): a quarter to a half of the residual
+    bytes of a layer, and fewer stacked residuals for the layer scan to write and read.
+    ``scale`` is a Python float.
+    """
+    return _lora_dot(_dropped(x, keep, scale), a)
+
+
+def _dropped(x, keep, scale):
+    x = x.astype(jnp.float32)
+    return x if keep is None else jnp.where(keep, x * scale, 0.0)
+
+
+def _lora_dot(h, a):
+    return jax.lax.dot_general(h, a, (((h.ndim - 1,), (1,)), ((), ())))
+
+
+def _lora_a_fwd(x, keep, a, scale):
+    return lora_a_product(x, keep, a, scale), (x, keep, a)
+
+
+def _lora_a_bwd(scale, res, g):
+    x, keep, a = res
+    lead = tuple(range(g.ndim - 1))
+    da = jax.lax.dot_general(g, _dropped(x, keep, scale), ((lead, lead), ((), ())))  # [r, in]
+    dh = jax.lax.dot_general(g, a, (((g.ndim - 1,), (0,)), ((), ())))  # [..., in]
+    dx = dh if keep is None else jnp.where(keep, dh * scale, 0.0)
+    return dx.astype(x.dtype), None, da
+
+
+lora_a_product.defvjp(_lora_a_fwd, _lora_a_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -530,15 +530,17 @@ class CausalLM(nnx.Module):
         (the compiled program holds one layer), ``False`` unrolls them in Python (one copy
         per layer), ``None`` (default) picks per call with `default_scan`.
       params_in_place: without a cache (training, evaluation), how a layer reads its
-        parameters: ``False`` (default), the scan hands each step one layer's slices (XLA
-        materialises each slice that a custom call reads: on a GPU a copy kernel per frozen
-        array per layer, forward and backward; the SmolLM2 16x64 train step's profile on
-        an H100 spends 41% of its GPU time in copy kernels, benchmarks/RESULTS.md);
-        ``True``, every module indexes the stacked arrays by the layer itself (the Pallas
-        kernels read the frozen NF4 codes in place, as decoding does; LoRA factors by
-        ``v[layer]``; loop-invariant, so not stacked as residuals). Same numbers either
-        way (tests/test_train.py against PEFT); ``True`` is not yet measured on a GPU, so
-        it is not the default. With a cache the parameters are always read in place.
+        parameters: ``False`` (default), the scan hands each step one layer's slices of
+        every parameter (XLA materialises each slice that a custom call reads: on a GPU a
+        copy kernel per frozen array per layer, forward and backward, and the sliced NF4
+        codes are saved for the backward as stacked residuals; the SmolLM2 16x64 train step's
+        profile on an H100 spent 41% of its GPU time in copy kernels, benchmarks/RESULTS.md);
+        ``True``, the frozen parameters are read in place by the layer index (the Pallas
+        kernels read the NF4 codes where they lie, as decoding does; loop-invariant, so
+        never stacked as residuals) while the scan still hands each step its layer's LoRA
+        factors (their gradients leave as stacked outputs, instead of a stacked accumulator
+        updated by every layer). Same numbers either way (tests/test_train.py against
+        PEFT). With a cache every parameter is read in place.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
@@ -615,19 +617,24 @@ class CausalLM(nnx.Module):
         layer axis, or a Python loop. Only the residual stream, the shared RNG streams and
         the cache are carried out of the body, never the parameters (XLA would copy the
         frozen weights). Without a cache (training, evaluation) the parameters go in as
-        scanned inputs, one layer's slice per step (gradients leave as stacked outputs),
-        unless ``params_in_place`` says otherwise; with a cache (generation) every module
-        indexes the stacked parameters by layer itself, so that the NF4 GEMV and
-        decode-attention kernels read the layer in place instead of XLA copying each slice.
-        The remat policy wraps the body."""
-        graphdef, rng, params = nnx.split(self.model.layers, nnx.RngState, ...)
-        in_place = bool(self.params_in_place) or kv is not None
+        scanned inputs, one layer's slice per step (gradients leave as stacked outputs);
+        with ``params_in_place`` only the LoRA factors are sliced and the frozen parameters
+        are indexed by layer; with a cache (generation) every module indexes the stacked
+        parameters by layer itself, so that the NF4 GEMV and decode-attention kernels read
+        the layer in place instead of XLA copying each slice. The remat policy wraps the
+        body."""
+        graphdef, rng, lora, frozen = nnx.split(self.model.layers, nnx.RngState, nnx.LoRAParam, ...)
+        # what each step is handed sliced: everything (sliced), only the LoRA factors (frozen
+        # read in place; the factors' gradients leave as stacked outputs, not as a stacked
+        # accumulator updated every layer), or nothing (a cache: all read in place)
+        mode = "in_place" if kv is not None else ("lora" if self.params_in_place else "sliced")
+        sliced = {"sliced": (lora, frozen), "lora": (lora, None), "in_place": (None, None)}[mode]
 
         def body(carry, xs):
             x, rng, kv = carry
-            p, i = xs
-            layer = nnx.merge(graphdef, rng, params if in_place else p)
-            x, kv = layer(x, cos, sin, mask, kv, index, i, i if in_place else None, adapter)
+            (lo, fr), i = xs
+            layer = nnx.merge(graphdef, rng, lora if lo is None else lo, frozen if fr is None else fr)
+            x, kv = layer(x, cos, sin, mask, kv, index, i, None if mode == "sliced" else i, adapter)
             return (x, nnx.state(layer, nnx.RngState), kv), None
 
         policy = remat_policy(self.remat)
@@ -635,11 +642,10 @@ class CausalLM(nnx.Module):
             body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
         carry = (x, rng, kv)
         if scan:
-            xs = (None if in_place else params, jnp.arange(self.num_layers, dtype=jnp.int32))
-            carry, _ = jax.lax.scan(body, carry, xs)
+            carry, _ = jax.lax.scan(body, carry, (sliced, jnp.arange(self.num_layers, dtype=jnp.int32)))
         else:
             for i in range(self.num_layers):
-                carry, _ = body(carry, (None if in_place else layer_slice(params, i), i))
+                carry, _ = body(carry, (tuple(None if s is None else layer_slice(s, i) for s in sliced), i))
         x, rng, kv = carry
         nnx.update(self.model.layers, rng)
         return x, kv

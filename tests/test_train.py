@@ -412,6 +412,35 @@ def test_lora_b_product_and_its_gradients_match_float64():
     np.testing.assert_allclose(np.asarray(db), 1.5 * np.einsum("bto,btr->or", g64, h64), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_lora_a_product_and_its_gradients_match_float64(dropout):
+    """`jaxqlora.lora.lora_a_product` (LoRA's first factor with the dropout, its backward
+    recomputing the dropped input from x and the mask) and its gradients under a cotangent g
+    equal the float64 NumPy formulas: d = x * keep * s (x cast to float32 first, as PEFT
+    casts to lora_A's dtype), h = d A^T, dA = g^T d, dx = (g A) * keep * s rounded to x's
+    dtype; x bfloat16 [2, 5, 24] (leading axes are tokens), a random keep mask, s = 1/0.9."""
+    from jaxqlora.lora import lora_a_product
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 5, 24)), jnp.bfloat16)
+    a, g = (rng.normal(size=s).astype(np.float32) for s in ((4, 24), (2, 5, 4)))
+    keep = rng.random((2, 5, 24)) > 0.3 if dropout else None
+    scale = 1 / 0.9 if dropout else 1.0
+    with jax.default_matmul_precision("highest"):
+        h, vjp = jax.vjp(lambda x, a: lora_a_product(x, None if keep is None else jnp.asarray(keep), a, scale),
+                         x, jnp.asarray(a))
+        dx, da = vjp(jnp.asarray(g))
+    m = np.ones(x.shape) if keep is None else keep.astype(np.float64)
+    d64 = np.asarray(x.astype(jnp.float32), np.float64) * m * np.float64(np.float32(scale))
+    a64, g64 = a.astype(np.float64), g.astype(np.float64)
+    assert dx.dtype == jnp.bfloat16 and h.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(h), d64 @ a64.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(da), np.einsum("btr,bti->ri", g64, d64), rtol=1e-5, atol=1e-5)
+    want_dx = (g64 @ a64) * m * scale
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=2 ** -7, atol=1e-2)
+    assert (np.asarray(dx, np.float64)[m == 0] == 0).all()
+
+
 @pytest.mark.parametrize("chunk", [4, 7, 64])
 def test_chunked_cross_entropy_matches_float64(chunk):
     """The chunked masked cross-entropy sum and its gradients (hidden and head) equal the
