@@ -196,8 +196,8 @@ def main() -> int:
                     help="skip the train step; profile decoding per token (see --decode-batches)")
     ap.add_argument("--decode-batches", default="1",
                     help="with --decode-only: comma-separated batch sizes, 512-token prompts")
-    ap.add_argument("--params-in-place", action="store_true",
-                    help="train step: CausalLM.params_in_place (layers index the stacked parameters)")
+    ap.add_argument("--in-place", choices=["default", "on", "off"], default="default",
+                    help="train step: CausalLM.params_in_place (default: the library's, on for a GPU)")
     ap.add_argument("--ops", type=int, default=0, metavar="N",
                     help="train step: also print the N HLO ops (the events' hlo_op) with the most GPU time")
     ap.add_argument("--train-only", action="store_true", help="skip the generation profile")
@@ -226,7 +226,7 @@ def main() -> int:
         return decode_profile(lm, cfg, args, out)
     apply_lora(lm, r=16, alpha=32.0, dropout=0.05)
     lm.remat = args.remat  # "none": no remat
-    lm.params_in_place = args.params_in_place
+    lm.params_in_place = {"default": None, "on": True, "off": False}[args.in_place]
     trainer = Trainer(lm, causal_lm_loss, make_optimizer(2e-4, total_steps=100)[0])
     trainer.precompile(args.batch, (args.length,), log=lambda m: None)
     batch = jax.device_put(common.causal_batch(cfg, args.batch, args.length))

@@ -40,6 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # name, model, batch, seq_len, checkpointing, peer (tok/s, GB), target (tok/s, GB)
+IN_PLACE = {"default": None, "off": False, "on": True}  # --in-place -> CausalLM.params_in_place
+
 ROWS = [
     ("8b-4x2048-ckpt", "llama3-8b", 4, 2048, True, (7706, 21.2), (11500, 22)),
     ("8b-4x2048", "llama3-8b", 4, 2048, False, (10867, 76.2), (16000, 76)),
@@ -99,7 +101,7 @@ def worker_ours(args) -> dict:
     optimizer, _ = make_optimizer(2e-4, total_steps=1000)
     # as `jaxqlora.finetune`: compile over the shapes-only model, then build the weights and attach
     abstract = common.abstract_nf4_model(cfg, lora=True, remat=remat, dropout=args.dropout)
-    abstract.params_in_place = args.in_place == "on"  # jaxqlora.model.CausalLM.params_in_place
+    abstract.params_in_place = IN_PLACE[args.in_place]  # jaxqlora.model.CausalLM.params_in_place
     trainer = Trainer(abstract, causal_lm_loss, optimizer)
     ex = trainer.precompile(args.batch, (args.length,), log=lambda m: print(m, file=sys.stderr))
     step_hits = len(hits)
@@ -115,7 +117,7 @@ def worker_ours(args) -> dict:
     lm = common.random_nf4_model(cfg, seed=args.seed)
     apply_lora(lm, r=16, alpha=32.0, dropout=args.dropout, seed=args.seed)
     lm.remat = remat
-    lm.params_in_place = args.in_place == "on"
+    lm.params_in_place = IN_PLACE[args.in_place]
     trainer.attach(lm)
     build_s = time.perf_counter() - t0
     batch = jax.device_put(common.causal_batch(cfg, args.batch, args.length, args.seed))
@@ -176,9 +178,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gemm", choices=["default", "on", "off", "both"], default="default",
                     help="the Mosaic NF4 GEMM for large M on Hopper (pallas_kernels.nf4_matmul.MGPU_GEMM): the "
                          "library's default, on, off (the bf16 W + cuBLAS path), or both rows in the same run")
-    ap.add_argument("--in-place", choices=["off", "on", "both"], default="off",
-                    help="CausalLM.params_in_place: layers index the stacked parameters (on) instead of the scan "
-                         "slicing them (off, the default), or both rows in the same run")
+    ap.add_argument("--in-place", choices=["default", "off", "on", "both"], default="default",
+                    help="CausalLM.params_in_place: the library's default (jaxqlora.model.default_params_in_place: "
+                         "on for a GPU), on (frozen weights read in place, LoRA factors sliced by the scan), off "
+                         "(the scan slices every parameter), or both rows in the same run")
     ap.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run (rows past it are skipped)")
     # worker arguments
     ap.add_argument("--worker", choices=["ours", "peer"])
@@ -216,7 +219,7 @@ def main(argv=None) -> int:
                 r = common.run_worker(__file__, wa + base + ["--remat", policy, "--gemm", gemm, "--in-place",
                                                              in_place], timeout=remaining, env=env)
                 run = (f"jaxqlora remat={policy}" + ("" if gemm == "default" else f" gemm={gemm}")
-                       + ("" if args.in_place == "off" else f" in-place={in_place}"))
+                       + ("" if args.in_place == "default" else f" in-place={in_place}"))
                 results.append((name, run, r, peer_ref, target))
                 print(f"# {name} {run}: {r}", file=sys.stderr, flush=True)
         if peer_reason is None:
