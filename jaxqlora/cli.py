@@ -733,8 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--remat", nargs="?", const="full", default=None, choices=["none", "full", "dots", "offload"],
                    help="recompute decoder layers in the backward pass: full (keep layer inputs only; the "
                         "default of a bare --remat), dots (keep matmul outputs, recompute elementwise work) or "
-                        "offload (matmul outputs kept in pinned host memory); "
-                        "off without the flag")
+                        "offload (matmul outputs kept in pinned host memory), none; without the flag: none, or "
+                        "the first of dots and full that fits the device's memory when the run does not")
     f.add_argument("--precompile-only", action="store_true",
                    help="compile every train/eval step for its shape buckets (warming the on-disk cache) and exit")
     f.add_argument("--dry-run", action="store_true",

@@ -99,7 +99,11 @@ class FinetuneConfig:
         (default): `default_dtype`, float32 on a CPU and bfloat16 elsewhere.
       remat: rematerialisation of each decoder layer: False, True / ``"full"``, ``"dots"``
         (keep matmul outputs, recompute elementwise work), ``"offload"`` (matmul outputs
-        kept in pinned host memory); see `jaxqlora.model.remat_policy`.
+        kept in pinned host memory); see `jaxqlora.model.remat_policy`. None (default):
+        chosen from the memory estimate (with ``check_memory``, one device): none when the
+        run fits the device or its memory is unknown, else the first of ``"dots"`` and
+        ``"full"`` whose estimate fits (logged; the same numbers, recomputed), else none
+        (and `MemoryEstimateError` with the settings that fit).
       precompile_only: compile every step for its buckets (warming the persistent cache)
         and return without loading weights or training (single device only).
       dry_run: compile (shapes only), estimate the device memory the run needs
@@ -152,7 +156,7 @@ class FinetuneConfig:
     log_every: int = 10
     seed: int = 0
     dtype: str | None = None
-    remat: bool | str = False
+    remat: bool | str | None = None
     precompile_only: bool = False
     dry_run: bool = False
     check_memory: bool = True
@@ -196,8 +200,8 @@ class FinetuneConfig:
                               ("schedule", ("cosine", "constant")), ("dtype", (None, "bfloat16", "float32"))):
             if getattr(self, name) not in choices:
                 raise bad(name, getattr(self, name), f"must be one of {', '.join(map(repr, choices))}")
-        if self.remat not in (False, True, "none", "full", "dots", "offload"):
-            raise bad("remat", self.remat, "must be False, True, 'none', 'full', 'dots' or 'offload'")
+        if self.remat not in (None, False, True, "none", "full", "dots", "offload"):
+            raise bad("remat", self.remat, "must be None, False, True, 'none', 'full', 'dots' or 'offload'")
         for name in ("text_column", "label_column", "prompt_column", "response_column", "messages_column", "output"):
             value = getattr(self, name)
             if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
@@ -529,7 +533,7 @@ def _build(lm, cfg: FinetuneConfig, num_labels: int):
         report = quantize_model(lm)
     apply_lora(lm, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                use_rslora=cfg.use_rslora, seed=cfg.seed)
-    lm.remat = cfg.remat
+    lm.remat = False if cfg.remat is None else cfg.remat
     if cfg.task == "classification":
         return SequenceClassifier(lm, num_labels, pooling=cfg.pooling, seed=cfg.seed), classification_loss, report
     return lm, causal_lm_loss, report
@@ -657,15 +661,29 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     if cfg.dry_run or cfg.check_memory:
         estimate = memory_estimate(trainer.executables, trainer_bytes(trainer))  # per device with a mesh
         capacity = device_memory()
+        if cfg.remat is None and mesh is None and capacity is not None and estimate["peak_bytes"] > capacity:
+            picked = _fitting_settings(cfg, num_labels, optimizer, capacity, log, remat_only=True)
+            if picked is not None:  # the fastest policy that fits: compile every bucket with it
+                cfg = dataclasses.replace(cfg, remat=picked["settings"]["remat"])
+                log(f"the run does not fit the device without remat ({estimate['peak_bytes'] / 1e9:.2f} GB "
+                    f"of {capacity / 1e9:.2f} GB): remat {cfg.remat!r}")
+                t0 = time.perf_counter()
+                trainer = Trainer(_abstract_model(cfg, num_labels), loss_fn, optimizer, mesh=mesh)
+                _precompile(trainer, cfg, log)
+                compile_s += time.perf_counter() - t0
+                estimate = memory_estimate(trainer.executables, trainer_bytes(trainer))
         log(format_memory(estimate, capacity))
         if cfg.dry_run:
             return {"memory": estimate, "capacity_bytes": capacity, "compile_seconds": compile_s,
+                    "remat": cfg.remat or False,
                     "fits": capacity is None or estimate["peak_bytes"] <= capacity,
                     "seconds": time.perf_counter() - t_start}
         if capacity is not None and estimate["peak_bytes"] > capacity:
             if mesh is not None:  # no search over mesh settings: the estimate and the capacity
                 raise MemoryEstimateError(estimate, capacity, None, what="run on each device")
             raise MemoryEstimateError(estimate, capacity, _fitting_settings(cfg, num_labels, optimizer, capacity, log))
+    if cfg.remat is None:  # it fits (or the device's memory is unknown): no remat, recorded as such
+        cfg = dataclasses.replace(cfg, remat=False)
     model = _load_model(cfg, num_labels, log)
     if mesh is not None:  # each device keeps its FSDP shard
         sharding.shard_model(model, mesh, trainable=TRAINABLE)
@@ -790,13 +808,15 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     return results
 
 
-def _fitting_settings(cfg: FinetuneConfig, num_labels: int, optimizer, capacity: int, log) -> dict | None:
+def _fitting_settings(cfg: FinetuneConfig, num_labels: int, optimizer, capacity: int, log,
+                      remat_only: bool = False) -> dict | None:
     """The first of these that fits ``capacity``, compiled shapes-only (train and evaluation
     steps of the longest bucket): remat "dots", remat "full", then (with full remat) the
     micro-batch and the evaluation batch halved and gradient accumulation doubled (about the
-    same rows per step) down to 1, then the longest bucket halved (at most 8 trials)."""
+    same rows per step) down to 1, then the longest bucket halved (at most 8 trials);
+    ``remat_only``: the remat policies alone (what changes no number of the run)."""
     candidates = []
-    if cfg.remat in (False, "none"):
+    if cfg.remat in (None, False, "none"):
         candidates.append({"remat": "dots"})
     if cfg.remat is not True and cfg.remat != "full":
         candidates.append({"remat": "full"})
@@ -808,6 +828,8 @@ def _fitting_settings(cfg: FinetuneConfig, num_labels: int, optimizer, capacity:
     while t > 32:
         t //= 2
         candidates.append({"remat": "full", "batch_size": b, "grad_accum": g, "eval_batch_size": e, "max_seq_len": t})
+    if remat_only:
+        candidates = [c for c in candidates if set(c) == {"remat"}]
     for settings in candidates[:8]:
         trial = dataclasses.replace(cfg, **settings)
         trainer = Trainer(_abstract_model(trial, num_labels), classification_loss if cfg.task == "classification"

@@ -472,6 +472,37 @@ def test_chunked_cross_entropy_matches_float64(chunk):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_remat_is_chosen_from_the_memory_estimate(base_folder, tmp_path, monkeypatch):
+    """``remat=None`` (the default): a run that fits the device gets no remat; one that does
+    not gets the first of "dots" and "full" whose own estimate (a dry run with that policy
+    asked for) fits, compiled for every bucket; a device that not even "full" fits is refused
+    with the settings that fit. The capacities come from the dry runs' estimates."""
+    import jaxqlora.finetune as F
+    from jaxqlora.finetune import FinetuneConfig, MemoryEstimateError, finetune
+
+    words = save_word_tokenizer(base_folder, VOCAB)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "\n".join(f"{words[i % 50]} {words[(3 * i) % 40]},{'ab'[i % 2]}"
+                                                for i in range(200)) + "\n")
+    kw = dict(model=str(base_folder), data=str(data), quantize=False, rank=2, alpha=4.0, batch_size=32, max_seq_len=32,
+              buckets=(32,), eval_batch_size=16, dtype="float32", output=str(tmp_path / "out"), dry_run=True)
+    peak = {r: finetune(FinetuneConfig(remat=r, **kw), log=lambda *_: None)["memory"]["peak_bytes"]
+            for r in ("none", "dots", "full")}
+    assert peak["full"] < peak["none"]
+    for capacity, want in ((None, False), (peak["none"], False), (peak["dots"], "dots" if peak["dots"] < peak["none"]
+                                                                   else "full"),
+                           (peak["full"], "full" if peak["full"] < peak["dots"] else "dots")):
+        monkeypatch.setattr(F, "device_memory", lambda *a, c=capacity: c)
+        res = finetune(FinetuneConfig(**kw), log=lambda *_: None)
+        assert res["remat"] == want, (capacity, peak)
+        assert res["memory"]["peak_bytes"] == (peak["none"] if want is False else peak[want])
+    monkeypatch.setattr(F, "device_memory", lambda *a: peak["full"] - 1)
+    kw["dry_run"] = False
+    with pytest.raises(MemoryEstimateError):
+        finetune(FinetuneConfig(**kw), log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_memory_estimate_and_refusal(base_folder, tmp_path, monkeypatch):
     """``dry_run``: the estimate's arguments of the train step are the bytes of the frozen
     weights, LoRA/head parameters, optimizer state, RNG and one batch (counted here from the
@@ -509,7 +540,7 @@ def test_dry_run_memory_estimate_and_refusal(base_folder, tmp_path, monkeypatch)
     capacity = res["memory"]["peak_bytes"] - 1
     monkeypatch.setattr(F, "device_memory", lambda *a: capacity)
     with pytest.raises(MemoryEstimateError) as e:
-        finetune(FinetuneConfig(**kw), log=lambda *_: None)
+        finetune(FinetuneConfig(remat="none", **kw), log=lambda *_: None)  # no remat asked for: refused
     assert f"the device has {capacity / 1e9:.2f} GB" in str(e.value)
     if e.value.suggestion is not None:
         assert e.value.suggestion["peak_bytes"] <= capacity and "remat" in str(e.value)
