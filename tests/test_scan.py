@@ -164,3 +164,38 @@ def test_layer_key_mapping_round_trips():
     assert [k for k, _ in items] == [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
     for i, (_, a) in enumerate(items):
         np.testing.assert_array_equal(a, stacked[i])
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_train_step_saves_no_lora_factor_or_float32_dropped_input(in_place):
+    """What the layer scan saves for the backward (its forward's stacked outputs, from the
+    gradient's jaxpr; bf16 NF4 model, LoRA with dropout, 3 layers): no LoRA factor (sliced by
+    the scan, or the frozen weights read in place: the factors reach the backward as the
+    scan's own inputs, never as a per-layer copy), no per-layer index, and no float32 copy of
+    a projection's dropped input (`jaxqlora.lora.lora_a_product` keeps the bf16 input, one
+    per distinct input, and the bool mask). Before: 14 stacked factors and 14 indices in
+    place, and 7 float32 dropped inputs either way."""
+    cfg = ARCHS["llama"]
+    model = CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    quantize_model(model)
+    apply_lora(model, r=4, alpha=8.0, dropout=0.1)
+    model.params_in_place, model.scan_layers = in_place, True
+    graphdef, trainable, rest = nnx.split(model, TRAINABLE, ...)
+    ids, mask = _inputs(cfg)
+
+    def loss(tr):
+        return jnp.sum(nnx.merge(graphdef, tr, rest, copy=True)(ids, mask))
+
+    eqns = jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr.eqns
+    layers = cfg.num_hidden_layers
+    forward = next(e for e in eqns if e.primitive.name == "scan" and e.params["length"] == layers)
+    saved = [v.aval for v in forward.outvars[forward.params["num_carry"]:]]
+    factors = {(layers,) + tuple(x.shape[1:]) for x in jax.tree_util.tree_leaves(trainable)}
+    assert len(factors) >= 2 and saved
+    assert not [a for a in saved if tuple(a.shape) in factors], saved
+    assert not [a for a in saved if a.dtype == jnp.int32 and tuple(a.shape) == (layers,)], saved
+    b, t = ids.shape
+    inputs = {(layers, b, t, cfg.hidden_size), (layers, b, t, cfg.intermediate_size)}
+    dropped = [a for a in saved if a.dtype == jnp.float32 and tuple(a.shape) in inputs]
+    assert len(dropped) <= 2, saved  # the float32 residual stream (layer input, after attention)
+    assert sum(a.dtype == jnp.bfloat16 and tuple(a.shape) in inputs for a in saved) >= 3  # x of q/k/v, gate/up, down
