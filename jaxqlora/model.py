@@ -516,9 +516,10 @@ def default_params_in_place() -> bool:
 
     Measured (benchmarks/RESULTS.md, QLoRA train step of a SmolLM2-135M-shaped NF4 model, LoRA
     r=16 on all seven projections): on an H100, 16 x 64 tokens 50.2-52.9k tok/s in place
-    against 41.7k sliced, 16 x 512 115.7k against 107.3k, the same peak memory; on the 2-core
-    AVX2 CPU reading the frozen weights in place was slower (6.69 / 5.46 s per step against
-    6.05 / 5.26 s).
+    against 41.7k sliced, 16 x 512 115.7k against 107.3k, the same peak memory. On the 2-core
+    AVX2 CPU (bfloat16, 16 x 64, two processes each) in place gave 5.17 / 5.23 s per step
+    against 6.08 / 5.22 s sliced: no gain to show, so the CPU keeps the sliced scan, whose
+    float32 fine-tune is the one measured there (benchmarks/cpu_train.py).
     """
     return jax.default_backend() == "gpu"
 
