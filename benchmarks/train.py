@@ -50,11 +50,17 @@ ROWS = [
     # the fine-tune's batch shape (16 rows of <= 64 tokens): `--only smollm2-16x64 --in-place both`
     # times the small step that issue 27's 60-steps/s loop target is about, without the data
     ("smollm2-16x64", "smollm2-135m", 16, 64, False, (None, None), (None, None)),
+    # the fine-tune's own step: last-token classification head, no LM head (see CLASSIFICATION)
+    ("smollm2-cls-16x64", "smollm2-135m", 16, 64, False, (None, None), (None, None)),
 ]
 SMOKE_ROWS = [
     ("smoke-2x64-ckpt", "smoke", 2, 64, True, (None, None), (None, None)),
     ("smoke-4x32", "smoke", 4, 32, False, (None, None), (None, None)),
+    ("smoke-cls-4x32", "smoke", 4, 32, False, (None, None), (None, None)),
 ]
+#: rows that time `jaxqlora finetune`'s classification step (`SequenceClassifier`, two labels,
+#: last-token pooling, `classification_loss`) instead of the causal-LM step; no peer, no MFU
+CLASSIFICATION = {"smollm2-cls-16x64", "smoke-cls-4x32"}
 
 
 #: Dense bfloat16 tensor-core peak (FLOP/s, no sparsity) by device name: the NVIDIA H100 SXM
@@ -83,15 +89,18 @@ def mfu(cfg, length: int, tok_s: float, device: str) -> float | None:
 
 def worker_ours(args) -> dict:
     import jax
+    import numpy as np
 
     from pallas_kernels import nf4_matmul
 
     if args.gemm in ("on", "off"):
         nf4_matmul.MGPU_GEMM = args.gemm == "on"
 
+    from flax import nnx
+
     from jaxqlora.lora import apply_lora
     from jaxqlora.memory import memory_estimate, trainer_bytes
-    from jaxqlora.train import Trainer, causal_lm_loss, make_optimizer
+    from jaxqlora.train import SequenceClassifier, Trainer, causal_lm_loss, classification_loss, make_optimizer
 
     cfg = common.MODELS[args.model]
     hits = []
@@ -102,7 +111,10 @@ def worker_ours(args) -> dict:
     # as `jaxqlora.finetune`: compile over the shapes-only model, then build the weights and attach
     abstract = common.abstract_nf4_model(cfg, lora=True, remat=remat, dropout=args.dropout)
     abstract.params_in_place = IN_PLACE[args.in_place]  # jaxqlora.model.CausalLM.params_in_place
-    trainer = Trainer(abstract, causal_lm_loss, optimizer)
+    cls = args.task == "classification"
+    if cls:  # as `jaxqlora finetune` builds it: the head on the decoder, shapes only
+        abstract = nnx.eval_shape(lambda: SequenceClassifier(abstract, 2, pooling="last", seed=args.seed))
+    trainer = Trainer(abstract, classification_loss if cls else causal_lm_loss, optimizer)
     ex = trainer.precompile(args.batch, (args.length,), log=lambda m: print(m, file=sys.stderr))
     step_hits = len(hits)
     compiled = next(iter(ex.values()))
@@ -118,9 +130,13 @@ def worker_ours(args) -> dict:
     apply_lora(lm, r=16, alpha=32.0, dropout=args.dropout, seed=args.seed)
     lm.remat = remat
     lm.params_in_place = IN_PLACE[args.in_place]
-    trainer.attach(lm)
+    trainer.attach(SequenceClassifier(lm, 2, pooling="last", seed=args.seed) if cls else lm)
     build_s = time.perf_counter() - t0
-    batch = jax.device_put(common.causal_batch(cfg, args.batch, args.length, args.seed))
+    batch = common.causal_batch(cfg, args.batch, args.length, args.seed)
+    if cls:  # random labels for the same random tokens, every row counted
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask", "weight")}
+        batch["labels"] = np.random.default_rng(args.seed).integers(0, 2, batch["weight"].shape).astype(np.int32)
+    batch = jax.device_put(batch)
     losses = []
 
     def step():
@@ -189,6 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int)
     ap.add_argument("--length", type=int)
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precompile-only", action="store_true",
                     help="worker: compile the step into the persistent cache and report its memory analysis")
@@ -209,7 +226,8 @@ def main(argv=None) -> int:
                    "--rounds", str(args.rounds)]
     results = []
     for name, model, batch, length, ckpt, peer_ref, target in rows:
-        base = ["--model", model, "--batch", str(batch), "--length", str(length)]
+        base = ["--model", model, "--batch", str(batch), "--length", str(length),
+                "--task", "classification" if name in CLASSIFICATION else "causal-lm"]
         for policy in (policies if ckpt else ["none"]):
             for gemm, in_place in ((g, p) for g in (("on", "off") if args.gemm == "both" else (args.gemm,))
                                    for p in (("off", "on") if args.in_place == "both" else (args.in_place,))):
@@ -222,7 +240,7 @@ def main(argv=None) -> int:
                        + ("" if args.in_place == "default" else f" in-place={in_place}"))
                 results.append((name, run, r, peer_ref, target))
                 print(f"# {name} {run}: {r}", file=sys.stderr, flush=True)
-        if peer_reason is None:
+        if peer_reason is None and name not in CLASSIFICATION:
             remaining = args.budget - (time.perf_counter() - t_start)
             wa = list(common_args)
             wa[1] = "peer"
@@ -253,7 +271,7 @@ def main(argv=None) -> int:
         comp = f"{r['compile_s']:.1f}" + (" (cache)" if r.get("compile_cache_hits") else "") if "compile_s" in r else ""
         est = (r.get("memory_analysis") or {}).get("estimate")
         est = "" if est is None else f"{est / 1e9:.2f}" + (f" / {est / r['peak']:.3f}" if r.get("peak") else "")
-        u = mfu(*models[name], r["tok_s"], device)
+        u = None if name in CLASSIFICATION else mfu(*models[name], r["tok_s"], device)
         u = "" if u is None else f"{100 * u:.1f}%"
         print(f"| {name} | {run} | {r['tok_s']:,.0f} | {u} | {common.gb(r['peak'])} | {est} | {comp} | {vs_now} | "
               f"{vs_issue} | {target} |")
