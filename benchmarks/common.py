@@ -120,6 +120,10 @@ def _fill(kind, shape, dtype, key):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+#: ``--in-place`` of benchmarks/train.py and gpu_profile.py -> `jaxqlora.model.CausalLM.params_in_place`
+IN_PLACE = {"default": None, "off": False, "on": True}
+
+
 def causal_batch(cfg: ModelConfig, batch: int, length: int, seed: int = 0) -> dict:
     """One train step's host batch ``[1, batch, length]``: random token ids, no padding,
     the loss over every token."""

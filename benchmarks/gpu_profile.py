@@ -177,7 +177,7 @@ def report_ops(events: list[dict], steps: int, n: int) -> None:
         key = (str(e.get("args", {}).get("hlo_op", "?")), e["name"][:48])
         time[key] += float(e["dur"])
         count[key] += 1
-    print(f"\n| hlo_op | kernel | launches per step | ms per step |\n|---|---|---|---|")
+    print("\n| hlo_op | kernel | launches per step | ms per step |\n|---|---|---|---|")
     for (op, name), d in time.most_common(n):
         print(f"| `{op[:60]}` | `{name}` | {count[(op, name)] / steps:.1f} | {d / steps / 1e3:.3f} |")
 
@@ -226,7 +226,7 @@ def main() -> int:
         return decode_profile(lm, cfg, args, out)
     apply_lora(lm, r=16, alpha=32.0, dropout=0.05)
     lm.remat = args.remat  # "none": no remat
-    lm.params_in_place = {"default": None, "on": True, "off": False}[args.in_place]
+    lm.params_in_place = common.IN_PLACE[args.in_place]
     trainer = Trainer(lm, causal_lm_loss, make_optimizer(2e-4, total_steps=100)[0])
     trainer.precompile(args.batch, (args.length,), log=lambda m: None)
     batch = jax.device_put(common.causal_batch(cfg, args.batch, args.length))

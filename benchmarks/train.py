@@ -12,6 +12,7 @@ projections, AdamW (gradient clipping 0.3), causal-LM loss over every token. Row
 | Llama-3-8B 1x8192 with checkpointing | 7,021, 21.2 | >= 10,500 at <= 22 GB |
 | SmolLM2-135M 16x512 without | 41,730 | >= 125,000 |
 | SmolLM2-135M 16x64 without (the shape of `jaxqlora finetune`'s steps) | - | - |
+| SmolLM2-135M 16x64 classification step (`jaxqlora finetune`'s own: last-token head, no LM head) | - | - |
 
 Checkpointing rows run once per policy of ``--policies`` (``full``: keep layer inputs only;
 ``dots``: keep matmul outputs, recompute elementwise work; see
@@ -40,8 +41,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # name, model, batch, seq_len, checkpointing, peer (tok/s, GB), target (tok/s, GB)
-IN_PLACE = {"default": None, "off": False, "on": True}  # --in-place -> CausalLM.params_in_place
-
 ROWS = [
     ("8b-4x2048-ckpt", "llama3-8b", 4, 2048, True, (7706, 21.2), (11500, 22)),
     ("8b-4x2048", "llama3-8b", 4, 2048, False, (10867, 76.2), (16000, 76)),
@@ -110,7 +109,7 @@ def worker_ours(args) -> dict:
     optimizer, _ = make_optimizer(2e-4, total_steps=1000)
     # as `jaxqlora.finetune`: compile over the shapes-only model, then build the weights and attach
     abstract = common.abstract_nf4_model(cfg, lora=True, remat=remat, dropout=args.dropout)
-    abstract.params_in_place = IN_PLACE[args.in_place]  # jaxqlora.model.CausalLM.params_in_place
+    abstract.params_in_place = common.IN_PLACE[args.in_place]  # jaxqlora.model.CausalLM.params_in_place
     cls = args.task == "classification"
     if cls:  # as `jaxqlora finetune` builds it: the head on the decoder, shapes only
         abstract = nnx.eval_shape(lambda: SequenceClassifier(abstract, 2, pooling="last", seed=args.seed))
@@ -129,7 +128,7 @@ def worker_ours(args) -> dict:
     lm = common.random_nf4_model(cfg, seed=args.seed)
     apply_lora(lm, r=16, alpha=32.0, dropout=args.dropout, seed=args.seed)
     lm.remat = remat
-    lm.params_in_place = IN_PLACE[args.in_place]
+    lm.params_in_place = common.IN_PLACE[args.in_place]
     trainer.attach(SequenceClassifier(lm, 2, pooling="last", seed=args.seed) if cls else lm)
     build_s = time.perf_counter() - t0
     batch = common.causal_batch(cfg, args.batch, args.length, args.seed)

@@ -661,10 +661,16 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
     if cfg.dry_run or cfg.check_memory:
         estimate = memory_estimate(trainer.executables, trainer_bytes(trainer))  # per device with a mesh
         capacity = device_memory()
+        searched, suggestion = False, None  # the settings that fit are searched at most once
         if cfg.remat is None and mesh is None and capacity is not None and estimate["peak_bytes"] > capacity:
-            picked = _fitting_settings(cfg, num_labels, optimizer, capacity, log, remat_only=True)
-            if picked is not None:  # the fastest policy that fits: compile every bucket with it
-                cfg = dataclasses.replace(cfg, remat=picked["settings"]["remat"])
+            # a dry run tries the remat policies alone; a run the whole list, whose answer is
+            # also the suggestion of the error below when no remat policy fits
+            suggestion = _fitting_settings(cfg, num_labels, optimizer, capacity, log, remat_only=cfg.dry_run)
+            searched = True
+            if suggestion is not None and set(suggestion["settings"]) == {"remat"}:
+                # the fastest policy that fits: compile every bucket with it
+                cfg = dataclasses.replace(cfg, remat=suggestion["settings"]["remat"])
+                searched = False
                 log(f"the run does not fit the device without remat ({estimate['peak_bytes'] / 1e9:.2f} GB "
                     f"of {capacity / 1e9:.2f} GB): remat {cfg.remat!r}")
                 t0 = time.perf_counter()
@@ -681,7 +687,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict[str, Any]:
         if capacity is not None and estimate["peak_bytes"] > capacity:
             if mesh is not None:  # no search over mesh settings: the estimate and the capacity
                 raise MemoryEstimateError(estimate, capacity, None, what="run on each device")
-            raise MemoryEstimateError(estimate, capacity, _fitting_settings(cfg, num_labels, optimizer, capacity, log))
+            raise MemoryEstimateError(estimate, capacity, suggestion if searched else
+                                      _fitting_settings(cfg, num_labels, optimizer, capacity, log))
     if cfg.remat is None:  # it fits (or the device's memory is unknown): no remat, recorded as such
         cfg = dataclasses.replace(cfg, remat=False)
     model = _load_model(cfg, num_labels, log)

@@ -142,16 +142,13 @@ def lora_a_product(x: jax.Array, keep: jax.Array | None, a: jax.Array, scale: fl
     bytes of a layer, and fewer stacked residuals for the layer scan to write and read.
     ``scale`` is a Python float.
     """
-    return _lora_dot(_dropped(x, keep, scale), a)
+    h = _dropped(x, keep, scale)
+    return jax.lax.dot_general(h, a, (((h.ndim - 1,), (1,)), ((), ())))
 
 
 def _dropped(x, keep, scale):
     x = x.astype(jnp.float32)
     return x if keep is None else jnp.where(keep, x * scale, 0.0)
-
-
-def _lora_dot(h, a):
-    return jax.lax.dot_general(h, a, (((h.ndim - 1,), (1,)), ((), ())))
 
 
 def _lora_a_fwd(x, keep, a, scale):

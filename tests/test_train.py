@@ -488,14 +488,20 @@ def test_remat_is_chosen_from_the_memory_estimate(base_folder, tmp_path, monkeyp
               buckets=(32,), eval_batch_size=16, dtype="float32", output=str(tmp_path / "out"), dry_run=True)
     peak = {r: finetune(FinetuneConfig(remat=r, **kw), log=lambda *_: None)["memory"]["peak_bytes"]
             for r in ("none", "dots", "full")}
-    assert peak["full"] < peak["none"]
-    for capacity, want in ((None, False), (peak["none"], False), (peak["dots"], "dots" if peak["dots"] < peak["none"]
-                                                                   else "full"),
-                           (peak["full"], "full" if peak["full"] < peak["dots"] else "dots")):
+    assert peak["full"] < peak["none"]  # so the capacity peak["full"] needs a policy
+
+    def expected(capacity):  # the rule, from the dry runs' estimates alone
+        if capacity is None or peak["none"] <= capacity:
+            return False
+        return next(r for r in ("dots", "full") if peak[r] <= capacity)
+
+    assert expected(peak["full"]) in ("dots", "full")
+    for capacity in (None, peak["none"], peak["dots"], peak["full"]):
         monkeypatch.setattr(F, "device_memory", lambda *a, c=capacity: c)
         res = finetune(FinetuneConfig(**kw), log=lambda *_: None)
+        want = expected(capacity)
         assert res["remat"] == want, (capacity, peak)
-        assert res["memory"]["peak_bytes"] == (peak["none"] if want is False else peak[want])
+        assert res["memory"]["peak_bytes"] == peak["none" if want is False else want]
     monkeypatch.setattr(F, "device_memory", lambda *a: peak["full"] - 1)
     kw["dry_run"] = False
     with pytest.raises(MemoryEstimateError):
