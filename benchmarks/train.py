@@ -32,6 +32,7 @@ time for the step (lowering + XLA compile, or the persistent-cache load if warm)
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -59,6 +60,7 @@ SMOKE_ROWS = [
 ]
 #: rows that time `jaxqlora finetune`'s classification step (`SequenceClassifier`, two labels,
 #: last-token pooling, `classification_loss`) instead of the causal-LM step; no peer, no MFU
+SCAN = {"default": None, "scan": True, "unroll": False}  # --scan-layers -> CausalLM.scan_layers
 CLASSIFICATION = {"smollm2-cls-16x64", "smoke-cls-4x32"}
 
 
@@ -88,6 +90,7 @@ def mfu(cfg, length: int, tok_s: float, device: str) -> float | None:
 
 def worker_ours(args) -> dict:
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from pallas_kernels import nf4_matmul
@@ -108,8 +111,10 @@ def worker_ours(args) -> dict:
     remat = tuple(args.remat.split("+")) if "+" in args.remat else args.remat  # "none": no remat
     optimizer, _ = make_optimizer(2e-4, total_steps=1000)
     # as `jaxqlora.finetune`: compile over the shapes-only model, then build the weights and attach
-    abstract = common.abstract_nf4_model(cfg, lora=True, remat=remat, dropout=args.dropout)
+    dtype = None if args.dtype == "bfloat16" else jnp.dtype(args.dtype)  # the compute dtype (NF4 codes either way)
+    abstract = common.abstract_nf4_model(cfg, dtype=dtype, lora=True, remat=remat, dropout=args.dropout)
     abstract.params_in_place = common.IN_PLACE[args.in_place]  # jaxqlora.model.CausalLM.params_in_place
+    abstract.scan_layers = SCAN[args.scan_layers]  # jaxqlora.model.CausalLM.scan_layers
     cls = args.task == "classification"
     if cls:  # as `jaxqlora finetune` builds it: the head on the decoder, shapes only
         abstract = nnx.eval_shape(lambda: SequenceClassifier(abstract, 2, pooling="last", seed=args.seed))
@@ -125,10 +130,11 @@ def worker_ours(args) -> dict:
     if args.precompile_only:
         return {"compile_s": ex.total(), "compile_cache_hits": step_hits, "memory_analysis": memory}
     t0 = time.perf_counter()
-    lm = common.random_nf4_model(cfg, seed=args.seed)
+    lm = common.random_nf4_model(cfg, seed=args.seed, dtype=dtype)
     apply_lora(lm, r=16, alpha=32.0, dropout=args.dropout, seed=args.seed)
     lm.remat = remat
     lm.params_in_place = common.IN_PLACE[args.in_place]
+    lm.scan_layers = SCAN[args.scan_layers]
     trainer.attach(SequenceClassifier(lm, 2, pooling="last", seed=args.seed) if cls else lm)
     build_s = time.perf_counter() - t0
     batch = common.causal_batch(cfg, args.batch, args.length, args.seed)
@@ -197,6 +203,10 @@ def main(argv=None) -> int:
                     help="CausalLM.params_in_place: the library's default (jaxqlora.model.default_params_in_place: "
                          "on for a GPU), on (frozen weights read in place, LoRA factors sliced by the scan), off "
                          "(the scan slices every parameter), or both rows in the same run")
+    ap.add_argument("--scan-layers", choices=["default", "scan", "unroll", "both"], default="default",
+                    help="CausalLM.scan_layers: the library's default (jaxqlora.model.default_scan: the layer scan for "
+                         "training), scan, unroll (30 layers as straight-line code: no per-layer slice or stacked "
+                         "residual copies, a longer compile), or both rows in the same run")
     ap.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run (rows past it are skipped)")
     # worker arguments
     ap.add_argument("--worker", choices=["ours", "peer"])
@@ -206,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--remat", default="none")
     ap.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="worker: compute dtype (float32 is what `jaxqlora finetune` uses on a CPU)")
     ap.add_argument("--precompile-only", action="store_true",
                     help="worker: compile the step into the persistent cache and report its memory analysis")
     args = ap.parse_args(argv)
@@ -228,15 +240,19 @@ def main(argv=None) -> int:
         base = ["--model", model, "--batch", str(batch), "--length", str(length),
                 "--task", "classification" if name in CLASSIFICATION else "causal-lm"]
         for policy in (policies if ckpt else ["none"]):
-            for gemm, in_place in ((g, p) for g in (("on", "off") if args.gemm == "both" else (args.gemm,))
-                                   for p in (("off", "on") if args.in_place == "both" else (args.in_place,))):
+            for gemm, in_place, scan in itertools.product(
+                    ("on", "off") if args.gemm == "both" else (args.gemm,),
+                    ("off", "on") if args.in_place == "both" else (args.in_place,),
+                    ("scan", "unroll") if args.scan_layers == "both" else (args.scan_layers,)):
                 remaining = args.budget - (time.perf_counter() - t_start)
                 wa = list(common_args)
                 wa[1] = "ours"
                 r = common.run_worker(__file__, wa + base + ["--remat", policy, "--gemm", gemm, "--in-place",
-                                                             in_place], timeout=remaining, env=env)
+                                                             in_place, "--scan-layers", scan], timeout=remaining,
+                                      env=env)
                 run = (f"jaxqlora remat={policy}" + ("" if gemm == "default" else f" gemm={gemm}")
-                       + ("" if args.in_place == "default" else f" in-place={in_place}"))
+                       + ("" if args.in_place == "default" else f" in-place={in_place}")
+                       + ("" if args.scan_layers == "default" else f" layers={scan}"))
                 results.append((name, run, r, peer_ref, target))
                 print(f"# {name} {run}: {r}", file=sys.stderr, flush=True)
         if peer_reason is None and name not in CLASSIFICATION:

@@ -115,16 +115,102 @@ class LoRALinear(nnx.Module):
 
     def _factor(self, v: nnx.Variable, layer) -> jax.Array:
         """One layer's ``lora_A`` / ``lora_B``: ``v[layer]`` of a stacked factor, or ``v``
-        itself when ``layer`` is None or the factor is already one layer's slice (the scan
-        of `jaxqlora.model.CausalLM` with ``params_in_place`` hands each step its layer's
-        factors while the frozen base is read in place by ``layer``)."""
-        stacked = v.ndim > 2 + (1 if self.adapters else 0)
+        itself when ``layer`` is None or the factor is already one layer's slice, or a
+        `PackedFactor` (the layer scan of `jaxqlora.model.CausalLM` hands each step one
+        packed row of its layer's factors, while the frozen base is read in place by
+        ``layer`` or sliced)."""
+        value = v.get_value()
+        if isinstance(value, PackedFactor):  # a view of the layer's packed row (the layer scan);
+            return value.value() if self.adapters else value  # the products take the view itself
+        stacked = value.ndim > 2 + (1 if self.adapters else 0)
         return v[layer] if layer is not None and stacked else v[...]
 
     def delta_weight(self) -> jax.Array:
         """The adapter's weight update ``scaling * lora_B @ lora_A``, float32 ``[out, in]``
         (``[layers, out, in]`` when stacked)."""
         return self.scaling * (self.lora_B[...] @ self.lora_A[...])
+
+
+@jax.tree_util.register_pytree_node_class
+class PackedFactor:
+    """One layer's LoRA factor as a view of that layer's packed row of factors.
+
+    The layer scan of `jaxqlora.model.CausalLM` (`pack_factors`) packs every LoRA factor of
+    the stacked layers into one float32 ``[layers, P]`` array, so that each scan step slices
+    one row instead of one array per factor (fourteen with LoRA on all seven projections),
+    and the backward writes one row of factor gradients per layer. `lora_a_product` and
+    `lora_b_product` take the view itself and slice the factor inside their forward and
+    backward: their saved residual is then the row the scan hands in (no per-layer copy of
+    each factor for the backward), and the factor's gradient comes back as a row with the
+    factor's values at its place and zeros elsewhere (XLA adds a layer's fourteen into one
+    row).
+
+    Attributes:
+      row: float32 ``[P]``, one layer's packed factors (the leaf; traced).
+      offset: where this factor starts in ``row`` (static).
+      shape: the factor's shape, ``[r, in_features]`` or ``[out_features, r]`` (static).
+    """
+
+    def __init__(self, row: jax.Array, offset: int, shape: tuple[int, ...]):
+        self.row, self.offset, self.shape = row, int(offset), tuple(int(d) for d in shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def value(self) -> jax.Array:
+        """The factor, float32 ``shape``."""
+        return jax.lax.slice_in_dim(self.row, self.offset, self.offset + self.size).reshape(self.shape)
+
+    def cotangent(self, d: jax.Array) -> "PackedFactor":
+        """The row-shaped cotangent of this view for the factor's cotangent ``d`` (``shape``):
+        ``d`` at the factor's place, zeros elsewhere."""
+        flat = d.reshape(-1).astype(self.row.dtype)
+        return PackedFactor(jax.lax.pad(flat, jnp.zeros((), flat.dtype),
+                                        ((self.offset, self.row.shape[-1] - self.offset - self.size, 0),)),
+                            self.offset, self.shape)
+
+    def tree_flatten(self):
+        return (self.row,), (self.offset, self.shape)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.row, (obj.offset, obj.shape) = children[0], aux
+        return obj
+
+
+def pack_factors(factors: list[jax.Array]) -> tuple[jax.Array, list[tuple[int, tuple[int, ...]]]]:
+    """Stacked LoRA factors (float32 ``[layers, ...]`` each) -> ``(rows, places)``: one
+    float32 ``[layers, P]`` array, each layer's factors flattened and concatenated (P the
+    sum of their sizes), and each factor's ``(offset, shape)`` in a row, for `PackedFactor`.
+
+    Raises:
+      ValueError: no factors, or factors of different layer counts or dtypes.
+    """
+    if not factors:
+        raise ValueError("no LoRA factors to pack")
+    layers, dtype = factors[0].shape[0], factors[0].dtype
+    if any(f.shape[0] != layers or f.dtype != dtype for f in factors):
+        raise ValueError("LoRA factors to pack must share the layer count and dtype: "
+                         f"{[(tuple(f.shape), str(f.dtype)) for f in factors]}")
+    places, offset = [], 0
+    for f in factors:
+        places.append((offset, tuple(f.shape[1:])))
+        offset += math.prod(f.shape[1:])
+    return jnp.concatenate([f.reshape(layers, -1) for f in factors], axis=1), places
+
+
+def _unpacked(f):
+    return f.value() if isinstance(f, PackedFactor) else f
+
+
+def _factor_cotangent(f, d):
+    return f.cotangent(d) if isinstance(f, PackedFactor) else d
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -140,10 +226,10 @@ def lora_a_product(x: jax.Array, keep: jax.Array | None, a: jax.Array, scale: fl
     float32 dropped input for ``lora_A``'s gradient, instead of saving a float32 copy of
     the dropped input per projection (JAX's rule): a quarter to a half of the residual
     bytes of a layer, and fewer stacked residuals for the layer scan to write and read.
-    ``scale`` is a Python float.
+    ``scale`` is a Python float; ``a`` may be a `PackedFactor` (its gradient is then one too).
     """
     h = _dropped(x, keep, scale)
-    return jax.lax.dot_general(h, a, (((h.ndim - 1,), (1,)), ((), ())))
+    return jax.lax.dot_general(h, _unpacked(a), (((h.ndim - 1,), (1,)), ((), ())))
 
 
 def _dropped(x, keep, scale):
@@ -156,12 +242,13 @@ def _lora_a_fwd(x, keep, a, scale):
 
 
 def _lora_a_bwd(scale, res, g):
-    x, keep, a = res
+    x, keep, packed = res
+    a = _unpacked(packed)
     lead = tuple(range(g.ndim - 1))
     da = jax.lax.dot_general(g, _dropped(x, keep, scale), ((lead, lead), ((), ())))  # [r, in]
     dh = jax.lax.dot_general(g, a, (((g.ndim - 1,), (0,)), ((), ())))  # [..., in]
     dx = dh if keep is None else jnp.where(keep, dh * scale, 0.0)
-    return dx.astype(x.dtype), None, da
+    return dx.astype(x.dtype), None, _factor_cotangent(packed, da)
 
 
 lora_a_product.defvjp(_lora_a_fwd, _lora_a_bwd)
@@ -178,9 +265,10 @@ def lora_b_product(h: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
     rather than the ``[tokens, out]`` output gradient ``g``, which JAX's rule
     (``g^T @ h``) makes it copy into ``[out, tokens]`` once per projection and layer (with the
     elementwise backward of the SwiGLU fused into that copy: a sixth of a CPU train step,
-    issue 26). ``scaling`` is a Python float.
+    issue 26). ``scaling`` is a Python float; ``b`` may be a `PackedFactor` (its gradient
+    is then one too).
     """
-    return scaling * jax.lax.dot_general(h, b, (((h.ndim - 1,), (1,)), ((), ())))
+    return scaling * jax.lax.dot_general(h, _unpacked(b), (((h.ndim - 1,), (1,)), ((), ())))
 
 
 def _lora_b_fwd(h, b, scaling):
@@ -188,12 +276,13 @@ def _lora_b_fwd(h, b, scaling):
 
 
 def _lora_b_bwd(scaling, res, g):
-    h, b = res
+    h, packed = res
+    b = _unpacked(packed)
     g = scaling * g
     lead = tuple(range(h.ndim - 1))
     dh = jax.lax.dot_general(g, b, (((g.ndim - 1,), (0,)), ((), ())))  # [..., r]
     db = jax.lax.dot_general(h, g, ((lead, lead), ((), ()))).T  # [r, out] -> [out, r]
-    return dh, db
+    return dh, _factor_cotangent(packed, db)
 
 
 lora_b_product.defvjp(_lora_b_fwd, _lora_b_bwd)

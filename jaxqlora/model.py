@@ -34,7 +34,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxqlora.config import ModelConfig
-from jaxqlora.lora import LoRALinear
+from jaxqlora.lora import LoRALinear, PackedFactor, pack_factors
 from jaxqlora.sharding import rowwise
 from jaxqlora.stacked import layer_slice, stack_trees
 from pallas_kernels.decode_attention import decode_attention
@@ -631,7 +631,8 @@ class CausalLM(nnx.Module):
         layer axis, or a Python loop. Only the residual stream, the shared RNG streams and
         the cache are carried out of the body, never the parameters (XLA would copy the
         frozen weights). Without a cache (training, evaluation) the parameters go in as
-        scanned inputs, one layer's slice per step (gradients leave as stacked outputs);
+        scanned inputs, one layer's slice per step (gradients leave as stacked outputs),
+        the LoRA factors packed into one row per layer (`jaxqlora.lora.pack_factors`);
         with ``params_in_place`` only the LoRA factors are sliced and the frozen parameters
         are indexed by layer; with a cache (generation) every module indexes the stacked
         parameters by layer itself, so that the NF4 GEMV and decode-attention kernels read
@@ -643,11 +644,24 @@ class CausalLM(nnx.Module):
         # accumulator updated every layer), or nothing (a cache: all read in place)
         in_place = default_params_in_place() if self.params_in_place is None else bool(self.params_in_place)
         mode = "in_place" if kv is not None else ("lora" if in_place else "sliced")
-        sliced = {"sliced": (lora, frozen), "lora": (lora, None), "in_place": (None, None)}[mode]
+        # Scanned, the LoRA factors travel as one packed [layers, P] array: each step slices
+        # one row (not one array per factor) and the backward writes one row of gradients
+        # (jaxqlora.lora.PackedFactor); the products slice the factors from the row itself.
+        factors, factors_def = jax.tree_util.tree_flatten(lora)
+        packed = (scan and mode != "in_place" and bool(factors)
+                  and len({(f.shape[0], f.dtype) for f in factors}) == 1)
+        places = None
+        if packed:
+            lora_in, places = pack_factors(factors)
+        else:
+            lora_in = lora
+        sliced = {"sliced": (lora_in, frozen), "lora": (lora_in, None), "in_place": (None, None)}[mode]
 
         def body(carry, xs):
             x, rng, kv = carry
             (lo, fr), i = xs
+            if places is not None:  # this layer's row -> a view per factor
+                lo = jax.tree_util.tree_unflatten(factors_def, [PackedFactor(lo, o, sh) for o, sh in places])
             layer = nnx.merge(graphdef, rng, lora if lo is None else lo, frozen if fr is None else fr)
             x, kv = layer(x, cos, sin, mask, kv, index, i, None if mode == "sliced" else i, adapter)
             return (x, nnx.state(layer, nnx.RngState), kv), None

@@ -53,8 +53,8 @@ def _inputs(cfg, seed=0):
     return ids, mask
 
 
-def _logits_and_grads(model, ids, mask, scan, remat):
-    model.scan_layers, model.remat = scan, remat
+def _logits_and_grads(model, ids, mask, scan, remat, in_place=None):
+    model.scan_layers, model.remat, model.params_in_place = scan, remat, in_place
     graphdef, trainable, rest = nnx.split(model, TRAINABLE, ...)
 
     def loss(tr):
@@ -65,14 +65,16 @@ def _logits_and_grads(model, ids, mask, scan, remat):
     return logits, grads
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch,in_place", [(a, False) for a in sorted(ARCHS)] + [("llama", True)])
 @pytest.mark.parametrize("remat", [False, "full", "dots"])
-def test_scan_matches_unrolled_logits_and_lora_grads(arch, remat):
+def test_scan_matches_unrolled_logits_and_lora_grads(arch, remat, in_place):
+    """Scanned (the LoRA factors packed into one row per layer, `jaxqlora.lora.PackedFactor`;
+    the frozen weights sliced, or read in place by layer index) against the unrolled loop."""
     cfg = ARCHS[arch]
     model = _model(cfg, nf4=(arch == "llama"))
     ids, mask = _inputs(cfg)
-    got_logits, got_grads = _logits_and_grads(model, ids, mask, True, remat)
-    ref_logits, ref_grads = _logits_and_grads(model, ids, mask, False, remat)
+    got_logits, got_grads = _logits_and_grads(model, ids, mask, True, remat, in_place)
+    ref_logits, ref_grads = _logits_and_grads(model, ids, mask, False, remat, in_place)
     assert float(jnp.max(jnp.abs(got_logits - ref_logits))) <= TOL
     got, ref = jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(ref_grads)
     assert len(got) == 2 * 7 and all(g.shape[0] == cfg.num_hidden_layers for g in got)
@@ -173,8 +175,10 @@ def test_train_step_saves_no_lora_factor_or_float32_dropped_input(in_place):
     the scan, or the frozen weights read in place: the factors reach the backward as the
     scan's own inputs, never as a per-layer copy), no per-layer index, and no float32 copy of
     a projection's dropped input (`jaxqlora.lora.lora_a_product` keeps the bf16 input, one
-    per distinct input, and the bool mask). Before: 14 stacked factors and 14 indices in
-    place, and 7 float32 dropped inputs either way."""
+    per distinct input, and the bool mask). The factors go in as one packed row per layer
+    and their gradients come out as one. Before 1bf9ae5: 14 stacked factors and 14
+    indices in place, and 7 float32 dropped inputs either way; before the packed row, 14
+    factor slices in and 14 gradient writes out per layer."""
     cfg = ARCHS["llama"]
     model = CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     quantize_model(model)
@@ -188,10 +192,18 @@ def test_train_step_saves_no_lora_factor_or_float32_dropped_input(in_place):
 
     eqns = jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr.eqns
     layers = cfg.num_hidden_layers
-    forward = next(e for e in eqns if e.primitive.name == "scan" and e.params["length"] == layers)
+    forward, backward = [e for e in eqns if e.primitive.name == "scan" and e.params["length"] == layers]
     saved = [v.aval for v in forward.outvars[forward.params["num_carry"]:]]
     factors = {(layers,) + tuple(x.shape[1:]) for x in jax.tree_util.tree_leaves(trainable)}
     assert len(factors) >= 2 and saved
+    # the 14 factors reach each step as ONE packed row (jaxqlora.lora.PackedFactor), and the
+    # backward writes one row of their gradients: one per-layer slice and one write, not 14
+    row = (layers, sum(int(np.prod(x.shape[1:])) for x in jax.tree_util.tree_leaves(trainable)))
+    scanned_in = [tuple(v.aval.shape) for v in forward.invars[forward.params["num_consts"]
+                                                                + forward.params["num_carry"]:]]
+    assert scanned_in.count(row) == 1 and not set(scanned_in) & factors, scanned_in
+    grads_out = [tuple(v.aval.shape) for v in backward.outvars[backward.params["num_carry"]:]]
+    assert grads_out.count(row) == 1 and not set(grads_out) & factors, grads_out
     assert not [a for a in saved if tuple(a.shape) in factors], saved
     assert not [a for a in saved if a.dtype == jnp.int32 and tuple(a.shape) == (layers,)], saved
     b, t = ids.shape

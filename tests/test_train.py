@@ -441,6 +441,46 @@ def test_lora_a_product_and_its_gradients_match_float64(dropout):
     assert (np.asarray(dx, np.float64)[m == 0] == 0).all()
 
 
+def test_lora_products_of_a_packed_row_match_float64():
+    """`lora_a_product` then `lora_b_product` with both factors given as views of one packed
+    row (`jaxqlora.lora.PackedFactor`, what the layer scan hands each step) against the
+    float64 formulas: y = s_B (d A^T) B^T with d = x * keep * s; the row's gradient holds
+    dA = g_h^T d and dB = s_B g^T h at the factors' places and zeros elsewhere
+    (g_h = s_B g B); dx = (g_h A) * keep * s. Row: 7 unused values, A [4, 24], 5 unused, B
+    [6, 4], 3 unused; x float32 [2, 5, 24]."""
+    from jaxqlora.lora import PackedFactor, lora_a_product, lora_b_product
+
+    rng = np.random.default_rng()
+    a, b = rng.normal(size=(4, 24)), rng.normal(size=(6, 4))
+    off_a, off_b, size = 7, 7 + 96 + 5, 7 + 96 + 5 + 24 + 3
+    row = rng.normal(size=size)
+    row[off_a:off_a + 96], row[off_b:off_b + 24] = a.ravel(), b.ravel()
+    x = rng.normal(size=(2, 5, 24)).astype(np.float32)
+    keep = rng.random((2, 5, 24)) > 0.3
+    g = rng.normal(size=(2, 5, 6)).astype(np.float32)
+    s, s_b = 1 / 0.9, 2.5
+
+    def f(x, row):
+        h = lora_a_product(x, jnp.asarray(keep), PackedFactor(row, off_a, (4, 24)), s)
+        return lora_b_product(h, PackedFactor(row, off_b, (6, 4)), s_b)
+
+    with jax.default_matmul_precision("highest"):
+        y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(row, jnp.float32))
+        dx, drow = vjp(jnp.asarray(g))
+    a, b = (np.float64(np.float32(v)) for v in (a, b))
+    d = x.astype(np.float64) * keep * np.float64(np.float32(s))
+    h = d @ a.T
+    g64 = g.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(y), s_b * h @ b.T, rtol=1e-5, atol=1e-5)
+    gh = s_b * g64 @ b
+    want = np.zeros(size)
+    want[off_a:off_a + 96] = np.einsum("btr,bti->ri", gh, d).ravel()
+    want[off_b:off_b + 24] = s_b * np.einsum("bto,btr->or", g64, h).ravel()
+    np.testing.assert_allclose(np.asarray(drow), want, rtol=1e-5, atol=1e-5)
+    assert (np.asarray(drow)[want == 0] == 0).all()
+    np.testing.assert_allclose(np.asarray(dx), (gh @ a) * keep * np.float32(s), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("chunk", [4, 7, 64])
 def test_chunked_cross_entropy_matches_float64(chunk):
     """The chunked masked cross-entropy sum and its gradients (hidden and head) equal the
