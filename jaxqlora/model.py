@@ -34,7 +34,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxqlora.config import ModelConfig
-from jaxqlora.lora import LoRALinear, PackedFactor, pack_factors
+from jaxqlora.lora import LoRALinear, PackedFactor, layer_keep_masks, pack_factors
 from jaxqlora.sharding import rowwise
 from jaxqlora.stacked import layer_slice, stack_trees
 from pallas_kernels.decode_attention import decode_attention
@@ -213,14 +213,15 @@ def _fusable_base(module: nnx.Module):
     return base if getattr(base, "fusable", False) else None
 
 
-def project(module: nnx.Module, x: jax.Array, layer=None, adapter=None) -> jax.Array:
+def project(module: nnx.Module, x: jax.Array, layer=None, adapter=None, keep=None) -> jax.Array:
     """``module(x, layer)``, passing ``adapter`` (int32 ``[B]``: each row's adapter, see
-    `jaxqlora.lora.LoRALinear`) when ``module`` is LoRA-wrapped."""
-    return module(x, layer, adapter) if isinstance(module, LoRALinear) else module(x, layer)
+    `jaxqlora.lora.LoRALinear`) and ``keep`` (its dropout mask drawn by the layer,
+    `jaxqlora.lora.layer_keep_masks`, or None) when ``module`` is LoRA-wrapped."""
+    return module(x, layer, adapter, keep) if isinstance(module, LoRALinear) else module(x, layer)
 
 
 def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None,
-                     adapter=None) -> tuple[list[jax.Array], bool]:
+                     adapter=None, keep: Sequence | None = None) -> tuple[list[jax.Array], bool]:
     """``[m(x, layer) for m in modules]`` for projections of one input (q/k/v, gate/up),
     with the NF4 base products in one kernel launch where possible.
 
@@ -234,19 +235,21 @@ def project_together(modules: Sequence[nnx.Module], x: jax.Array, layer=None,
     Args:
       modules: projections with the `Linear` interface and one ``in_features``.
       x: ``[..., in]`` activations; ``layer`` as in `Linear`; ``adapter`` as in `project`.
+      keep: one dropout mask (or None) per module, as ``keep`` of `project`; None: none.
 
     Returns:
       ``(outputs, fused)``: one ``[..., out_i]`` array per module in x's dtype, and
       whether the one fused kernel computed the base products.
     """
+    keep = [None] * len(modules) if keep is None else list(keep)
     bases = [_fusable_base(m) for m in modules]
     if any(b is None for b in bases):
-        return [project(m, x, layer, adapter) for m in modules], False
+        return [project(m, x, layer, adapter, k) for m, k in zip(modules, keep)], False
     ys, fused = type(bases[0]).project_many(x, bases, layer)
     out = []
-    for m, b, y in zip(modules, bases, ys):
+    for m, b, y, k in zip(modules, bases, ys, keep):
         y = b.add_bias(y, x, layer)
-        out.append(m.add_update(x, y, layer, adapter) if isinstance(m, LoRALinear) else y)
+        out.append(m.add_update(x, y, layer, adapter, k) if isinstance(m, LoRALinear) else y)
     return out, fused
 
 
@@ -277,8 +280,10 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None, adapter=None):
-        """x ``[B, T, hidden]``; cos/sin ``[B, T, head_dim]``; mask bool ``[B, 1, T, S]``.
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None, adapter=None,
+                 keep=None):
+        """x ``[B, T, hidden]``; cos/sin ``[B, T, head_dim]``; mask bool ``[B, 1, T, S]``;
+        ``keep`` the layer's LoRA dropout masks by projection name (`jaxqlora.lora.layer_keep_masks`).
 
         With ``kv = (k_cache, v_cache)``, the stacked ``[layers, B, S, Hkv, D]`` cache, the
         new keys/values are written in place at layer ``cache_layer`` (int or int32
@@ -286,7 +291,9 @@ class Attention(nnx.Module):
         ``(out, (k_cache, v_cache))``. ``layer`` as in `Linear`.
         """
         b, t, _ = x.shape
-        (q, k, v), _ = project_together((self.q_proj, self.k_proj, self.v_proj), x, layer, adapter)
+        keep = keep or {}
+        (q, k, v), _ = project_together((self.q_proj, self.k_proj, self.v_proj), x, layer, adapter,
+                                        [keep.get(n) for n in ("q_proj", "k_proj", "v_proj")])
         q = checkpoint_name(q, "q_proj").reshape(b, t, self.num_heads, self.head_dim)
         k = checkpoint_name(k, "k_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         v = checkpoint_name(v, "v_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -300,7 +307,8 @@ class Attention(nnx.Module):
                 out = decode_attention(q[:, 0], kv[0], kv[1], jnp.minimum(index + 1, keys.shape[-1]),
                                        jnp.argmax(keys, axis=-1), mask=keys,
                                        scale=1.0 / math.sqrt(self.head_dim), layer=cache_layer)
-                return project(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), layer, adapter), kv
+                return project(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), layer, adapter,
+                               keep.get("o_proj")), kv
             kc, vc = (jax.lax.dynamic_index_in_dim(c, cache_layer, 0, keepdims=False)[:b] for c in kv)
             k, v = kc.astype(q.dtype), vc.astype(q.dtype)
         impl = self._prefill_impl(q, kv)
@@ -315,7 +323,7 @@ class Attention(nnx.Module):
                                                                       implementation=impl), (q, k, v, mask))
         out = out.astype(dtype)
         out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "attention")
-        return checkpoint_name(project(self.o_proj, out, layer, adapter), "o_proj"), kv
+        return checkpoint_name(project(self.o_proj, out, layer, adapter, keep.get("o_proj")), "o_proj"), kv
 
     def _prefill_impl(self, q, kv) -> str | None:
         """'cudnn' (fused flash attention, no [B, H, T, S] scores in memory) for cache-free
@@ -337,13 +345,16 @@ class MLP(nnx.Module):
         self.up_proj = Linear(h, f, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, h, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, layer=None, adapter=None):
-        (gate, up), fused = project_together((self.gate_proj, self.up_proj), x, layer, adapter)
+    def __call__(self, x, layer=None, adapter=None, keep=None):
+        """``x [B, T, hidden]``; ``keep`` as in `Attention`."""
+        keep = keep or {}
+        (gate, up), fused = project_together((self.gate_proj, self.up_proj), x, layer, adapter,
+                                             [keep.get("gate_proj"), keep.get("up_proj")])
         gate, up = checkpoint_name(gate, "gate_proj"), checkpoint_name(up, "up_proj")
         # After the one fused NF4 kernel (decoding on Hopper) the SwiGLU is jnp, for XLA to
         # fuse with the kernel's output reduction; otherwise the SwiGLU kernel.
         h = _swiglu_f32(gate, up) if fused else rowwise(swiglu, (gate, up))
-        return checkpoint_name(project(self.down_proj, h, layer, adapter), "down_proj")
+        return checkpoint_name(project(self.down_proj, h, layer, adapter, keep.get("down_proj")), "down_proj")
 
 
 def _swiglu_f32(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -364,10 +375,14 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None, cache_layer=0, layer=None, adapter=None):
         """x: the float32 residual stream ``[B, T, hidden]``; returns it updated (and the
-        stacked kv, see `Attention`). ``layer`` as in `Linear`, ``adapter`` as in `project`."""
-        a, kv = self.self_attn(self.input_layernorm(x, layer), cos, sin, mask, kv, index, cache_layer, layer, adapter)
+        stacked kv, see `Attention`). ``layer`` as in `Linear`, ``adapter`` as in `project`.
+        With LoRA dropout in training, one mask is drawn for all the layer's projections
+        (`jaxqlora.lora.layer_keep_masks`: one RNG draw and one saved residual, not seven)."""
+        keep = layer_keep_masks(self, x.shape[:-1])
+        a, kv = self.self_attn(self.input_layernorm(x, layer), cos, sin, mask, kv, index, cache_layer, layer, adapter,
+                               keep)
         h, x = self.post_attention_layernorm.add_and_norm(a, x, layer)  # x += a; h = norm(x)
-        return x + self.mlp(h, layer, adapter).astype(x.dtype), kv
+        return x + self.mlp(h, layer, adapter, keep).astype(x.dtype), kv
 
 
 # ----------------------------------------------------------------- stacked layers

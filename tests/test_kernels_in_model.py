@@ -138,10 +138,10 @@ def _nf4_lora_model(cfg, dropout: float) -> CausalLM:
     return model
 
 
-def _one_by_one(modules, x, layer=None, adapter=None):
+def _one_by_one(modules, x, layer=None, adapter=None, keep=None):
     from jaxqlora.model import project
 
-    return [project(m, x, layer, adapter) for m in modules], False
+    return [project(m, x, layer, adapter, k) for m, k in zip(modules, keep or [None] * len(modules))], False
 
 
 def _model_outputs(model, ids, mask):
@@ -167,13 +167,18 @@ def _model_outputs(model, ids, mask):
     return logits, jax.tree.leaves(grads), steps, cache
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_fused_projections_match_module_calls(monkeypatch, arch):
+@pytest.mark.parametrize("arch,layer_masks", [("llama", None), ("qwen2", True)])
+def test_fused_projections_match_module_calls(monkeypatch, arch, layer_masks):
     """NF4 + LoRA (dropout 0.1; Qwen2 with q/k/v biases): the fused projection path gives
     the logits, cached decoding (logits and cache) and LoRA gradients of calling each
-    module (to float32 rounding: 1e-6, gradients 1e-5, of the largest entry)."""
+    module (to float32 rounding: 1e-6, gradients 1e-5, of the largest entry). Qwen2 with
+    one dropout mask per layer (`jaxqlora.lora.LAYER_MASKS`, the GPU default): each
+    projection gets its columns of it on both paths."""
+    import jaxqlora.lora as lora_mod
     import jaxqlora.model as model_mod
     import jaxqlora.quantize as quantize_mod
+
+    monkeypatch.setattr(lora_mod, "LAYER_MASKS", layer_masks)
 
     cfg = ModelConfig(arch=arch, attention_bias=arch == "qwen2", **SMALL)
     model = _nf4_lora_model(cfg, dropout=0.1)

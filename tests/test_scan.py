@@ -169,7 +169,7 @@ def test_layer_key_mapping_round_trips():
 
 
 @pytest.mark.parametrize("in_place", [False, True])
-def test_train_step_saves_no_lora_factor_or_float32_dropped_input(in_place):
+def test_train_step_saves_no_lora_factor_or_float32_dropped_input(monkeypatch, in_place):
     """What the layer scan saves for the backward (its forward's stacked outputs, from the
     gradient's jaxpr; bf16 NF4 model, LoRA with dropout, 3 layers): no LoRA factor (sliced by
     the scan, or the frozen weights read in place: the factors reach the backward as the
@@ -178,7 +178,10 @@ def test_train_step_saves_no_lora_factor_or_float32_dropped_input(in_place):
     per distinct input, and the bool mask). The factors go in as one packed row per layer
     and their gradients come out as one. Before 1bf9ae5: 14 stacked factors and 14
     indices in place, and 7 float32 dropped inputs either way; before the packed row, 14
-    factor slices in and 14 gradient writes out per layer."""
+    factor slices in and 14 gradient writes out per layer, and 7 bool masks saved."""
+    import jaxqlora.lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "LAYER_MASKS", True)  # the GPU default (jaxqlora.lora.default_layer_masks)
     cfg = ARCHS["llama"]
     model = CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     quantize_model(model)
@@ -210,4 +213,8 @@ def test_train_step_saves_no_lora_factor_or_float32_dropped_input(in_place):
     inputs = {(layers, b, t, cfg.hidden_size), (layers, b, t, cfg.intermediate_size)}
     dropped = [a for a in saved if a.dtype == jnp.float32 and tuple(a.shape) in inputs]
     assert len(dropped) <= 2, saved  # the float32 residual stream (layer input, after attention)
+    # one dropout mask for the layer's seven projections (jaxqlora.lora.layer_keep_masks,
+    # on by default on a GPU), saved once: bool [L, B, T, 6 x hidden + intermediate]
+    width = 6 * cfg.hidden_size + cfg.intermediate_size
+    assert [tuple(a.shape) for a in saved if a.dtype == jnp.bool_] == [(layers, b, t, width)], saved
     assert sum(a.dtype == jnp.bfloat16 and tuple(a.shape) in inputs for a in saved) >= 3  # x of q/k/v, gate/up, down

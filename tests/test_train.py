@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxqlora.config import ModelConfig
 from jaxqlora.io import load_pretrained
 from jaxqlora.io.peft import save_adapter
 from jaxqlora.lora import apply_lora, lora_layers
+from jaxqlora.model import CausalLM
 from jaxqlora.train import (SequenceClassifier, Trainer, causal_lm_loss, causal_lm_metrics, classification_loss,
                             classification_metrics, make_optimizer, nonfinite_steps)
 
@@ -412,23 +414,25 @@ def test_lora_b_product_and_its_gradients_match_float64():
     np.testing.assert_allclose(np.asarray(db), 1.5 * np.einsum("bto,btr->or", g64, h64), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("dropout", [False, True, "view"])
 def test_lora_a_product_and_its_gradients_match_float64(dropout):
     """`jaxqlora.lora.lora_a_product` (LoRA's first factor with the dropout, its backward
     recomputing the dropped input from x and the mask) and its gradients under a cotangent g
     equal the float64 NumPy formulas: d = x * keep * s (x cast to float32 first, as PEFT
     casts to lora_A's dtype), h = d A^T, dA = g^T d, dx = (g A) * keep * s rounded to x's
-    dtype; x bfloat16 [2, 5, 24] (leading axes are tokens), a random keep mask, s = 1/0.9."""
-    from jaxqlora.lora import lora_a_product
+    dtype; x bfloat16 [2, 5, 24] (leading axes are tokens), a random keep mask, s = 1/0.9.
+    "view": the mask given as columns 9..32 of a wider layer mask (`jaxqlora.lora.KeepView`)."""
+    from jaxqlora.lora import KeepView, lora_a_product
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(2, 5, 24)), jnp.bfloat16)
     a, g = (rng.normal(size=s).astype(np.float32) for s in ((4, 24), (2, 5, 4)))
-    keep = rng.random((2, 5, 24)) > 0.3 if dropout else None
+    wide = rng.random((2, 5, 40)) > 0.3
+    keep = wide[..., 9:33] if dropout else None
+    arg = KeepView(jnp.asarray(wide), 9, 24) if dropout == "view" else None if keep is None else jnp.asarray(keep)
     scale = 1 / 0.9 if dropout else 1.0
     with jax.default_matmul_precision("highest"):
-        h, vjp = jax.vjp(lambda x, a: lora_a_product(x, None if keep is None else jnp.asarray(keep), a, scale),
-                         x, jnp.asarray(a))
+        h, vjp = jax.vjp(lambda x, a: lora_a_product(x, arg, a, scale), x, jnp.asarray(a))
         dx, da = vjp(jnp.asarray(g))
     m = np.ones(x.shape) if keep is None else keep.astype(np.float64)
     d64 = np.asarray(x.astype(jnp.float32), np.float64) * m * np.float64(np.float32(scale))
@@ -439,6 +443,47 @@ def test_lora_a_product_and_its_gradients_match_float64(dropout):
     want_dx = (g64 @ a64) * m * scale
     np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=2 ** -7, atol=1e-2)
     assert (np.asarray(dx, np.float64)[m == 0] == 0).all()
+
+
+def test_layer_keep_masks_draw_each_projection_at_its_rate(monkeypatch):
+    """`jaxqlora.lora.layer_keep_masks`: one bool mask [B, T, W] for a decoder layer's LoRA
+    projections (W = the sum of their in_features: 4 x 64 for q/k/v/o, 2 x 64 for gate/up,
+    96 for down), each projection's columns kept with probability 1 - its rate: 0.3 for all
+    but up_proj, set to 0.6 (binomial: 64 x 64 tokens x 64 columns, std 0.002 at most;
+    within 0.01), its masks independent of the others (the share of columns where q_proj
+    and k_proj agree is p^2 + (1 - p)^2 = 0.58, within 0.01), one mask drawn per call
+    (a second call differs); in evaluation mode, or with one projection dropping, none.
+    `LAYER_MASKS` on (the CPU default is off, `default_layer_masks`); off, none."""
+    import jaxqlora.lora as lora_mod
+    from jaxqlora.lora import ALL_TARGETS, apply_lora, layer_keep_masks, projection_owner
+
+    monkeypatch.setattr(lora_mod, "LAYER_MASKS", True)
+    cfg = ModelConfig(arch="llama", vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    model = CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    apply_lora(model, r=2, alpha=4.0, dropout=0.3, seed=int(np.random.default_rng().integers(1 << 30)))
+    layer = model.model.layers
+    projection_owner(layer, "up_proj").up_proj.dropout.rate = 0.6
+    views = layer_keep_masks(layer, (64, 64))
+    assert list(views) == list(ALL_TARGETS)
+    assert len({id(v.keep) for v in views.values()}) == 1 and views["q_proj"].keep.shape == (64, 64, 6 * 64 + 96)
+    for name, v in views.items():
+        m = np.asarray(v.value())
+        assert m.shape == (64, 64, 96 if name == "down_proj" else 64)
+        assert abs(m.mean() - (0.4 if name == "up_proj" else 0.7)) < 0.01, (name, m.mean())
+    same = np.mean(np.asarray(views["q_proj"].value()) == np.asarray(views["k_proj"].value()))
+    assert abs(same - 0.58) < 0.01
+    again = layer_keep_masks(layer, (64, 64))
+    assert not np.array_equal(np.asarray(again["q_proj"].keep), np.asarray(views["q_proj"].keep))
+    monkeypatch.setattr(lora_mod, "LAYER_MASKS", False)
+    assert layer_keep_masks(layer, (64, 64)) == {}
+    monkeypatch.setattr(lora_mod, "LAYER_MASKS", True)
+    model.eval()
+    assert layer_keep_masks(layer, (64, 64)) == {}
+    model.train()
+    for name in ALL_TARGETS[1:]:
+        getattr(projection_owner(layer, name), name).dropout.rate = 0.0
+    assert layer_keep_masks(layer, (64, 64)) == {}
 
 
 def test_lora_products_of_a_packed_row_match_float64():
