@@ -23,6 +23,7 @@ Source: PEFT ``tuners/lora/layer.py`` (``Linear.update_layer``, ``reset_lora_par
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Iterable
@@ -144,7 +145,8 @@ class LoRALinear(nnx.Module):
         return self.scaling * (self.lora_B[...] @ self.lora_A[...])
 
 
-@jax.tree_util.register_pytree_node_class
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["row"], meta_fields=["offset", "shape"])
+@dataclasses.dataclass(frozen=True)
 class PackedFactor:
     """One layer's LoRA factor as a view of that layer's packed row of factors.
 
@@ -164,8 +166,9 @@ class PackedFactor:
       shape: the factor's shape, ``[r, in_features]`` or ``[out_features, r]`` (static).
     """
 
-    def __init__(self, row: jax.Array, offset: int, shape: tuple[int, ...]):
-        self.row, self.offset, self.shape = row, int(offset), tuple(int(d) for d in shape)
+    row: jax.Array
+    offset: int
+    shape: tuple[int, ...]
 
     @property
     def ndim(self) -> int:
@@ -186,15 +189,6 @@ class PackedFactor:
         return PackedFactor(jax.lax.pad(flat, jnp.zeros((), flat.dtype),
                                         ((self.offset, self.row.shape[-1] - self.offset - self.size, 0),)),
                             self.offset, self.shape)
-
-    def tree_flatten(self):
-        return (self.row,), (self.offset, self.shape)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = object.__new__(cls)
-        obj.row, (obj.offset, obj.shape) = children[0], aux
-        return obj
 
 
 def pack_factors(factors: list[jax.Array]) -> tuple[jax.Array, list[tuple[int, tuple[int, ...]]]]:
@@ -218,7 +212,8 @@ def pack_factors(factors: list[jax.Array]) -> tuple[jax.Array, list[tuple[int, t
     return jnp.concatenate([f.reshape(layers, -1) for f in factors], axis=1), places
 
 
-@jax.tree_util.register_pytree_node_class
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["keep"], meta_fields=["offset", "width"])
+@dataclasses.dataclass(frozen=True)
 class KeepView:
     """One projection's dropout keep mask as a view of the mask its decoder layer drew for
     all its LoRA projections at once (`layer_keep_masks`).
@@ -235,21 +230,13 @@ class KeepView:
       width: its ``in_features`` (static).
     """
 
-    def __init__(self, keep: jax.Array, offset: int, width: int):
-        self.keep, self.offset, self.width = keep, int(offset), int(width)
+    keep: jax.Array
+    offset: int
+    width: int
 
     def value(self) -> jax.Array:
         """The projection's mask, bool ``[..., width]``."""
         return jax.lax.slice_in_dim(self.keep, self.offset, self.offset + self.width, axis=self.keep.ndim - 1)
-
-    def tree_flatten(self):
-        return (self.keep,), (self.offset, self.width)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = object.__new__(cls)
-        obj.keep, (obj.offset, obj.width) = children[0], aux
-        return obj
 
 
 def _dropout_key(d: nnx.Dropout) -> jax.Array:
@@ -298,7 +285,7 @@ def layer_keep_masks(layer: nnx.Module, lead: tuple[int, ...]) -> dict[str, Keep
                  jnp.asarray(np.repeat([1.0 - m.dropout.rate for _, m in active], widths), jnp.float32))
     keep = jax.random.uniform(_dropout_key(active[0][1].dropout), tuple(lead) + (sum(widths),)) < keep_prob
     offsets = np.cumsum([0] + widths[:-1])
-    return {name: KeepView(keep, o, w) for (name, _), o, w in zip(active, offsets, widths)}
+    return {name: KeepView(keep, int(o), w) for (name, _), o, w in zip(active, offsets, widths)}
 
 
 def _unpacked(f):
