@@ -4,7 +4,7 @@
                       | --task chat [--messages-column M]] [--packing]
                       [--rank R --alpha A --targets ...] [--max-steps N --epochs E --batch-size B
                       --grad-accum G --lr LR --max-seq-len T] [--output DIR] [--resume | --overwrite]
-                      [--remat [full|dots]] [--precompile-only | --dry-run]
+                      [--remat [full|dots]] [--scan-layers scan|unroll] [--precompile-only | --dry-run]
                       [--mesh data=N,fsdp=M] [--distributed [--coordinator-address HOST:PORT
                       --num-processes P --process-id I]]
     jaxqlora eval     --adapter DIR [--model PATH] [--data FILE ...]
@@ -81,6 +81,14 @@ def probability(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
     return value
+
+
+def layer_loop(text: str) -> bool:
+    """argparse type: ``scan`` -> True, ``unroll`` -> False (`jaxqlora.model.CausalLM.scan_layers`)."""
+    loops = {"scan": True, "unroll": False}
+    if text not in loops:
+        raise argparse.ArgumentTypeError(f"must be scan or unroll, got {text!r}")
+    return loops[text]
 
 
 def dropout_rate(text: str) -> float:
@@ -735,6 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default of a bare --remat), dots (keep matmul outputs, recompute elementwise work) or "
                         "offload (matmul outputs kept in pinned host memory), none; without the flag: none, or "
                         "the first of dots and full that fits the device's memory when the run does not")
+    f.add_argument("--scan-layers", type=layer_loop, default=None, metavar="{scan,unroll}",
+                   help="the decoder's layer loop in the train/eval steps: scan (one layer in the compiled "
+                        "program) or unroll (every layer written out: no per-layer copies, a longer compile); "
+                        "without the flag: the library's default (scan)")
     f.add_argument("--precompile-only", action="store_true",
                    help="compile every train/eval step for its shape buckets (warming the on-disk cache) and exit")
     f.add_argument("--dry-run", action="store_true",

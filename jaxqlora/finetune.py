@@ -104,6 +104,11 @@ class FinetuneConfig:
         run fits the device or its memory is unknown, else the first of ``"dots"`` and
         ``"full"`` whose estimate fits (logged; the same numbers, recomputed), else none
         (and `MemoryEstimateError` with the settings that fit).
+      scan_layers: the decoder's layer loop in the train and eval steps (`CausalLM.scan_layers`):
+        True ``jax.lax.scan`` (one layer in the compiled program), False unrolled (every
+        layer written out: no per-layer slices and stacked residuals for XLA to copy, a
+        compile time that grows with depth), None (default) `jaxqlora.model.default_scan`
+        (the scan).
       precompile_only: compile every step for its buckets (warming the persistent cache)
         and return without loading weights or training (single device only).
       dry_run: compile (shapes only), estimate the device memory the run needs
@@ -157,6 +162,7 @@ class FinetuneConfig:
     seed: int = 0
     dtype: str | None = None
     remat: bool | str | None = None
+    scan_layers: bool | None = None
     precompile_only: bool = False
     dry_run: bool = False
     check_memory: bool = True
@@ -202,6 +208,8 @@ class FinetuneConfig:
                 raise bad(name, getattr(self, name), f"must be one of {', '.join(map(repr, choices))}")
         if self.remat not in (None, False, True, "none", "full", "dots", "offload"):
             raise bad("remat", self.remat, "must be None, False, True, 'none', 'full', 'dots' or 'offload'")
+        if self.scan_layers not in (None, False, True):
+            raise bad("scan_layers", self.scan_layers, "must be None, True (scan) or False (unrolled)")
         for name in ("text_column", "label_column", "prompt_column", "response_column", "messages_column", "output"):
             value = getattr(self, name)
             if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
@@ -524,7 +532,7 @@ def _prepare(cfg: FinetuneConfig, training: bool = True, log=lambda *_: None):
 
 
 def _build(lm, cfg: FinetuneConfig, num_labels: int):
-    """NF4 (if ``cfg.quantize``), LoRA, remat and the classification head on a loaded (or
+    """NF4 (if ``cfg.quantize``), LoRA, remat, the layer loop and the classification head on a loaded (or
     abstract) `CausalLM`; returns ``(model, loss_fn, nf4_report)``."""
     report = None
     if cfg.quantize:
@@ -534,6 +542,7 @@ def _build(lm, cfg: FinetuneConfig, num_labels: int):
     apply_lora(lm, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                use_rslora=cfg.use_rslora, seed=cfg.seed)
     lm.remat = False if cfg.remat is None else cfg.remat
+    lm.scan_layers = cfg.scan_layers
     if cfg.task == "classification":
         return SequenceClassifier(lm, num_labels, pooling=cfg.pooling, seed=cfg.seed), classification_loss, report
     return lm, causal_lm_loss, report

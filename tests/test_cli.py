@@ -172,11 +172,13 @@ def test_good_arguments_reach_finetune(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(jaxqlora.finetune, "finetune", fake_finetune)
     out = tmp_path / "out"
     code = main(["finetune", "--output", str(out), "--epochs", "0.5", "--batch-size", "3", "--rank", "4",
-                 "--lr", "1e-3", "--dropout", "0", "--targets", "q_proj", "v_proj", "--mesh", "data=1"])
+                 "--lr", "1e-3", "--dropout", "0", "--targets", "q_proj", "v_proj", "--mesh", "data=1",
+                 "--scan-layers", "unroll"])
     assert code == 2 and "error: stop here" in capsys.readouterr().err
     cfg = seen["cfg"]
     assert (cfg.epochs, cfg.max_steps, cfg.batch_size, cfg.rank, cfg.lr, cfg.dropout) == (0.5, 0, 3, 4, 1e-3, 0.0)
     assert cfg.targets == ("q_proj", "v_proj") and cfg.output == str(out) and cfg.mesh == "data=1"
+    assert cfg.scan_layers is False
 
 
 def test_library_error_is_one_line_and_debug_shows_traceback(monkeypatch, tmp_path, capsys):
@@ -231,6 +233,7 @@ def test_help_text_shows_defaults(capsys):
     (cli.nonnegative_float, {"0": 0.0, "0.7": 0.7}, ["-1e-9", "nan"]),
     (cli.probability, {"1": 1.0, "0.9": 0.9}, ["0", "1.0001", "-1"]),
     (cli.dropout_rate, {"0": 0.0, "0.5": 0.5}, ["1", "-0.01"]),
+    (cli.layer_loop, {"scan": True, "unroll": False}, ["Scan", "", "loop", "1"]),
 ])
 def test_argument_types(fn, good, bad):
     for text, value in good.items():
@@ -374,7 +377,7 @@ CONFIG_BAD = [
     (dict(checkpoint_every=-2), "checkpoint_every", ">= 0"), (dict(seed=-1), "seed", ">= 0"),
     (dict(task="regression"), "task='regression'", "'classification'"), (dict(pooling="max"), "pooling", "'mean'"),
     (dict(schedule="linear"), "schedule", "'cosine'"), (dict(dtype="float16"), "dtype", "'bfloat16'"),
-    (dict(remat="some"), "remat", "'dots'"), (dict(targets=("w_proj",)), "targets", "q_proj"),
+    (dict(remat="some"), "remat", "'dots'"), (dict(scan_layers="unroll"), "scan_layers", "False (unrolled)"), (dict(targets=("w_proj",)), "targets", "q_proj"),
     (dict(targets=()), "targets", "non-empty"), (dict(buckets=(0, 64)), "buckets", "positive"),
     (dict(quantize="yes"), "quantize", "True or False"), (dict(text_column=""), "text_column", "non-empty"),
     (dict(output=" "), "output", "non-empty"), (dict(data=3), "data", "path"),

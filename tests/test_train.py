@@ -328,7 +328,9 @@ def test_train_step_program_does_not_depend_on_settings_or_seed(base_folder):
 
 
 def test_resume_continues_the_same_loss_curve(base_folder, tmp_path):
-    """A run stopped after a checkpoint and resumed gives the uninterrupted run's losses."""
+    """A run stopped after a checkpoint and resumed gives the uninterrupted run's losses; a
+    run with its layers unrolled (``scan_layers=False``, ``--scan-layers unroll``) gives the
+    scanned run's losses (float32, 1e-5), recording the setting in results.json."""
     from jaxqlora.finetune import FinetuneConfig, finetune
 
     words = save_word_tokenizer(base_folder, VOCAB)  # the tiny model's vocabulary as words
@@ -337,11 +339,12 @@ def test_resume_continues_the_same_loss_curve(base_folder, tmp_path):
     data.write_text("text,label\n" + "\n".join(
         f"{' '.join(rng.choice(words, rng.integers(3, 20)))},{'ab'[i % 2]}" for i in range(200)) + "\n")
 
-    def run(out, steps, resume=False):
+    def run(out, steps, resume=False, **kw):
         cfg = FinetuneConfig(model=str(base_folder), data=str(data), quantize=False, rank=2, alpha=4.0, dropout=0.1,
                              max_steps=steps, batch_size=8, max_seq_len=32, buckets=(16, 32), output=str(out), schedule="constant",
-                             resume=resume, checkpoint_every=3, log_every=1, eval_batch_size=32, dtype="float32")
-        finetune(cfg, log=lambda *_: None)
+                             resume=resume, checkpoint_every=3, log_every=1, eval_batch_size=32, dtype="float32", **kw)
+        res = finetune(cfg, log=lambda *_: None)
+        assert res["config"]["scan_layers"] == kw.get("scan_layers")
         return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     full = run(tmp_path / "full", 6)
@@ -349,6 +352,8 @@ def test_resume_continues_the_same_loss_curve(base_folder, tmp_path):
     resumed = run(tmp_path / "cut", 6, resume=True)
     assert len(full) == 6 and len(resumed) == 6
     np.testing.assert_allclose(resumed[3:], full[3:], rtol=1e-5)
+    unrolled = run(tmp_path / "unrolled", 6, scan_layers=False)
+    np.testing.assert_allclose(unrolled, full, rtol=1e-5)
 
 
 def test_eval_progress_and_a_run_that_fails_before_training(base_folder, tmp_path, capfd):
