@@ -118,14 +118,13 @@ class LoRALinear(nnx.Module):
         return d is not None and not d.deterministic and 0.0 < d.rate < 1.0 and not self.adapters
 
     def _dropout_keep(self, x: jax.Array) -> tuple[jax.Array | None, float]:
-        """This call's dropout: ``(keep, scale)``, ``keep`` bool of x's shape drawn by the
-        module's ``nnx.Dropout`` (its RNG stream, one key per call) and ``scale = 1 / (1 -
-        rate)``; ``(None, 1.0)`` when no dropout applies (none configured, or evaluation)."""
+        """This call's dropout: ``(keep, scale)``, ``keep`` bool of x's shape drawn by
+        `keep_mask` with the next key of the module's ``nnx.Dropout`` stream and ``scale = 1 /
+        (1 - rate)``; ``(None, 1.0)`` when no dropout applies (none configured, or evaluation)."""
         d = self.dropout
         if d is None or d.deterministic or d.rate == 0.0:
             return None, 1.0
-        keep = d(jnp.ones(x.shape, jnp.float32)) != 0  # the mask nnx.Dropout would apply to x
-        return keep, (0.0 if d.rate >= 1.0 else 1.0 / (1.0 - d.rate))
+        return keep_mask(_dropout_key(d), x.shape, d.rate), (0.0 if d.rate >= 1.0 else 1.0 / (1.0 - d.rate))
 
     def _factor(self, v: nnx.Variable, layer) -> jax.Array:
         """One layer's ``lora_A`` / ``lora_B``: ``v[layer]`` of a stacked factor, or ``v``
@@ -239,6 +238,26 @@ class KeepView:
         return jax.lax.slice_in_dim(self.keep, self.offset, self.offset + self.width, axis=self.keep.ndim - 1)
 
 
+def keep_mask(key: jax.Array, shape: tuple[int, ...], rate) -> jax.Array:
+    """A dropout keep mask: bool ``shape``, each element kept with probability ``1 - rate``
+    independently, from 16 random bits per element.
+
+    ``rate``: a Python float, or a NumPy array ``[shape[-1]]`` of per-column rates (one
+    mask for several projections, `layer_keep_masks`). The mask compares 16-bit uniform
+    integers u with ``T = round(rate * 2**16)`` (kept when ``u >= T``), so the rate used is
+    ``T / 2**16``, within 2**-17 of ``rate`` (0.05 -> 0.0500031); torch's ``dropout`` compares
+    a 24-bit float uniform. The bits are two 16-bit halves of ``ceil(shape[-1] / 2)`` 32-bit
+    words per row (threefry, ``jax.random.bits``): on the 2-core CPU the seven masks of a
+    SmolLM2 layer at 16 x 64 tokens take 6-8 ms this way against 27-30 ms for
+    ``jax.random.bernoulli`` (one 32-bit word and a float conversion per element).
+    """
+    n = shape[-1]
+    words = jax.random.bits(key, tuple(shape[:-1]) + ((n + 1) // 2,), jnp.uint32)
+    u = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :n]
+    threshold = np.minimum(np.round(np.asarray(rate, np.float64) * 65536.0), 65536).astype(np.uint32)
+    return u >= (threshold if threshold.ndim else int(threshold))
+
+
 def _dropout_key(d: nnx.Dropout) -> jax.Array:
     """The next key of ``d``'s RNG stream, as ``nnx.Dropout.__call__`` draws it."""
     return d.rngs[d.rng_collection]() if isinstance(d.rngs, nnx.Rngs) else d.rngs()
@@ -266,8 +285,8 @@ def layer_keep_masks(layer: nnx.Module, lead: tuple[int, ...]) -> dict[str, Keep
     """One dropout draw for all LoRA projections of a decoder ``layer`` (its ``self_attn``
     and ``mlp``) whose dropout is active: ``{name: KeepView}`` over one bool mask
     ``[*lead, W]``, W the sum of their ``in_features`` (``lead`` the activations' leading
-    shape, ``[B, T]``), each column kept with probability ``1 - rate`` of its projection,
-    independently (inverted dropout as torch's and PEFT's; the kept values are scaled by
+    shape, ``[B, T]``), each column kept with probability ``1 - rate`` of its projection
+    (`keep_mask`), independently (inverted dropout as torch's and PEFT's; the kept values are scaled by
     ``1 / (1 - rate)`` where the mask is applied). The key is the next one of the first such
     projection's stream (q_proj ... down_proj order). ``{}`` when fewer than two
     projections drop (nothing to share: each draws its own), or when the layer draws are
@@ -280,10 +299,9 @@ def layer_keep_masks(layer: nnx.Module, lead: tuple[int, ...]) -> dict[str, Keep
     if len(active) < 2:
         return {}
     widths = [m.in_features for _, m in active]
-    rates = {m.dropout.rate for _, m in active}
-    keep_prob = (1.0 - rates.pop() if len(rates) == 1 else
-                 jnp.asarray(np.repeat([1.0 - m.dropout.rate for _, m in active], widths), jnp.float32))
-    keep = jax.random.uniform(_dropout_key(active[0][1].dropout), tuple(lead) + (sum(widths),)) < keep_prob
+    rates = np.repeat([m.dropout.rate for _, m in active], widths)
+    keep = keep_mask(_dropout_key(active[0][1].dropout), tuple(lead) + (sum(widths),),
+                     rates[0] if (rates == rates[0]).all() else rates)
     offsets = np.cumsum([0] + widths[:-1])
     return {name: KeepView(keep, int(o), w) for (name, _), o, w in zip(active, offsets, widths)}
 

@@ -450,6 +450,31 @@ def test_lora_a_product_and_its_gradients_match_float64(dropout):
     assert (np.asarray(dx, np.float64)[m == 0] == 0).all()
 
 
+def test_keep_mask_keeps_each_element_at_one_minus_the_rate():
+    """`jaxqlora.lora.keep_mask` (16 random bits per element): over 64 x 64 x 577 elements
+    (an odd width: the last 32-bit word's high half unused) each column block is kept at
+    1 - T / 2**16 with T = round(rate * 2**16) (within 0.006: more than 10 standard
+    deviations of every fraction checked), for one rate and for per-column rates; the two 16-bit halves of a word
+    (columns j and j + 289) and neighbouring columns agree at p^2 + (1 - p)^2, as
+    independent draws do; another key gives another mask; rate 0 keeps everything."""
+    from jaxqlora.lora import keep_mask
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    m = np.asarray(keep_mask(jax.random.key(seed), (64, 64, 577), 0.3))
+    p = 1 - round(0.3 * 65536) / 65536
+    assert m.shape == (64, 64, 577) and m.dtype == np.bool_
+    assert abs(m.mean() - p) < 0.006
+    agree = p * p + (1 - p) ** 2
+    assert abs(np.mean(m[..., :288] == m[..., 289:]) - agree) < 0.006  # halves of one word
+    assert abs(np.mean(m[..., :-1] == m[..., 1:]) - agree) < 0.006  # neighbours
+    rates = np.repeat([0.05, 0.5, 0.9], [200, 200, 177])
+    v = np.asarray(keep_mask(jax.random.key(seed + 1), (64, 64, 577), rates))
+    for lo, hi, r in ((0, 200, 0.05), (200, 400, 0.5), (400, 577, 0.9)):
+        assert abs(v[..., lo:hi].mean() - (1 - round(r * 65536) / 65536)) < 0.006, (r, v[..., lo:hi].mean())
+    assert not np.array_equal(np.asarray(keep_mask(jax.random.key(seed + 2), (64, 64, 577), 0.3)), m)
+    assert np.asarray(keep_mask(jax.random.key(seed), (8, 33), 0.0)).all()
+
+
 def test_layer_keep_masks_draw_each_projection_at_its_rate(monkeypatch):
     """`jaxqlora.lora.layer_keep_masks`: one bool mask [B, T, W] for a decoder layer's LoRA
     projections (W = the sum of their in_features: 4 x 64 for q/k/v/o, 2 x 64 for gate/up,
