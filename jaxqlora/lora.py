@@ -171,10 +171,12 @@ class PackedFactor:
 
     @property
     def ndim(self) -> int:
+        """The factor's number of dimensions (2)."""
         return len(self.shape)
 
     @property
     def size(self) -> int:
+        """The factor's number of values in ``row``."""
         return math.prod(self.shape)
 
     def value(self) -> jax.Array:
@@ -273,11 +275,12 @@ def default_layer_masks() -> bool:
 
     On the GPU the point is kernel count: one RNG kernel and one saved residual per layer
     instead of seven of each (SmolLM2's 16 x 64 step runs ~220 kernels per layer at ~2 us
-    each). On the 2-core AVX2 CPU one draw of the layer's ``[16, 64, 4992]`` mask took
-    53 ms against 27-30 ms for the seven projections' own draws (XLA:CPU runs the seven
-    fusions on both cores, the one large draw on one), and the SmolLM2 float32
-    classification step 16 x 64 went from 4.30-4.94 s to 5.04-5.35 s (four alternating
-    processes each, 2026-12-08): the CPU keeps the per-projection draws."""
+    each). On the 2-core AVX2 CPU one draw of the layer's ``[16, 64, 4992]`` mask takes
+    27-43 ms against 6.7-7.2 ms for the seven projections' own `keep_mask` draws (with
+    ``jax.random.bernoulli``: 53 against 27-30 ms; the one large draw runs on one core), and
+    with it the SmolLM2 float32 classification step 16 x 64 went from 4.30-4.94 s to
+    5.04-5.35 s (four alternating processes each, 2026-12-08): the CPU keeps the
+    per-projection draws."""
     return jax.default_backend() == "gpu"
 
 
